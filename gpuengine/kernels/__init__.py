@@ -1,0 +1,1 @@
+"""CUDA kernel sources (.cu), compiled through CuPy. Built in issue 5."""
