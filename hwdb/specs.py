@@ -1,0 +1,100 @@
+"""The two record types of the databases: one GPU, one model architecture.
+
+Units live in field names (bytes, GB/s = 1e9 bytes/s, TFLOP/s = 1e12 FLOP/s).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One accelerator, as its vendor specifies it and its driver reports it."""
+
+    id: str
+    name: str                        # marketing name, e.g. "NVIDIA GeForce RTX 4090"
+    vendor: Literal["nvidia", "amd", "apple", "intel"]
+    architecture: str                # e.g. "Ada Lovelace"
+    compute_capability: str          # CUDA "8.9"; AMD "gfx1100"; Apple GPU family "apple9"
+    memory_bytes: int                # usable device memory: total as the driver reports it
+    memory_type: str                 # e.g. "GDDR6X", "HBM3", "LPDDR5X"
+    bandwidth_gb_s: float            # peak device-memory bandwidth
+    fp16_tflops: float               # dense fp16 tensor/matrix throughput, fp32 accumulate
+    int8_tops: float                 # dense int8 tensor/matrix throughput
+    sm_count: int                    # SMs (NVIDIA), CUs (AMD), GPU cores (Apple)
+    host_link: str                   # e.g. "PCIe 4.0 x16", "unified memory"
+    host_link_gb_s: float            # practical one-way host->device copy rate (pinned memory)
+    display: bool                    # has display outputs: a desktop may hold some of its memory
+    source: str                      # where the figures come from
+    aliases: tuple[str, ...] = ()    # other names: "rtx4090", "4090", the name nvidia-smi prints
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "bandwidth_gb_s", "fp16_tflops", "host_link_gb_s", "sm_count"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"field '{name}' must be positive")
+        if self.int8_tops < 0:
+            raise ValueError("field 'int8_tops' must not be negative")
+        if not self.source.strip():
+            raise ValueError("field 'source' must name where the figures come from")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer architecture, enough to count every tensor exactly."""
+
+    id: str
+    name: str
+    family: str                      # llama, mistral, mixtral, qwen2, gemma2, phi3, falcon, ...
+    hidden_size: int
+    intermediate_size: int           # per expert for MoE models
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    max_context: int                 # native context length
+    source: str
+    head_dim: int = 0                # 0: hidden_size // num_heads
+    tie_embeddings: bool = False     # the output head reuses the embedding matrix
+    mlp: Literal["gated", "plain"] = "gated"     # gated: gate/up/down (SwiGLU, GeGLU); plain: up/down
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"   # layernorm carries a bias vector too
+    norms_per_layer: int = 2         # Gemma 2 has 4 (pre and post attention and MLP)
+    qkv_bias: bool = False           # Qwen2 has biases on q, k and v
+    fused_qkv: bool = False          # checkpoint stores q, k, v as one tensor (Phi-3, Falcon)
+    fused_gate_up: bool = False      # checkpoint stores gate and up as one tensor (Phi-3)
+    num_experts: int = 0             # MoE: experts per layer (0: dense)
+    experts_per_token: int = 0       # MoE: experts active per token
+    sliding_window: int = 0          # informational: the cache is planned for the full context
+    rope_theta: float = 10000.0
+    published_params: int = 0        # the published total, checked against our count
+    params_source: str = ""
+    aliases: tuple[str, ...] = ()
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "vocab_size", "max_context", "norms_per_layer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"field '{name}' must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("field 'num_kv_heads' must divide num_heads")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError("hidden_size is not a multiple of num_heads: set head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError("field 'experts_per_token' must be in 1..num_experts for an MoE model")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
