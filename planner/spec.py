@@ -1,0 +1,256 @@
+"""Model architectures: the tensor inventory, parameter counts, and specs from config.json or GGUF.
+
+Canonical tensor names (what plans, loaders and engines share):
+  embed, head, norm.final,
+  layers.{i}.attn.{q,k,v,o,qkv}, layers.{i}.attn.{q,k,v,qkv}.bias,
+  layers.{i}.mlp.{gate,up,down,gate_up}, layers.{i}.moe.router, layers.{i}.moe.{e}.{gate,up,down},
+  layers.{i}.norm.{n}
+Linear shapes are (out_features, in_features), as PyTorch and GGUF store them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hwdb import Database, HwdbError, ModelSpec
+
+
+class ModelSourceError(ValueError):
+    """A --model argument that is neither a known name nor a readable config.json / .gguf."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the model."""
+
+    name: str
+    layer: int                   # -1 for embed, head and the final norm
+    kind: str                    # q k v o qkv gate up down gate_up router expert norm bias embed head
+    shape: tuple[int, ...]       # (out_features, in_features) for linears
+    quantized: bool              # a linear whose format the optimizer chooses
+    read_fraction: float = 1.0   # share of it read per decoded token (MoE experts: k / E)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
+    h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    p = f"layers.{i}.attn"
+    if spec.fused_qkv:
+        out = [Tensor(f"{p}.qkv", i, "qkv", (q + 2 * kv, h), True)]
+        bias = [Tensor(f"{p}.qkv.bias", i, "bias", (q + 2 * kv,), False)]
+    else:
+        out = [Tensor(f"{p}.q", i, "q", (q, h), True), Tensor(f"{p}.k", i, "k", (kv, h), True),
+               Tensor(f"{p}.v", i, "v", (kv, h), True)]
+        bias = [Tensor(f"{p}.{n}.bias", i, "bias", (d,), False) for n, d in (("q", q), ("k", kv), ("v", kv))]
+    out.append(Tensor(f"{p}.o", i, "o", (h, q), True))
+    return out + (bias if spec.qkv_bias else [])
+
+
+def _mlp(spec: ModelSpec, i: int, prefix: str, read_fraction: float = 1.0) -> list[Tensor]:
+    h, f = spec.hidden_size, spec.intermediate_size
+    if spec.mlp == "plain":
+        shapes = [("up", (f, h)), ("down", (h, f))]
+    elif spec.fused_gate_up:
+        shapes = [("gate_up", (2 * f, h)), ("down", (h, f))]
+    else:
+        shapes = [("gate", (f, h)), ("up", (f, h)), ("down", (h, f))]
+    return [Tensor(f"{prefix}.{n}", i, n, s, True, read_fraction) for n, s in shapes]
+
+
+def _layer(spec: ModelSpec, i: int) -> list[Tensor]:
+    out = _attention(spec, i)
+    if spec.is_moe:
+        out.append(Tensor(f"layers.{i}.moe.router", i, "router", (spec.num_experts, spec.hidden_size), False))
+        share = spec.experts_per_token / spec.num_experts
+        for e in range(spec.num_experts):
+            out += _mlp(spec, i, f"layers.{i}.moe.{e}", share)
+    else:
+        out += _mlp(spec, i, f"layers.{i}.mlp")
+    width = 2 if spec.norm == "layernorm" else 1      # layernorm: weight and bias
+    out += [Tensor(f"layers.{i}.norm.{n}", i, "norm", (width, spec.hidden_size), False)
+            for n in range(spec.norms_per_layer)]
+    return out
+
+
+@lru_cache(maxsize=64)
+def tensors(spec: ModelSpec) -> tuple[Tensor, ...]:
+    """Every tensor of the model, in checkpoint order."""
+    h, v = spec.hidden_size, spec.vocab_size
+    out = [Tensor("embed", -1, "embed", (v, h), False)]
+    for i in range(spec.num_layers):
+        out += _layer(spec, i)
+    width = 2 if spec.norm == "layernorm" else 1
+    out.append(Tensor("norm.final", -1, "norm", (width, h), False))
+    if not spec.tie_embeddings:
+        out.append(Tensor("head", -1, "head", (v, h), False))
+    return tuple(out)
+
+
+def param_count(spec: ModelSpec) -> int:
+    """Total parameters, the tied head counted once (as published totals count it)."""
+    return sum(t.numel for t in tensors(spec))
+
+
+def active_param_count(spec: ModelSpec) -> int:
+    """Parameters used per token (MoE: only the routed experts), head counted as used."""
+    n = sum(t.numel * t.read_fraction for t in tensors(spec))
+    if spec.tie_embeddings:
+        n += spec.vocab_size * spec.hidden_size
+    return int(n)
+
+
+def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
+    """The quantized linears: the optimizer's items."""
+    return tuple(t for t in tensors(spec) if t.quantized)
+
+
+def architecture_digest(spec: ModelSpec) -> str:
+    """A short hash of the fields that shape the tensors: plans made for another shape are refused."""
+    import hashlib
+
+    keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "vocab_size", "tie_embeddings", "mlp", "norm", "norms_per_layer", "qkv_bias", "fused_qkv",
+            "fused_gate_up", "num_experts", "experts_per_token")
+    text = json.dumps({k: getattr(spec, k) for k in keys}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- specs from files -------------------------------------------------------------------------
+
+# Hugging Face `model_type` -> the quirks its config.json does not spell out.
+_HF_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {}, "mistral": {}, "mixtral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {},
+    "gemma": {"tie_embeddings": True}, "gemma2": {"tie_embeddings": True, "norms_per_layer": 4},
+    "phi3": {"fused_qkv": True, "fused_gate_up": True},
+    "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
+}
+
+
+def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    if default is None:
+        raise ModelSourceError(f"config.json lacks '{keys[0]}'")
+    return default
+
+
+def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json mapping."""
+    family = cfg.get("model_type")
+    if family not in _HF_FAMILIES:
+        raise ModelSourceError(f"{name}: model_type {family!r} is not supported "
+                               f"(supported: {', '.join(sorted(_HF_FAMILIES))})")
+    quirks = dict(_HF_FAMILIES[family])
+    hidden = _first(cfg, "hidden_size", "n_embd")
+    heads = _first(cfg, "num_attention_heads", "n_head")
+    args: dict[str, Any] = dict(
+        id=Path(name).stem.lower() or "custom", name=name, family=family, hidden_size=hidden,
+        intermediate_size=_first(cfg, "intermediate_size", "ffn_hidden_size", default=4 * hidden),
+        num_layers=_first(cfg, "num_hidden_layers", "n_layer"), num_heads=heads,
+        num_kv_heads=_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
+        vocab_size=_first(cfg, "vocab_size"),
+        max_context=_first(cfg, "max_position_embeddings", default=2048),
+        head_dim=cfg.get("head_dim") or 0, rope_theta=float(cfg.get("rope_theta") or 10000.0),
+        num_experts=cfg.get("num_local_experts") or 0,
+        experts_per_token=cfg.get("num_experts_per_tok") or 0,
+        sliding_window=cfg.get("sliding_window") or 0, source=f"config.json ({name})")
+    if family == "falcon":
+        if not cfg.get("new_decoder_architecture", False):
+            quirks.update(norms_per_layer=1)     # parallel attention with one shared layernorm
+            if not cfg.get("multi_query", True):
+                args["num_kv_heads"] = heads
+            elif args["num_kv_heads"] == heads:
+                args["num_kv_heads"] = 1
+    if "tie_word_embeddings" in cfg:
+        quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
+    args.update(quirks)
+    try:
+        return ModelSpec(**args)
+    except (TypeError, ValueError) as exc:
+        raise ModelSourceError(f"{name}: {exc}") from None
+
+
+_GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma2": {"norms_per_layer": 4},
+               "phi3": {"fused_qkv": True, "fused_gate_up": True},
+               "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True}}
+
+
+def spec_from_gguf(path: Path) -> ModelSpec:
+    """A ModelSpec from a GGUF file's metadata and tensor list (no tensor data is read)."""
+    try:
+        from gguf import GGUFReader  # llama.cpp's own reader (see pyproject)
+
+        reader = GGUFReader(str(path), "r")
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise ModelSourceError(f"{path}: not a readable GGUF file ({exc})") from None
+
+    def meta(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise ModelSourceError(f"{path}: GGUF metadata lacks '{key}'")
+            return default
+        return f.contents()
+
+    arch = meta("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ModelSourceError(f"{path}: GGUF architecture {arch!r} is not supported "
+                               f"(supported: {', '.join(sorted(_GGUF_ARCHS))})")
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = meta(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0)
+    heads = int(meta(f"{arch}.attention.head_count"))
+    args: dict[str, Any] = dict(
+        id=path.stem.lower(), name=str(meta("general.name", path.stem)), family=arch,
+        hidden_size=int(meta(f"{arch}.embedding_length")),
+        intermediate_size=int(meta(f"{arch}.feed_forward_length")),
+        num_layers=int(meta(f"{arch}.block_count")), num_heads=heads,
+        num_kv_heads=int(meta(f"{arch}.attention.head_count_kv", heads)), vocab_size=int(vocab),
+        max_context=int(meta(f"{arch}.context_length", 2048)),
+        head_dim=int(meta(f"{arch}.attention.key_length", 0)),
+        rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),
+        num_experts=int(meta(f"{arch}.expert_count", 0)),
+        experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
+        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        source=f"GGUF metadata ({path.name})")
+    args.update(_GGUF_ARCHS[arch])
+    try:
+        return ModelSpec(**args)
+    except (TypeError, ValueError) as exc:
+        raise ModelSourceError(f"{path}: {exc}") from None
+
+
+def resolve_model(arg: str, db: Database) -> ModelSpec:
+    """--model: a database name, a config.json (or a folder holding one), or a .gguf file."""
+    path = Path(arg)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"{path}: GGUF file not found")
+        return spec_from_gguf(path)
+    if path.suffix.lower() == ".json":
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelSourceError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelSourceError(f"{path}: not a readable JSON config ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise ModelSourceError(f"{path}: a config.json must hold a JSON object")
+        return spec_from_hf_config(cfg, str(path))
+    return db.find_model(arg)
+
+
+__all__ = ["ModelSourceError", "Tensor", "active_param_count", "architecture_digest", "layer_linears",
+           "param_count", "resolve_model", "spec_from_gguf", "spec_from_hf_config", "tensors", "HwdbError"]
