@@ -1,0 +1,203 @@
+"""Assess one layout: itemized device and host memory, and predicted speed.
+
+A layout is everything a plan decides: per-linear options, context, KV format, mode and which
+layers sit where. The optimizer builds layouts; `assess` prices them; a loaded plan is re-assessed
+and must reproduce its recorded numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from hwdb import GPUSpec, ModelSpec
+from planner import memory as mem
+from planner.formats import KVFormat, QuantOption
+from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, EFFICIENCY, Traffic,
+                              decode_seconds, prefill_seconds)
+from planner.spec import active_param_count, tensors
+
+# Host RAM kept for the operating system and other programs when deciding what stays in RAM.
+HOST_OS_RESERVE_BYTES = 4 * mem.GiB
+
+
+@dataclass(frozen=True)
+class Host:
+    """The machine around the GPU."""
+
+    ram_bytes: int
+    cpu_bandwidth_gb_s: float = DEFAULT_CPU_BANDWIDTH_GB_S
+    disk_gb_s: float = DEFAULT_DISK_GB_S
+
+
+@dataclass(frozen=True)
+class Layout:
+    mode: str                                    # gpu | offload | stream
+    assignment: Mapping[str, QuantOption]        # linear name -> option
+    ctx: int
+    kv: KVFormat
+    chunk: int
+    gpu_layers: tuple[tuple[int, int], ...]      # per card, [start, end) of resident layers
+    reserve_bytes: int
+    prompt_tokens: int
+
+
+@dataclass
+class Assessment:
+    per_gpu: list[dict[str, int]]                # per card: item -> bytes
+    host: dict[str, int]
+    weights_in_ram: bool                         # host-side weights fit in RAM (else read from disk)
+    decode_s: float
+    prefill_chunk_s: float
+    ttft_s: float
+    traffic: Traffic
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def items(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for card in self.per_gpu:
+            for k, v in card.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.per_gpu)
+
+
+def _kv_layers(spec: ModelSpec, lay: Layout, card: int) -> range:
+    """Layers whose KV cache a card holds: its resident layers; in stream mode card 0 holds all."""
+    if lay.mode == "stream":
+        return range(spec.num_layers) if card == 0 else range(0)
+    return range(*lay.gpu_layers[card])
+
+
+def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
+    a, b = lay.gpu_layers[card]
+    last = card == len(lay.gpu_layers) - 1
+    glob = mem.global_weight_bytes(spec)
+    state = mem.run_state_buffers(spec, lay.ctx, lay.chunk, logits=last)
+    by_name = {buf.name: buf.nbytes for buf in state}
+    items = {
+        "weights.layers": sum(layer_bytes[a:b]),
+        "weights.head": glob["head"] if last else 0,
+        "weights.norm_final": glob["norm.final"] if last else 0,
+        "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card))),
+        "compute.activations": sum(v for k, v in by_name.items()
+                                   if k not in ("scores", "logits", "gemm_in", "dequant_tile")),
+        "compute.attention_scores": by_name["scores"],
+        "compute.gemm_staging": by_name["gemm_in"] + by_name["dequant_tile"],
+        "compute.logits": by_name.get("logits", 0),
+        "cuda_context": mem.CUDA_CONTEXT_BYTES,
+        "cublas_workspace": mem.cublas_workspace_bytes(gpu),
+        "reserve": lay.reserve_bytes if card == 0 else 0,
+        "safety_margin": mem.safety_margin(gpu),
+    }
+    if lay.mode == "stream":
+        # two layer buffers: layer i computes while layer i+1 arrives (double buffering)
+        items["weights.stream_buffers"] = 2 * max(layer_bytes)
+    return items
+
+
+def _prefill_flops_per_token(spec: ModelSpec, avg_ctx: float) -> float:
+    """2 FLOPs per active weight, plus QK^T and AV over the average context."""
+    linear = active_param_count(spec) - spec.vocab_size * spec.hidden_size   # the embedding is a lookup
+    return 2.0 * linear + 4.0 * spec.num_layers * spec.q_dim * avg_ctx
+
+
+def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layout) -> Assessment:
+    """Price a layout: memory per card and on the host, and decode / prefill / TTFT predictions."""
+    layer_bytes = mem.layer_weight_bytes(spec, lay.assignment)
+    read_bytes = mem.layer_read_bytes(spec, lay.assignment)
+    glob = mem.global_weight_bytes(spec)
+    per_gpu = [card_items(spec, gpu, lay, c, layer_bytes) for c in range(len(lay.gpu_layers))]
+    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
+    off = [i for i in range(spec.num_layers) if i not in on_gpu]
+    kv_token = mem.kv_bytes_per_token(spec, lay.kv)
+
+    host_items = {"embedding": glob["embed"]}
+    if lay.mode == "offload":
+        host_items["weights.cpu_layers"] = sum(layer_bytes[i] for i in off)
+        host_items["kv_cache.cpu_layers"] = len(off) * lay.ctx * kv_token
+        host_items["compute.cpu"] = mem.buffers_bytes(mem.run_state_buffers(spec, lay.ctx, lay.chunk, False, False))
+    elif lay.mode == "stream":
+        host_items["weights.streamed"] = sum(layer_bytes)
+    room = host.ram_bytes - HOST_OS_RESERVE_BYTES - sum(v for k, v in host_items.items() if not k.startswith("weights"))
+    host_weights = sum(v for k, v in host_items.items() if k.startswith("weights"))
+    in_ram = host_weights <= room
+    from_disk = 0 if in_ram else host_weights - max(room, 0)
+
+    eff = EFFICIENCY[gpu.vendor]
+    pos = min(lay.prompt_tokens, lay.ctx)
+    gpu_layers_read = sum(read_bytes[i] for i in on_gpu)
+    vram = gpu_layers_read + glob["head"] + glob["norm.final"] + len(on_gpu) * pos * kv_token
+    hidden = spec.hidden_size * 4
+    if lay.mode == "gpu":
+        traffic = Traffic(vram_bytes=vram, link_bytes=hidden * 2 * (gpu_count - 1), overhead_s=eff.token_overhead_s)
+        overlap = False
+    elif lay.mode == "offload":
+        cpu_read = sum(read_bytes[i] for i in off) + len(off) * pos * kv_token
+        # CPU layers that exceed RAM are memory-mapped: each token scans them in the same order, and
+        # LRU evicts exactly the pages needed next, so all of them come from disk (a streaming engine
+        # instead pins what fits and reads only the rest)
+        disk = 0 if in_ram else cpu_read
+        traffic = Traffic(vram_bytes=vram, link_bytes=2 * hidden, cpu_bytes=cpu_read - disk,
+                          disk_bytes=disk, overhead_s=eff.token_overhead_s)
+        overlap = False
+    else:
+        streamed = sum(layer_bytes)
+        vram = streamed + glob["head"] + glob["norm.final"] + spec.num_layers * pos * kv_token
+        traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
+                          overhead_s=eff.token_overhead_s)
+        overlap = True
+    decode = decode_seconds(traffic, eff, gpu.bandwidth_gb_s, gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
+                            host.disk_gb_s, overlap)
+
+    # prefill: every chunk reads all device weights once; offloaded and streamed weights cross the
+    # link once per chunk (llama.cpp likewise copies CPU layers' weights to the GPU for large batches)
+    def chunk_seconds(tokens: int, start: int) -> float:
+        flops = tokens * _prefill_flops_per_token(spec, start + tokens / 2)
+        device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
+        t = prefill_seconds(flops * gpu_count / max(gpu_count, 1), device_bytes, eff, gpu.fp16_tflops,
+                            gpu.bandwidth_gb_s)
+        moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0
+        if lay.mode == "stream":
+            moved = sum(layer_bytes)
+        link = (moved - from_disk) / (gpu.host_link_gb_s * 1e9) + from_disk / (host.disk_gb_s * 1e9)
+        return max(t, link) if lay.mode == "stream" else t + link
+
+    prompt = min(lay.prompt_tokens, lay.ctx)
+    ttft, start = 0.0, 0
+    while start < prompt:
+        n = min(lay.chunk, prompt - start)
+        ttft += chunk_seconds(n, start)
+        start += n
+    return Assessment(per_gpu, host_items, in_ram, decode, chunk_seconds(min(lay.chunk, lay.ctx), 0), ttft, traffic)
+
+
+def contiguous_split(layer_bytes: list[int], fixed_per_card: list[int], budgets: list[int],
+                     per_layer_extra: int) -> Optional[tuple[tuple[int, int], ...]]:
+    """Assign layers to cards in order, filling each card before the next; None if they do not fit."""
+    out, start = [], 0
+    for card, (budget, fixed) in enumerate(zip(budgets, fixed_per_card)):
+        used, end = fixed, start
+        last = card == len(budgets) - 1
+        while end < len(layer_bytes) and used + layer_bytes[end] + per_layer_extra <= budget:
+            used += layer_bytes[end] + per_layer_extra
+            end += 1
+        if last and end < len(layer_bytes):
+            return None
+        out.append((start, end))
+        start = end
+    return tuple(out)
+
+
+def avg_bpw(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> float:
+    """Average bits per weight of the quantized linears, all metadata included (ExLlamaV2's bpw)."""
+    bits = params = 0
+    for t in tensors(spec):
+        if t.quantized:
+            bits += 8 * mem.tensor_bytes(t, assignment[t.name])
+            params += t.numel
+    return bits / params if params else math.nan

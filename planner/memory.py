@@ -1,0 +1,156 @@
+"""Byte math shared by the planner and the engines: weights per tensor, KV cache, run-state buffers.
+
+The engines allocate exactly `run_state_buffers(...)` and `kv_cache_buffers(...)`; tests assert that
+the bytes they hold equal the bytes planned here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping, Optional
+
+from hwdb import GPUSpec, ModelSpec
+from planner.formats import DTYPE_BYTES, HEAD_OPTION, KVFormat, QuantOption
+from planner.spec import Tensor, tensors
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# CUDA context with lazy module loading (CUDA >= 11.7): 287,047,680 B measured in
+# pytorch/pytorch#86509 (benchmarks/published/measurements.yaml, overheads). Rounded up to 288 MiB.
+CUDA_CONTEXT_BYTES = 288 * MiB
+# cuBLAS workspace: the cuBLAS docs recommend 4 MiB before Hopper and 32 MiB on Hopper (sm_90+).
+CUBLAS_WORKSPACE_BYTES = {"pre_hopper": 4 * MiB, "hopper": 32 * MiB}
+# A desktop session can hold about 1.5 GB of VRAM (shared/docs/background.md, section 1);
+# the default reserve on cards with display outputs. Datacenter cards get 0.
+DESKTOP_RESERVE_BYTES = 1_500_000_000
+# Allocator rounding and fragmentation: CuPy's pool rounds to 512 B and splits 2 MiB+ chunks;
+# keep 2% of the card free so a plan that "just fits" does not fail on the last allocation.
+SAFETY_MARGIN_FRACTION = 0.02
+# Tokens per prefill step: llama.cpp's default physical batch (n_ubatch = 512).
+DEFAULT_CHUNK = 512
+# Prefill dequantizes weights to fp16 for cuBLAS in tiles of at most this many elements (32 MiB),
+# so the staging buffer does not grow with the largest matrix (a 70B down_proj is 235M elements).
+DEQUANT_TILE_ELEMS = 16 * MiB
+# Dtypes of the tensors the optimizer does not choose a format for.
+NORM_DTYPE, BIAS_DTYPE, ROUTER_DTYPE, EMBED_DTYPE = "f32", "f32", "f16", "f16"
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One allocation of run state: the engines create exactly these."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@lru_cache(maxsize=65536)
+def _option_bytes(option: QuantOption, n_out: int, k_in: int) -> int:
+    return option.tensor_bytes(n_out, k_in)
+
+
+def tensor_bytes(t: Tensor, option: Optional[QuantOption] = None) -> int:
+    """Stored bytes of one tensor: quantized linears in their option, the head in HEAD_OPTION."""
+    if t.quantized:
+        if option is None:
+            raise ValueError(f"{t.name} needs a quantization option")
+        return _option_bytes(option, *t.shape)
+    if t.kind == "head":
+        return _option_bytes(HEAD_OPTION, *t.shape)
+    dtype = {"norm": NORM_DTYPE, "bias": BIAS_DTYPE, "router": ROUTER_DTYPE, "embed": EMBED_DTYPE}[t.kind]
+    return t.numel * DTYPE_BYTES[dtype]
+
+
+def head_tensor(spec: ModelSpec) -> Tensor:
+    """The output head as stored on the device; a tied head is a quantized copy of the embedding."""
+    return Tensor("head", -1, "head", (spec.vocab_size, spec.hidden_size), False)
+
+
+def layer_weight_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> list[int]:
+    """Bytes of each transformer layer (its linears in their options, norms, biases, router)."""
+    out = [0] * spec.num_layers
+    for t in tensors(spec):
+        if t.layer >= 0:
+            out[t.layer] += tensor_bytes(t, assignment.get(t.name))
+    return out
+
+
+def layer_read_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> list[float]:
+    """Bytes of each layer read per decoded token (MoE: only the routed experts' share)."""
+    out = [0.0] * spec.num_layers
+    for t in tensors(spec):
+        if t.layer >= 0:
+            out[t.layer] += tensor_bytes(t, assignment.get(t.name)) * t.read_fraction
+    return out
+
+
+def global_weight_bytes(spec: ModelSpec) -> dict[str, int]:
+    """Tensors outside the layers: head (device), final norm (device), embedding (host)."""
+    by_kind = {t.kind: t for t in tensors(spec) if t.layer < 0}
+    return {"head": tensor_bytes(head_tensor(spec)), "norm.final": tensor_bytes(by_kind["norm"]),
+            "embed": tensor_bytes(by_kind["embed"])}
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
+    """Cache bytes one position adds in one layer (K and V)."""
+    return 2 * spec.num_kv_heads * kv.row_bytes(spec.head_dim)
+
+
+def kv_cache_buffers(spec: ModelSpec, ctx: int, kv: KVFormat, layers: range) -> list[Buffer]:
+    """Per layer one K and one V buffer of raw bytes: (ctx, kv_heads, bytes per head vector)."""
+    shape = (ctx, spec.num_kv_heads, kv.row_bytes(spec.head_dim))
+    return [Buffer(f"kv.{i}.{kv_}", shape, "u8") for i in layers for kv_ in ("k", "v")]
+
+
+def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True,
+                      gemm_staging: bool = True) -> list[Buffer]:
+    """Scratch for one prefill chunk (decode uses the first row): activations in fp32.
+
+    gemm_staging adds the fp16 activation copy and dequantized-weight tile that cuBLAS prefill
+    needs (GPU engine); logits only where the head runs."""
+    h, q, kv, f = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
+    group = spec.num_heads // spec.num_kv_heads
+    out = [Buffer("tokens", (chunk,), "i32"), Buffer("positions", (chunk,), "i32"),
+           Buffer("x", (chunk, h), "f32"), Buffer("xn", (chunk, h), "f32"),
+           Buffer("q", (chunk, q), "f32"), Buffer("k", (chunk, kv), "f32"), Buffer("v", (chunk, kv), "f32"),
+           Buffer("attn_out", (chunk, q), "f32"),
+           Buffer("scores", (group, chunk, ctx), "f32"),       # one GQA group's scores at a time
+           Buffer("ffn_gate", (chunk, f), "f32"), Buffer("ffn_up", (chunk, f), "f32")]
+    if spec.is_moe:
+        out += [Buffer("router_logits", (chunk, spec.num_experts), "f32"), Buffer("moe_out", (chunk, h), "f32")]
+    if gemm_staging:
+        largest = max(t.numel for t in tensors(spec) if t.quantized)
+        out += [Buffer("gemm_in", (chunk, max(h, q, f)), "f16"),
+                Buffer("dequant_tile", (min(largest, DEQUANT_TILE_ELEMS),), "f16")]
+    if logits:
+        out.append(Buffer("logits", (chunk, spec.vocab_size), "f32"))
+    return out
+
+
+def buffers_bytes(buffers: list[Buffer]) -> int:
+    return sum(b.nbytes for b in buffers)
+
+
+def cublas_workspace_bytes(gpu: GPUSpec) -> int:
+    """cuBLAS workspace by architecture (NVIDIA only; other vendors' BLAS is counted the same)."""
+    try:
+        major = int(gpu.compute_capability.split(".")[0])
+    except ValueError:
+        major = 0
+    return CUBLAS_WORKSPACE_BYTES["hopper" if major >= 9 else "pre_hopper"]
+
+
+def default_reserve(gpu: GPUSpec) -> int:
+    return DESKTOP_RESERVE_BYTES if gpu.display else 0
+
+
+def safety_margin(gpu: GPUSpec) -> int:
+    return int(gpu.memory_bytes * SAFETY_MARGIN_FRACTION)

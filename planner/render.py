@@ -1,0 +1,95 @@
+"""Rich tables for the terminal: the only module that formats output for people."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from planner.units import fmt_bytes, fmt_rate
+
+
+def _console() -> Console:
+    return Console(highlight=False, width=140, soft_wrap=False)
+
+
+def plan(doc: dict, path: str) -> None:
+    """Summary, decisions, memory budget, weights by tensor kind, and a few Pareto points."""
+    con = _console()
+    w, p, mem, g = doc["weights"], doc["predicted"], doc["memory"], doc["gpu"]
+    cards = f"{g['count']} x {g['name']}" if g["count"] > 1 else g["name"]
+    con.print(f"[bold]{doc['model']['name']}[/] ({doc['model']['params'] / 1e9:.2f}B params) on [bold]{cards}[/]"
+              f" ({fmt_bytes(g['memory_bytes'])} each): mode [bold]{doc['mode']}[/], "
+              f"[bold]{w['avg_bpw']:.2f} bpw[/], context {doc['context']['length']}, KV {doc['kv_cache']['dtype']}")
+    con.print(f"predicted: decode [bold]{fmt_rate(p['decode_tokens_per_s'])}[/] at position {p['decode_position']}, "
+              f"prefill {p['prefill_tokens_per_s']:.0f} tok/s, first token after {p['time_to_first_token_s']:.2f} s "
+              f"for a {p['prompt_tokens']}-token prompt")
+
+    t = Table(title="Decisions", show_lines=False, expand=False)
+    t.add_column("what", style="bold")
+    t.add_column("choice")
+    t.add_column("why", overflow="fold", max_width=90)
+    for d in doc["decisions"]:
+        t.add_row(d["what"], d["choice"], d["why"])
+    con.print(t)
+
+    t = Table(title=f"GPU memory: {fmt_bytes(mem['total_bytes'])} of {fmt_bytes(mem['budget_bytes'])} "
+                    f"({fmt_bytes(mem['free_bytes'])} free)")
+    t.add_column("item")
+    t.add_column("bytes", justify="right")
+    t.add_column("size", justify="right")
+    t.add_column("share", justify="right")
+    for name, n in mem["items"].items():
+        if n:
+            t.add_row(name, f"{n:,}", fmt_bytes(n), f"{n / mem['budget_bytes']:.1%}")
+    t.add_row("[bold]total[/]", f"[bold]{mem['total_bytes']:,}[/]", fmt_bytes(mem["total_bytes"]),
+              f"{mem['total_bytes'] / mem['budget_bytes']:.1%}")
+    con.print(t)
+    host = mem["host"]["items"]
+    con.print("host RAM: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in host.items() if v)
+              + ("" if mem["host"]["weights_in_ram"] else " (weights beyond RAM read from disk)"))
+
+    con.print(_weights_by_kind(w["layers"]))
+    if doc.get("pareto"):
+        t = Table(title="Size-error Pareto curve (each point optimal for its size)")
+        for col in ("weights", "avg bpw", "expected error"):
+            t.add_column(col, justify="right")
+        pts = doc["pareto"]
+        for pt in pts[:: max(1, len(pts) // 8)] + [pts[-1]]:
+            t.add_row(fmt_bytes(pt["bytes"]), f"{pt['avg_bpw']:.2f}", f"{pt['expected_error']:.3f}")
+        con.print(t)
+    con.print(f"wrote {path}")
+
+
+def _weights_by_kind(layers: list[dict]) -> Table:
+    by: dict[str, list[dict]] = defaultdict(list)
+    for row in layers:
+        by[row["name"].rsplit(".", 1)[-1]].append(row)
+    t = Table(title="Quantized linears by kind")
+    for col in ("kind", "tensors", "avg bpw", "min", "max", "bytes", "most used option"):
+        t.add_column(col, justify="right" if col not in ("kind", "most used option") else "left")
+    for kind, rows in by.items():
+        n = sum(r["bytes"] for r in rows)
+        bpws = [r["bpw"] for r in rows]
+        options: dict[str, int] = defaultdict(int)
+        for r in rows:
+            options[r["option"]] += 1
+        top = max(options, key=options.get)
+        weighted = sum(r["bpw"] * r["bytes"] / r["bpw"] for r in rows) / sum(r["bytes"] / r["bpw"] for r in rows)
+        t.add_row(kind, str(len(rows)), f"{weighted:.2f}", f"{min(bpws):.2f}", f"{max(bpws):.2f}", fmt_bytes(n),
+                  f"{top} ({options[top]})")
+    return t
+
+
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[str]]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
+    _console().print(t)
+
+
+def error(message: str) -> None:
+    Console(stderr=True, highlight=False).print(f"[bold red]vramwise: error:[/] {message}", markup=True)
