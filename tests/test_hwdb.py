@@ -1,0 +1,100 @@
+"""The GPU and model databases: coverage, units, exact parameter counts, strict loading."""
+from __future__ import annotations
+
+import pytest
+
+import hwdb
+from hwdb import HwdbError
+from planner.spec import param_count
+
+DB = hwdb.load()
+
+REQUIRED_GPUS = ["rtx3060", "rtx3090", "rtx4060", "rtx4090", "rtx5090", "t4", "v100", "a10", "a10g", "l4", "l40s",
+                 "A100 40GB", "A100 80GB", "H100 PCIe", "H100 SXM", "h200", "b200", "rx7900xtx", "M2 Ultra"]
+REQUIRED_MODELS = ["llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b",
+                   "llama3.1-405b", "mistral-7b", "mixtral-8x7b", "falcon-180b", "qwen2.5-0.5b", "qwen2.5-72b",
+                   "gemma2-9b", "phi3-mini", "tinyllama-1.1b", "smollm2-135m"]
+
+
+def test_sizes_of_the_tables():
+    assert len(DB.gpus) >= 35 and len(DB.models) >= 20
+
+
+@pytest.mark.parametrize("name", REQUIRED_GPUS)
+def test_required_gpus_resolve(name):
+    assert DB.find_gpu(name).id
+
+
+@pytest.mark.parametrize("name", REQUIRED_MODELS)
+def test_required_models_resolve(name):
+    assert DB.find_model(name).id
+
+
+def test_nvidia_smi_names_resolve():
+    assert DB.find_gpu("NVIDIA GeForce RTX 4090").id == "rtx4090"
+    assert DB.find_gpu("Tesla T4").id == DB.find_gpu("t4").id
+
+
+@pytest.mark.parametrize("gpu", list(DB.gpus.values()), ids=lambda g: g.id)
+def test_gpu_units_are_sane(gpu):
+    assert 4 * 2**30 <= gpu.memory_bytes <= 600 * 2**30
+    assert 50 <= gpu.bandwidth_gb_s <= 10_000
+    assert 1 <= gpu.fp16_tflops <= 3_000
+    assert 1 <= gpu.host_link_gb_s <= gpu.bandwidth_gb_s
+    assert gpu.source.strip()
+
+
+@pytest.mark.parametrize("model", list(DB.models.values()), ids=lambda m: m.id)
+def test_parameter_count_matches_published_total(model):
+    assert model.published_params > 0, "every model states its published total"
+    assert abs(param_count(model) / model.published_params - 1) <= 0.01
+
+
+def test_aliases_are_unique_across_entries():
+    for table in (DB.gpus, DB.models):
+        seen: dict[str, str] = {}
+        for entry in table.values():
+            for name in {hwdb.normalize(n) for n in (entry.id, entry.name, *entry.aliases)}:
+                assert seen.setdefault(name, entry.id) == entry.id, f"{name} names {seen[name]} and {entry.id}"
+
+
+def test_unknown_name_lists_closest():
+    with pytest.raises(HwdbError, match=r"unknown GPU 'rtx4091'.*closest: .*rtx4090"):
+        DB.find_gpu("rtx4091")
+
+
+def test_user_file_adds_and_overrides(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("gpus:\n  rtx4090:\n    memory_bytes: 1000000000\n  mycard:\n    name: My Card\n    vendor: nvidia\n"
+                 "    architecture: Ada\n    compute_capability: '8.9'\n    memory_bytes: 8589934592\n"
+                 "    memory_type: GDDR6\n    bandwidth_gb_s: 272\n    fp16_tflops: 22\n    int8_tops: 88\n"
+                 "    sm_count: 24\n    host_link: PCIe 4.0 x8\n    host_link_gb_s: 12.5\n    display: true\n"
+                 "    source: my datasheet\n")
+    db = hwdb.load(f)
+    assert db.find_gpu("rtx4090").memory_bytes == 1_000_000_000
+    assert db.find_gpu("rtx4090").bandwidth_gb_s == 1008.0      # untouched fields stay
+    assert db.find_gpu("My Card").id == "mycard"
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("gpus: [1, 2", r"mine.yaml:.*malformed YAML"),
+    ("gpus:\n  rtx4090:\n    memory_bytez: 1\n", r"entry 'rtx4090': unknown field 'memory_bytez'"),
+    ("gpus:\n  newcard:\n    name: x\n", r"entry 'newcard': missing field"),
+    ("gpus:\n  rtx4090:\n    bandwidth_gb_s: fast\n", r"entry 'rtx4090' field 'bandwidth_gb_s': expected a number"),
+    ("models:\n  llama2-7b:\n    num_layers: -1\n", r"entry 'llama2-7b': field 'num_layers' must be positive"),
+    ("colors: {}\n", r"unknown top-level key 'colors'"),
+    ("schema_version: 7\n", r"schema_version 7 is not supported"),
+])
+def test_bad_user_file_gives_one_line(tmp_path, text, pattern):
+    f = tmp_path / "mine.yaml"
+    f.write_text(text)
+    with pytest.raises(HwdbError, match=pattern) as exc:
+        hwdb.load(f)
+    assert "\n" not in str(exc.value)
+
+
+def test_env_var_names_user_file(tmp_path, monkeypatch):
+    f = tmp_path / "env.yaml"
+    f.write_text("gpus:\n  t4:\n    memory_bytes: 123456789\n")
+    monkeypatch.setenv(hwdb.ENV_VAR, str(f))
+    assert hwdb.load().find_gpu("t4").memory_bytes == 123456789
