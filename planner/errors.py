@@ -68,7 +68,7 @@ def kv_error(kv_name: str, num_layers: int) -> float:
     return 2 * KV_RFN[kv_name] * weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)      # hashed by identity: one loaded file, one cache entry
 class Measurement:
     """Measured rfn per tensor and option, for one architecture."""
 

@@ -160,7 +160,7 @@ def _offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str)
     layer_bytes = mem.layer_weight_bytes(spec, assignment)
     per_card, kv_layer, _ = _fixed_device_bytes(req, ctx, kv_name, "offload", req.gpu_count)
     budgets = [req.gpu.memory_bytes] * req.gpu_count
-    for k in range(spec.num_layers, -1, -1):
+    for k in range(spec.num_layers, 0, -1):       # at least one layer: k = 0 would be CPU inference
         first = spec.num_layers - k
         split = contiguous_split(layer_bytes[first:], per_card, budgets, kv_layer)
         if split is not None:

@@ -1,6 +1,7 @@
 """Rich tables for the terminal: the only module that formats output for people."""
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Iterable
 
@@ -92,4 +93,5 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[str]]) -> 
 
 
 def error(message: str) -> None:
-    Console(stderr=True, highlight=False).print(f"[bold red]vramwise: error:[/] {message}", markup=True)
+    """One plain line on stderr, never wrapped: scripts grep it."""
+    print(f"vramwise: error: {message}", file=sys.stderr)

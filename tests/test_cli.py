@@ -1,0 +1,117 @@
+"""The command line: exit codes, one-line errors, JSON output, model sources, a light import path."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from planner.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--gpu", "rtx4091", "--model", "llama2-7b"], "unknown GPU 'rtx4091'"),
+    (["plan", "--gpu", "rtx4090", "--model", "llama9-7b"], "unknown model 'llama9-7b'"),
+    (["plan", "--vram", "eight", "--bandwidth", "448", "--model", "llama2-7b"], "'eight' is not a size"),
+    (["plan", "--model", "llama2-7b"], "name a card with --gpu"),
+    (["plan", "--gpu", "rtx4090", "--model", "./missing.json"], "config file not found"),
+    (["plan", "--gpu", "rtx4090", "--model", "llama2-7b", "--measurement", "/nonexistent.yaml"], "cannot read file"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
+    code, out, err = run(capsys, *args, "-o", str(tmp_path / "p.yaml"))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_gpu_auto_without_a_gpu(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    code, _, err = run(capsys, "plan", "--gpu", "auto", "--model", "llama2-7b", "-o", str(tmp_path / "p.yaml"))
+    assert code == 2 and "--gpu auto found no GPU" in err
+
+
+def test_gpu_auto_uses_nvidia_smi(capsys, tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA GeForce RTX 4090, 24564'\necho 'NVIDIA GeForce RTX 4090, 24564'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "llama2-70b", "--json", "-o", str(tmp_path / "p.yaml"))
+    doc = json.loads(out)
+    assert code == 0 and doc["gpu"]["id"] == "rtx4090" and doc["gpu"]["count"] == 2
+
+
+def test_plan_json_matches_the_file(capsys, tmp_path):
+    import yaml
+    code, out, _ = run(capsys, "plan", "--gpu", "t4", "--model", "mistral-7b", "--json", "-o", str(tmp_path / "p.yaml"))
+    assert code == 0 and json.loads(out) == yaml.safe_load((tmp_path / "p.yaml").read_text())
+
+
+def test_table_output_mentions_the_budget(capsys, tmp_path):
+    code, out, _ = run(capsys, "plan", "--gpu", "rtx4090", "--model", "llama2-70b", "-o", str(tmp_path / "p.yaml"))
+    assert code == 0 and "GPU memory" in out and "Decisions" in out and "reserve" in out
+
+
+def test_gpus_and_models_json(capsys):
+    code, out, _ = run(capsys, "gpus", "--json", "--filter", "24GB")
+    gpus = json.loads(out)
+    assert code == 0 and any(g["id"] == "rtx4090" for g in gpus)
+    assert all({"id", "name", "memory_bytes", "bandwidth_gb_s", "fp16_tflops", "int8_tops", "host_link_gb_s"} <= set(g)
+               for g in gpus)
+    code, out, _ = run(capsys, "models", "--json", "--filter", "llama")
+    models = json.loads(out)
+    assert code == 0 and len(models) >= 8
+    assert all({"id", "name", "params", "layers", "hidden_size", "heads", "kv_heads", "vocab_size"} <= set(m)
+               for m in models)
+
+
+def test_hf_config_json(capsys, tmp_path):
+    cfg = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+           "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+           "tie_word_embeddings": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    code, out, _ = run(capsys, "plan", "--gpu", "t4", "--model", str(path), "--json", "-o", str(tmp_path / "p.yaml"))
+    assert code == 0 and json.loads(out)["model"]["params"] == 494032768      # Qwen2.5-0.5B, as published
+
+
+def test_gguf_metadata(capsys, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("embedding_length", 64), ("feed_forward_length", 128), ("block_count", 2),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2), ("context_length", 256)]:
+        getattr(w, "add_uint32")(f"llama.{key}", value)
+    w.add_token_list([f"t{i}" for i in range(100)])
+    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, out, _ = run(capsys, "plan", "--gpu", "t4", "--model", str(path), "--json", "-o", str(tmp_path / "p.yaml"))
+    doc = json.loads(out)
+    assert code == 0 and doc["model"]["spec"]["num_layers"] == 2 and doc["model"]["spec"]["vocab_size"] == 100
+
+
+def test_truncated_gguf_is_one_line(capsys, tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    code, _, err = run(capsys, "plan", "--gpu", "t4", "--model", str(path), "-o", str(tmp_path / "p.yaml"))
+    assert code == 2 and "bad.gguf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_path_imports_no_engine(tmp_path):
+    code = ("import sys; from planner.cli import main; "
+            f"main(['plan','--gpu','rtx4090','--model','llama2-7b','-o',r'{tmp_path / 'p.yaml'}','--quiet']); "
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('numba','cupy','refengine','gpuengine')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

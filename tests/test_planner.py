@@ -1,0 +1,131 @@
+"""Planning: the issue's reference cases, budget invariants, monotonicity, byte-function consistency."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import hwdb
+from planner import memory as mem
+from planner.budget import Host, avg_bpw
+from planner.formats import KV_FORMATS
+from planner.optimize import PlanError, Request, make_plan
+from planner.spec import tensors
+
+DB = hwdb.load()
+HOST = Host(64 * 2**30)
+SMALL_MODELS = ["smollm2-135m", "qwen2.5-0.5b", "tinyllama-1.1b", "gemma2-2b", "phi3-mini", "llama2-7b", "mixtral-8x7b"]
+
+
+def plan(model, gpu="rtx4090", **kw):
+    return make_plan(Request(DB.find_model(model), kw.pop("gpu_spec", None) or DB.find_gpu(gpu), kw.pop("host", HOST), **kw))
+
+
+def fits(out, gpu_memory):
+    return all(sum(card.values()) <= gpu_memory for card in out.assessment.per_gpu)
+
+
+def test_llama2_70b_on_rtx4090_lands_on_the_articles_answer():
+    out = plan("llama2-70b")
+    bpw = avg_bpw(out.layout.assignment and DB.find_model("llama2-70b"), out.layout.assignment)
+    assert out.layout.mode == "gpu" and out.layout.ctx == 4096
+    assert 2.3 <= bpw <= 2.55
+    assert fits(out, DB.find_gpu("rtx4090").memory_bytes)
+    assert sum(out.assessment.items.values()) == out.assessment.total
+    assert out.solution.exact
+
+
+def test_405b_on_an_8gb_card_streams():
+    gpu = dataclasses.replace(DB.find_gpu("rtx4060"), memory_bytes=8 * 2**30)
+    out = plan("llama3.1-405b", gpu_spec=gpu)
+    assert out.layout.mode == "stream"
+    assert 1 / out.assessment.decode_s < 1          # seconds per token, not tokens per second
+    assert fits(out, gpu.memory_bytes)
+
+
+def test_offload_when_model_fits_in_ram():
+    out = plan("llama2-70b", "t4")
+    assert out.layout.mode == "offload" and fits(out, DB.find_gpu("t4").memory_bytes)
+    k = sum(b - a for a, b in out.layout.gpu_layers)
+    assert 0 < k < 80 and out.layout.gpu_layers[0][1] == 80          # the last layers sit on the GPU
+    assert "stream" in out.alternatives and "offload" in out.alternatives
+
+
+def test_two_cards_split_contiguously():
+    out = plan("llama2-70b", "rtx3090", gpu_count=2)
+    (a0, b0), (a1, b1) = out.layout.gpu_layers
+    assert (a0, b1) == (0, 80) and b0 == a1 and 0 < b0 < 80
+    assert fits(out, DB.find_gpu("rtx3090").memory_bytes)
+    assert avg_bpw(DB.find_model("llama2-70b"), out.layout.assignment) > 4.0
+
+
+def test_fixed_bpw_is_honoured():
+    out = plan("llama2-70b", "a100-80gb-sxm", bpw=2.5)
+    assert avg_bpw(DB.find_model("llama2-70b"), out.layout.assignment) <= 2.5
+
+
+def test_explicit_ctx_and_kv_are_honoured():
+    out = plan("llama2-70b", ctx=16384, kv="q4", reserve_bytes=int(1.5 * 2**30))
+    assert out.layout.ctx == 16384 and out.layout.kv.name == "q4" and out.layout.reserve_bytes == int(1.5 * 2**30)
+
+
+def test_kv_auto_chooses_by_expected_error():
+    auto = plan("llama2-70b", kv="auto")
+    for name in KV_FORMATS:
+        fixed = plan("llama2-70b", kv=name)
+        if fixed.layout.mode == "gpu":
+            assert auto.expected_error <= fixed.expected_error + 1e-9
+
+
+def test_nothing_fits_is_a_clear_error():
+    tiny = dataclasses.replace(DB.find_gpu("t4"), memory_bytes=600 * 2**20)
+    with pytest.raises(PlanError, match="does not fit"):
+        plan("llama3.1-70b", gpu_spec=tiny)
+
+
+@given(model=st.sampled_from(SMALL_MODELS), gib=st.floats(0.5, 100), ctx=st.sampled_from([None, 512, 2048, 8192]),
+       kv=st.sampled_from([None, "fp16", "q8", "q4", "auto"]), count=st.integers(1, 3))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_no_plan_exceeds_its_budget(model, gib, ctx, kv, count):
+    gpu = dataclasses.replace(DB.find_gpu("l4"), memory_bytes=int(gib * 2**30))
+    try:
+        out = plan(model, gpu_spec=gpu, ctx=ctx, kv=kv, gpu_count=count)
+    except PlanError:
+        return
+    assert fits(out, gpu.memory_bytes)
+    assert out.assessment.total == sum(out.assessment.items.values())
+
+
+@given(model=st.sampled_from(SMALL_MODELS[:5]), gib=st.floats(0.8, 12), extra=st.floats(0.01, 8))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_more_memory_never_gives_higher_expected_error(model, gib, extra):
+    small = dataclasses.replace(DB.find_gpu("l4"), memory_bytes=int(gib * 2**30))
+    large = dataclasses.replace(small, memory_bytes=int((gib + extra) * 2**30))
+    try:
+        a = plan(model, gpu_spec=small, ctx=2048, kv="auto")
+    except PlanError:
+        return
+    b = plan(model, gpu_spec=large, ctx=2048, kv="auto")
+    if a.layout.mode == "gpu":
+        assert b.layout.mode == "gpu" and b.expected_error <= a.expected_error + 1e-9
+
+
+def test_planned_bytes_are_the_buffers_bytes():
+    spec, kv = DB.find_model("llama2-7b"), KV_FORMATS["q8"]
+    out = plan("llama2-7b", ctx=4096, kv="q8")
+    card = out.assessment.per_gpu[0]
+    kv_buffers = mem.kv_cache_buffers(spec, 4096, kv, range(spec.num_layers))
+    assert card["kv_cache"] == sum(b.nbytes for b in kv_buffers) == spec.num_layers * 4096 * mem.kv_bytes_per_token(spec, kv)
+    state = mem.run_state_buffers(spec, 4096, 512)
+    assert (card["compute.activations"] + card["compute.attention_scores"] + card["compute.gemm_staging"]
+            + card["compute.logits"]) == sum(b.nbytes for b in state)
+    layer_sum = sum(mem.tensor_bytes(t, out.layout.assignment.get(t.name)) for t in tensors(spec) if t.layer >= 0)
+    assert card["weights.layers"] == layer_sum
+
+
+def test_moe_decode_reads_only_routed_experts():
+    spec = DB.find_model("mixtral-8x7b")
+    out = plan("mixtral-8x7b", "a100-80gb-sxm")
+    assert out.assessment.traffic.vram_bytes < 0.45 * out.assessment.items["weights.layers"]
+    assert spec.experts_per_token == 2 and spec.num_experts == 8
