@@ -181,6 +181,8 @@ def contiguous_split(layer_bytes: list[int], fixed_per_card: list[int], budgets:
     """Assign layers to cards in order, filling each card before the next; None if they do not fit."""
     out, start = [], 0
     for card, (budget, fixed) in enumerate(zip(budgets, fixed_per_card)):
+        if fixed > budget:              # the card cannot even hold its share of the fixed costs
+            return None
         used, end = fixed, start
         last = card == len(budgets) - 1
         while end < len(layer_bytes) and used + layer_bytes[end] + per_layer_extra <= budget:
