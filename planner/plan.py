@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hwdb import GPUSpec, HwdbError, ModelSpec
 from hwdb.schema import build, read_yaml
-from planner import memory as mem
+from planner import memory as mem, yamlout
 from planner.budget import Assessment, Host, Layout, assess, avg_bpw
 from planner.formats import HEAD_OPTION, FormatError, kv_format, parse_option
 from planner.roofline import EFFICIENCY
@@ -113,8 +111,7 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
 def write_plan(doc: dict, path: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same folder, then rename over the target."""
     path = Path(path)
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)    # libyaml when available: ~10x faster
-    text = yaml.dump(doc, Dumper=dumper, sort_keys=False, width=120, allow_unicode=True)
+    text = yamlout.dump(doc)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -174,7 +171,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
     try:
         spec = build(ModelSpec, str(_get(doc, "model.id", path)), dict(_get(doc, "model.spec", path)), f"{path}: model")
         gpu = build(GPUSpec, str(_get(doc, "gpu.id", path)), dict(_get(doc, "gpu.spec", path)), f"{path}: gpu")
-        host = Host(**_get(doc, "host", path))
+        host = _host_from(_get(doc, "host", path), path)
     except HwdbError as exc:
         raise PlanFileError(str(exc)) from None
     except (TypeError, ValueError) as exc:
@@ -187,8 +184,22 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise PlanFileError(f"{path}: gpu.count must be a whole number >= 1")
     lay = _layout_from(doc, spec, path)
     plan = Plan(spec, gpu, count, host, lay, doc)
-    _check(plan, path)
+    try:
+        _check(plan, path)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as exc:
+        if isinstance(exc, PlanFileError):
+            raise
+        raise PlanFileError(f"{path}: a field has an unusable value ({exc}); re-run `vramwise plan`") from None
     return plan
+
+
+def _host_from(data: Any, path: Path) -> Host:
+    if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(Host)}:
+        raise PlanFileError(f"{path}: 'host' must hold ram_bytes, cpu_bandwidth_gb_s and disk_gb_s")
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise PlanFileError(f"{path}: host.{key} must be a positive number")
+    return Host(**data)
 
 
 def _check(plan: Plan, path: Path) -> None:
