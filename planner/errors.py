@@ -25,6 +25,19 @@ from hwdb.schema import HwdbError, read_yaml
 from planner.formats import FormatError, QuantOption, parse_option
 from planner.spec import Tensor
 
+# The source data: ExLlamaV2 measurement of Llama 2 13B, layer 10, mlp.up_proj (in_features 5120),
+# option -> relative Frobenius error (shared/docs/background.md, section 1).
+EXLLAMAV2_TABLE = (
+    ("0.05:3b/0.95:2b g32", 0.21867), ("0.25:3b/0.75:2b g32", 0.20617), ("0.25:4b/0.75:2b g32", 0.20230),
+    ("0.1:4b/0.4:3b/0.5:2b g32", 0.18449), ("0.1:4b/0.9:3b g32", 0.10229), ("0.2:6b/0.8:3b g32", 0.09791),
+    ("1:3b g128", 0.11354), ("1:3b g32", 0.10491), ("0.05:4b/0.95:3b g32", 0.10363), ("0.4:4b/0.6:3b g32", 0.09272),
+    ("0.6:4b/0.4:3b g64", 0.08835), ("1:4b g128", 0.05756), ("1:4b g32", 0.05007), ("0.1:5b/0.9:4b g32", 0.04889),
+    ("0.1:6b/0.9:4b g32", 0.04861), ("1:5b g128", 0.02879), ("0.1:6b/0.9:5b g32", 0.02494),
+    ("0.05:8b/0.05:6b/0.9:5b g32", 0.02486), ("0.4:6b/0.6:5b g32", 0.02297), ("0.1:8b/0.3:6b/0.6:5b g32", 0.02280),
+    ("1:6b g128", 0.01503), ("1:6b g32", 0.01471), ("0.1:8b/0.9:6b g128", 0.01463), ("1:8b g32", 0.00934),
+)
+EXLLAMAV2_TABLE_K_IN = 5120
+
 BASE_RFN = {2: 0.24786, 3: 0.11644, 4: 0.05564, 5: 0.02854, 6: 0.01533, 8: 0.01015}
 GROUP_FACTOR = {128: 1.0, 64: 0.9588, 32: 0.9193}    # 64: geometric mean of 32 and 128
 MIX_FACTOR = 1.0121

@@ -6,26 +6,18 @@ import pytest
 import yaml
 
 import hwdb
-from planner.errors import KV_RFN, MeasurementError, load_measurement, option_rfn
+from planner.errors import (EXLLAMAV2_TABLE, EXLLAMAV2_TABLE_K_IN, KV_RFN, MeasurementError, load_measurement,
+                            option_rfn)
 from planner.formats import OPTIONS, parse_option
 from planner.optimize import Request, make_plan
 from planner.budget import Host
 from planner.spec import architecture_digest, layer_linears
 
-# ExLlamaV2 measurement of Llama 2 13B layer 10 mlp.up_proj (shared/docs/background.md): option, rfn
-TABLE = [("0.05:3b/0.95:2b g32", 0.21867), ("0.25:3b/0.75:2b g32", 0.20617), ("0.25:4b/0.75:2b g32", 0.20230),
-         ("0.1:4b/0.4:3b/0.5:2b g32", 0.18449), ("0.1:4b/0.9:3b g32", 0.10229), ("0.2:6b/0.8:3b g32", 0.09791),
-         ("1:3b g128", 0.11354), ("1:3b g32", 0.10491), ("0.05:4b/0.95:3b g32", 0.10363), ("0.4:4b/0.6:3b g32", 0.09272),
-         ("0.6:4b/0.4:3b g64", 0.08835), ("1:4b g128", 0.05756), ("1:4b g32", 0.05007), ("0.1:5b/0.9:4b g32", 0.04889),
-         ("0.1:6b/0.9:4b g32", 0.04861), ("1:5b g128", 0.02879), ("0.1:6b/0.9:5b g32", 0.02494),
-         ("0.05:8b/0.05:6b/0.9:5b g32", 0.02486), ("0.4:6b/0.6:5b g32", 0.02297), ("0.1:8b/0.3:6b/0.6:5b g32", 0.02280),
-         ("1:6b g128", 0.01503), ("1:6b g32", 0.01471), ("0.1:8b/0.9:6b g128", 0.01463), ("1:8b g32", 0.00934)]
-K_13B_MLP_UP = 5120
 
 
-@pytest.mark.parametrize("name, rfn", TABLE)
+@pytest.mark.parametrize("name, rfn", EXLLAMAV2_TABLE)
 def test_prior_reproduces_the_exllamav2_table(name, rfn):
-    assert option_rfn(parse_option(name), K_13B_MLP_UP) == pytest.approx(rfn, rel=0.07)
+    assert option_rfn(parse_option(name), EXLLAMAV2_TABLE_K_IN) == pytest.approx(rfn, rel=0.07)
 
 
 def test_prior_falls_with_bits():
