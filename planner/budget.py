@@ -167,6 +167,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         link = (moved - from_disk) / (gpu.host_link_gb_s * 1e9) + from_disk / (host.disk_gb_s * 1e9)
         return max(t, link) if lay.mode == "stream" else t + link
 
+    assert lay.chunk > 0 and lay.ctx > 0, "layouts come from the optimizer or a validated plan file"
     prompt = min(lay.prompt_tokens, lay.ctx)
     ttft, start = 0.0, 0
     while start < prompt:

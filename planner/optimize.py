@@ -202,6 +202,11 @@ def make_plan(req: Request) -> Outcome:
             score, kv_name, (lay, sol) = best
             out = Outcome(lay, assess(spec, req.gpu, req.gpu_count, req.host, lay), sol, score)
             out.pareto = _pareto(items, spec)
+            if req.kv in (None, "fp16"):          # what trading the lossless cache for weight bits would give
+                alt = _fit_gpu(req, items, ctx, "q8")
+                if alt is not None:
+                    out.alternatives["kv_q8"] = {"avg_bpw": round(avg_bpw(spec, alt[0].assignment), 4),
+                                                 "expected_error": round(alt[1].error + kv_error("q8", spec.num_layers), 6)}
             explain_gpu(req, out, ladder, kvs, items)
             return out
     return _fallback(req, items, ladder, _kv_names(req, fallback=True))

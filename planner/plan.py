@@ -150,11 +150,24 @@ def _layout_from(doc: dict, spec: ModelSpec, path: Path) -> Layout:
     try:
         kv = kv_format(str(_get(doc, "kv_cache.dtype", path)))
         gpu_layers = tuple((int(a), int(b)) for a, b in _get(doc, "placement.gpu_layers", path))
-        return Layout(str(_get(doc, "mode", path)), assignment, int(_get(doc, "context.length", path)), kv,
-                      int(_get(doc, "context.chunk", path)), gpu_layers,
-                      int(_get(doc, "placement.reserve_bytes", path)), int(_get(doc, "predicted.prompt_tokens", path)))
+        lay = Layout(str(_get(doc, "mode", path)), assignment, _count(doc, "context.length", path), kv,
+                     _count(doc, "context.chunk", path), gpu_layers,
+                     _count(doc, "placement.reserve_bytes", path, minimum=0),
+                     _count(doc, "predicted.prompt_tokens", path))
     except (FormatError, TypeError, ValueError) as exc:
         raise PlanFileError(f"{path}: {exc}") from None
+    if lay.mode not in ("gpu", "offload", "stream"):
+        raise PlanFileError(f"{path}: mode {lay.mode!r} is not one of gpu, offload, stream")
+    if not gpu_layers or any(not 0 <= a <= b <= spec.num_layers for a, b in gpu_layers):
+        raise PlanFileError(f"{path}: placement.gpu_layers must be [start, end) ranges within 0..{spec.num_layers}")
+    return lay
+
+
+def _count(doc: dict, dotted: str, path: Path, minimum: int = 1) -> int:
+    value = _get(doc, dotted, path)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PlanFileError(f"{path}: {dotted} must be a whole number >= {minimum}")
+    return value
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

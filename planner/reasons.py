@@ -68,16 +68,11 @@ def explain_gpu(req: "Request", out: "Outcome", ladder: list[int], kvs: list[str
     if req.gpu_count > 1:
         parts = ", ".join(f"GPU{i}: layers {a}-{b - 1}" for i, (a, b) in enumerate(lay.gpu_layers))
         out.decisions.append(("split", parts, "contiguous layers per card (pipeline); the head sits on the last card"))
-    if req.kv in (None, "fp16") and lay.kv.name == "fp16":
-        from planner.optimize import _fit_gpu   # one more solve, to show what q8 would buy
-        alt = _fit_gpu(req, items, lay.ctx, "q8")
-        if alt is not None:
-            alt_bpw = avg_bpw(spec, alt[0].assignment)
-            total = alt[1].error + kv_error("q8", spec.num_layers)
-            out.alternatives["kv_q8"] = {"avg_bpw": round(alt_bpw, 4), "expected_error": round(total, 6)}
-            verdict = "lower" if total < out.expected_error else "higher"
-            out.decisions.append(("hint", "--kv q8", f"would give {alt_bpw:.2f} bpw at {verdict} total expected error "
-                                                    f"({total:.3f} vs {out.expected_error:.3f})"))
+    alt = out.alternatives.get("kv_q8")
+    if alt is not None:
+        verdict = "lower" if alt["expected_error"] < out.expected_error else "higher"
+        out.decisions.append(("hint", "--kv q8", f"would give {alt['avg_bpw']:.2f} bpw at {verdict} total expected "
+                                                f"error ({alt['expected_error']:.3f} vs {out.expected_error:.3f})"))
 
 
 def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: float, items) -> None:
