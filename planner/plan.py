@@ -117,6 +117,9 @@ def write_plan(doc: dict, path: str | os.PathLike) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)            # mkstemp creates 0600; a plan is an ordinary file
         os.replace(tmp, path)
     except OSError as exc:
         raise PlanFileError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None
