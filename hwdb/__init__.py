@@ -54,7 +54,7 @@ def _find(table: Mapping[str, Any], name: str, kind: str, listing: str) -> Any:
     close = difflib.get_close_matches(key, list(by_key), n=8, cutoff=0.5)
     ids = list(dict.fromkeys(by_key[c] for c in close))[:4]
     hint = f"closest: {', '.join(ids)}" if ids else f"see `{listing}`"
-    raise HwdbError(f"unknown {kind} '{name}' ({hint}; or add it with --hwdb FILE)")
+    raise HwdbError(f"unknown {kind} {name!r} ({hint}; or add it with --hwdb FILE)")
 
 
 def _read_tables(path: Path, data: Any) -> dict[str, dict[str, Any]]:
@@ -63,7 +63,7 @@ def _read_tables(path: Path, data: Any) -> dict[str, dict[str, Any]]:
         raise HwdbError(f"{path}: expected a mapping with 'gpus:' and/or 'models:' at the top")
     unknown = sorted(set(map(str, data)) - {"schema_version", *_SECTIONS})
     if unknown:
-        raise HwdbError(f"{path}: unknown top-level key '{unknown[0]}' (allowed: schema_version, gpus, models)")
+        raise HwdbError(f"{path}: unknown top-level key {unknown[0]!r} (allowed: schema_version, gpus, models)")
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise HwdbError(f"{path}: schema_version {version!r} is not supported (this vramwise reads {SCHEMA_VERSION})")
@@ -83,7 +83,7 @@ def _parse(path: Path, tables: dict[str, dict[str, Any]], base: Optional[dict] =
         for entry_id, fields in tables[section].items():
             entry_id = str(entry_id)
             if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", entry_id):
-                raise HwdbError(f"{path}: {section} id '{entry_id}' must be lower-case letters, digits, '.', '_' or '-'")
+                raise HwdbError(f"{path}: {section} id {entry_id!r} must be lower-case letters, digits, '.', '_' or '-'")
             if base is not None and entry_id in out[section] and isinstance(fields, dict):
                 old = out[section][entry_id]
                 merged = {k: getattr(old, k) for k in old.__dataclass_fields__ if k != "id"}

@@ -98,20 +98,20 @@ def _hints(cls: type) -> dict[str, Any]:
 def build(cls: type, entry_id: str, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown and missing fields."""
     if not isinstance(data, dict):
-        raise HwdbError(f"{where}: entry '{entry_id}' must be a mapping of fields")
+        raise HwdbError(f"{where}: entry {entry_id!r} must be a mapping of fields")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "id"}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise HwdbError(f"{where}: entry '{entry_id}': unknown field '{unknown[0]}' "
+        raise HwdbError(f"{where}: entry {entry_id!r}: unknown field {unknown[0]!r} "
                         f"(known: {', '.join(sorted(fields))})")
     kwargs: dict[str, Any] = {"id": entry_id}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{where}: entry '{entry_id}' field '{name}'")
+            kwargs[name] = _convert(data[name], hints[name], f"{where}: entry {entry_id!r} field '{name}'")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise HwdbError(f"{where}: entry '{entry_id}': missing field '{name}'")
+            raise HwdbError(f"{where}: entry {entry_id!r}: missing field '{name}'")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise HwdbError(f"{where}: entry '{entry_id}': {exc}") from None
+        raise HwdbError(f"{where}: entry {entry_id!r}: {exc}") from None

@@ -129,10 +129,10 @@ def load_measurement(path: str | Path, digest: str, linears: tuple[Tensor, ...])
                 raise _fail(path, f"tensor '{t.name}': {exc}") from None
             err = rec.get("rfn_error") if isinstance(rec, dict) else None
             if isinstance(err, bool) or not isinstance(err, (int, float)) or not math.isfinite(err) or err < 0:
-                raise _fail(path, f"tensor '{t.name}' option '{opt_name}': rfn_error must be a number >= 0")
+                raise _fail(path, f"tensor '{t.name}' option {opt_name!r}: rfn_error must be a number >= 0")
             expected = opt.tensor_bytes(*t.shape)
             if isinstance(rec.get("bytes"), int) and rec["bytes"] != expected:
-                raise _fail(path, f"tensor '{t.name}' option '{opt_name}': {rec['bytes']} bytes recorded, "
+                raise _fail(path, f"tensor '{t.name}' option {opt_name!r}: {rec['bytes']} bytes recorded, "
                                   f"the format takes {expected}; the file is from another format version")
             errors[t.name][opt.name] = float(err)
     return Measurement(str(path), str(model.get("name", "")), digest, errors)

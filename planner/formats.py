@@ -95,7 +95,7 @@ def parse_option(text: str) -> QuantOption:
     """'0.1:4b/0.9:3b g128' -> QuantOption; slices are sorted widest first."""
     m = _OPTION_RE.match(text)
     if not m:
-        raise FormatError(f"quant option '{text}' does not parse (expected e.g. '0.1:4b/0.9:3b g128')")
+        raise FormatError(f"quant option {text!r} does not parse (expected e.g. '0.1:4b/0.9:3b g128')")
     slices = []
     for part in m.group(1).split("/"):
         frac, bits = part.split(":")
@@ -151,4 +151,4 @@ def kv_format(name: str) -> KVFormat:
     try:
         return KV_FORMATS[name]
     except KeyError:
-        raise FormatError(f"unknown KV cache format '{name}' (choose from {', '.join(KV_FORMATS)})") from None
+        raise FormatError(f"unknown KV cache format {name!r} (choose from {', '.join(KV_FORMATS)})") from None

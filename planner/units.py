@@ -15,7 +15,7 @@ def parse_bytes(text: str) -> int:
     """'24GiB' -> 25769803776, '1.5GB' -> 1500000000, '0' -> 0."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?\s*", str(text), re.I)
     if not m:
-        raise UnitError(f"'{text}' is not a size (examples: 1.5GiB, 8GB, 512MiB)")
+        raise UnitError(f"{text!r} is not a size (examples: 1.5GiB, 8GB, 512MiB)")
     return int(round(float(m.group(1)) * _SIZE[(m.group(2) or "").lower()]))
 
 
@@ -23,7 +23,7 @@ def parse_rate_gb_s(text: str) -> float:
     """'448GB/s' or '448' -> 448.0 (GB/s, 1e9 bytes per second)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])i?b\s*/\s*s|gbps)?\s*", str(text), re.I)
     if not m or float(m.group(1)) <= 0:
-        raise UnitError(f"'{text}' is not a positive rate (examples: 448GB/s, 1008)")
+        raise UnitError(f"{text!r} is not a positive rate (examples: 448GB/s, 1008)")
     scale = {"k": 1e-6, "m": 1e-3, "g": 1.0, "t": 1e3}[(m.group(2) or "g").lower()]
     return float(m.group(1)) * scale
 

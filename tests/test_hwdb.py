@@ -98,3 +98,31 @@ def test_env_var_names_user_file(tmp_path, monkeypatch):
     f.write_text("gpus:\n  t4:\n    memory_bytes: 123456789\n")
     monkeypatch.setenv(hwdb.ENV_VAR, str(f))
     assert hwdb.load().find_gpu("t4").memory_bytes == 123456789
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_yamlish = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=12), kids, max_size=3),
+                        max_leaves=12)
+
+
+@given(st.text(max_size=200) | _yamlish.map(lambda x: __import__("yaml").safe_dump(x)) |
+       st.builds(lambda k, v: __import__("yaml").safe_dump({"gpus": {"t4": {k: v}}}), st.text(max_size=12), _yamlish))
+@settings(max_examples=300, deadline=None)
+def test_random_user_files_never_raise_anything_but_hwdb_error(tmp_path_factory, text):
+    f = tmp_path_factory.mktemp("fuzz") / "user.yaml"
+    f.write_text(text, encoding="utf-8")
+    try:
+        hwdb.load(f)
+    except HwdbError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_cli_malformed_hwdb_exits_2(tmp_path, capsys):
+    from planner.cli import main
+    f = tmp_path / "bad.yaml"
+    f.write_text("gpus:\n  rtx4090: [unclosed\n")
+    assert main(["plan", "--gpu", "rtx4090", "--model", "llama2-7b", "--hwdb", str(f), "-o", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "malformed YAML" in err and "Traceback" not in err
