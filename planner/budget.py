@@ -159,8 +159,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     def chunk_seconds(tokens: int, start: int) -> float:
         flops = tokens * _prefill_flops_per_token(spec, start + tokens / 2)
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
-        t = prefill_seconds(flops * gpu_count / max(gpu_count, 1), device_bytes, eff, gpu.fp16_tflops,
-                            gpu.bandwidth_gb_s)
+        # pipelined cards run their layers one after another, so one card's peak sets the pace
+        t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0
         if lay.mode == "stream":
             moved = sum(layer_bytes)

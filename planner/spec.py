@@ -224,6 +224,8 @@ def spec_from_gguf(path: Path) -> ModelSpec:
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
         source=f"GGUF metadata ({path.name})")
     args.update(_GGUF_ARCHS[arch])
+    if arch == "falcon" and "blk.0.attn_norm_2.weight" not in names:
+        args["norms_per_layer"] = 1          # Falcon 7B/40B layout: one layernorm shared by attention and MLP
     try:
         return ModelSpec(**args)
     except (TypeError, ValueError) as exc:
