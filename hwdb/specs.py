@@ -67,6 +67,7 @@ class ModelSpec:
     experts_per_token: int = 0       # MoE: experts active per token
     sliding_window: int = 0          # informational: the cache is planned for the full context
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-5           # RMSNorm / LayerNorm epsilon
     published_params: int = 0        # the published total, checked against our count
     params_source: str = ""
     aliases: tuple[str, ...] = ()

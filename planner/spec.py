@@ -161,6 +161,7 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         vocab_size=_first(cfg, "vocab_size"),
         max_context=_first(cfg, "max_position_embeddings", default=2048),
         head_dim=cfg.get("head_dim") or 0, rope_theta=float(cfg.get("rope_theta") or 10000.0),
+        norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
         num_experts=cfg.get("num_local_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
         sliding_window=cfg.get("sliding_window") or 0, source=f"config.json ({name})")
@@ -219,6 +220,8 @@ def spec_from_gguf(path: Path) -> ModelSpec:
         max_context=int(meta(f"{arch}.context_length", 2048)),
         head_dim=int(meta(f"{arch}.attention.key_length", 0)),
         rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(meta(f"{arch}.attention.layer_norm_rms_epsilon", 0.0)
+                       or meta(f"{arch}.attention.layer_norm_epsilon", 1e-5)),
         num_experts=int(meta(f"{arch}.expert_count", 0)),
         experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,

@@ -1,0 +1,106 @@
+"""The Llama-family forward pass in NumPy, with all run state allocated once from the planner's byte functions.
+
+Weights arrive as a mapping from canonical tensor names (planner/spec.py) to float32 arrays of shape
+(out, in); a loader may materialize them lazily, one layer at a time.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from hwdb import ModelSpec
+from planner import memory as mem
+from planner.formats import kv_format
+from refengine import ops
+from refengine.quant import kv_dequantize, kv_quantize
+
+SUPPORTED = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
+             "fused_qkv": False, "fused_gate_up": False}
+
+
+class UnsupportedModel(ValueError):
+    """An architecture the reference engine does not run yet."""
+
+
+def check_supported(spec: ModelSpec) -> None:
+    for field, want in SUPPORTED.items():
+        if getattr(spec, field) != want:
+            raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
+                                   f"engine yet (it runs Llama-family models: {field}={want!r})")
+
+
+class RunState:
+    """Every buffer of a run, allocated once: exactly planner.memory's buffers, nothing more."""
+
+    def __init__(self, spec: ModelSpec, ctx: int, chunk: int, kv_name: str):
+        self.kv = kv_format(kv_name)
+        self.buffers = mem.run_state_buffers(spec, ctx, chunk, logits=True, gemm_staging=False)
+        self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers))
+        dtypes = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u8": np.uint8}
+        self.arrays = {b.name: np.zeros(b.shape, dtype=dtypes[b.dtype]) for b in self.buffers}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+
+class Transformer:
+    """forward(tokens) appends tokens at the current position and returns their logits (T, V)."""
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], ctx: int, kv_name: str = "fp16",
+                 chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True):
+        check_supported(spec)
+        self.spec, self.w, self.ctx = spec, weights, ctx
+        self.chunk = min(chunk, ctx)
+        self.rope_interleaved = rope_interleaved
+        self.state = RunState(spec, ctx, self.chunk, kv_name)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def forward(self, tokens: list[int]) -> np.ndarray:
+        if self.pos + len(tokens) > self.ctx:
+            raise ValueError(f"{self.pos + len(tokens)} tokens exceed the planned context of {self.ctx}")
+        out = []
+        for i in range(0, len(tokens), self.chunk):
+            out.append(self._step(np.asarray(tokens[i:i + self.chunk], dtype=np.int32)).copy())
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _step(self, tokens: np.ndarray) -> np.ndarray:
+        spec, st, t = self.spec, self.state, len(tokens)
+        st["tokens"][:t] = tokens
+        st["positions"][:t] = np.arange(self.pos, self.pos + t)
+        x = st["x"][:t]                                                          # (T, H)
+        x[:] = self.w["embed"][tokens]
+        cos, sin = ops.rope_tables(st["positions"][:t], spec.head_dim, spec.rope_theta)
+        for i in range(spec.num_layers):
+            x += self._attention(i, ops.rmsnorm(x, self.w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin)
+            xn = ops.rmsnorm(x, self.w[f"layers.{i}.norm.1"], spec.norm_eps)
+            p = f"layers.{i}.mlp"
+            x += ops.swiglu(xn, self.w[f"{p}.gate"], self.w[f"{p}.up"], self.w[f"{p}.down"])
+        xn = ops.rmsnorm(x, self.w["norm.final"], spec.norm_eps)
+        head = self.w["embed"] if spec.tie_embeddings else self.w["head"]
+        logits = st["logits"][:t]                                                # (T, V)
+        np.matmul(xn, head.T, out=logits)
+        self.pos += t
+        return logits
+
+    def _attention(self, i: int, xn: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        spec, st, t, p = self.spec, self.state, len(xn), f"layers.{i}.attn"
+        q = xn @ self.w[f"{p}.q"].T + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
+        k = xn @ self.w[f"{p}.k"].T + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
+        v = xn @ self.w[f"{p}.v"].T + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
+        q = ops.rope(q.reshape(t, spec.num_heads, spec.head_dim), cos, sin, self.rope_interleaved)
+        k = ops.rope(k.reshape(t, spec.num_kv_heads, spec.head_dim), cos, sin, self.rope_interleaved)
+        end = self.pos + t
+        st[f"kv.{i}.k"][self.pos:end] = kv_quantize(st.kv, k)
+        st[f"kv.{i}.v"][self.pos:end] = kv_quantize(st.kv, v.reshape(t, spec.num_kv_heads, spec.head_dim))
+        keys = kv_dequantize(st.kv, st[f"kv.{i}.k"][:end], spec.head_dim)                # (S, Hkv, D)
+        values = kv_dequantize(st.kv, st[f"kv.{i}.v"][:end], spec.head_dim)
+        out = ops.attention(q, keys, values, st["positions"][:t])                          # (T, Hq, D)
+        return out.reshape(t, -1) @ self.w[f"{p}.o"].T

@@ -1,0 +1,66 @@
+"""NumPy reference ops: the definition of correct for every faster kernel.
+
+Shape legend: T tokens in the step, S cached positions, H hidden size, Hq heads, Hkv KV heads,
+D head dim, G = Hq / Hkv heads per KV head, F MLP width, V vocab. float32 throughout.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, H) * rsqrt(mean(x^2) + eps) * w (H,) -> (T, H); the mean in float64 (activations reach ~1e4)."""
+    ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + eps)).astype(np.float32) * w
+
+
+def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D)."""
+    inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)             # (D/2,)
+    ang = positions.astype(np.float64)[:, None] * inv[None, :]                  # (T, D/2)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
+    """Rotate x (T, heads, D). interleaved: pairs (2i, 2i+1), the layout llama.cpp's converter permutes
+    Llama q/k into; else pairs (i, i + D/2), the Hugging Face / NeoX layout."""
+    c, s = cos[:, None, :], sin[:, None, :]                                     # (T, 1, D/2)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = a * s + b * c
+        return out
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Along the last axis, max-subtracted."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) -> np.ndarray:
+    """Causal GQA: q (T, Hq, D) at positions q_pos (T,), cached k, v (S, Hkv, D) -> (T, Hq, D).
+
+    Query t sees cached positions 0..q_pos[t]."""
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    g = hq // hkv
+    qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3)                          # (Hkv, G, T, D)
+    scores = qg @ k.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(d))         # (Hkv, G, T, S)
+    visible = np.arange(s)[None, :] <= q_pos[:, None]                            # (T, S)
+    scores = np.where(visible, scores, -np.inf)
+    out = softmax(scores) @ v.transpose(1, 0, 2)[:, None]                        # (Hkv, G, T, D)
+    return out.transpose(2, 0, 1, 3).reshape(t, hq, d).astype(np.float32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    """(silu(x Wg^T) * x Wu^T) Wd^T: x (T, H), Wg/Wu (F, H), Wd (H, F) -> (T, H)."""
+    return (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
