@@ -5,8 +5,9 @@ Weights (layout and byte count defined in planner/formats.py, which the planner 
   llama.cpp q4_0 trick: d = m / -2^(b-1), where m is the group's value of largest magnitude, so m maps
   exactly to code 0 and all 2^b codes are used; q = clamp(round(w / d) + 2^(b-1), 0, 2^b - 1);
   w' = d * (q - 2^(b-1)), d stored as fp16.
-  Error bound, per element: |w - w'| <= |d| * (1 + 2^(b-1) * 2^-10): half a step where unclamped,
-  at most one step where the value opposite m clamps, plus the fp16 rounding of d.
+  Error bound, per element: |w - w'| <= |d| * (1 + 2^(b-1) * 2^-10) + 2^(b-1) * 2^-24: half a step
+  where unclamped, at most one step where the value opposite m clamps, plus the fp16 rounding of d
+  (relative for normal scales, absolute for subnormal ones, i.e. weights below about 6e-5 * 2^(b-1)).
 Round-to-nearest here; `quantize` takes an optional `codes_fn` so GPTQ can supply its own codes.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from planner.formats import PACK_VALUES, KVFormat, QuantOption
 
 FP16_SCALE_SLACK = 2.0 ** -10      # relative rounding of an fp16 scale is at most 2^-11; 2x margin
+FP16_SUBNORMAL_STEP = 2.0 ** -24   # below 2^-14 an fp16 scale rounds to multiples of this (absolute error)
 FP8_MAX = 448.0                    # largest finite float8 e4m3fn
 
 
@@ -158,7 +160,8 @@ def error_bound(t: QTensor) -> np.ndarray:
     for s in t.slices:
         cols = t.perm[s.start:s.start + s.rows] if t.perm is not None else slice(s.start, s.start + s.rows)
         d = np.abs(np.repeat(s.scales.astype(np.float32), t.option.group_size, axis=1)[:, :s.rows])
-        out[:, cols] = d * (1 + (1 << (s.bits - 1)) * FP16_SCALE_SLACK)
+        half = 1 << (s.bits - 1)
+        out[:, cols] = d * (1 + half * FP16_SCALE_SLACK) + half * FP16_SUBNORMAL_STEP
     return out
 
 
@@ -226,6 +229,7 @@ def kv_error_bound(fmt: KVFormat, x: np.ndarray) -> np.ndarray:
     amax = np.abs(xb).max(axis=-1, keepdims=True)
     step = amax / 127 if fmt.name == "q8" else amax / 8
     slack = 0.5 if fmt.name == "q8" else 1.0
-    bound = step * (slack + 128 * FP16_SCALE_SLACK) + 1e-30
+    codes = 127 if fmt.name == "q8" else 8
+    bound = step * (slack + codes * FP16_SCALE_SLACK) + codes * FP16_SUBNORMAL_STEP
     return np.broadcast_to(bound, xb.shape).reshape(*x.shape[:-1], blocks * 32)[..., :hd]
 

@@ -23,7 +23,7 @@ def test_pack_round_trips(bits, n, r, seed):
 def matrices(draw):
     n, k = draw(st.integers(1, 48)), draw(st.integers(1, 400))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    w = rng.standard_normal((n, k)).astype(np.float32) * draw(st.sampled_from([1e-3, 0.05, 1.0, 30.0]))
+    w = rng.standard_normal((n, k)).astype(np.float32) * draw(st.sampled_from([1e-5, 1e-3, 0.05, 1.0, 30.0]))
     if draw(st.booleans()):                         # outliers, as real weights have
         w[rng.integers(0, n, 3), rng.integers(0, k, 3)] *= 50
     if draw(st.booleans()):
