@@ -186,14 +186,17 @@ _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma2": {
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True}}
 
 
-def spec_from_gguf(path: Path) -> ModelSpec:
-    """A ModelSpec from a GGUF file's metadata and tensor list (no tensor data is read)."""
-    try:
-        from gguf import GGUFReader  # llama.cpp's own reader (see pyproject)
+def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
+    """A ModelSpec from a GGUF file's metadata and tensor list (no tensor data is read).
 
-        reader = GGUFReader(str(path), "r")
-    except (ValueError, OSError, KeyError, IndexError) as exc:
-        raise ModelSourceError(f"{path}: not a readable GGUF file ({exc})") from None
+    Pass an open gguf.GGUFReader to avoid parsing the file twice (parsing a vocabulary takes seconds)."""
+    if reader is None:
+        try:
+            from gguf import GGUFReader  # llama.cpp's own reader (see pyproject)
+
+            reader = GGUFReader(str(path), "r")
+        except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:
+            raise ModelSourceError(f"{path}: not a readable GGUF file ({exc})") from None
 
     def meta(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
