@@ -1,1 +1,2 @@
-"""Reference engine (NumPy/Numba): quant formats, loaders, the transformer. Built in issue 3."""
+"""Reference engine (NumPy/Numba): the definition of correct. `load_model` is its Python API."""
+from refengine.api import Model, load_model  # noqa: F401  (the public API)
