@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import hwdb
 from hwdb import GPUSpec, HwdbError
+from planner import cli_engine
 from planner.budget import Host
 from planner.detect import DetectError, detect_gpus, host_ram_bytes
 from planner.errors import MeasurementError, load_measurement
@@ -21,7 +22,7 @@ from planner.spec import ModelSourceError, architecture_digest, layer_linears, p
 from planner.units import UnitError, fmt_bytes, parse_bytes, parse_rate_gb_s
 
 USER_ERRORS = (HwdbError, ModelSourceError, MeasurementError, FormatError, PlanError, PlanFileError, UnitError,
-               DetectError)
+               DetectError, cli_engine.RunError)
 DEFAULT_HOST_LINK_GB_S = 25.0     # PCIe 4.0 x16 at ~80% (hwdb's convention) for a card given by --vram
 
 
@@ -206,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
     _build_plan(sub)
     _build_list(sub, "gpus", _gpus, "list the GPU database")
     _build_list(sub, "models", _models, "list the model database")
+    cli_engine.build_run(sub)
+    cli_engine.build_eval(sub)
     return root
 
 

@@ -1,27 +1,57 @@
 """The Python API: load_model(name or path) -> Model with .tokenizer, .logits(ids), .generate(ids, ...)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
 from planner import memory as mem
+from planner.formats import HEAD_OPTION, QuantOption
+from planner.spec import architecture_digest
+from refengine.errors import EngineError
+from refengine.packed import QuantizedLinear
+from refengine.quant import quantize
 from refengine.generate import Sampling, generate
 from refengine.model import Transformer
 from refengine.tokenizer import Tokenizer, for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
+if TYPE_CHECKING:
+    from planner.plan import Plan
+
 
 class _Weights(Mapping):
-    """Canonical name -> float32 array, dequantized from the checkpoint on first use and kept."""
+    """Canonical name -> float32 array, dequantized from the checkpoint on first use and kept.
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt, self.cache = ckpt, {}
+    With an assignment (a plan's per-linear options), those linears and the head are quantized to
+    their format on first use instead and kept packed."""
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __init__(self, ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None):
+        self.ckpt, self.cache, self.assignment = ckpt, {}, assignment
+
+    def __getitem__(self, name: str):
         if name not in self.cache:
-            self.cache[name] = np.ascontiguousarray(self.ckpt[name].numpy(np.float32))
+            if self.assignment is not None and (name in self.assignment or name == "head"):
+                option = self.assignment.get(name, HEAD_OPTION)
+                self.cache[name] = QuantizedLinear(quantize(self.ckpt.lm_head.numpy(np.float32) if name == "head"
+                                                            else self.ckpt[name].numpy(np.float32), option))
+            elif name == "embed":      # stored as the planner prices it (memory.EMBED_DTYPE): a lookup table
+                self.cache[name] = np.ascontiguousarray(self.ckpt[name].numpy(np.float32).astype(np.float16))
+            else:
+                self.cache[name] = np.ascontiguousarray(self.ckpt[name].numpy(np.float32))
         return self.cache[name]
+
+    def materialize(self) -> None:
+        """Load (and quantize) every tensor now, so timings measure inference alone."""
+        for name in list(self.ckpt.tensors) + (["head"] if self.assignment is not None else []):
+            self[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.ckpt.tensors or (name == "head" and self.assignment is not None)
+
+    def nbytes(self) -> int:
+        """Bytes held now: packed linears at their format's size, float32 arrays at 4 bytes each."""
+        return sum(w.nbytes for w in self.cache.values())
 
     def __iter__(self):
         return iter(self.ckpt.tensors)
@@ -33,9 +63,11 @@ class _Weights(Mapping):
 class Model:
     """A loaded model on the reference engine."""
 
-    def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer, ctx: int, kv: str, chunk: int):
+    def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer, ctx: int, kv: str, chunk: int,
+                 assignment: Optional[Mapping[str, QuantOption]] = None):
         self.checkpoint, self.spec, self.tokenizer = ckpt, ckpt.spec, tokenizer
-        self.net = Transformer(ckpt.spec, _Weights(ckpt), ctx, kv, chunk, ckpt.rope_layout == ROPE_INTERLEAVED)
+        self.weights = _Weights(ckpt, assignment)
+        self.net = Transformer(ckpt.spec, self.weights, ctx, kv, chunk, ckpt.rope_layout == ROPE_INTERLEAVED)
 
     @property
     def ctx(self) -> int:
@@ -61,6 +93,17 @@ class Model:
             if on_token is not None:
                 on_token(tok)
         return out
+
+
+def load_for_plan(plan: "Plan", source: str) -> Model:
+    """The plan's model on the reference engine: its context, KV format, chunk and per-linear formats."""
+    ckpt = load_checkpoint(source)
+    want = plan.doc["model"]["architecture_digest"]
+    if architecture_digest(ckpt.spec) != want:
+        raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
+                          f"plan's ({want}); pass the weights the plan was made for")
+    lay = plan.layout
+    return Model(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, lay.assignment)
 
 
 def load_model(name_or_path: str, ctx: Optional[int] = None, kv: str = "fp16",

@@ -13,6 +13,7 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from refengine import ops
+from refengine.packed import linear
 from refengine.quant import kv_dequantize, kv_quantize
 
 SUPPORTED = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
@@ -82,19 +83,20 @@ class Transformer:
             x += self._attention(i, ops.rmsnorm(x, self.w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin)
             xn = ops.rmsnorm(x, self.w[f"layers.{i}.norm.1"], spec.norm_eps)
             p = f"layers.{i}.mlp"
-            x += ops.swiglu(xn, self.w[f"{p}.gate"], self.w[f"{p}.up"], self.w[f"{p}.down"])
+            hidden = ops.silu(linear(xn, self.w[f"{p}.gate"])) * linear(xn, self.w[f"{p}.up"])   # (T, F)
+            x += linear(hidden, self.w[f"{p}.down"])
         xn = ops.rmsnorm(x, self.w["norm.final"], spec.norm_eps)
-        head = self.w["embed"] if spec.tie_embeddings else self.w["head"]
+        head = self.w["head"] if "head" in self.w else self.w["embed"].astype(np.float32)   # tied: embed
         logits = st["logits"][:t]                                                # (T, V)
-        np.matmul(xn, head.T, out=logits)
+        logits[:] = linear(xn, head)
         self.pos += t
         return logits
 
     def _attention(self, i: int, xn: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         spec, st, t, p = self.spec, self.state, len(xn), f"layers.{i}.attn"
-        q = xn @ self.w[f"{p}.q"].T + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
-        k = xn @ self.w[f"{p}.k"].T + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
-        v = xn @ self.w[f"{p}.v"].T + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
+        q = linear(xn, self.w[f"{p}.q"]) + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
+        k = linear(xn, self.w[f"{p}.k"]) + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
+        v = linear(xn, self.w[f"{p}.v"]) + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
         q = ops.rope(q.reshape(t, spec.num_heads, spec.head_dim), cos, sin, self.rope_interleaved)
         k = ops.rope(k.reshape(t, spec.num_kv_heads, spec.head_dim), cos, sin, self.rope_interleaved)
         end = self.pos + t
@@ -103,4 +105,4 @@ class Transformer:
         keys = kv_dequantize(st.kv, st[f"kv.{i}.k"][:end], spec.head_dim)                # (S, Hkv, D)
         values = kv_dequantize(st.kv, st[f"kv.{i}.v"][:end], spec.head_dim)
         out = ops.attention(q, keys, values, st["positions"][:t])                          # (T, Hq, D)
-        return out.reshape(t, -1) @ self.w[f"{p}.o"].T
+        return linear(out.reshape(t, -1), self.w[f"{p}.o"])

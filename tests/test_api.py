@@ -37,3 +37,45 @@ def test_seeded_sampling_reproduces(model):
     ids = model.tokenizer.encode("Once upon a time")
     s = Sampling(temperature=0.8, top_p=0.9, seed=1)
     assert model.generate(ids, 8, s) == model.generate(ids, 8, s)
+
+
+@pytest.fixture(scope="module")
+def smol_plan(tmp_path_factory):
+    from planner.cli import main
+    path = tmp_path_factory.mktemp("run") / "plan.yaml"
+    assert main(["plan", "--gpu", "rtx4060", "--model", "smollm2-135m", "--bpw", "4.0", "--ctx", "64",
+                 "-o", str(path), "--quiet"]) == 0
+    return path
+
+
+def test_run_a_plan_allocates_what_it_planned(smol_plan, capsys):
+    import json
+    from planner.cli import main
+    assert main(["run", "--plan", str(smol_plan), "--prompt", "The capital of France is", "--max-new-tokens", "3",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "Paris" in report["text"]
+    assert report["measured"]["engine_bytes"] == report["plan"]["weights_and_state_bytes"]
+
+
+def test_run_refuses_a_prompt_beyond_the_plan(smol_plan, capsys):
+    from planner.cli import main
+    assert main(["run", "--plan", str(smol_plan), "--prompt", "word " * 80]) == 2
+    err = capsys.readouterr().err
+    assert "the plan's context is 64" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_gpu_engine_says_it_is_not_there(smol_plan, capsys):
+    from planner.cli import main
+    assert main(["run", "--plan", str(smol_plan), "--prompt", "x", "--engine", "gpu"]) == 2
+    assert "GPU engine" in capsys.readouterr().err
+
+
+def test_eval_perplexity(tmp_path, capsys):
+    import json
+    from planner.cli import main
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    assert main(["eval", "--model", "smollm2-135m", "--text", str(text), "--ctx", "64", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out)["perplexity"]
+    assert 1.0 < ppl < 20      # a repeated sentence becomes predictable

@@ -1,0 +1,194 @@
+"""`vramwise run` and `vramwise eval`: the commands that load an engine (imported lazily by cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+from planner.plan import load_plan
+from planner.units import fmt_bytes
+
+
+class RunError(ValueError):
+    """A run that cannot start: missing weights, a prompt longer than the plan's context, no engine."""
+
+
+def build_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a plan: stream tokens, then measured figures beside the plan's")
+    p.add_argument("--plan", required=True, help="a plan.yaml from `vramwise plan`")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue")
+    src.add_argument("--chat", action="store_true", help="chat on stdin (ChatML models), one line per turn")
+    p.add_argument("--weights", help="checkpoint (.gguf, .safetensors, HF folder); default: the plan's --model")
+    p.add_argument("--engine", choices=["ref", "gpu"], default="ref", help="reference CPU engine (default) or GPU")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(handler=run)
+
+
+def build_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model over a text file")
+    p.add_argument("--model", required=True, help="model name or checkpoint path")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--plan", help="evaluate with this plan's formats, context and KV cache")
+    p.add_argument("--ctx", type=int, default=512, help="window in tokens (default 512; a plan's context wins)")
+    p.add_argument("--max-tokens", type=int, default=0, help="stop after this many tokens (0: whole text)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=evaluate)
+
+
+def _engine_errors() -> tuple:
+    from refengine.errors import EngineError
+    from refengine.model import UnsupportedModel
+    return (EngineError, UnsupportedModel)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
+
+
+def _chat_prompt(tok, turns: list[tuple[str, str]]) -> list[int]:
+    template = tok.chat_template or ""
+    if "<|im_start|>" not in template:
+        raise RunError("--chat supports ChatML models (<|im_start|> templates) so far; use --prompt")
+    text = "".join(f"<|im_start|>{role}\n{msg}<|im_end|>\n" for role, msg in turns) + "<|im_start|>assistant\n"
+    return tok.encode(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.engine == "gpu":
+        raise RunError("the GPU engine is not built yet (issue 5); run with --engine ref")
+    plan = load_plan(args.plan)
+    from refengine.api import load_for_plan
+    from refengine.generate import Sampling
+    source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
+    try:
+        model = load_for_plan(plan, source)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    except _engine_errors() as exc:
+        raise RunError(str(exc)) from None
+    except ValueError as exc:
+        raise RunError(f"sampling: {exc}") from None
+    model.weights.materialize()
+    if args.chat:
+        return _chat(model, sampling, args)
+    ids = model.tokenizer.encode(args.prompt or "")
+    if not ids:
+        raise RunError("give a non-empty --prompt (or --chat)")
+    if len(ids) >= model.ctx:
+        raise RunError(f"the prompt has {len(ids)} tokens; the plan's context is {model.ctx} (plan a larger --ctx)")
+    return _generate_and_report(model, plan, ids, sampling, args)
+
+
+def _generate_and_report(model, plan, ids, sampling, args) -> int:
+    t0 = time.perf_counter()
+    first_at, out = None, []
+    for tok in model.stream(ids, args.max_new_tokens, sampling):
+        if first_at is None:
+            first_at = time.perf_counter()
+        out.append(tok)
+        if not args.json:
+            sys.stdout.write(model.tokenizer.decode([tok]))
+            sys.stdout.flush()
+    end = time.perf_counter()
+    first_at = first_at or end
+    decode_s = (end - first_at) / max(len(out) - 1, 1)
+    pred = plan.doc["predicted"]
+    held = model.weights.nbytes() + model.net.state.nbytes
+    report = {"engine": "ref (NumPy/Numba, CPU)", "prompt_tokens": len(ids), "generated_tokens": len(out),
+              "text": model.tokenizer.decode(out),
+              "measured": {"prefill_tokens_per_s": round(len(ids) / (first_at - t0), 3),
+                           "decode_tokens_per_s": round(1 / decode_s, 3) if len(out) > 1 else None,
+                           "time_to_first_token_s": round(first_at - t0, 3),
+                           "engine_bytes": held, "peak_rss_bytes": _peak_rss()},
+              "plan": {"device": plan.doc["gpu"]["name"], "decode_tokens_per_s": pred["decode_tokens_per_s"],
+                       "prefill_tokens_per_s": pred["prefill_tokens_per_s"],
+                       "time_to_first_token_s": pred["time_to_first_token_s"],
+                       "weights_and_state_bytes": _planned_engine_bytes(plan)}}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_report(report)
+    return 0
+
+
+def _planned_engine_bytes(plan) -> int:
+    """What the plan says the weights, KV cache and compute buffers take (its fixed costs aside)."""
+    items = plan.doc["memory"]["items"]
+    keys = ("weights.layers", "weights.head", "weights.norm_final", "kv_cache", "compute.activations",
+            "compute.attention_scores", "compute.logits")
+    return sum(items.get(k, 0) for k in keys) + plan.doc["weights"]["embedding"]["bytes"]
+
+
+def _print_report(r: dict) -> None:
+    from planner import render
+    m, p = r["measured"], r["plan"]
+    decode = f"{m['decode_tokens_per_s']:.2f}" if m["decode_tokens_per_s"] else "-"
+    print()
+    render.table("Measured (CPU reference engine) beside the plan (predicted for " + p["device"] + ")",
+                 ("figure", "measured", "plan"),
+                 [("prefill tok/s", f"{m['prefill_tokens_per_s']:.1f}", f"{p['prefill_tokens_per_s']:.1f}"),
+                  ("decode tok/s", decode, f"{p['decode_tokens_per_s']:.1f}"),
+                  ("time to first token", f"{m['time_to_first_token_s']:.2f} s", f"{p['time_to_first_token_s']:.2f} s"),
+                  ("weights + KV + buffers", fmt_bytes(m["engine_bytes"]), fmt_bytes(p["weights_and_state_bytes"])),
+                  ("peak RSS (whole process)", fmt_bytes(m["peak_rss_bytes"]), "-")])
+
+
+def _chat(model, sampling, args) -> int:
+    turns: list[tuple[str, str]] = []
+    for line in sys.stdin:
+        turns.append(("user", line.rstrip("\n")))
+        ids = _chat_prompt(model.tokenizer, turns)
+        if len(ids) >= model.ctx:
+            raise RunError(f"the conversation reached the plan's context of {model.ctx} tokens")
+        reply = model.tokenizer.decode(model.generate(ids, args.max_new_tokens, sampling), skip_special=True)
+        print(reply.strip(), flush=True)
+        turns.append(("assistant", reply.strip()))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+    import numpy as np
+    from rich.progress import Progress
+
+    from refengine.api import load_for_plan, load_model
+    try:
+        model = load_for_plan(load_plan(args.plan), args.model) if args.plan else load_model(args.model, ctx=args.ctx)
+    except _engine_errors() as exc:
+        raise RunError(str(exc)) from None
+    ids = model.tokenizer.encode(text)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise RunError(f"{path}: needs at least 2 tokens of text")
+    nll, count, window = 0.0, 0, model.ctx
+    t0 = time.perf_counter()
+    with Progress(transient=True, disable=args.json) as bar:
+        task = bar.add_task("perplexity", total=len(ids))
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start:start + window + 1]
+            logits = model.logits(chunk[:-1]).astype(np.float64)                  # (T, V)
+            z = logits - logits.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            nll -= float(logp[range(len(chunk) - 1), chunk[1:]].sum())
+            count += len(chunk) - 1
+            bar.update(task, advance=len(chunk) - 1)
+    result = {"model": args.model, "text": str(path), "tokens": count, "window": window,
+              "perplexity": round(math.exp(nll / count), 4), "seconds": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(result) if args.json else
+          f"perplexity {result['perplexity']:.3f} over {count} tokens (window {window}) in {result['seconds']:.1f} s")
+    return 0
