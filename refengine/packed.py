@@ -1,11 +1,12 @@
 """A linear layer kept in its plan's quantized format: decode uses the fused Numba matvec, prefill
-dequantizes the matrix once per call and multiplies (as the GPU engine's prefill does with cuBLAS)."""
+dequantizes blocks of rows into a small scratch and multiplies each with BLAS (as the GPU engine's prefill
+does with cuBLAS), so no full float32 copy of the matrix is ever made."""
 from __future__ import annotations
 
 import numpy as np
 
 from refengine.kernels_numba import PackedLinear
-from refengine.quant import QTensor, dequantize
+from refengine.quant import QTensor
 
 
 class QuantizedLinear:
@@ -22,7 +23,7 @@ class QuantizedLinear:
         """x (T, K) -> (T, N) = x W^T."""
         if x.shape[0] == 1:
             return self.packed.matvec(x[0])[None, :]
-        return x @ dequantize(self.qtensor).T
+        return self.packed.matmul(x)
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
