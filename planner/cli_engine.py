@@ -22,9 +22,13 @@ def build_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", required=True, help="a plan.yaml from `vramwise plan`")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue")
-    src.add_argument("--chat", action="store_true", help="chat on stdin (ChatML models), one line per turn")
+    src.add_argument("--chat", action="store_true", help="chat on stdin in the model's own chat template, one line per turn")
     p.add_argument("--weights", help="checkpoint (.gguf, .safetensors, HF folder); default: the plan's --model")
     p.add_argument("--engine", choices=["ref", "gpu"], default="ref", help="reference CPU engine (default) or GPU")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold one layer at a time, as AirLLM (default: when the plan's mode is stream)")
+    p.add_argument("--store", help="folder for the plan's quantized layers when streaming "
+                                   "(default: $VRAMWISE_CACHE or ~/.cache/vramwise, under layers/)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -57,11 +61,14 @@ def _peak_rss() -> int:
 
 
 def _chat_prompt(tok, turns: list[tuple[str, str]]) -> list[int]:
-    template = tok.chat_template or ""
-    if "<|im_start|>" not in template:
-        raise RunError("--chat supports ChatML models (<|im_start|> templates) so far; use --prompt")
-    text = "".join(f"<|im_start|>{role}\n{msg}<|im_end|>\n" for role, msg in turns) + "<|im_start|>assistant\n"
-    return tok.encode(text)
+    from refengine.chat import ChatTemplateError, chat_ids
+    if not tok.chat_template:
+        raise RunError(f"{tok.source}: the model carries no chat template, so --chat cannot format turns; "
+                       "use --prompt with the text as the model expects it")
+    try:
+        return chat_ids(tok, [{"role": role, "content": msg} for role, msg in turns])
+    except ChatTemplateError as exc:
+        raise RunError(f"--chat: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from refengine.generate import Sampling
     source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
     try:
-        model = load_for_plan(plan, source)
+        model = load_for_plan(plan, source, args.stream, Path(args.store) if args.store else None,
+                              _store_progress(args.json))
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     except _engine_errors() as exc:
         raise RunError(str(exc)) from None
@@ -103,8 +111,9 @@ def _generate_and_report(model, plan, ids, sampling, args) -> int:
     first_at = first_at or end
     decode_s = (end - first_at) / max(len(out) - 1, 1)
     pred = plan.doc["predicted"]
-    held = model.weights.nbytes() + model.net.state.nbytes
-    report = {"engine": "ref (NumPy/Numba, CPU)", "prompt_tokens": len(ids), "generated_tokens": len(out),
+    held = model.weights.peak_bytes + model.net.state.nbytes
+    engine = "ref (NumPy/Numba, CPU)" + (", layer streaming" if model.streaming else "")
+    report = {"engine": engine, "prompt_tokens": len(ids), "generated_tokens": len(out),
               "text": model.tokenizer.decode(out),
               "measured": {"prefill_tokens_per_s": round(len(ids) / (first_at - t0), 3),
                            "decode_tokens_per_s": round(1 / decode_s, 3) if len(out) > 1 else None,
@@ -124,8 +133,8 @@ def _generate_and_report(model, plan, ids, sampling, args) -> int:
 def _planned_engine_bytes(plan) -> int:
     """What the plan says the weights, KV cache and compute buffers take (its fixed costs aside)."""
     items = plan.doc["memory"]["items"]
-    keys = ("weights.layers", "weights.head", "weights.norm_final", "kv_cache", "compute.activations",
-            "compute.attention_scores", "compute.logits")
+    keys = ("weights.layers", "weights.stream_buffers", "weights.head", "weights.norm_final", "kv_cache",
+            "compute.activations", "compute.attention_scores", "compute.logits")
     return sum(items.get(k, 0) for k in keys) + plan.doc["weights"]["embedding"]["bytes"]
 
 
@@ -134,12 +143,12 @@ def _print_report(r: dict) -> None:
     m, p = r["measured"], r["plan"]
     decode = f"{m['decode_tokens_per_s']:.2f}" if m["decode_tokens_per_s"] else "-"
     print()
-    render.table("Measured (CPU reference engine) beside the plan (predicted for " + p["device"] + ")",
+    render.table(f"Measured ({r['engine']}) beside the plan (predicted for " + p["device"] + ")",
                  ("figure", "measured", "plan"),
                  [("prefill tok/s", f"{m['prefill_tokens_per_s']:.1f}", f"{p['prefill_tokens_per_s']:.1f}"),
                   ("decode tok/s", decode, f"{p['decode_tokens_per_s']:.1f}"),
                   ("time to first token", f"{m['time_to_first_token_s']:.2f} s", f"{p['time_to_first_token_s']:.2f} s"),
-                  ("weights + KV + buffers", fmt_bytes(m["engine_bytes"]), fmt_bytes(p["weights_and_state_bytes"])),
+                  ("weights + KV + buffers (peak)", fmt_bytes(m["engine_bytes"]), fmt_bytes(p["weights_and_state_bytes"])),
                   ("peak RSS (whole process)", fmt_bytes(m["peak_rss_bytes"]), "-")])
 
 
@@ -192,3 +201,14 @@ def evaluate(args: argparse.Namespace) -> int:
     print(json.dumps(result) if args.json else
           f"perplexity {result['perplexity']:.3f} over {count} tokens (window {window}) in {result['seconds']:.1f} s")
     return 0
+
+
+def _store_progress(quiet: bool):
+    """A progress callback for building a layer store: one updating line on stderr."""
+    live = sys.stderr.isatty()
+
+    def report(done: int, total: int) -> None:
+        if not quiet and (live or done == total):
+            sys.stderr.write(f"\rquantizing layers for streaming: {done}/{total}" + ("\n" if done == total else ""))
+            sys.stderr.flush()
+    return report

@@ -1,6 +1,7 @@
 """The Python API: load_model(name or path) -> Model with .tokenizer, .logits(ids), .generate(ids, ...)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 import numpy as np
@@ -13,6 +14,7 @@ from refengine.packed import QuantizedLinear
 from refengine.quant import quantize
 from refengine.generate import Sampling, generate
 from refengine.model import Transformer
+from refengine.stream import LayerStore, StreamedWeights
 from refengine.tokenizer import Tokenizer, for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
@@ -20,53 +22,86 @@ if TYPE_CHECKING:
     from planner.plan import Plan
 
 
-class _Weights(Mapping):
-    """Canonical name -> float32 array, dequantized from the checkpoint on first use and kept.
+def load_tensor(ckpt: Checkpoint, name: str, assignment: Optional[Mapping[str, QuantOption]] = None):
+    """One tensor as the engine holds it: under a plan its linears and the head quantized to their formats
+    (packed), the embedding as the fp16 lookup table the planner prices (memory.EMBED_DTYPE), the rest
+    float32. `head` of a tied model is the embedding matrix."""
+    if assignment is not None and (name in assignment or name == "head"):
+        w = ckpt.lm_head.numpy(np.float32) if name == "head" else ckpt[name].numpy(np.float32)
+        return QuantizedLinear(quantize(w, assignment.get(name, HEAD_OPTION)))
+    if name == "embed":
+        return np.ascontiguousarray(ckpt[name].numpy(np.float32).astype(np.float16))
+    return np.ascontiguousarray(ckpt.lm_head.numpy(np.float32) if name == "head" else ckpt[name].numpy(np.float32))
 
-    With an assignment (a plan's per-linear options), those linears and the head are quantized to
-    their format on first use instead and kept packed."""
+
+def _names(ckpt: Checkpoint) -> list[str]:
+    return list(ckpt.tensors) + ([] if "head" in ckpt.tensors else ["head"])
+
+
+class _Weights(Mapping):
+    """Canonical name -> weight (load_tensor), loaded on first use and kept."""
 
     def __init__(self, ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None):
         self.ckpt, self.cache, self.assignment = ckpt, {}, assignment
+        self.names = _names(ckpt)
 
     def __getitem__(self, name: str):
         if name not in self.cache:
-            if self.assignment is not None and (name in self.assignment or name == "head"):
-                option = self.assignment.get(name, HEAD_OPTION)
-                self.cache[name] = QuantizedLinear(quantize(self.ckpt.lm_head.numpy(np.float32) if name == "head"
-                                                            else self.ckpt[name].numpy(np.float32), option))
-            elif name == "embed":      # stored as the planner prices it (memory.EMBED_DTYPE): a lookup table
-                self.cache[name] = np.ascontiguousarray(self.ckpt[name].numpy(np.float32).astype(np.float16))
-            else:
-                self.cache[name] = np.ascontiguousarray(self.ckpt[name].numpy(np.float32))
+            if name not in self.names:
+                raise KeyError(name)
+            self.cache[name] = load_tensor(self.ckpt, name, self.assignment)
         return self.cache[name]
 
     def materialize(self) -> None:
         """Load (and quantize) every tensor now, so timings measure inference alone."""
-        for name in list(self.ckpt.tensors) + (["head"] if self.assignment is not None else []):
+        for name in self.names:
             self[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self.ckpt.tensors or (name == "head" and self.assignment is not None)
+        return name in self.names
 
     def nbytes(self) -> int:
-        """Bytes held now: packed linears at their format's size, float32 arrays at 4 bytes each."""
+        """Bytes held now: packed linears at their format's size, arrays at their dtype's."""
         return sum(w.nbytes for w in self.cache.values())
 
+    @property
+    def peak_bytes(self) -> int:
+        return self.nbytes()
+
+    def close(self) -> None:
+        pass
+
     def __iter__(self):
-        return iter(self.ckpt.tensors)
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self.ckpt.tensors)
+        return len(self.names)
+
+
+def streamed_weights(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None,
+                     store_dir: Optional[Path] = None, prefetch: bool = True,
+                     progress: Optional[Callable[[int, int], None]] = None) -> StreamedWeights:
+    """Weights for layer streaming: under a plan its layers come from a LayerStore (built first where missing,
+    resumably), else straight from the memory-mapped checkpoint, dequantized to float32 per load."""
+    if assignment is not None:
+        store = LayerStore(ckpt, assignment, store_dir)
+        store.build(progress)
+        load_layer = store.load
+    else:
+        def load_layer(i: int) -> dict:
+            return {n: np.ascontiguousarray(r.numpy(np.float32)) for n, r in ckpt.layer(i).items()}
+    return StreamedWeights(_names(ckpt), lambda name: load_tensor(ckpt, name, assignment), load_layer,
+                           ckpt.spec.num_layers, prefetch)
 
 
 class Model:
     """A loaded model on the reference engine."""
 
     def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer, ctx: int, kv: str, chunk: int,
-                 assignment: Optional[Mapping[str, QuantOption]] = None):
+                 assignment: Optional[Mapping[str, QuantOption]] = None, weights: Optional[Mapping] = None):
         self.checkpoint, self.spec, self.tokenizer = ckpt, ckpt.spec, tokenizer
-        self.weights = _Weights(ckpt, assignment)
+        self.weights = weights if weights is not None else _Weights(ckpt, assignment)
+        self.streaming = isinstance(self.weights, StreamedWeights)
         self.net = Transformer(ckpt.spec, self.weights, ctx, kv, chunk, ckpt.rope_layout == ROPE_INTERLEAVED)
 
     @property
@@ -95,19 +130,28 @@ class Model:
         return out
 
 
-def load_for_plan(plan: "Plan", source: str) -> Model:
-    """The plan's model on the reference engine: its context, KV format, chunk and per-linear formats."""
+def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, store_dir: Optional[Path] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> Model:
+    """The plan's model on the reference engine: its context, KV format, chunk and per-linear formats.
+
+    stream (default: the plan's mode is "stream"): run layer by layer from a LayerStore of the plan's
+    quantized layers (built on first use in store_dir, default refengine.stream.cache_root()/layers)."""
     ckpt = load_checkpoint(source)
     want = plan.doc["model"]["architecture_digest"]
     if architecture_digest(ckpt.spec) != want:
         raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
                           f"plan's ({want}); pass the weights the plan was made for")
     lay = plan.layout
-    return Model(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, lay.assignment)
+    stream = lay.mode == "stream" if stream is None else stream
+    weights = streamed_weights(ckpt, lay.assignment, store_dir, progress=progress) if stream else None
+    return Model(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, lay.assignment, weights)
 
 
 def load_model(name_or_path: str, ctx: Optional[int] = None, kv: str = "fp16",
-               chunk: int = mem.DEFAULT_CHUNK) -> Model:
-    """Load 'smollm2-135m', a .gguf, a .safetensors file or a Hugging Face folder onto the reference engine."""
+               chunk: int = mem.DEFAULT_CHUNK, stream: bool = False) -> Model:
+    """Load 'smollm2-135m', a .gguf, a .safetensors file or a Hugging Face folder onto the reference engine.
+
+    stream: hold one layer at a time (read from the memory-mapped checkpoint per step), as AirLLM does."""
     ckpt = load_checkpoint(name_or_path)
-    return Model(ckpt, for_checkpoint(ckpt), ctx or min(ckpt.spec.max_context, 4096), kv, chunk)
+    weights = streamed_weights(ckpt) if stream else None
+    return Model(ckpt, for_checkpoint(ckpt), ctx or min(ckpt.spec.max_context, 4096), kv, chunk, weights=weights)

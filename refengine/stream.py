@@ -1,0 +1,233 @@
+"""Layer streaming, as AirLLM does it: the model's layers stay on disk and are materialized one at a time.
+
+A `LayerStore` is a plan's quantized layers written once to disk, one safetensors file per layer (packed
+words, fp16 scales, slice table and input permutation exactly as refengine.quant.QTensor holds them; norms
+and biases as float32). Building it is a long job, so each layer file is written atomically and is its own
+checkpoint: an interrupted build resumes at the first layer whose file is missing or stale.
+
+`StreamedWeights` is the weight mapping the Transformer reads: the embedding, final norm and head stay
+resident; touching any tensor of layer i loads layer i (from a store, or straight from the memory-mapped
+checkpoint when no plan quantizes it) and drops the layer before it, while a background thread already
+reads layer i + 1. At most two layers are held at once: the two stream buffers the planner budgets
+(planner/budget.py, `weights.stream_buffers`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from planner.formats import QuantOption, parse_option
+from planner.spec import tensors as inventory
+from refengine.errors import WeightsError
+from refengine.packed import QuantizedLinear
+from refengine.quant import QSlice, QTensor, quantize
+from refengine.weights import Checkpoint
+
+STORE_VERSION = "1"
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def cache_root() -> Path:
+    """$VRAMWISE_CACHE, else $XDG_CACHE_HOME/vramwise, else ~/.cache/vramwise."""
+    if os.environ.get("VRAMWISE_CACHE"):
+        return Path(os.environ["VRAMWISE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vramwise"
+
+
+def layer_of(name: str) -> int:
+    """The layer a canonical tensor name belongs to, -1 for embed, head and the final norm."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def _array_bytes(value: Any) -> int:
+    return value.nbytes if isinstance(value, (np.ndarray, QuantizedLinear)) else 0
+
+
+class LayerStore:
+    """One checkpoint's layers quantized as a plan assigns them, one safetensors file per layer."""
+
+    def __init__(self, ckpt: Checkpoint, assignment: Mapping[str, QuantOption], root: Optional[Path] = None):
+        self.ckpt, self.assignment = ckpt, assignment
+        self.names = [list(ckpt.layer(i)) for i in range(ckpt.spec.num_layers)]
+        self.key = self._key()
+        self.dir = Path(root) if root is not None else cache_root() / "layers" / f"{ckpt.path.stem}-{self.key[:16]}"
+
+    def _key(self) -> str:
+        """Changes when the source file, the architecture or any layer's format changes."""
+        st = self.ckpt.path.stat()
+        parts = [STORE_VERSION, str(self.ckpt.path.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+        parts += [f"{n}={self.assignment[n].name}" for layer in self.names for n in layer if n in self.assignment]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"layer_{i:04d}.safetensors"
+
+    def _fresh(self, i: int) -> bool:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path(i)), framework="numpy") as f:
+                return (f.metadata() or {}).get("vramwise.key") == self.key
+        except Exception:                 # missing, truncated or foreign: rebuild it
+            return False
+
+    def missing(self) -> list[int]:
+        return [i for i in range(len(self.names)) if not self._fresh(i)]
+
+    def build(self, progress: Optional[Callable[[int, int], None]] = None) -> int:
+        """Write every missing or stale layer file; returns how many were written. Resumable."""
+        from safetensors.numpy import save_file
+
+        todo = self.missing()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for done, i in enumerate(todo):
+            arrays: dict[str, np.ndarray] = {}
+            meta = {"vramwise.key": self.key, "vramwise.layer": str(i)}
+            for name in self.names[i]:
+                w = self.ckpt[name].numpy(np.float32)
+                if name not in self.assignment:
+                    arrays[name] = np.ascontiguousarray(w)
+                    continue
+                t = quantize(w, self.assignment[name])
+                meta[name] = json.dumps({"option": t.option.name, "shape": list(t.shape),
+                                         "slices": t.header.tolist()})
+                for j, s in enumerate(t.slices):
+                    arrays[f"{name}.s{j}.qweight"] = np.ascontiguousarray(s.qweight)
+                    arrays[f"{name}.s{j}.scales"] = np.ascontiguousarray(s.scales)
+                if t.perm is not None:
+                    arrays[f"{name}.perm"] = np.ascontiguousarray(t.perm)
+            tmp = self.path(i).with_name(self.path(i).name + ".tmp")
+            save_file(arrays, str(tmp), metadata=meta)
+            os.replace(tmp, self.path(i))
+            if progress is not None:
+                progress(done + 1, len(todo))
+        return len(todo)
+
+    def load(self, i: int) -> dict[str, Any]:
+        """Layer i read into fresh arrays: canonical name -> QuantizedLinear or float32 array."""
+        from safetensors import safe_open
+
+        path = self.path(i)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("vramwise.key") != self.key:
+                    raise WeightsError(f"{path}: this layer file is not from the plan's weights and formats; "
+                                       f"delete {self.dir} and run again to rebuild it")
+                out: dict[str, Any] = {}
+                for name in self.names[i]:
+                    if name not in meta:
+                        out[name] = f.get_tensor(name)
+                        continue
+                    info = json.loads(meta[name])
+                    slices = tuple(QSlice(int(start), int(rows), int(bits), f.get_tensor(f"{name}.s{j}.qweight"),
+                                          f.get_tensor(f"{name}.s{j}.scales"))
+                                   for j, (start, rows, bits) in enumerate(info["slices"]))
+                    perm = f.get_tensor(f"{name}.perm") if f"{name}.perm" in f.keys() else None
+                    out[name] = QuantizedLinear(QTensor(parse_option(info["option"]), tuple(info["shape"]),
+                                                        slices, perm))
+                return out
+        except WeightsError:
+            raise
+        except Exception as exc:          # OSError, KeyError, FormatError, safetensors' SafetensorError
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise WeightsError(f"{path}: unreadable layer file ({why}); delete {self.dir} and run again to "
+                               f"rebuild it") from None
+
+
+class StreamedWeights(Mapping):
+    """Canonical name -> weight, with only the resident globals and at most two layers in memory.
+
+    `load_layer(i)` returns layer i's tensors by canonical name; `resident` maps the rest (embed, norm.final
+    and, under a plan, the quantized head)."""
+
+    def __init__(self, names: list[str], resident: Callable[[str], Any], load_layer: Callable[[int], dict],
+                 num_layers: int, prefetch: bool = True):
+        self.names, self._resident_fn, self._load, self.num_layers = names, resident, load_layer, num_layers
+        self.resident: dict[str, Any] = {}
+        self.current, self.layer = -1, {}
+        self.loads = 0                        # layer loads so far: num_layers per forward step
+        self.peak_bytes = 0                   # most bytes held at once (resident + layers)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramwise-prefetch") if prefetch else None
+        self._next: Optional[tuple[int, Future]] = None
+
+    def __getitem__(self, name: str):
+        i = layer_of(name)
+        if i < 0:
+            if name not in self.resident:
+                self.resident[name] = self._resident_fn(name)
+            return self.resident[name]
+        if i != self.current:
+            self._enter(i)
+        return self.layer[name]
+
+    def _enter(self, i: int) -> None:
+        self.layer, self.current = {}, -1             # drop the previous layer before holding the next two
+        if self._next is not None and self._next[0] == i:
+            layer = self._next[1].result()
+        else:
+            if self._next is not None:
+                self._next[1].result()                 # a stale prefetch: let it finish, then forget it
+            layer = self._load(i)
+        self._next = None
+        self.layer, self.current = layer, i
+        self.loads += 1
+        held = self.nbytes()
+        if self._pool is not None:
+            nxt = (i + 1) % self.num_layers
+            self._next = (nxt, self._pool.submit(self._load, nxt))
+            held += self._layer_bytes_estimate
+        self.peak_bytes = max(self.peak_bytes, held)
+
+    @property
+    def _layer_bytes_estimate(self) -> int:
+        """The prefetched layer's bytes, counted as soon as its read starts (all layers are alike in size)."""
+        return sum(_array_bytes(v) for v in self.layer.values())
+
+    def materialize(self) -> None:
+        """Load the resident tensors now (layers are only ever held while they run)."""
+        for name in self.names:
+            if layer_of(name) < 0:
+                self[name]
+
+    def nbytes(self) -> int:
+        """Bytes held now: resident tensors plus the layer being run (a prefetch in flight adds one layer)."""
+        return sum(_array_bytes(v) for v in self.resident.values()) + sum(_array_bytes(v) for v in self.layer.values())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def layer_bytes(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]]) -> list[int]:
+    """What each layer takes once loaded: the planner's byte count under a plan, else float32 arrays."""
+    from planner import memory as mem
+
+    if assignment is not None:
+        return mem.layer_weight_bytes(ckpt.spec, assignment)
+    out = [0] * ckpt.spec.num_layers
+    for t in inventory(ckpt.spec):
+        if t.layer >= 0 and t.name in ckpt.tensors:
+            out[t.layer] += 4 * t.numel
+    return out
+
+
+__all__ = ["LayerStore", "StreamedWeights", "cache_root", "layer_bytes", "layer_of"]
