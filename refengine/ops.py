@@ -1,7 +1,8 @@
 """NumPy reference ops: the definition of correct for every faster kernel.
 
 Shape legend: T tokens in the step, S cached positions, H hidden size, Hq heads, Hkv KV heads,
-D head dim, G = Hq / Hkv heads per KV head, F MLP width, V vocab. float32 throughout.
+D head dim, G = Hq / Hkv heads per KV head, F MLP width, V vocab. Each op returns its input's float dtype:
+float32 in the engine, float64 in the oracle (refengine/oracle.py).
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import numpy as np
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, H) * rsqrt(mean(x^2) + eps) * w (H,) -> (T, H); the mean in float64 (activations reach ~1e4)."""
     ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x / np.sqrt(ms + eps)).astype(np.float32) * w
+    return (x / np.sqrt(ms + eps)).astype(x.dtype) * w
 
 
-def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D)."""
+def rope_tables(positions: np.ndarray, dim: int, theta: float,
+                dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D), computed in float64."""
     inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)             # (D/2,)
     ang = positions.astype(np.float64)[:, None] * inv[None, :]                  # (T, D/2)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
@@ -50,11 +52,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) ->
     s, hkv, _ = k.shape
     g = hq // hkv
     qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3)                          # (Hkv, G, T, D)
-    scores = qg @ k.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(d))         # (Hkv, G, T, S)
+    scores = qg @ k.transpose(1, 2, 0)[:, None] / q.dtype.type(np.sqrt(d))       # (Hkv, G, T, S)
     visible = np.arange(s)[None, :] <= q_pos[:, None]                            # (T, S)
     scores = np.where(visible, scores, -np.inf)
     out = softmax(scores) @ v.transpose(1, 0, 2)[:, None]                        # (Hkv, G, T, D)
-    return out.transpose(2, 0, 1, 3).reshape(t, hq, d).astype(np.float32)
+    return out.transpose(2, 0, 1, 3).reshape(t, hq, d).astype(q.dtype)
 
 
 def silu(x: np.ndarray) -> np.ndarray:

@@ -66,7 +66,7 @@ def random_weights(spec: ModelSpec) -> dict[str, np.ndarray]:
     out = {}
     for t in tensors(spec):
         scale = 1.0 if t.kind in ("norm", "embed") else 1 / np.sqrt(t.shape[-1])
-        w = rng.standard_normal(t.shape).astype(np.float32) * scale
+        w = (rng.standard_normal(t.shape) * scale).astype(np.float32)      # float32, as the engine holds weights
         out[t.name] = (1 + 0.1 * w[0]) if t.kind == "norm" else w
     return out
 
