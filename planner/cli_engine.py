@@ -56,6 +56,12 @@ def _engine_errors() -> tuple:
     return (EngineError, UnsupportedModel)
 
 
+def _named(source: str, exc: Exception) -> str:
+    """An engine error's message, led by the checkpoint it is about when it does not name it already."""
+    text = " ".join(str(exc).split())
+    return text if str(source) in text else f"{source}: {text}"
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
 
@@ -77,24 +83,32 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     from refengine.api import load_for_plan
     from refengine.generate import Sampling
-    source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
     try:
-        model = load_for_plan(plan, source, args.stream, Path(args.store) if args.store else None,
-                              _store_progress(args.json))
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-    except _engine_errors() as exc:
-        raise RunError(str(exc)) from None
     except ValueError as exc:
         raise RunError(f"sampling: {exc}") from None
-    model.weights.materialize()
+    source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
+    try:      # everything that reads the checkpoint, before a token is printed
+        model = load_for_plan(plan, source, args.stream, Path(args.store) if args.store else None,
+                              _store_progress(args.json))
+        ids = None if args.chat else _prompt_ids(model, args)
+        model.weights.materialize()
+    except _engine_errors() as exc:
+        raise RunError(_named(source, exc)) from None
     if args.chat:
         return _chat(model, sampling, args)
+    return _generate_and_report(model, plan, ids, sampling, args)
+
+
+def _prompt_ids(model, args: argparse.Namespace) -> list[int]:
+    """--prompt as token ids, refused before any weight is quantized when it leaves no room in the context."""
     ids = model.tokenizer.encode(args.prompt or "")
     if not ids:
         raise RunError("give a non-empty --prompt (or --chat)")
     if len(ids) >= model.ctx:
-        raise RunError(f"the prompt has {len(ids)} tokens; the plan's context is {model.ctx} (plan a larger --ctx)")
-    return _generate_and_report(model, plan, ids, sampling, args)
+        raise RunError(f"the prompt has {len(ids)} tokens; the plan's context is {model.ctx} ({args.plan}); "
+                       f"shorten the prompt, or plan again with a --ctx above {len(ids)}")
+    return ids
 
 
 def _generate_and_report(model, plan, ids, sampling, args) -> int:
@@ -177,8 +191,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from refengine.api import load_for_plan, load_model
     try:
         model = load_for_plan(load_plan(args.plan), args.model) if args.plan else load_model(args.model, ctx=args.ctx)
+        model.weights.materialize()          # a corrupt tensor is named here, not mid-way through the text
     except _engine_errors() as exc:
-        raise RunError(str(exc)) from None
+        raise RunError(_named(args.model, exc)) from None
     ids = model.tokenizer.encode(text)
     if args.max_tokens:
         ids = ids[: args.max_tokens]

@@ -123,6 +123,10 @@ class TensorRecord:
         if data.size != math.prod(self.shape):
             raise WeightsError(f"{self.file}: tensor {self.source!r} holds {data.size} values, expected "
                                f"{math.prod(self.shape)} for shape {self.shape}; the file is corrupt, re-download it")
+        # min/max propagate NaN and show inf without a temporary the size of the tensor
+        if data.size and not (np.isfinite(data.min()) and np.isfinite(data.max())):
+            raise WeightsError(f"{self.file}: tensor {self.source!r} ({self.dtype}) holds NaN or infinite values; "
+                               f"the file is corrupt, re-download it")
         out = data.reshape(self.shape)
         if isinstance(out, np.memmap) or out.dtype != np.dtype(dtype):     # still the file's bytes: copy
             return np.array(out, dtype=dtype)
@@ -197,24 +201,35 @@ def _file_name(canonical: str, table: Mapping[str, Optional[str]]) -> str:
     return canonical
 
 
+def _check_layer_count(path: Path, spec: ModelSpec, records: list[TensorRecord]) -> None:
+    """Corrupt metadata can claim billions of layers: refuse before the inventory is built for them."""
+    found = {int(r.name.split(".")[1]) for r in records if r.name.startswith("layers.")}
+    if spec.num_layers > len(found):
+        raise WeightsError(f"{path}: the metadata says {spec.num_layers} layers but the file's tensors hold "
+                           f"{len(found)}; the file is incomplete or its metadata corrupt, re-download it")
+
+
 def _collect(path: Path, spec: ModelSpec, table: Mapping[str, Optional[str]],
              records: Iterator[TensorRecord]) -> Mapping[str, TensorRecord]:
     """Check the file's tensors against the inventory: nothing unknown, missing, doubled or misshapen."""
+    records = list(records)
+    _check_layer_count(path, spec, records)
     expected = _expected(spec)
     found: dict[str, TensorRecord] = {}
     for rec in records:
         if rec.name == "head" and spec.tie_embeddings:
             continue                          # a tied head some checkpoints also save: the embedding is used
         if rec.name not in expected:
-            raise WeightsError(f"{path}: tensor {rec.source!r} maps to {rec.name!r}, which {spec.name!r} "
+            raise WeightsError(f"{rec.file}: tensor {rec.source!r} maps to {rec.name!r}, which {spec.name!r} "
                                f"({spec.family}, {spec.num_layers} layers) does not have; the metadata and "
                                f"the tensors disagree")
         if rec.name in found:
             raise WeightsError(f"{path}: tensors {found[rec.name].source!r} and {rec.source!r} both map to "
                                f"{rec.name!r}")
         if rec.shape != expected[rec.name]:
-            raise WeightsError(f"{path}: tensor {rec.source!r} has shape {rec.shape}, but {rec.name} of "
-                               f"{spec.name!r} is {expected[rec.name]}")
+            raise WeightsError(f"{rec.file}: tensor {rec.source!r} has shape {rec.shape}, but {rec.name} of "
+                               f"{spec.name!r} is {expected[rec.name]}; the tensors and the metadata disagree, "
+                               f"re-download or re-convert the model")
         found[rec.name] = rec
     for name in expected:
         if name not in found:
@@ -237,11 +252,15 @@ def _canonical(path: Path, table: Mapping[str, Optional[str]], source: str, kind
 class _GGUFMetadata(Mapping):
     """GGUF key/values, decoded on access (the token list alone is 50k strings)."""
 
-    def __init__(self, fields: Mapping[str, Any]):
-        self._fields = fields
+    def __init__(self, path: Path, fields: Mapping[str, Any]):
+        self._path, self._fields = path, fields
 
     def __getitem__(self, key: str) -> Any:
-        return self._fields[key].contents()
+        try:
+            return self._fields[key].contents()
+        except UnicodeDecodeError as exc:
+            raise WeightsError(f"{self._path}: GGUF metadata {key!r} holds a string that is not UTF-8 (byte "
+                               f"{exc.start}: {exc.reason}); the file is corrupt, re-download it") from None
 
     def __contains__(self, key: object) -> bool:
         return key in self._fields
@@ -266,6 +285,12 @@ def _dequantizable(qtype: Any) -> bool:
     return True
 
 
+def _readable_types() -> list[str]:
+    import gguf
+
+    return [t.name for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES and _dequantizable(t)]
+
+
 def _gguf_reader(data: np.ndarray, qtype: Any) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         import gguf
@@ -280,8 +305,9 @@ def _gguf_records(path: Path, reader: Any, table: Mapping[str, Optional[str]]) -
         if hit is None:
             continue
         if not _dequantizable(t.tensor_type):
-            raise WeightsError(f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which the gguf "
-                               f"package cannot dequantize (upgrade gguf, or use a file in another type)")
+            raise WeightsError(f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which the installed "
+                               f"gguf package cannot dequantize (it reads {', '.join(_readable_types())}); "
+                               f"requantize the file to one of those, or upgrade gguf")
         target, nums = hit
         shape = tuple(int(d) for d in reversed(t.shape))        # GGUF lists ne[0] (the fastest axis) first
         if "{e}" in target and len(nums) == 1:                   # stacked experts: (experts, out, in)
@@ -293,6 +319,25 @@ def _gguf_records(path: Path, reader: Any, table: Mapping[str, Optional[str]]) -
                                shape, int(t.n_bytes), _gguf_reader(t.data, t.tensor_type))
 
 
+def _check_gguf_header(path: Path) -> None:
+    """Magic and version, so that a file of another kind or a newer GGUF is named as such, not as corrupt."""
+    from gguf import GGUF_MAGIC
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise WeightsError(f"{path}: {len(head)} bytes, too short for a GGUF header (magic + version); "
+                           f"the file is truncated, re-download it")
+    if int.from_bytes(head[:4], "little") != GGUF_MAGIC:
+        raise WeightsError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, a GGUF file with b'GGUF'); "
+                           f"pass a .gguf written by llama.cpp's converter, or re-download it")
+    version = int.from_bytes(head[4:], "little")
+    if version not in READER_SUPPORTED_VERSIONS and int.from_bytes(head[4:], "big") not in READER_SUPPORTED_VERSIONS:
+        raise WeightsError(f"{path}: GGUF version {version}, but the installed gguf package reads versions "
+                           f"{', '.join(map(str, READER_SUPPORTED_VERSIONS))}; upgrade gguf or re-convert the model")
+
+
 def load_gguf(path: Union[str, Path]) -> Checkpoint:
     """A GGUF checkpoint: spec from its metadata, tensors memory-mapped and dequantized on demand."""
     from gguf import GGUFReader
@@ -300,6 +345,7 @@ def load_gguf(path: Union[str, Path]) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: GGUF file not found")
+    _check_gguf_header(path)
     try:
         reader = GGUFReader(str(path), "r")
     except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:
@@ -309,30 +355,79 @@ def load_gguf(path: Union[str, Path]) -> Checkpoint:
         spec = spec_from_gguf(path, reader)
     except ModelSourceError as exc:
         raise WeightsError(one_line(exc)) from None
+    except UnicodeDecodeError:
+        meta = _GGUFMetadata(path, reader.fields)
+        for key in meta:            # decoding the bad key again raises a WeightsError that names it
+            meta[key]
+        raise
     layout = GGUF_ROPE_LAYOUT.get(spec.family)
     if layout is None:
         raise WeightsError(f"{path}: GGUF architecture {spec.family!r} has no known RoPE layout "
                            f"(known: {', '.join(sorted(GGUF_ROPE_LAYOUT))})")
     table = {**GGUF_NAMES, **(GGUF_FUSED_GATE_UP if spec.fused_gate_up else {})}
     tensors = _collect(path, spec, table, _gguf_records(path, reader, table))
-    return Checkpoint(path, "gguf", spec, tensors, layout, _GGUFMetadata(reader.fields))
+    return Checkpoint(path, "gguf", spec, tensors, layout, _GGUFMetadata(path, reader.fields))
 
 
 # --- safetensors --------------------------------------------------------------------------------
+
+# Bytes per element of the safetensors dtypes, to check each tensor's extent before the library does
+# (its error names neither the tensor nor the numbers).
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(byte where the data starts, header), each tensor's extent checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8:
+            raise WeightsError(f"{path}: the file is {size} bytes, too short for a safetensors header; "
+                               f"it is truncated, re-download it")
+        if 8 + n > size:
+            raise WeightsError(f"{path}: the file is {size} bytes, shorter than the header it declares "
+                               f"({8 + n} bytes); it is truncated or not safetensors, re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsError(f"{path}: the safetensors JSON header does not parse ({one_line(exc)}); "
+                               f"the file is corrupt, re-download it") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is not a JSON object; the file is corrupt, re-download it")
+    for name, entry in header.items():
+        if name != "__metadata__":
+            _check_safetensors_entry(path, name, entry, size - 8 - n)
+    return 8 + n, header
+
+
+def _check_safetensors_entry(path: Path, name: str, entry: Any, data_bytes: int) -> None:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+        begin, end = int(begin), int(end)
+    except (TypeError, KeyError, ValueError, OverflowError):
+        raise WeightsError(f"{path}: the header entry of tensor {name!r} lacks a dtype, a shape or "
+                           f"data_offsets [begin, end]; the file is corrupt, re-download it") from None
+    if not 0 <= begin <= end <= data_bytes:
+        raise WeightsError(f"{path}: tensor {name!r} lies at data bytes {begin}..{end}, but the file holds "
+                           f"{data_bytes} bytes of data; it is truncated or corrupt, re-download it")
+    want = math.prod(shape) * SAFETENSORS_ITEMSIZE.get(str(dtype), 0)
+    if want and end - begin != want:
+        raise WeightsError(f"{path}: tensor {name!r} is {dtype} {tuple(shape)}, {want} bytes, but its "
+                           f"data_offsets span {end - begin}; the file is corrupt, re-download it")
+
 
 def _open_safetensors(path: Path) -> tuple[Any, int, dict]:
     """(safe_open handle, byte where the data starts, header); the handle validates the whole layout."""
     from safetensors import SafetensorError, safe_open
 
+    start, header = _read_safetensors_header(path)
     try:
         handle = safe_open(str(path), framework="numpy")
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt ({one_line(exc)}); "
                            f"re-download it") from None
-    return handle, 8 + size, header
+    return handle, start, header
 
 
 def _bf16_reader(path: Path, offset: int, count: int) -> Callable[[], np.ndarray]:
