@@ -196,7 +196,8 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
 
             reader = GGUFReader(str(path), "r")
         except (ValueError, OSError, KeyError, IndexError, EOFError) as exc:
-            raise ModelSourceError(f"{path}: not a readable GGUF file ({exc})") from None
+            raise ModelSourceError(f"{path}: not a readable GGUF file, truncated or corrupt ({exc}); "
+                                   "re-download it") from None
 
     def meta(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
@@ -204,7 +205,11 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
             if default is None:
                 raise ModelSourceError(f"{path}: GGUF metadata lacks '{key}'")
             return default
-        return f.contents()
+        try:
+            return f.contents()
+        except UnicodeDecodeError as exc:
+            raise ModelSourceError(f"{path}: GGUF metadata {key!r} holds a string that is not UTF-8 (byte "
+                                   f"{exc.start}: {exc.reason}); the file is corrupt, re-download it") from None
 
     arch = meta("general.architecture")
     if arch not in _GGUF_ARCHS:
@@ -229,6 +234,11 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
         source=f"GGUF metadata ({path.name})")
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors
+              if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
+    if args["num_layers"] > len(blocks):      # corrupt metadata: refuse before anything is sized per layer
+        raise ModelSourceError(f"{path}: the metadata says {args['num_layers']} layers but the file's tensors hold "
+                               f"{len(blocks)}; the file is incomplete or its metadata corrupt, re-download it")
     args.update(_GGUF_ARCHS[arch])
     if arch == "falcon" and "blk.0.attn_norm_2.weight" not in names:
         args["norms_per_layer"] = 1          # Falcon 7B/40B layout: one layernorm shared by attention and MLP

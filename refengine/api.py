@@ -11,10 +11,9 @@ from planner.formats import HEAD_OPTION, QuantOption
 from planner.spec import architecture_digest
 from refengine.errors import EngineError
 from refengine.packed import QuantizedLinear
-from refengine.quant import quantize
 from refengine.generate import Sampling, generate
 from refengine.model import Transformer
-from refengine.stream import LayerStore, StreamedWeights
+from refengine.stream import LayerStore, StreamedWeights, quantize_tensor
 from refengine.tokenizer import Tokenizer, for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
@@ -27,8 +26,9 @@ def load_tensor(ckpt: Checkpoint, name: str, assignment: Optional[Mapping[str, Q
     (packed), the embedding as the fp16 lookup table the planner prices (memory.EMBED_DTYPE), the rest
     float32. `head` of a tied model is the embedding matrix."""
     if assignment is not None and (name in assignment or name == "head"):
-        w = ckpt.lm_head.numpy(np.float32) if name == "head" else ckpt[name].numpy(np.float32)
-        return QuantizedLinear(quantize(w, assignment.get(name, HEAD_OPTION)))
+        source = ckpt.lm_head.name if name == "head" else name
+        return QuantizedLinear(quantize_tensor(ckpt, source, ckpt[source].numpy(np.float32),
+                                               assignment.get(name, HEAD_OPTION)))
     if name == "embed":
         return np.ascontiguousarray(ckpt[name].numpy(np.float32).astype(np.float16))
     return np.ascontiguousarray(ckpt.lm_head.numpy(np.float32) if name == "head" else ckpt[name].numpy(np.float32))

@@ -47,6 +47,16 @@ def layer_of(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def quantize_tensor(ckpt: Checkpoint, name: str, w: np.ndarray, option: QuantOption) -> QTensor:
+    """quantize() with a failure (a weight no fp16 scale can hold) named by file and tensor, in one line."""
+    try:
+        return quantize(w, option)
+    except ValueError as exc:
+        source = ckpt.tensors[name].source if name in ckpt.tensors else name
+        raise WeightsError(f"{ckpt.path}: tensor {source!r} cannot be quantized to {option.name}: {exc}; "
+                           "the file is corrupt or not a trained model's weights") from None
+
+
 def _array_bytes(value: Any) -> int:
     return value.nbytes if isinstance(value, (np.ndarray, QuantizedLinear)) else 0
 
@@ -96,7 +106,7 @@ class LayerStore:
                 if name not in self.assignment:
                     arrays[name] = np.ascontiguousarray(w)
                     continue
-                t = quantize(w, self.assignment[name])
+                t = quantize_tensor(self.ckpt, name, w, self.assignment[name])
                 meta[name] = json.dumps({"option": t.option.name, "shape": list(t.shape),
                                          "slices": t.header.tolist()})
                 for j, s in enumerate(t.slices):
@@ -230,4 +240,4 @@ def layer_bytes(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]
     return out
 
 
-__all__ = ["LayerStore", "StreamedWeights", "cache_root", "layer_bytes", "layer_of"]
+__all__ = ["LayerStore", "StreamedWeights", "cache_root", "layer_bytes", "layer_of", "quantize_tensor"]

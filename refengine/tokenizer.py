@@ -119,11 +119,8 @@ def _meta(meta: Mapping[str, Any], key: str, where: str, default: Any = ...) -> 
     return default
 
 
-def from_gguf_metadata(meta: Mapping[str, Any], where: str) -> Tokenizer:
-    """A Tokenizer from GGUF `tokenizer.*` key/values (decoded values, as GGUFReader's contents())."""
-    kind = _meta(meta, "tokenizer.ggml.model", where)
-    tokens = list(_meta(meta, "tokenizer.ggml.tokens", where))
-    types = list(_meta(meta, "tokenizer.ggml.token_type", where, [NORMAL] * len(tokens)))
+def _gguf_backend(meta: Mapping[str, Any], kind: str, tokens: list, types: list, where: str) -> tuple[Any, bool]:
+    """The tokenizers backend for a GGUF `tokenizer.ggml.model`, and whether that kind adds BOS by default."""
     if kind == "gpt2":
         pre_name = _meta(meta, "tokenizer.ggml.pre", where, "default")
         pre = BPE_PRE.get(pre_name)
@@ -141,6 +138,21 @@ def from_gguf_metadata(meta: Mapping[str, Any], where: str) -> Tokenizer:
     else:
         raise TokenizerError(f"{where}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     _add_specials(backend, tokens, types)
+    return backend, default_bos
+
+
+def from_gguf_metadata(meta: Mapping[str, Any], where: str) -> Tokenizer:
+    """A Tokenizer from GGUF `tokenizer.*` key/values (decoded values, as GGUFReader's contents())."""
+    kind = _meta(meta, "tokenizer.ggml.model", where)
+    tokens = list(_meta(meta, "tokenizer.ggml.tokens", where))
+    types = list(_meta(meta, "tokenizer.ggml.token_type", where, [NORMAL] * len(tokens)))
+    try:
+        backend, default_bos = _gguf_backend(meta, kind, tokens, types, where)
+    except TokenizerError:
+        raise
+    except Exception as exc:              # the tokenizers library raises plain Exception on bad vocab/merges
+        raise TokenizerError(f"{where}: the GGUF tokenizer data is inconsistent ({one_line(exc)}); the file is "
+                             "corrupt, re-download it") from None
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return Tokenizer(backend, None if bos is None else int(bos), None if eos is None else int(eos),
