@@ -630,9 +630,8 @@ class PackedLinear:
         Y = np.empty((X.shape[0], n), dtype=np.float32)
         block = min(n, max(16, MATMUL_BLOCK_FLOATS // self._padded_k))
         buf = np.empty((block, self._padded_k), dtype=np.float32)
-        chunks = max(1, numba.get_num_threads())
         for n0 in range(0, n, block):
             rows = min(block, n - n0)
-            _dequant_rows(self._qws, self._scs, self._meta, n0, buf[:rows], chunks)
+            _dequant_block(self._qws, self._scs, self._meta, n0, buf[:rows])
             np.matmul(Xp, buf[:rows].T, out=Y[:, n0:n0 + rows])
         return Y

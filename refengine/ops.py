@@ -27,6 +27,11 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> 
     """Rotate x (T, heads, D). interleaved: pairs (2i, 2i+1), the layout llama.cpp's converter permutes
     Llama q/k into; else pairs (i, i + D/2), the Hugging Face / NeoX layout."""
     c, s = cos[:, None, :], sin[:, None, :]                                     # (T, 1, D/2)
+    if interleaved and x.flags.c_contiguous and x.dtype in (np.float32, np.float64):
+        # each pair (x[2i], x[2i+1]) read as the complex number x[2i] + i x[2i+1], times e^(i angle)
+        z = np.dtype(np.complex64 if x.dtype == np.float32 else np.complex128)
+        rot = (c + 1j * s).astype(z)                                           # (T, 1, D/2)
+        return (x.view(z) * rot).view(x.dtype)
     if interleaved:
         a, b = x[..., 0::2], x[..., 1::2]
         out = np.empty_like(x)
