@@ -18,6 +18,9 @@ from typing import Any
 from hwdb import Database, HwdbError, ModelSpec
 
 
+MAX_LAYERS = 10_000    # no published model comes near (Llama 3.1 405B has 126): a larger count is corruption
+
+
 class ModelSourceError(ValueError):
     """A --model argument that is neither a known name nor a readable config.json / .gguf."""
 
@@ -236,7 +239,8 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         source=f"GGUF metadata ({path.name})")
     blocks = {int(t.name.split(".")[1]) for t in reader.tensors
               if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
-    if args["num_layers"] > len(blocks):      # corrupt metadata: refuse before anything is sized per layer
+    # corrupt metadata: refuse before anything is sized per layer (a file of metadata alone has no blocks)
+    if (blocks and args["num_layers"] > len(blocks)) or args["num_layers"] > MAX_LAYERS:
         raise ModelSourceError(f"{path}: the metadata says {args['num_layers']} layers but the file's tensors hold "
                                f"{len(blocks)}; the file is incomplete or its metadata corrupt, re-download it")
     args.update(_GGUF_ARCHS[arch])
