@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,17 +109,8 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
 
 def write_plan(doc: dict, path: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same folder, then rename over the target."""
-    path = Path(path)
-    text = yamlout.dump(doc)
-    folder = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)            # mkstemp creates 0600; a plan is an ordinary file
-        os.replace(tmp, path)
+        yamlout.write_atomic(path, yamlout.dump(doc))
     except OSError as exc:
         raise PlanFileError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None
 

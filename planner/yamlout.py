@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
+from pathlib import Path
 
 import yaml
 
@@ -80,3 +83,21 @@ def dump(obj) -> str:
     if not _complex(obj):
         return _empty_or_scalar(obj) + "\n"
     return "\n".join(_lines(obj, 0)) + "\n"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to path atomically: a temporary file in the same folder, then a rename over the target
+    (a reader sees the old file or the new one, never half of one). Raises OSError."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)            # mkstemp creates 0600; these are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
