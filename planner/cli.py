@@ -209,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     _build_list(sub, "models", _models, "list the model database")
     cli_engine.build_run(sub)
     cli_engine.build_eval(sub)
+    cli_engine.build_measure(sub)
     return root
 
 

@@ -50,6 +50,48 @@ def build_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=evaluate)
 
 
+def build_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="measure every linear's error under every format option (for plan --measurement)")
+    p.add_argument("--model", required=True, help="model name or checkpoint path")
+    p.add_argument("--calib", help="UTF-8 calibration text (default: the project's own, refengine/data/calib.txt)")
+    p.add_argument("--rows", type=int, default=8, help="calibration rows (default 8)")
+    p.add_argument("--row-tokens", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default gptq)")
+    p.add_argument("-o", "--output", default="measurement.yaml", help="where to write (default measurement.yaml)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=measure)
+
+
+def measure(args: argparse.Namespace) -> int:
+    from refengine.calibrate import DEFAULT_CALIB
+    from refengine.measure import measure as run_measure
+
+    if args.rows < 1 or args.row_tokens < 2:
+        raise RunError(f"--rows {args.rows} --row-tokens {args.row_tokens}: need at least 1 row of 2 tokens")
+    path = Path(args.calib) if args.calib else DEFAULT_CALIB
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot read the calibration text ({getattr(exc, 'strerror', None) or exc})") from None
+    out = Path(args.output)
+    from rich.progress import Progress
+    t0 = time.perf_counter()
+    with Progress(transient=True, disable=args.quiet) as bar:
+        task = bar.add_task("measuring", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"measured {what}")
+        try:
+            doc = run_measure(args.model, out, text, str(path), args.rows, args.row_tokens, args.method,
+                              progress=progress)
+        except _engine_errors() as exc:
+            raise RunError(_named(args.model, exc)) from None
+    if not args.quiet:
+        print(f"measured {len(doc['tensors'])} linears x {len(doc['options'])} options ({args.method}) in "
+              f"{time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
 def _engine_errors() -> tuple:
     from refengine.errors import EngineError
     from refengine.model import UnsupportedModel

@@ -1,0 +1,110 @@
+"""Calibration: the inputs every linear layer sees on real text, layer by layer, as GPTQ collects them.
+
+`LayerWalk` holds the hidden states of a batch of calibration rows (R rows of T tokens) and, for layer
+i, runs that layer's reference forward pass over the whole batch, returning the input matrix of each of
+its linears (q, k, v share one; gate and up share one) and moving the hidden states past the layer.
+Only the current layer's weights and the (R*T, hidden) activations are in memory. The walk's state is
+one float32 array, so a long job can save it after any layer and resume bit-identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from hwdb import ModelSpec
+from refengine import ops
+from refengine.model import check_supported
+
+DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calib.txt"
+
+# Linears of a layer that read the same input, by the name of the input.
+INPUT_GROUPS = {"attn_in": ("attn.q", "attn.k", "attn.v"), "attn_out": ("attn.o",),
+                "mlp_in": ("mlp.gate", "mlp.up"), "mlp_hidden": ("mlp.down",)}
+
+
+def calibration_rows(tokenizer, text: str, rows: int, row_tokens: int, where: str = "calibration text") -> np.ndarray:
+    """(rows, row_tokens) int32 token ids: consecutive windows of the tokenized text."""
+    ids = tokenizer.encode(text, bos=False)
+    need = rows * row_tokens
+    if len(ids) < need:
+        raise ValueError(f"{where}: {len(ids)} tokens, fewer than --rows {rows} x --row-tokens {row_tokens} = "
+                         f"{need}; give a longer text or fewer rows")
+    return np.asarray(ids[:need], dtype=np.int32).reshape(rows, row_tokens)
+
+
+@dataclass
+class LayerInputs:
+    """What layer i's linears read: input name -> (R*T, K) float32 matrix."""
+
+    layer: int
+    inputs: dict[str, np.ndarray]
+
+    def of(self, linear: str) -> np.ndarray:
+        """The input of a linear given by its canonical name (layers.{i}.attn.q) or suffix (attn.q)."""
+        suffix = linear.split(".", 2)[2] if linear.startswith("layers.") else linear
+        for name, members in INPUT_GROUPS.items():
+            if suffix in members:
+                return self.inputs[name]
+        raise KeyError(linear)
+
+
+class LayerWalk:
+    """Hidden states of the calibration batch, advanced one reference layer at a time."""
+
+    def __init__(self, spec: ModelSpec, embed: np.ndarray, ids: np.ndarray, rope_interleaved: bool,
+                 state: np.ndarray | None = None, next_layer: int = 0):
+        check_supported(spec)
+        self.spec, self.ids, self.interleaved = spec, ids, rope_interleaved
+        self.x = (np.asarray(embed, dtype=np.float32)[ids] if state is None
+                  else np.asarray(state, dtype=np.float32).reshape(*ids.shape, spec.hidden_size))
+        self.next_layer = next_layer
+        self.cos, self.sin = ops.rope_tables(np.arange(ids.shape[1]), spec.head_dim, spec.rope_theta)
+
+    def step(self, w: Mapping[str, np.ndarray]) -> LayerInputs:
+        """Run layer `next_layer` with float32 weights w (canonical names), return its linears' inputs."""
+        spec, i, x = self.spec, self.next_layer, self.x
+        r, t, h = x.shape
+        p = f"layers.{i}."
+        flat = x.reshape(r * t, h)
+        xn = ops.rmsnorm(flat, w[p + "norm.0"], spec.norm_eps)
+        proj = {}
+        for name in ("q", "k", "v"):
+            proj[name] = xn @ w[f"{p}attn.{name}"].T + (w[f"{p}attn.{name}.bias"] if spec.qkv_bias else 0)
+        positions = np.arange(t)
+        out = np.empty((r, t, spec.num_heads * spec.head_dim), dtype=np.float32)
+        for row in range(r):
+            sl = slice(row * t, (row + 1) * t)
+            q = ops.rope(proj["q"][sl].reshape(t, spec.num_heads, spec.head_dim), self.cos, self.sin, self.interleaved)
+            k = ops.rope(proj["k"][sl].reshape(t, spec.num_kv_heads, spec.head_dim), self.cos, self.sin,
+                         self.interleaved)
+            v = proj["v"][sl].reshape(t, spec.num_kv_heads, spec.head_dim)
+            out[row] = ops.attention(q, k, v, positions).reshape(t, -1)
+        attn = out.reshape(r * t, -1)
+        flat = flat + attn @ w[p + "attn.o"].T
+        xn2 = ops.rmsnorm(flat, w[p + "norm.1"], spec.norm_eps)
+        hidden = ops.silu(xn2 @ w[p + "mlp.gate"].T) * (xn2 @ w[p + "mlp.up"].T)
+        flat = flat + hidden @ w[p + "mlp.down"].T
+        self.x = flat.reshape(r, t, h).astype(np.float32, copy=False)
+        self.next_layer += 1
+        return LayerInputs(i, {"attn_in": xn, "attn_out": attn, "mlp_in": xn2, "mlp_hidden": hidden})
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray, reference: float | None = None) -> float:
+    """ExLlamaV2's measure: ||X (W - W^)^T||_F / ||X W^T||_F, from the Gram matrix X^T X (float64).
+    `reference` is ||X W^T||_F^2 when already known (output_energy), to skip recomputing it."""
+    d = (w - w_hat).astype(np.float32)          # float32 products: plenty for an error measure
+    num = float(np.einsum("nk,nk->", (d @ gram.astype(np.float32)).astype(np.float64), d))
+    den = output_energy(w, gram) if reference is None else reference
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def output_energy(w: np.ndarray, gram: np.ndarray) -> float:
+    """||X W^T||_F^2 = sum((W G) * W) for G = X^T X."""
+    w64 = w.astype(np.float64)
+    return float(np.einsum("nk,nk->", w64 @ gram, w64))
+
+
+__all__ = ["DEFAULT_CALIB", "INPUT_GROUPS", "LayerInputs", "LayerWalk", "calibration_rows", "output_energy", "output_error"]
