@@ -61,19 +61,74 @@ def _array_bytes(value: Any) -> int:
     return value.nbytes if isinstance(value, (np.ndarray, QuantizedLinear)) else 0
 
 
-class LayerStore:
-    """One checkpoint's layers quantized as a plan assigns them, one safetensors file per layer."""
+def write_tensors(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, str]) -> None:
+    """One safetensors file, atomically: float arrays as they are, QTensors as their packed words, fp16
+    scales and permutation, with the option, shape and slice table in the metadata under the name."""
+    from safetensors.numpy import save_file
 
-    def __init__(self, ckpt: Checkpoint, assignment: Mapping[str, QuantOption], root: Optional[Path] = None):
-        self.ckpt, self.assignment = ckpt, assignment
+    arrays: dict[str, np.ndarray] = {}
+    meta = dict(meta)
+    for name, t in tensors.items():
+        if not isinstance(t, QTensor):
+            arrays[name] = np.ascontiguousarray(t)
+            continue
+        meta[name] = json.dumps({"option": t.option.name, "shape": list(t.shape), "slices": t.header.tolist()})
+        for j, s in enumerate(t.slices):
+            arrays[f"{name}.s{j}.qweight"] = np.ascontiguousarray(s.qweight)
+            arrays[f"{name}.s{j}.scales"] = np.ascontiguousarray(s.scales)
+        if t.perm is not None:
+            arrays[f"{name}.perm"] = np.ascontiguousarray(t.perm)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(arrays, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_tensors(path: Path, names: list[str], key: Optional[str], rebuild: str) -> dict[str, Any]:
+    """What write_tensors wrote: name -> QuantizedLinear or array. key: the metadata's vramwise.key must
+    equal it; rebuild: how to fix a bad file, for the one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if key is not None and meta.get("vramwise.key") != key:
+                raise WeightsError(f"{path}: this file is not from the expected weights and formats; {rebuild}")
+            keys = set(f.keys())
+            out: dict[str, Any] = {}
+            for name in names:
+                if name not in meta:
+                    out[name] = f.get_tensor(name)
+                    continue
+                info = json.loads(meta[name])
+                slices = tuple(QSlice(int(start), int(rows), int(bits), f.get_tensor(f"{name}.s{j}.qweight"),
+                                      f.get_tensor(f"{name}.s{j}.scales"))
+                               for j, (start, rows, bits) in enumerate(info["slices"]))
+                perm = f.get_tensor(f"{name}.perm") if f"{name}.perm" in keys else None
+                out[name] = QuantizedLinear(QTensor(parse_option(info["option"]), tuple(info["shape"]), slices, perm))
+            return out
+    except WeightsError:
+        raise
+    except Exception as exc:              # OSError, KeyError, FormatError, safetensors' SafetensorError
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"{path}: unreadable ({why}); {rebuild}") from None
+
+
+class LayerStore:
+    """One checkpoint's layers quantized as a plan assigns them, one safetensors file per layer.
+
+    `salt` separates stores of the same formats made differently (GPTQ on some calibration text vs RTN)."""
+
+    def __init__(self, ckpt: Checkpoint, assignment: Mapping[str, QuantOption], root: Optional[Path] = None,
+                 salt: str = ""):
+        self.ckpt, self.assignment, self.salt = ckpt, assignment, salt
         self.names = [list(ckpt.layer(i)) for i in range(ckpt.spec.num_layers)]
         self.key = self._key()
         self.dir = Path(root) if root is not None else cache_root() / "layers" / f"{ckpt.path.stem}-{self.key[:16]}"
 
     def _key(self) -> str:
-        """Changes when the source file, the architecture or any layer's format changes."""
+        """Changes when the source file, the architecture, any layer's format or the salt changes."""
         st = self.ckpt.path.stat()
-        parts = [STORE_VERSION, str(self.ckpt.path.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+        parts = [STORE_VERSION, self.salt, str(self.ckpt.path.resolve()), str(st.st_size), str(st.st_mtime_ns)]
         parts += [f"{n}={self.assignment[n].name}" for layer in self.names for n in layer if n in self.assignment]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -92,65 +147,27 @@ class LayerStore:
     def missing(self) -> list[int]:
         return [i for i in range(len(self.names)) if not self._fresh(i)]
 
-    def build(self, progress: Optional[Callable[[int, int], None]] = None) -> int:
-        """Write every missing or stale layer file; returns how many were written. Resumable."""
-        from safetensors.numpy import save_file
-
-        todo = self.missing()
+    def write_layer(self, i: int, tensors: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        write_tensors(self.path(i), tensors, {"vramwise.key": self.key, "vramwise.layer": str(i)})
+
+    def build(self, progress: Optional[Callable[[int, int], None]] = None) -> int:
+        """Write every missing or stale layer file, rounding to nearest; returns how many. Resumable."""
+        todo = self.missing()
         for done, i in enumerate(todo):
-            arrays: dict[str, np.ndarray] = {}
-            meta = {"vramwise.key": self.key, "vramwise.layer": str(i)}
+            tensors: dict[str, Any] = {}
             for name in self.names[i]:
                 w = self.ckpt[name].numpy(np.float32)
-                if name not in self.assignment:
-                    arrays[name] = np.ascontiguousarray(w)
-                    continue
-                t = quantize_tensor(self.ckpt, name, w, self.assignment[name])
-                meta[name] = json.dumps({"option": t.option.name, "shape": list(t.shape),
-                                         "slices": t.header.tolist()})
-                for j, s in enumerate(t.slices):
-                    arrays[f"{name}.s{j}.qweight"] = np.ascontiguousarray(s.qweight)
-                    arrays[f"{name}.s{j}.scales"] = np.ascontiguousarray(s.scales)
-                if t.perm is not None:
-                    arrays[f"{name}.perm"] = np.ascontiguousarray(t.perm)
-            tmp = self.path(i).with_name(self.path(i).name + ".tmp")
-            save_file(arrays, str(tmp), metadata=meta)
-            os.replace(tmp, self.path(i))
+                tensors[name] = (quantize_tensor(self.ckpt, name, w, self.assignment[name])
+                                 if name in self.assignment else w)
+            self.write_layer(i, tensors)
             if progress is not None:
                 progress(done + 1, len(todo))
         return len(todo)
 
     def load(self, i: int) -> dict[str, Any]:
         """Layer i read into fresh arrays: canonical name -> QuantizedLinear or float32 array."""
-        from safetensors import safe_open
-
-        path = self.path(i)
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                if meta.get("vramwise.key") != self.key:
-                    raise WeightsError(f"{path}: this layer file is not from the plan's weights and formats; "
-                                       f"delete {self.dir} and run again to rebuild it")
-                out: dict[str, Any] = {}
-                for name in self.names[i]:
-                    if name not in meta:
-                        out[name] = f.get_tensor(name)
-                        continue
-                    info = json.loads(meta[name])
-                    slices = tuple(QSlice(int(start), int(rows), int(bits), f.get_tensor(f"{name}.s{j}.qweight"),
-                                          f.get_tensor(f"{name}.s{j}.scales"))
-                                   for j, (start, rows, bits) in enumerate(info["slices"]))
-                    perm = f.get_tensor(f"{name}.perm") if f"{name}.perm" in f.keys() else None
-                    out[name] = QuantizedLinear(QTensor(parse_option(info["option"]), tuple(info["shape"]),
-                                                        slices, perm))
-                return out
-        except WeightsError:
-            raise
-        except Exception as exc:          # OSError, KeyError, FormatError, safetensors' SafetensorError
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise WeightsError(f"{path}: unreadable layer file ({why}); delete {self.dir} and run again to "
-                               f"rebuild it") from None
+        return read_tensors(self.path(i), self.names[i], self.key, f"delete {self.dir} and run again to rebuild it")
 
 
 class StreamedWeights(Mapping):
@@ -240,4 +257,5 @@ def layer_bytes(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]
     return out
 
 
-__all__ = ["LayerStore", "StreamedWeights", "cache_root", "layer_bytes", "layer_of", "quantize_tensor"]
+__all__ = ["LayerStore", "StreamedWeights", "cache_root", "layer_bytes", "layer_of", "quantize_tensor", "read_tensors",
+           "write_tensors"]

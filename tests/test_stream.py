@@ -142,7 +142,7 @@ def test_layer_store_key_follows_the_formats(ckpt, assignment, tmp_path):
     a, b = LayerStore(ckpt, assignment), LayerStore(ckpt, other)
     assert a.key != b.key and a.dir != b.dir
     LayerStore(ckpt, assignment, tmp_path).build()
-    with pytest.raises(WeightsError, match="not from the plan's weights"):
+    with pytest.raises(WeightsError, match="not from the expected weights and formats"):
         LayerStore(ckpt, other, tmp_path).load(0)                        # same folder, other formats
 
 
