@@ -8,9 +8,11 @@ one float32 array, so a long job can save it after any layer and resume bit-iden
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -63,8 +65,9 @@ class LayerWalk:
         self.next_layer = next_layer
         self.cos, self.sin = ops.rope_tables(np.arange(ids.shape[1]), spec.head_dim, spec.rope_theta)
 
-    def step(self, w: Mapping[str, np.ndarray]) -> LayerInputs:
-        """Run layer `next_layer` with float32 weights w (canonical names), return its linears' inputs."""
+    def step(self, w: Mapping[str, np.ndarray], advance: bool = True) -> LayerInputs:
+        """Run layer `next_layer` with float32 weights w (canonical names) and return its linears' inputs;
+        advance: move the hidden states past the layer (else only look)."""
         spec, i, x = self.spec, self.next_layer, self.x
         r, t, h = x.shape
         p = f"layers.{i}."
@@ -87,9 +90,51 @@ class LayerWalk:
         xn2 = ops.rmsnorm(flat, w[p + "norm.1"], spec.norm_eps)
         hidden = ops.silu(xn2 @ w[p + "mlp.gate"].T) * (xn2 @ w[p + "mlp.up"].T)
         flat = flat + hidden @ w[p + "mlp.down"].T
-        self.x = flat.reshape(r, t, h).astype(np.float32, copy=False)
-        self.next_layer += 1
+        if advance:
+            self.x = flat.reshape(r, t, h).astype(np.float32, copy=False)
+            self.next_layer += 1
         return LayerInputs(i, {"attn_in": xn, "attn_out": attn, "mlp_in": xn2, "mlp_hidden": hidden})
+
+
+class WalkCheckpoint:
+    """A long walk's progress in a folder: the hidden states after `done` layers and whatever the job
+    keeps beside them (a table of results). Each file is written atomically and the state file is named
+    by its layer, so a crash between the two writes cannot pair the record with the wrong state. `key`
+    identifies the job: a folder left by another job is ignored."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = Path(folder), key
+
+    def load(self) -> tuple[int, Optional[np.ndarray], dict]:
+        """(layers done, hidden states, extra) of a matching checkpoint, else (0, None, {})."""
+        import yaml
+
+        try:
+            meta = yaml.safe_load((self.folder / "progress.yaml").read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or meta.get("key") != self.key:
+                return 0, None, {}
+            done = int(meta["layers_done"])
+            state = np.load(self.folder / f"state_{done:04d}.npy", allow_pickle=False)
+            return done, state, dict(meta.get("extra") or {})
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            return 0, None, {}                           # none, or a damaged one: start over
+
+    def save(self, done: int, state: np.ndarray, extra: Mapping[str, Any]) -> None:
+        from planner import yamlout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"state_{done:04d}.npy"
+        tmp = self.folder / f".state_{done:04d}.tmp.npy"
+        np.save(tmp, state, allow_pickle=False)
+        os.replace(tmp, path)
+        yamlout.write_atomic(self.folder / "progress.yaml",
+                             yamlout.dump({"key": self.key, "layers_done": done, "extra": dict(extra)}))
+        for old in self.folder.glob("state_*.npy"):
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray, reference: float | None = None) -> float:
@@ -107,4 +152,4 @@ def output_energy(w: np.ndarray, gram: np.ndarray) -> float:
     return float(np.einsum("nk,nk->", w64 @ gram, w64))
 
 
-__all__ = ["DEFAULT_CALIB", "INPUT_GROUPS", "LayerInputs", "LayerWalk", "calibration_rows", "output_energy", "output_error"]
+__all__ = ["DEFAULT_CALIB", "INPUT_GROUPS", "LayerInputs", "LayerWalk", "WalkCheckpoint", "calibration_rows", "output_energy", "output_error"]

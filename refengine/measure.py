@@ -7,15 +7,12 @@ error on the calibration inputs; its exact bytes come from the format registry. 
 depend on any target bpw: the planner's knapsack reads it (`vramwise plan --measurement FILE`).
 
 Checkpoints: after each layer, the walk's hidden states and the table so far go to `<out>.partial/`
-(each file written atomically, the state file named by layer so a crash between the two writes
-cannot pair a table with the wrong state). A run that finds a matching `.partial` resumes after its
+(refengine.calibrate.WalkCheckpoint). A run that finds a matching `.partial` resumes after its
 last finished layer and writes the same file an uninterrupted run writes.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -24,7 +21,8 @@ import numpy as np
 from planner import yamlout
 from planner.formats import OPTIONS, QuantOption
 from planner.spec import architecture_digest
-from refengine.calibrate import INPUT_GROUPS, LayerWalk, calibration_rows, output_energy, output_error
+from refengine.calibrate import (INPUT_GROUPS, LayerWalk, WalkCheckpoint, calibration_rows, output_energy,
+                                 output_error)
 from refengine.errors import EngineError
 from refengine.quant import QTensor, dequantize, quantize
 from refengine.tokenizer import for_checkpoint
@@ -94,17 +92,17 @@ def measure(source: str, out: Path, text: str, text_source: str, rows: int = 8, 
     except ValueError as exc:
         raise MeasureError(str(exc)) from None
     key = _job_key(ckpt, text, rows, row_tokens, method, options)
-    partial = out.with_name(out.name + ".partial")
-    table, start, state = _resume(partial, key)
+    partial = WalkCheckpoint(out.with_name(out.name + ".partial"), key)
+    start, state, extra = partial.load()
+    table = dict(extra.get("tensors", {}))
     embed = ckpt["embed"].numpy(np.float32)
     walk = LayerWalk(spec, embed, ids, ckpt.rope_layout == ROPE_INTERLEAVED, state, start)
     del embed
     try:
-        partial.mkdir(parents=True, exist_ok=True)
         for i in range(start, spec.num_layers):
             w = {n: r.numpy(np.float32) for n, r in ckpt.layer(i).items()}
             table.update(measure_layer(w, walk.step(w), method, options))
-            _checkpoint(partial, key, table, walk.x, i + 1)
+            partial.save(i + 1, walk.x, {"tensors": table})
             if progress is not None:
                 progress(i + 1, spec.num_layers, f"layer {i}")
         doc = {"kind": "vramwise-measurement", "schema_version": 1,
@@ -116,34 +114,8 @@ def measure(source: str, out: Path, text: str, text_source: str, rows: int = 8, 
         yamlout.write_atomic(out, yamlout.dump(doc))
     except OSError as exc:
         raise MeasureError(f"{exc.filename or out}: cannot write ({exc.strerror or exc})") from None
-    shutil.rmtree(partial, ignore_errors=True)
+    partial.remove()
     return doc
-
-
-def _resume(partial: Path, key: str) -> tuple[dict, int, Optional[np.ndarray]]:
-    """(table, next layer, hidden state) from a matching checkpoint, else a fresh start."""
-    import yaml
-
-    try:
-        meta = yaml.safe_load((partial / "progress.yaml").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or meta.get("key") != key:
-            return {}, 0, None
-        done = int(meta["layers_done"])
-        state = np.load(partial / f"state_{done:04d}.npy", allow_pickle=False)
-        return dict(meta["tensors"]), done, state
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
-        return {}, 0, None                               # no checkpoint, or a damaged one: start over
-
-
-def _checkpoint(partial: Path, key: str, table: dict, state: np.ndarray, done: int) -> None:
-    path = partial / f"state_{done:04d}.npy"
-    tmp = partial / f".state_{done:04d}.tmp.npy"
-    np.save(tmp, state, allow_pickle=False)
-    os.replace(tmp, path)
-    yamlout.write_atomic(partial / "progress.yaml", yamlout.dump({"key": key, "layers_done": done, "tensors": table}))
-    for old in partial.glob("state_*.npy"):
-        if old != path:
-            old.unlink(missing_ok=True)
 
 
 __all__ = ["METHODS", "MeasureError", "measure", "measure_layer", "quantizer"]
