@@ -54,7 +54,8 @@ def build_measure(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("measure", help="measure every linear's error under every format option (for plan --measurement)")
     p.add_argument("--model", required=True, help="model name or checkpoint path")
     p.add_argument("--calib", help="UTF-8 calibration text (default: the project's own, refengine/data/calib.txt)")
-    p.add_argument("--rows", type=int, default=8, help="calibration rows (default 8)")
+    p.add_argument("--rows", type=int, default=32, help="calibration rows (default 32: GPTQ needs several times "
+                                                          "more tokens than a layer has inputs)")
     p.add_argument("--row-tokens", type=int, default=256, help="tokens per row (default 256)")
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default gptq)")
     p.add_argument("-o", "--output", default="measurement.yaml", help="where to write (default measurement.yaml)")

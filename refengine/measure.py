@@ -80,7 +80,7 @@ def measure_layer(w: dict, inputs, method: str, options: Sequence[QuantOption]) 
     return table
 
 
-def measure(source: str, out: Path, text: str, text_source: str, rows: int = 8, row_tokens: int = 256,
+def measure(source: str, out: Path, text: str, text_source: str, rows: int = 32, row_tokens: int = 256,
             method: str = "gptq", options: Sequence[QuantOption] = OPTIONS,
             progress: Optional[Progress] = None) -> dict:
     """Measure a checkpoint and write `out` (atomically); resumes from `<out>.partial/`. Returns the document."""

@@ -100,7 +100,7 @@ def test_a_checkpoint_of_another_job_is_not_resumed(model, tmp_path):
 
 
 def test_too_little_text_is_one_line(model, tmp_path, capsys):
-    with pytest.raises(MeasureError, match="fewer than --rows 8 x --row-tokens 256"):
+    with pytest.raises(MeasureError, match="fewer than --rows 32 x --row-tokens 256"):
         measure(str(model), tmp_path / "m.yaml", "too short", "short.txt", method="rtn", options=OPTIONS)
     short = tmp_path / "short.txt"
     short.write_text("too short")
