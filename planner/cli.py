@@ -210,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     cli_engine.build_run(sub)
     cli_engine.build_eval(sub)
     cli_engine.build_measure(sub)
+    cli_engine.build_quantize(sub)
     return root
 
 

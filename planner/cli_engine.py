@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from planner.plan import load_plan
 from planner.units import fmt_bytes
@@ -64,16 +65,11 @@ def build_measure(sub: argparse._SubParsersAction) -> None:
 
 
 def measure(args: argparse.Namespace) -> int:
-    from refengine.calibrate import DEFAULT_CALIB
     from refengine.measure import measure as run_measure
 
     if args.rows < 1 or args.row_tokens < 2:
         raise RunError(f"--rows {args.rows} --row-tokens {args.row_tokens}: need at least 1 row of 2 tokens")
-    path = Path(args.calib) if args.calib else DEFAULT_CALIB
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: cannot read the calibration text ({getattr(exc, 'strerror', None) or exc})") from None
+    text, path = _calibration_text(args.calib)
     out = Path(args.output)
     from rich.progress import Progress
     t0 = time.perf_counter()
@@ -90,6 +86,59 @@ def measure(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"measured {len(doc['tensors'])} linears x {len(doc['options'])} options ({args.method}) in "
               f"{time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
+def build_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="write a plan's model as a quantized directory (GPTQ or RTN; resumable)")
+    p.add_argument("--plan", required=True, help="a plan.yaml from `vramwise plan`")
+    p.add_argument("--weights", help="checkpoint to quantize (default: the plan's --model)")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="quantizer (default gptq)")
+    p.add_argument("--calib", help="UTF-8 calibration text for GPTQ (default: refengine/data/calib.txt)")
+    p.add_argument("--rows", type=int, default=32, help="calibration rows (default 32)")
+    p.add_argument("--row-tokens", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("-o", "--output", required=True, help="the directory to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=quantize)
+
+
+def _calibration_text(arg: Optional[str]) -> tuple[str, str]:
+    from refengine.calibrate import DEFAULT_CALIB
+
+    path = Path(arg) if arg else DEFAULT_CALIB
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot read the calibration text ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from refengine.qmodel import quantize_model
+
+    if args.rows < 1 or args.row_tokens < 2:
+        raise RunError(f"--rows {args.rows} --row-tokens {args.row_tokens}: need at least 1 row of 2 tokens")
+    plan = load_plan(args.plan)
+    source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
+    text, text_source = _calibration_text(args.calib) if args.method == "gptq" else ("", "")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a directory; choose another -o")
+    t0 = time.perf_counter()
+    with Progress(transient=True, disable=args.quiet) as bar:
+        task = bar.add_task(f"quantizing ({args.method})", total=None)
+        try:
+            header = quantize_model(plan, source, out, args.method, text, text_source, args.rows, args.row_tokens,
+                                    lambda done, total: bar.update(task, completed=done, total=total))
+        except _engine_errors() as exc:
+            raise RunError(_named(source, exc)) from None
+        except OSError as exc:
+            raise RunError(f"{exc.filename or out}: cannot write ({exc.strerror or exc})") from None
+    if not args.quiet:
+        print(f"{out}: {header['weight_bytes'] / 1e6:.2f} MB of weights (the plan predicted "
+              f"{header['planned_weight_bytes'] / 1e6:.2f} MB) in {time.perf_counter() - t0:.0f} s; "
+              f"run it with: vramwise run --plan {out / 'plan.yaml'} --weights {out}")
     return 0
 
 

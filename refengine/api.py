@@ -136,6 +136,9 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, stor
 
     stream (default: the plan's mode is "stream"): run layer by layer from a LayerStore of the plan's
     quantized layers (built on first use in store_dir, default refengine.stream.cache_root()/layers)."""
+    from refengine.qmodel import is_quantized_dir
+    if is_quantized_dir(source):
+        return load_quantized(source, plan, stream)
     ckpt = load_checkpoint(source)
     want = plan.doc["model"]["architecture_digest"]
     if architecture_digest(ckpt.spec) != want:
@@ -152,6 +155,36 @@ def load_model(name_or_path: str, ctx: Optional[int] = None, kv: str = "fp16",
     """Load 'smollm2-135m', a .gguf, a .safetensors file or a Hugging Face folder onto the reference engine.
 
     stream: hold one layer at a time (read from the memory-mapped checkpoint per step), as AirLLM does."""
+    from refengine.qmodel import is_quantized_dir
+    if is_quantized_dir(name_or_path):
+        return load_quantized(name_or_path, stream=stream, ctx=ctx, kv=kv)
     ckpt = load_checkpoint(name_or_path)
     weights = streamed_weights(ckpt) if stream else None
     return Model(ckpt, for_checkpoint(ckpt), ctx or min(ckpt.spec.max_context, 4096), kv, chunk, weights=weights)
+
+
+def load_quantized(path, plan: Optional["Plan"] = None, stream: Optional[bool] = None, ctx: Optional[int] = None,
+                   kv: Optional[str] = None) -> Model:
+    """A `vramwise quantize` directory on the reference engine, under `plan` (which must choose the formats
+    the directory holds) or else under the plan stored in it."""
+    from refengine.qmodel import QuantizedDir, QuantizedWeights
+
+    qdir = QuantizedDir(Path(path))
+    if plan is not None and {n: o.name for n, o in plan.layout.assignment.items()} != {
+            n: o.name for n, o in qdir.plan.layout.assignment.items()}:
+        raise EngineError(f"{path}: quantized for other formats than this plan's; quantize with this plan, or run "
+                          f"--plan {Path(path) / 'plan.yaml'}")
+    lay = (plan or qdir.plan).layout
+    stream = lay.mode == "stream" if stream is None else stream
+    if stream:
+        names = [n for layer in qdir.layers for n in layer] + ["embed", "norm.final", "head"]
+        globals_: dict = {}
+
+        def resident(name: str):
+            if not globals_:
+                globals_.update(qdir.load_globals())
+            return globals_[name]
+        weights: Mapping = StreamedWeights(names, resident, qdir.load_layer, qdir.spec.num_layers)
+    else:
+        weights = QuantizedWeights(qdir)
+    return Model(qdir.checkpoint(), qdir.tokenizer(), ctx or lay.ctx, kv or lay.kv.name, lay.chunk, None, weights)

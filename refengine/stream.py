@@ -30,7 +30,7 @@ from refengine.packed import QuantizedLinear
 from refengine.quant import QSlice, QTensor, quantize
 from refengine.weights import Checkpoint
 
-STORE_VERSION = "1"
+STORE_VERSION = "2"
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -47,10 +47,12 @@ def layer_of(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def quantize_tensor(ckpt: Checkpoint, name: str, w: np.ndarray, option: QuantOption) -> QTensor:
-    """quantize() with a failure (a weight no fp16 scale can hold) named by file and tensor, in one line."""
+def quantize_tensor(ckpt: Checkpoint, name: str, w: np.ndarray, option: QuantOption,
+                    quantizer: Optional[Callable[[np.ndarray, QuantOption], QTensor]] = None) -> QTensor:
+    """quantize() (or the given quantizer, e.g. GPTQ) with a failure (a weight no fp16 scale can hold)
+    named by file and tensor, in one line."""
     try:
-        return quantize(w, option)
+        return (quantizer or quantize)(w, option)
     except ValueError as exc:
         source = ckpt.tensors[name].source if name in ckpt.tensors else name
         raise WeightsError(f"{ckpt.path}: tensor {source!r} cannot be quantized to {option.name}: {exc}; "
@@ -61,26 +63,38 @@ def _array_bytes(value: Any) -> int:
     return value.nbytes if isinstance(value, (np.ndarray, QuantizedLinear)) else 0
 
 
-def write_tensors(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, str]) -> None:
-    """One safetensors file, atomically: float arrays as they are, QTensors as their packed words, fp16
-    scales and permutation, with the option, shape and slice table in the metadata under the name."""
+def write_tensors(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """One safetensors file, atomically: float arrays as they are, QTensors as their slice table, packed
+    words, fp16 scales and permutation (exactly the bytes planner.formats counts), with the option and
+    shape in the metadata under the tensor's name."""
     from safetensors.numpy import save_file
 
     arrays: dict[str, np.ndarray] = {}
-    meta = dict(meta)
+    meta = dict(meta, tensors={})
     for name, t in tensors.items():
         if not isinstance(t, QTensor):
             arrays[name] = np.ascontiguousarray(t)
             continue
-        meta[name] = json.dumps({"option": t.option.name, "shape": list(t.shape), "slices": t.header.tolist()})
+        meta["tensors"][name] = {"option": t.option.name, "shape": list(t.shape)}
+        arrays[f"{name}.slices"] = t.header           # int32 (start, rows, bits) per slice, as the format counts it
         for j, s in enumerate(t.slices):
             arrays[f"{name}.s{j}.qweight"] = np.ascontiguousarray(s.qweight)
             arrays[f"{name}.s{j}.scales"] = np.ascontiguousarray(s.scales)
         if t.perm is not None:
             arrays[f"{name}.perm"] = np.ascontiguousarray(t.perm)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(arrays, str(tmp), metadata=meta)
+    # one metadata entry: safetensors writes several in no fixed order, and the file must be reproducible
+    save_file(arrays, str(tmp), metadata={"vramwise": json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
+
+
+def file_meta(f: Any) -> dict:
+    """The vramwise metadata of an open safetensors file (write_tensors'), {} for a foreign file."""
+    try:
+        meta = json.loads((f.metadata() or {}).get("vramwise", "{}"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def read_tensors(path: Path, names: list[str], key: Optional[str], rebuild: str) -> dict[str, Any]:
@@ -90,19 +104,19 @@ def read_tensors(path: Path, names: list[str], key: Optional[str], rebuild: str)
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if key is not None and meta.get("vramwise.key") != key:
+            meta = file_meta(f)
+            if key is not None and meta.get("key") != key:
                 raise WeightsError(f"{path}: this file is not from the expected weights and formats; {rebuild}")
             keys = set(f.keys())
             out: dict[str, Any] = {}
             for name in names:
-                if name not in meta:
+                if name not in meta.get("tensors", {}):
                     out[name] = f.get_tensor(name)
                     continue
-                info = json.loads(meta[name])
+                info = meta["tensors"][name]
                 slices = tuple(QSlice(int(start), int(rows), int(bits), f.get_tensor(f"{name}.s{j}.qweight"),
                                       f.get_tensor(f"{name}.s{j}.scales"))
-                               for j, (start, rows, bits) in enumerate(info["slices"]))
+                               for j, (start, rows, bits) in enumerate(f.get_tensor(f"{name}.slices").tolist()))
                 perm = f.get_tensor(f"{name}.perm") if f"{name}.perm" in keys else None
                 out[name] = QuantizedLinear(QTensor(parse_option(info["option"]), tuple(info["shape"]), slices, perm))
             return out
@@ -140,7 +154,7 @@ class LayerStore:
 
         try:
             with safe_open(str(self.path(i)), framework="numpy") as f:
-                return (f.metadata() or {}).get("vramwise.key") == self.key
+                return file_meta(f).get("key") == self.key
         except Exception:                 # missing, truncated or foreign: rebuild it
             return False
 
@@ -149,7 +163,7 @@ class LayerStore:
 
     def write_layer(self, i: int, tensors: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_tensors(self.path(i), tensors, {"vramwise.key": self.key, "vramwise.layer": str(i)})
+        write_tensors(self.path(i), tensors, {"key": self.key, "layer": i})
 
     def build(self, progress: Optional[Callable[[int, int], None]] = None) -> int:
         """Write every missing or stale layer file, rounding to nearest; returns how many. Resumable."""
