@@ -13,6 +13,7 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from refengine import ops
+from refengine.kernels_attention import decode_attention
 from refengine.packed import linear
 from refengine.quant import kv_dequantize, kv_quantize
 
@@ -102,7 +103,10 @@ class Transformer:
         end = self.pos + t
         st[f"kv.{i}.k"][self.pos:end] = kv_quantize(st.kv, k)
         st[f"kv.{i}.v"][self.pos:end] = kv_quantize(st.kv, v.reshape(t, spec.num_kv_heads, spec.head_dim))
-        keys = kv_dequantize(st.kv, st[f"kv.{i}.k"][:end], spec.head_dim)                # (S, Hkv, D)
-        values = kv_dequantize(st.kv, st[f"kv.{i}.v"][:end], spec.head_dim)
-        out = ops.attention(q, keys, values, st["positions"][:t])                          # (T, Hq, D)
+        if t == 1:               # decode: the Numba kernel reads the raw cache (ops.attention is its oracle)
+            out = decode_attention(q[0], st[f"kv.{i}.k"], st[f"kv.{i}.v"], end, st.kv.name, spec.head_dim)[None]
+        else:
+            keys = kv_dequantize(st.kv, st[f"kv.{i}.k"][:end], spec.head_dim)            # (S, Hkv, D)
+            values = kv_dequantize(st.kv, st[f"kv.{i}.v"][:end], spec.head_dim)
+            out = ops.attention(q, keys, values, st["positions"][:t])                      # (T, Hq, D)
         return linear(out.reshape(t, -1), self.w[f"{p}.o"])
