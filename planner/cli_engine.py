@@ -277,7 +277,6 @@ def evaluate(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: cannot read as UTF-8 text ({exc})") from None
-    import numpy as np
     from rich.progress import Progress
 
     from refengine.api import load_for_plan, load_model
@@ -291,18 +290,12 @@ def evaluate(args: argparse.Namespace) -> int:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:
         raise RunError(f"{path}: needs at least 2 tokens of text")
-    nll, count, window = 0.0, 0, model.ctx
+    from refengine.api import negative_log_likelihood
+    window = model.ctx
     t0 = time.perf_counter()
     with Progress(transient=True, disable=args.json) as bar:
         task = bar.add_task("perplexity", total=len(ids))
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start:start + window + 1]
-            logits = model.logits(chunk[:-1]).astype(np.float64)                  # (T, V)
-            z = logits - logits.max(axis=1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            nll -= float(logp[range(len(chunk) - 1), chunk[1:]].sum())
-            count += len(chunk) - 1
-            bar.update(task, advance=len(chunk) - 1)
+        nll, count = negative_log_likelihood(model, ids, window, lambda n: bar.update(task, advance=n))
     result = {"model": args.model, "text": str(path), "tokens": count, "window": window,
               "perplexity": round(math.exp(nll / count), 4), "seconds": round(time.perf_counter() - t0, 2)}
     print(json.dumps(result) if args.json else

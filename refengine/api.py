@@ -188,3 +188,22 @@ def load_quantized(path, plan: Optional["Plan"] = None, stream: Optional[bool] =
     else:
         weights = QuantizedWeights(qdir)
     return Model(qdir.checkpoint(), qdir.tokenizer(), ctx or lay.ctx, kv or lay.kv.name, lay.chunk, None, weights)
+
+
+def negative_log_likelihood(model: Model, ids: list[int], window: Optional[int] = None,
+                            on_window: Optional[Callable[[int], None]] = None) -> tuple[float, int]:
+    """(total NLL in nats, tokens scored) of ids, teacher-forced in consecutive windows of the model's
+    context (each window from an empty cache, predicting its tokens 1..n from the ones before).
+    perplexity = exp(nll / count). on_window(tokens scored) after each window, for progress bars."""
+    window = window or model.ctx
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        logits = model.logits(chunk[:-1]).astype(np.float64)                      # (T, V)
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        count += len(chunk) - 1
+        if on_window is not None:
+            on_window(len(chunk) - 1)
+    return nll, count
