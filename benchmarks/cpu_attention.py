@@ -17,11 +17,9 @@ import os
 for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(var, "2")
 
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,6 +28,9 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchlib import cpu_name, write_json  # noqa: E402
 
 from planner.formats import kv_format  # noqa: E402
 from refengine import kernels_attention as ka  # noqa: E402
@@ -44,11 +45,6 @@ REPEATS = 200
 OUT = ROOT / "benchmarks/results/cpu_attention.json"
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _median_s(fn) -> float:
@@ -91,23 +87,11 @@ def measure(fmt_name: str, length: int, rng: np.random.Generator) -> dict:
             "max_err_rel_v": err}
 
 
-def write_json(doc: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main() -> None:
     load_before = os.getloadavg()
-    print(f"{_cpu_model()}, {os.cpu_count()} CPUs, numba threads "
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs, numba threads "
           f"{numba.get_num_threads()}, Hq={HQ} Hkv={HKV} D={D}, ctx {CTX}, load {load_before[0]:.2f}")
     print(f"{'length':>6} {'fmt':>5} {'path':>8} {'numpy us':>9} {'kernel us':>9} {'serial us':>9} "
           f"{'speedup':>7} {'err':>8}")
@@ -119,7 +103,7 @@ def main() -> None:
             rows.append(r)
             print(f"{length:>6} {fmt_name:>5} {r['path']:>8} {r['numpy_us']:9.1f} {r['kernel_us']:9.1f} "
                   f"{r['kernel_serial_us']:9.1f} {r['speedup']:6.2f}x {r['max_err_rel_v']:8.1e}", flush=True)
-    doc = {"machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(),
+    doc = {"machine": {"cpu": cpu_name(), "cpus": os.cpu_count(),
                        "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
                        "numba_threads": numba.get_num_threads(), "threading_layer": numba.threading_layer(),
                        "load_average_before": [round(x, 2) for x in load_before],

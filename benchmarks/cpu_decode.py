@@ -28,6 +28,9 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchlib import cpu_name, write_json  # noqa: E402
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg " * 4
 NEW_TOKENS = 64
@@ -136,14 +139,6 @@ def run_one(engine: str) -> dict:
         return row
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:
@@ -171,19 +166,15 @@ def main() -> None:
         if "matvec_ms_per_token" in r:
             print(f"{name}: matvecs alone {r['matvec_ms_per_token']:.2f} ms of {1e3 / r['decode_tokens_per_s']:.2f} ms "
                   f"per token ({r['packed_mb']} MB packed at {r['matvec_gb_per_s']} GB/s)")
-    out = ROOT / "benchmarks/results/cpu_decode.json"
-    tmp_out = out.with_suffix(".tmp")
     import numba
     import numpy
     versions = {"numpy": numpy.__version__, "numba": numba.__version__}
     if importlib.util.find_spec("llama_cpp") is not None:
         import llama_cpp
         versions["llama_cpp_python"] = llama_cpp.__version__
-    tmp_out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": 2, "cpus": os.cpu_count(),
-                                   "cpu": cpu_name(), "versions": versions, "new_tokens": NEW_TOKENS, "repeats": REPEATS,
-                                   "rows": rows}, indent=1))
-    os.replace(tmp_out, out)
-
+    write_json({"date": time.strftime("%Y-%m-%d"), "threads": 2, "cpus": os.cpu_count(), "cpu": cpu_name(),
+                "versions": versions, "new_tokens": NEW_TOKENS, "repeats": REPEATS, "rows": rows},
+               ROOT / "benchmarks/results/cpu_decode.json")
 
 if __name__ == "__main__":
     main()

@@ -21,13 +21,11 @@ Usage: python benchmarks/cpu_matvec.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +38,9 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchlib import cpu_name, write_json  # noqa: E402
 
 from planner.formats import parse_option  # noqa: E402
 from refengine.kernels_numba import PackedLinear, matvec_generic  # noqa: E402
@@ -62,16 +63,6 @@ def _llc_bytes() -> int:
         except ValueError:
             pass
     return best or 32 * 2**20
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 @numba.njit(parallel=True, fastmath=True)
@@ -145,18 +136,6 @@ def measure(n: int, k: int, option: str, llc: int, repeats: int, rng: np.random.
             "max_rel_err": err}
 
 
-def write_json(doc: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main() -> None:
@@ -167,7 +146,7 @@ def main() -> None:
     llc = _llc_bytes()
     load_before = os.getloadavg()
     bw = bandwidth(3 if args.quick else 7)
-    print(f"{_cpu_model()}, {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()} "
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()} "
           f"({numba.threading_layer()}), largest cache {llc / 2**20:.0f} MiB, load {load_before[0]:.2f}")
     print(f"memory: numpy copy {bw['numpy_copy_gb_s']} GB/s (read+write), 2-thread read {bw['read_2threads_gb_s']} GB/s")
     hdr = (f"{'N x K':>12} {'option':>20} {'MB':>7} {'generic ms':>10} {'fused ms':>9} {'hot ms':>8} {'GB/s':>6} "
@@ -186,7 +165,7 @@ def main() -> None:
                   f"{r['speedup_vs_generic']:6.0f}x {r['max_rel_err']:8.1e}", flush=True)
     if args.quick:
         return
-    doc = {"machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+    doc = {"machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
                        "numpy": np.__version__, "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
                        "threading_layer": numba.threading_layer(), "largest_cache_bytes": llc,
                        "load_average_before": [round(v, 2) for v in load_before],

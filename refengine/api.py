@@ -13,7 +13,7 @@ from refengine.errors import EngineError
 from refengine.packed import QuantizedLinear
 from refengine.generate import Sampling, generate
 from refengine.model import Transformer
-from refengine.stream import LayerStore, StreamedWeights, quantize_tensor
+from refengine.stream import LayerStore, StreamedWeights, WeightMap, quantize_tensor
 from refengine.tokenizer import Tokenizer, for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
@@ -38,7 +38,7 @@ def _names(ckpt: Checkpoint) -> list[str]:
     return list(ckpt.tensors) + ([] if "head" in ckpt.tensors else ["head"])
 
 
-class _Weights(Mapping):
+class _Weights(WeightMap):
     """Canonical name -> weight (load_tensor), loaded on first use and kept."""
 
     def __init__(self, ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None):
@@ -52,30 +52,9 @@ class _Weights(Mapping):
             self.cache[name] = load_tensor(self.ckpt, name, self.assignment)
         return self.cache[name]
 
-    def materialize(self) -> None:
-        """Load (and quantize) every tensor now, so timings measure inference alone."""
-        for name in self.names:
-            self[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
     def nbytes(self) -> int:
         """Bytes held now: packed linears at their format's size, arrays at their dtype's."""
         return sum(w.nbytes for w in self.cache.values())
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.nbytes()
-
-    def close(self) -> None:
-        pass
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def streamed_weights(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None,

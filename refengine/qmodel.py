@@ -30,7 +30,7 @@ from refengine import ops
 from refengine.calibrate import LayerWalk, WalkCheckpoint, calibration_rows
 from refengine.errors import WeightsError
 from refengine.quant import QTensor, dequantize
-from refengine.stream import LayerStore, file_meta, quantize_tensor, read_tensors, write_tensors
+from refengine.stream import LayerStore, WeightMap, file_meta, quantize_tensor, read_tensors, write_tensors
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ class QuantizedDir:
         return read_tensors(self.path / "globals.safetensors", names, self.key, "quantize the model again")
 
 
-class QuantizedWeights(Mapping):
+class QuantizedWeights(WeightMap):
     """A quantized directory's tensors, each layer read on first use and kept."""
 
     def __init__(self, qdir: QuantizedDir):
@@ -238,28 +238,8 @@ class QuantizedWeights(Mapping):
             self.cache.update(self.qdir.load_layer(i) if i >= 0 else self.qdir.load_globals())
         return self.cache[name]
 
-    def materialize(self) -> None:
-        for name in self.names:
-            self[name]
-
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self.cache.values())
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.nbytes()
-
-    def close(self) -> None:
-        pass
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 __all__ = ["HEADER", "QuantizedDir", "QuantizedWeights", "is_quantized_dir", "planned_weight_bytes",

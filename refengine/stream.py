@@ -184,7 +184,38 @@ class LayerStore:
         return read_tensors(self.path(i), self.names[i], self.key, f"delete {self.dir} and run again to rebuild it")
 
 
-class StreamedWeights(Mapping):
+class WeightMap(Mapping):
+    """What the Transformer reads weights from: canonical name -> array or QuantizedLinear, over `names`.
+    Subclasses load on __getitem__ and report what they hold (nbytes, and peak_bytes over the run)."""
+
+    names: list[str]
+
+    def materialize(self) -> None:
+        """Load everything now, so timings measure inference alone."""
+        for name in self.names:
+            self[name]
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.nbytes()
+
+    def close(self) -> None:
+        """Release background resources (none unless a subclass has them)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class StreamedWeights(WeightMap):
     """Canonical name -> weight, with only the resident globals and at most two layers in memory.
 
     `load_layer(i)` returns layer i's tensors by canonical name; `resident` maps the rest (embed, norm.final
@@ -196,7 +227,7 @@ class StreamedWeights(Mapping):
         self.resident: dict[str, Any] = {}
         self.current, self.layer = -1, {}
         self.loads = 0                        # layer loads so far: num_layers per forward step
-        self.peak_bytes = 0                   # most bytes held at once (resident + layers)
+        self._peak = 0                        # most bytes held at once (resident + layers)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramwise-prefetch") if prefetch else None
         self._next: Optional[tuple[int, Future]] = None
 
@@ -226,7 +257,7 @@ class StreamedWeights(Mapping):
             nxt = (i + 1) % self.num_layers
             self._next = (nxt, self._pool.submit(self._load, nxt))
             held += self._layer_bytes_estimate
-        self.peak_bytes = max(self.peak_bytes, held)
+        self._peak = max(self._peak, held)
 
     @property
     def _layer_bytes_estimate(self) -> int:
@@ -243,19 +274,14 @@ class StreamedWeights(Mapping):
         """Bytes held now: resident tensors plus the layer being run (a prefetch in flight adds one layer)."""
         return sum(_array_bytes(v) for v in self.resident.values()) + sum(_array_bytes(v) for v in self.layer.values())
 
+    @property
+    def peak_bytes(self) -> int:
+        return self._peak
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def layer_bytes(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]]) -> list[int]:
@@ -271,5 +297,5 @@ def layer_bytes(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]
     return out
 
 
-__all__ = ["LayerStore", "StreamedWeights", "cache_root", "layer_bytes", "layer_of", "quantize_tensor", "read_tensors",
+__all__ = ["LayerStore", "StreamedWeights", "WeightMap", "cache_root", "layer_bytes", "layer_of", "quantize_tensor", "read_tensors",
            "write_tensors"]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from planner.formats import parse_option
-from refengine.api import Model, _Weights, streamed_weights
+from refengine.api import Model, streamed_weights
 from refengine.errors import WeightsError
 from refengine.stream import LayerStore, StreamedWeights, layer_of
 from refengine.tokenizer import Tokenizer
-from refengine.weights import ROPE_INTERLEAVED, load_checkpoint
+from refengine.weights import load_checkpoint
 from test_weights import HF_CONFIG, hf_folder
 
 # 6 layers, GQA 4:1, untied head: big enough that the layers, not the globals, dominate the weights.
