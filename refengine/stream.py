@@ -85,6 +85,9 @@ def write_tensors(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, Any
     tmp = path.with_name(path.name + ".tmp")
     # one metadata entry: safetensors writes several in no fixed order, and the file must be reproducible
     save_file(arrays, str(tmp), metadata={"vramwise": json.dumps(meta, sort_keys=True)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)                 # the writer creates 0600; these are ordinary files
     os.replace(tmp, path)
 
 
