@@ -15,7 +15,8 @@ from refengine.measure import MeasureError, measure
 from refengine.oracle import oracle_logits
 from refengine.tokenizer import for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, load_checkpoint
-from test_bad_input import tiny_gguf
+from test_bad_input import CFG, tiny_gguf
+from test_weights import tiny_tensors
 
 TEXT = ("The quick brown fox jumps over the lazy dog. hello world, hello again! " * 40)
 OPTIONS = tuple(parse_option(o) for o in ("1:2b g32", "1:3b g32", "1:4b g32", "1:8b g32", "0.25:4b/0.75:2b g32"))
@@ -108,3 +109,40 @@ def test_too_little_text_is_one_line(model, tmp_path, capsys):
                  str(tmp_path / "m.yaml"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "short.txt" in err and not (tmp_path / "m.yaml").exists()
+
+
+def test_a_killed_measure_process_resumes_to_the_same_file(tmp_path):
+    """SIGKILL mid-run (no cleanup of any kind), then run again: the same file as one uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    model = tiny_gguf(tmp_path / "deep.gguf", arrays=tiny_tensors(dict(CFG, layers=12)), layers=12)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    cmd = [sys.executable, "-m", "planner.cli", "measure", "--model", str(model), "--calib", str(calib), "--rows",
+           "2", "--row-tokens", "32", "--method", "rtn", "--quiet", "-o"]
+    subprocess.run(cmd + [str(tmp_path / "whole.yaml")], check=True, timeout=300)
+    out = tmp_path / "killed.yaml"
+    proc = subprocess.Popen(cmd + [str(out)])
+    progress = tmp_path / "killed.yaml.partial" / "progress.yaml"
+    deadline = time.monotonic() + 300
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = yaml.safe_load(progress.read_text())["layers_done"]
+        except (OSError, TypeError, KeyError, yaml.YAMLError):
+            done = 0
+        if done >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert 2 <= done < 12 and not out.exists(), "the run ended before it could be killed midway"
+    subprocess.run(cmd + [str(out)], check=True, timeout=300)
+    assert out.read_bytes() == (tmp_path / "whole.yaml").read_bytes()
+    assert not (tmp_path / "killed.yaml.partial").exists()
