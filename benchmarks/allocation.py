@@ -118,8 +118,8 @@ def main() -> None:
                 configs[f"{target}/{kind}"] = {"target": target, "allocation": kind, "assignment": assign,
                                                "bpw": round(bpw_of(assign), 4), "sum_error": round(err_of(assign), 5)}
 
-    # GPTQ tensors for every config that gets a perplexity (uniform and optimal), from one reference walk.
-    ppl_configs = [k for k, c in configs.items() if c["allocation"] in ("uniform", "optimal")]
+    # GPTQ tensors for every config, from one reference walk.
+    ppl_configs = list(configs)
     ids = calibration_rows(tok, DEFAULT_CALIB.read_text(encoding="utf-8"), args.calib_rows, 256)
     walk = LayerWalk(spec, ckpt["embed"].numpy(np.float32), ids, ckpt.rope_layout == ROPE_INTERLEAVED)
     gptq: dict[str, dict] = {k: {} for k in ppl_configs}
@@ -188,7 +188,7 @@ def plot(configs: dict, reference: float) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, method, style in (("uniform", "rtn", "o--"), ("uniform", "gptq", "s--"), ("optimal", "rtn", "o-"),
-                                ("optimal", "gptq", "s-")):
+                                ("optimal", "gptq", "s-"), ("greedy", "gptq", "x:")):
         pts = sorted((c["bpw"], c[f"perplexity_{method}"]) for c in configs.values()
                      if c["allocation"] == kind and f"perplexity_{method}" in c)
         ax.plot(*zip(*pts), style, label=f"{kind} allocation, {method.upper()}")

@@ -20,7 +20,8 @@ class RunError(ValueError):
 
 def build_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a plan: stream tokens, then measured figures beside the plan's")
-    p.add_argument("--plan", required=True, help="a plan.yaml from `vramwise plan`")
+    p.add_argument("--plan", required=True, help="a plan.yaml from `vramwise plan`, or a directory from "
+                                                 "`vramwise quantize` (its plan and weights)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue")
     src.add_argument("--chat", action="store_true", help="chat on stdin in the model's own chat template, one line per turn")
@@ -138,7 +139,7 @@ def quantize(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{out}: {header['weight_bytes'] / 1e6:.2f} MB of weights (the plan predicted "
               f"{header['planned_weight_bytes'] / 1e6:.2f} MB) in {time.perf_counter() - t0:.0f} s; "
-              f"run it with: vramwise run --plan {out / 'plan.yaml'} --weights {out}")
+              f"run it with: vramwise run --plan {out} --prompt ...")
     return 0
 
 
@@ -172,14 +173,16 @@ def _chat_prompt(tok, turns: list[tuple[str, str]]) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     if args.engine == "gpu":
         raise RunError("the GPU engine is not built yet (issue 5); run with --engine ref")
-    plan = load_plan(args.plan)
+    quantized = Path(args.plan) if Path(args.plan).is_dir() else None     # a `vramwise quantize` directory
+    plan = load_plan(quantized / "plan.yaml" if quantized else args.plan)
     from refengine.api import load_for_plan
     from refengine.generate import Sampling
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     except ValueError as exc:
         raise RunError(f"sampling: {exc}") from None
-    source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
+    source = args.weights or (str(quantized) if quantized else None) or plan.doc.get("request", {}).get("model") \
+        or plan.spec.id
     try:      # everything that reads the checkpoint, before a token is printed
         model = load_for_plan(plan, source, args.stream, Path(args.store) if args.store else None,
                               _store_progress(args.json))

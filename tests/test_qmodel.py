@@ -103,6 +103,7 @@ def test_cli_quantize_run_eval(setup, tmp_path, capsys):
                  "--quiet"]) == 0
     assert main(["run", "--plan", str(out / "plan.yaml"), "--weights", str(out), "--prompt", "hello world",
                  "--max-new-tokens", "3", "--json"]) == 0
+    assert main(["run", "--plan", str(out), "--prompt", "hello world", "--max-new-tokens", "3", "--json"]) == 0
     text = tmp_path / "eval.txt"
     text.write_text(TEXT)
     capsys.readouterr()
