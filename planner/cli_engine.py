@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "gpu":
         raise RunError("the GPU engine is not built yet (issue 5); run with --engine ref")
     quantized = Path(args.plan) if Path(args.plan).is_dir() else None     # a `vramwise quantize` directory
+    if quantized and not (quantized / "plan.yaml").exists():
+        raise RunError(f"{quantized}: a folder without plan.yaml, so not a `vramwise quantize` directory; pass a "
+                       "plan.yaml or the directory quantize wrote")
     plan = load_plan(quantized / "plan.yaml" if quantized else args.plan)
     from refengine.api import load_for_plan
     from refengine.generate import Sampling

@@ -110,6 +110,9 @@ def test_cli_quantize_run_eval(setup, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--text", str(text), "--ctx", "32", "--max-tokens", "64",
                  "--json"]) == 0
     assert '"perplexity"' in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "--plan", str(tmp_path / "empty"), "--prompt", "hi"]) == 2
+    assert "not a `vramwise quantize` directory" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("too short")
     assert main(["quantize", "--plan", str(plan), "--weights", str(model), "--calib", str(short), "-o",
