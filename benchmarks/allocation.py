@@ -127,19 +127,14 @@ def main() -> None:
     for i in range(spec.num_layers):
         w = {n: r.numpy(np.float32) for n, r in ckpt.layer(i).items()}
         seen = walk.step(w)
-        grams = {}
         for t in linears:
             if t.layer != i:
                 continue
-            x = seen.of(t.name)
-            if id(x) not in grams:
-                x64 = x.astype(np.float64)
-                grams[id(x)] = x64.T @ x64
             done = {}
             for k in ppl_configs:
                 o = configs[k]["assignment"][t.name]
                 if o not in done:
-                    done[o] = QuantizedLinear(gptq_quantize(w[t.name], parse_option(o), grams[id(x)]))
+                    done[o] = QuantizedLinear(gptq_quantize(w[t.name], parse_option(o), seen.gram(t.name)))
                 gptq[k][t.name] = done[o]
         print(f"gptq layer {i + 1}/{spec.num_layers} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     gptq_seconds = time.perf_counter() - t0

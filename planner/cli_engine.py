@@ -8,7 +8,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from planner.plan import load_plan
 from planner.units import fmt_bytes
@@ -68,8 +67,7 @@ def build_measure(sub: argparse._SubParsersAction) -> None:
 def measure(args: argparse.Namespace) -> int:
     from refengine.measure import measure as run_measure
 
-    if args.rows < 1 or args.row_tokens < 2:
-        raise RunError(f"--rows {args.rows} --row-tokens {args.row_tokens}: need at least 1 row of 2 tokens")
+    _check_rows(args)
     text, path = _calibration_text(args.calib)
     out = Path(args.output)
     from rich.progress import Progress
@@ -103,10 +101,16 @@ def build_quantize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=quantize)
 
 
-def _calibration_text(arg: Optional[str]) -> tuple[str, str]:
+def _check_rows(args: argparse.Namespace) -> None:
+    if args.rows < 1 or args.row_tokens < 2:
+        raise RunError(f"--rows {args.rows} --row-tokens {args.row_tokens}: need at least 1 row of 2 tokens")
+
+
+def _calibration_text(calib: str | None) -> tuple[str, str]:
+    """(text, where from) of --calib (default: the project's own)."""
     from refengine.calibrate import DEFAULT_CALIB
 
-    path = Path(arg) if arg else DEFAULT_CALIB
+    path = Path(calib) if calib else DEFAULT_CALIB
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -118,11 +122,10 @@ def quantize(args: argparse.Namespace) -> int:
 
     from refengine.qmodel import quantize_model
 
-    if args.rows < 1 or args.row_tokens < 2:
-        raise RunError(f"--rows {args.rows} --row-tokens {args.row_tokens}: need at least 1 row of 2 tokens")
+    _check_rows(args)
+    text, text_source = _calibration_text(args.calib) if args.method == "gptq" else ("", "")
     plan = load_plan(args.plan)
     source = args.weights or plan.doc.get("request", {}).get("model") or plan.spec.id
-    text, text_source = _calibration_text(args.calib) if args.method == "gptq" else ("", "")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory; choose another -o")

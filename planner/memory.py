@@ -99,6 +99,13 @@ def global_weight_bytes(spec: ModelSpec) -> dict[str, int]:
             "embed": tensor_bytes(by_kind["embed"])}
 
 
+def all_weight_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> int:
+    """Every weight the model stores: layers (linears in their options), embedding, final norm and head
+    (a tied head is a separate quantized copy of the embedding, so it counts once more)."""
+    total = sum(tensor_bytes(t, assignment.get(t.name)) for t in tensors(spec))
+    return total + (global_weight_bytes(spec)["head"] if spec.tie_embeddings else 0)
+
+
 def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
     """Cache bytes one position adds in one layer (K and V)."""
     return 2 * spec.num_kv_heads * kv.row_bytes(spec.head_dim)

@@ -20,7 +20,7 @@ from planner import memory as mem, yamlout
 from planner.budget import Assessment, Host, Layout, assess, avg_bpw
 from planner.formats import HEAD_OPTION, FormatError, kv_format, parse_option
 from planner.roofline import EFFICIENCY
-from planner.spec import architecture_digest, layer_linears, param_count, tensors
+from planner.spec import architecture_digest, layer_linears, param_count
 
 SCHEMA_VERSION = 1
 KIND = "vramwise-plan"
@@ -60,9 +60,7 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
     layers = [{"name": t.name, "option": lay.assignment[t.name].name,
                "bpw": round(8 * mem.tensor_bytes(t, lay.assignment[t.name]) / t.numel, 4),
                "bytes": mem.tensor_bytes(t, lay.assignment[t.name])} for t in linears]
-    all_weights = sum(mem.tensor_bytes(t, lay.assignment.get(t.name)) for t in tensors(spec))
-    if spec.tie_embeddings:
-        all_weights += mem.global_weight_bytes(spec)["head"]
+    all_weights = mem.all_weight_bytes(spec, lay.assignment)
     kv_token = mem.kv_bytes_per_token(spec, lay.kv)
     budget = gpu.memory_bytes * gpu_count
     eff = EFFICIENCY[gpu.vendor]

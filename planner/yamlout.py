@@ -85,6 +85,14 @@ def dump(obj) -> str:
     return "\n".join(_lines(obj, 0)) + "\n"
 
 
+def make_ordinary(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain open() would (0666 less the umask): temporary-file writers
+    create 0600, and what the project writes is ordinary files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write text to path atomically: a temporary file in the same folder, then a rename over the target
     (a reader sees the old file or the new one, never half of one). Raises OSError."""
@@ -94,9 +102,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)            # mkstemp creates 0600; these are ordinary files
+        make_ordinary(tmp)                       # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

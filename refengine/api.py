@@ -155,17 +155,9 @@ def load_quantized(path, plan: Optional["Plan"] = None, stream: Optional[bool] =
                           f"--plan {Path(path) / 'plan.yaml'}")
     lay = (plan or qdir.plan).layout
     stream = lay.mode == "stream" if stream is None else stream
-    if stream:
-        names = [n for layer in qdir.layers for n in layer] + ["embed", "norm.final", "head"]
-        globals_: dict = {}
-
-        def resident(name: str):
-            if not globals_:
-                globals_.update(qdir.load_globals())
-            return globals_[name]
-        weights: Mapping = StreamedWeights(names, resident, qdir.load_layer, qdir.spec.num_layers)
-    else:
-        weights = QuantizedWeights(qdir)
+    weights: Mapping = QuantizedWeights(qdir)
+    if stream:                      # the globals from it, the layers one at a time from their files
+        weights = StreamedWeights(weights.names, weights.__getitem__, qdir.load_layer, qdir.spec.num_layers)
     return Model(qdir.checkpoint(), qdir.tokenizer(), ctx or lay.ctx, kv or lay.kv.name, lay.chunk, None, weights)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -43,14 +43,26 @@ class LayerInputs:
 
     layer: int
     inputs: dict[str, np.ndarray]
+    _grams: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def of(self, linear: str) -> np.ndarray:
-        """The input of a linear given by its canonical name (layers.{i}.attn.q) or suffix (attn.q)."""
+    def group(self, linear: str) -> str:
+        """The input a linear reads, by its canonical name (layers.{i}.attn.q) or suffix (attn.q)."""
         suffix = linear.split(".", 2)[2] if linear.startswith("layers.") else linear
         for name, members in INPUT_GROUPS.items():
             if suffix in members:
-                return self.inputs[name]
+                return name
         raise KeyError(linear)
+
+    def of(self, linear: str) -> np.ndarray:
+        return self.inputs[self.group(linear)]
+
+    def gram(self, linear: str) -> np.ndarray:
+        """X^T X (float64) of a linear's input, computed once per input (q, k and v share theirs)."""
+        name = self.group(linear)
+        if name not in self._grams:
+            x = self.inputs[name].astype(np.float64)
+            self._grams[name] = x.T @ x
+        return self._grams[name]
 
 
 class LayerWalk:

@@ -61,11 +61,10 @@ def measure_layer(w: dict, inputs, method: str, options: Sequence[QuantOption]) 
     """{linear name: {option name: {rfn_error, bytes}}} for one layer's float32 weights and inputs."""
     quant = quantizer(method)
     table: dict[str, dict] = {}
-    for group, members in INPUT_GROUPS.items():
-        x = inputs.inputs[group].astype(np.float64)
-        gram = x.T @ x
+    for members in INPUT_GROUPS.values():
         for suffix in members:
             name = f"layers.{inputs.layer}.{suffix}"
+            gram = inputs.gram(name)
             weight = w[name]
             energy = output_energy(weight, gram)
             row = {}

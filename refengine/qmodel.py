@@ -29,6 +29,7 @@ from planner.spec import architecture_digest
 from refengine import ops
 from refengine.calibrate import LayerWalk, WalkCheckpoint, calibration_rows
 from refengine.errors import WeightsError
+from refengine.gptq import gptq_quantize
 from refengine.quant import QTensor, dequantize
 from refengine.stream import LayerStore, WeightMap, file_meta, quantize_tensor, read_tensors, write_tensors
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
@@ -44,11 +45,6 @@ FORMAT_VERSION = 1
 def is_quantized_dir(path: Any) -> bool:
     p = Path(path)
     return p.is_dir() and ((p / HEADER).exists() or (p / "plan.yaml").exists() and any(p.glob("layer_*.safetensors")))
-
-
-def _gptq(w: np.ndarray, option: QuantOption, gram: np.ndarray) -> QTensor:
-    from refengine.gptq import gptq_quantize
-    return gptq_quantize(w, option, gram)
 
 
 def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", text: str = "",
@@ -81,7 +77,7 @@ def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", t
     head_w = ckpt.lm_head.numpy(np.float32)
     if head_x is not None:
         head = quantize_tensor(ckpt, ckpt.lm_head.name, head_w, HEAD_OPTION,
-                               lambda w, o: _gptq(w, o, head_x.T @ head_x))
+                               lambda w, o: gptq_quantize(w, o, head_x.T @ head_x))
     else:
         head = quantize_tensor(ckpt, ckpt.lm_head.name, head_w, HEAD_OPTION)
     globals_ = {"embed": ckpt["embed"].numpy(np.float32).astype(np.float16), "head": head,
@@ -107,12 +103,10 @@ def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", t
 
 
 def planned_weight_bytes(plan: "Plan") -> int:
-    """What the plan says every weight takes: its layers (linears in their options, norms, biases), the
-    head, the final norm and the embedding (planner.memory's byte functions)."""
+    """What the plan says every weight takes (its weights.bytes): layers, head, final norm, embedding."""
     from planner import memory as mem
 
-    glob = mem.global_weight_bytes(plan.spec)
-    return sum(mem.layer_weight_bytes(plan.spec, plan.layout.assignment)) + sum(glob.values())
+    return mem.all_weight_bytes(plan.spec, plan.layout.assignment)
 
 
 def _gptq_layers(ckpt: Checkpoint, store: LayerStore, assignment: Mapping[str, QuantOption], ids: np.ndarray,
@@ -130,18 +124,12 @@ def _gptq_layers(ckpt: Checkpoint, store: LayerStore, assignment: Mapping[str, Q
     for i in range(done, spec.num_layers):
         w = {n: r.numpy(np.float32) for n, r in ckpt.layer(i).items()}
         seen = walk.step(w, advance=False)
-        grams: dict[int, np.ndarray] = {}
         tensors: dict[str, Any] = {}
         for name, weight in w.items():
-            if name not in assignment:
-                tensors[name] = weight
-                continue
-            x = seen.of(name)
-            if id(x) not in grams:
-                x64 = x.astype(np.float64)
-                grams[id(x)] = x64.T @ x64
-            gram = grams[id(x)]
-            tensors[name] = quantize_tensor(ckpt, name, weight, assignment[name], lambda a, o: _gptq(a, o, gram))
+            if name in assignment:
+                gram = seen.gram(name)
+                weight = quantize_tensor(ckpt, name, weight, assignment[name], lambda a, o: gptq_quantize(a, o, gram))
+            tensors[name] = weight
         store.write_layer(i, tensors)
         walk.step({n: dequantize(t) if isinstance(t, QTensor) else t for n, t in tensors.items()})
         partial.save(i + 1, walk.x, {})

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from planner.formats import QuantOption, parse_option
-from planner.spec import tensors as inventory
+from planner.yamlout import make_ordinary
 from refengine.errors import WeightsError
 from refengine.packed import QuantizedLinear
 from refengine.quant import QSlice, QTensor, quantize
@@ -85,9 +85,7 @@ def write_tensors(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, Any
     tmp = path.with_name(path.name + ".tmp")
     # one metadata entry: safetensors writes several in no fixed order, and the file must be reproducible
     save_file(arrays, str(tmp), metadata={"vramwise": json.dumps(meta, sort_keys=True)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)                 # the writer creates 0600; these are ordinary files
+    make_ordinary(tmp)                            # the writer creates 0600
     os.replace(tmp, path)
 
 
@@ -287,18 +285,5 @@ class StreamedWeights(WeightMap):
             self._pool = None
 
 
-def layer_bytes(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]]) -> list[int]:
-    """What each layer takes once loaded: the planner's byte count under a plan, else float32 arrays."""
-    from planner import memory as mem
-
-    if assignment is not None:
-        return mem.layer_weight_bytes(ckpt.spec, assignment)
-    out = [0] * ckpt.spec.num_layers
-    for t in inventory(ckpt.spec):
-        if t.layer >= 0 and t.name in ckpt.tensors:
-            out[t.layer] += 4 * t.numel
-    return out
-
-
-__all__ = ["LayerStore", "StreamedWeights", "WeightMap", "cache_root", "layer_bytes", "layer_of", "quantize_tensor", "read_tensors",
+__all__ = ["LayerStore", "StreamedWeights", "WeightMap", "cache_root", "layer_of", "quantize_tensor", "read_tensors",
            "write_tensors"]
