@@ -42,16 +42,10 @@ class Layout:
     prompt_tokens: int
 
 
-@dataclass
-class Assessment:
-    per_gpu: list[dict[str, int]]                # per card: item -> bytes
-    host: dict[str, int]
-    weights_in_ram: bool                         # host-side weights fit in RAM (else read from disk)
-    decode_s: float
-    prefill_chunk_s: float
-    ttft_s: float
-    traffic: Traffic
-    notes: list[str] = field(default_factory=list)
+class CardTotals:
+    """Sums over cards of an itemized budget (`per_gpu`: per card, item -> bytes)."""
+
+    per_gpu: list[dict[str, int]]
 
     @property
     def items(self) -> dict[str, int]:
@@ -64,6 +58,18 @@ class Assessment:
     @property
     def total(self) -> int:
         return sum(sum(c.values()) for c in self.per_gpu)
+
+
+@dataclass
+class Assessment(CardTotals):
+    per_gpu: list[dict[str, int]]                # per card: item -> bytes
+    host: dict[str, int]
+    weights_in_ram: bool                         # host-side weights fit in RAM (else read from disk)
+    decode_s: float
+    prefill_chunk_s: float
+    ttft_s: float
+    traffic: Traffic
+    notes: list[str] = field(default_factory=list)
 
 
 def _kv_layers(spec: ModelSpec, lay: Layout, card: int) -> range:

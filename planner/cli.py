@@ -19,10 +19,11 @@ from planner.formats import KV_FORMATS, FormatError
 from planner.optimize import PlanError, Request, make_plan
 from planner.plan import PlanFileError, build_document, write_plan
 from planner.spec import ModelSourceError, architecture_digest, layer_linears, param_count, resolve_model
+from planner.targets import TARGETS, TargetError
 from planner.units import UnitError, fmt_bytes, parse_bytes, parse_rate_gb_s
 
 USER_ERRORS = (HwdbError, ModelSourceError, MeasurementError, FormatError, PlanError, PlanFileError, UnitError,
-               DetectError, cli_engine.RunError)
+               DetectError, cli_engine.RunError, TargetError)
 DEFAULT_HOST_LINK_GB_S = 25.0     # PCIe 4.0 x16 at ~80% (hwdb's convention) for a card given by --vram
 
 
@@ -68,10 +69,30 @@ def _build_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-bandwidth", help="host RAM bandwidth (default 76.8GB/s: dual-channel DDR5-4800)")
     p.add_argument("--disk-bandwidth", help="disk read rate for weights beyond RAM (default 3.5GB/s NVMe)")
     p.add_argument("--hwdb", help="YAML file adding or overriding GPUs and models (or $VRAMWISE_HWDB)")
+    p.add_argument("--target", default="vramwise", help="engine to plan for: vramwise (default), llama.cpp, "
+                                                        "exllamav2 or vllm")
+    p.add_argument("--nodes", type=_positive_int, help="machines of --gpus cards each (vllm only: Ray, pipeline parallel)")
     p.add_argument("-o", "--output", default="plan.yaml", help="where to write the plan (default plan.yaml)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(handler=_plan)
+
+
+def _build_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="print the commands that run a plan on its target engine")
+    p.add_argument("--plan", required=True, help="a plan.yaml written by `vramwise plan`")
+    p.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from planner import export
+    from planner.targets import load_target_plan
+    doc, _ = load_target_plan(args.plan)
+    if "target" not in doc:
+        from planner.plan import load_plan
+        load_plan(args.plan)                     # a vramwise plan must hold as well
+    print("\n".join(export.commands(doc, args.plan)))
+    return 0
 
 
 def _median_ratio(db: hwdb.Database) -> float:
@@ -131,6 +152,10 @@ def _plan(args: argparse.Namespace) -> int:
         measurement = load_measurement(args.measurement, architecture_digest(spec), layer_linears(spec))
     ram = parse_bytes(args.ram) if args.ram else host_ram_bytes()
     host = Host(ram, *(parse_rate_gb_s(x) for x in (args.cpu_bandwidth or "76.8", args.disk_bandwidth or "3.5")))
+    if args.target != "vramwise":
+        return _plan_target(args, spec, gpu, count, host)
+    if args.nodes:
+        raise TargetError("--nodes plans across machines, which only --target vllm runs (Ray, pipeline parallel)")
     req = Request(spec, gpu, host, count, args.ctx, args.kv, parse_bytes(args.reserve) if args.reserve else None,
                   args.bpw, args.min_bpw, args.chunk, args.prompt_tokens, measurement)
     out = make_plan(req)
@@ -139,12 +164,31 @@ def _plan(args: argparse.Namespace) -> int:
     doc = build_document(spec, gpu, count, host, out.layout, out.assessment, out.expected_error,
                          out.solution.lower_bound, out.solution.exact, out.decisions, out.alternatives, out.pareto,
                          request)
+    return _emit(args, doc, "plan")
+
+
+def _plan_target(args: argparse.Namespace, spec, gpu: GPUSpec, count: int, host: Host) -> int:
+    from planner import targets
+    if args.target not in TARGETS:
+        raise TargetError(f"unknown target {args.target!r} (choose from {', '.join(TARGETS)})")
+    if args.measurement:
+        raise TargetError(f"--measurement feeds vramwise's own quantizer; {args.target} quantizes with its own tools")
+    req = targets.TargetRequest(spec, gpu, host, count, args.nodes or 1, args.ctx, args.kv,
+                                parse_bytes(args.reserve) if args.reserve else None, args.bpw, args.min_bpw)
+    out = targets.plan_target(args.target, req)
+    request = {"model": args.model, "gpu": args.gpu or "custom", "target": args.target}
+    doc = targets.build_document(args.target, req, out, request)
+    return _emit(args, doc, "target_plan")
+
+
+def _emit(args: argparse.Namespace, doc: dict, renderer: str) -> int:
+    """Write the plan, then print it as JSON or as tables (render.<renderer>)."""
     write_plan(doc, args.output)
     if args.json:
         print(json.dumps(doc, indent=1))
     elif not args.quiet:
         from planner import render
-        render.plan(doc, args.output)
+        getattr(render, renderer)(doc, args.output)
     return 0
 
 
@@ -205,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="vramwise", description="Plan and run LLMs on the GPU you have.")
     sub = root.add_subparsers(dest="command", required=True)
     _build_plan(sub)
+    _build_export(sub)
     _build_list(sub, "gpus", _gpus, "list the GPU database")
     _build_list(sub, "models", _models, "list the model database")
     cli_engine.build_run(sub)

@@ -45,7 +45,7 @@ class Plan:
         return assess(self.spec, self.gpu, self.gpu_count, self.host, self.layout)
 
 
-def _spec_dict(obj: Any) -> dict:
+def spec_dict(obj: Any) -> dict:
     d = dataclasses.asdict(obj)
     d.pop("id")
     d["aliases"] = list(d["aliases"])
@@ -67,10 +67,10 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
     return {
         "schema_version": SCHEMA_VERSION, "kind": KIND, "mode": lay.mode,
         "model": {"name": spec.name, "id": spec.id, "params": param_count(spec),
-                  "architecture_digest": architecture_digest(spec), "spec": _spec_dict(spec)},
+                  "architecture_digest": architecture_digest(spec), "spec": spec_dict(spec)},
         "gpu": {"name": gpu.name, "id": gpu.id, "count": gpu_count, "memory_bytes": gpu.memory_bytes,
                 "bandwidth_gb_s": gpu.bandwidth_gb_s, "fp16_tflops": gpu.fp16_tflops,
-                "host_link_gb_s": gpu.host_link_gb_s, "source": gpu.source, "spec": _spec_dict(gpu)},
+                "host_link_gb_s": gpu.host_link_gb_s, "source": gpu.source, "spec": spec_dict(gpu)},
         "host": dataclasses.asdict(host),
         "request": request,
         "decisions": [{"what": w, "choice": c, "why": y} for w, c, y in decisions],
@@ -161,8 +161,8 @@ def _count(doc: dict, dotted: str, path: Path, minimum: int = 1) -> int:
     return value
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
-    """Read a plan and re-derive every number from its choices; refuse one that no longer holds."""
+def specs_from(path: str | os.PathLike) -> tuple[dict, ModelSpec, GPUSpec, Host]:
+    """Read any plan file (vramwise or another target) and rebuild its model, GPU and host."""
     path = Path(path)
     try:
         doc = read_yaml(path)
@@ -183,6 +183,17 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if _get(doc, "model.architecture_digest", path) != architecture_digest(spec):
         raise PlanFileError(f"{path}: model.spec no longer matches model.architecture_digest; the plan does not "
                             f"match its model (re-run `vramwise plan`)")
+    return doc, spec, gpu, host
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan and re-derive every number from its choices; refuse one that no longer holds."""
+    path = Path(path)
+    doc, spec, gpu, host = specs_from(path)
+    if isinstance(doc.get("target"), dict):
+        name = doc["target"].get("name")
+        raise PlanFileError(f"{path}: this plan is for {name}, not vramwise's engines; `vramwise export --plan {path}` "
+                            f"prints the commands to run it there")
     count = _get(doc, "gpu.count", path)
     if not isinstance(count, int) or count < 1:
         raise PlanFileError(f"{path}: gpu.count must be a whole number >= 1")

@@ -27,26 +27,8 @@ def plan(doc: dict, path: str) -> None:
               f"prefill {p['prefill_tokens_per_s']:.0f} tok/s, first token after {p['time_to_first_token_s']:.2f} s "
               f"for a {p['prompt_tokens']}-token prompt")
 
-    t = Table(title="Decisions", show_lines=False, expand=False)
-    t.add_column("what", style="bold")
-    t.add_column("choice")
-    t.add_column("why", overflow="fold", max_width=90)
-    for d in doc["decisions"]:
-        t.add_row(d["what"], d["choice"], d["why"])
-    con.print(t)
-
-    t = Table(title=f"GPU memory: {fmt_bytes(mem['total_bytes'])} of {fmt_bytes(mem['budget_bytes'])} "
-                    f"({fmt_bytes(mem['free_bytes'])} free)")
-    t.add_column("item")
-    t.add_column("bytes", justify="right")
-    t.add_column("size", justify="right")
-    t.add_column("share", justify="right")
-    for name, n in mem["items"].items():
-        if n:
-            t.add_row(name, f"{n:,}", fmt_bytes(n), f"{n / mem['budget_bytes']:.1%}")
-    t.add_row("[bold]total[/]", f"[bold]{mem['total_bytes']:,}[/]", fmt_bytes(mem["total_bytes"]),
-              f"{mem['total_bytes'] / mem['budget_bytes']:.1%}")
-    con.print(t)
+    con.print(_decisions(doc["decisions"]))
+    con.print(_memory(mem))
     host = mem["host"]["items"]
     con.print("host RAM: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in host.items() if v)
               + ("" if mem["host"]["weights_in_ram"] else " (weights beyond RAM read from disk)"))
@@ -61,6 +43,49 @@ def plan(doc: dict, path: str) -> None:
             t.add_row(fmt_bytes(pt["bytes"]), f"{pt['avg_bpw']:.2f}", f"{pt['expected_error']:.3f}")
         con.print(t)
     con.print(f"wrote {path}")
+
+
+def _decisions(rows: list[dict]) -> Table:
+    t = Table(title="Decisions", show_lines=False, expand=False)
+    t.add_column("what", style="bold")
+    t.add_column("choice")
+    t.add_column("why", overflow="fold", max_width=90)
+    for d in rows:
+        t.add_row(d["what"], d["choice"], d["why"])
+    return t
+
+
+def _memory(mem: dict) -> Table:
+    t = Table(title=f"GPU memory: {fmt_bytes(mem['total_bytes'])} of {fmt_bytes(mem['budget_bytes'])} "
+                    f"({fmt_bytes(mem['free_bytes'])} free)")
+    t.add_column("item")
+    t.add_column("bytes", justify="right")
+    t.add_column("size", justify="right")
+    t.add_column("share", justify="right")
+    for name, n in mem["items"].items():
+        if n:
+            t.add_row(name, f"{n:,}", fmt_bytes(n), f"{n / mem['budget_bytes']:.1%}")
+    t.add_row("[bold]total[/]", f"[bold]{mem['total_bytes']:,}[/]", fmt_bytes(mem["total_bytes"]),
+              f"{mem['total_bytes'] / mem['budget_bytes']:.1%}")
+    return t
+
+
+def target_plan(doc: dict, path: str) -> None:
+    """A plan for another engine: summary, decisions, memory budget, host memory."""
+    con = _console()
+    g, tgt = doc["gpu"], doc["target"]
+    cards = f"{g['count']} x {g['name']}" if g["count"] > 1 else g["name"]
+    nodes = f" on {g['nodes']} nodes" if g.get("nodes", 1) > 1 else ""
+    con.print(f"[bold]{doc['model']['name']}[/] on [bold]{cards}[/]{nodes} with [bold]{tgt['engine']}[/] "
+              f"{tgt['version']}: mode [bold]{doc['mode']}[/], {doc['weights']['format']}, context "
+              f"{doc['context']['length']}, KV {doc['kv_cache']['dtype']}")
+    con.print(f"predicted: decode [bold]{fmt_rate(doc['predicted']['decode_tokens_per_s'])}[/]")
+    con.print(_decisions(doc["decisions"]))
+    con.print(_memory(doc["memory"]))
+    host = doc["memory"]["host"]["items"]
+    if any(host.values()):
+        con.print("host RAM: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in host.items() if v))
+    con.print(f"wrote {path}; `vramwise export --plan {path}` prints the commands")
 
 
 def _weights_by_kind(layers: list[dict]) -> Table:

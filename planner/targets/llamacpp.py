@@ -1,0 +1,264 @@
+"""llama.cpp: a GGUF file type (with --tensor-type overrides), -c, -ngl, -ctk/-ctv, -fa, and MoE experts on the CPU.
+
+Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, src/llama-context.cpp):
+  - model buffers: every tensor in its GGUF type (planner.targets.gguf). The token embedding stays in
+    host memory (llama.cpp keeps the input layer on the CPU); -ngl N puts the last N repeating layers on
+    the GPU(s), and the output head too when N exceeds the layer count. --cpu-moe / --n-cpu-moe keep
+    expert tensors in host memory (an -ot override to the CPU buffer);
+  - KV cache: n_ctx cells x resident layers x (K row + V row); rows are whole ggml blocks, so q8_0 takes
+    34 bytes and q4_0 18 bytes per 32 values (planner.formats' q8/q4). No padding of the cell count since
+    ggml-org/llama.cpp#16812 (earlier builds padded n_ctx to 256 with flash attention, 32 without);
+  - compute buffer: the graph allocator's peak for one n_ubatch=512 step. Our estimate: fp32 activations
+    of the batch, the larger of the FFN intermediates and the attention scores (flash attention: only the
+    f16 mask, n_kv x n_ubatch), and the fp32 logits of the batch on the device holding the head;
+  - margins: --fit's default target leaves 1024 MiB free per device (ggml-org/llama.cpp#16653, `-fitt`);
+    CUDA context and cuBLAS workspace as for vramwise's engine; the desktop reserve on display cards.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from planner import memory as mem
+from planner.budget import contiguous_split
+from planner.errors import TYPE_WEIGHT
+from planner.formats import KV_FORMATS
+from planner.optimize import _ctx_ladder
+from planner.roofline import EFFICIENCY, Traffic, decode_seconds
+from planner.targets import Outcome, TargetError, TargetRequest
+from planner.targets import gguf
+from planner.units import fmt_bytes
+
+FIT_TARGET_BYTES = 1024 * mem.MiB        # llama.cpp --fit-target default, per device
+N_UBATCH = 512                           # llama.cpp default physical batch (-ub)
+# best first; each is a llama-quantize type name. F16 is offered only through --bpw 16.
+LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M",
+          "IQ3_XS", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+OFFLOAD_FTYPE = "Q4_K_M"                 # the common 4-bit choice when the model must be split with the CPU
+KV_TYPES = {"fp16": "f16", "q8": "q8_0", "q4": "q4_0"}
+K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+BUMP_ORDER = sorted(("attn_v", "ffn_down", "attn_output", "attn_k", "attn_q"),
+                    key=lambda c: -TYPE_WEIGHT[{"attn_v": "v", "ffn_down": "down", "attn_output": "o",
+                                                "attn_k": "k", "attn_q": "q"}[c]])
+
+
+class _Layout:
+    """Where every tensor sits: per card the resident layers, the head, CPU experts."""
+
+    def __init__(self, spec, types, ctx, kv, gpu_layers, head_on_gpu, cpu_expert_layers):
+        self.spec, self.types, self.ctx, self.kv = spec, types, ctx, kv
+        self.gpu_layers, self.head_on_gpu, self.cpu_expert_layers = gpu_layers, head_on_gpu, cpu_expert_layers
+        self.tensor_bytes = gguf.file_bytes(spec, types)
+
+
+def _layer_bytes(lay: _Layout, experts: bool) -> list[int]:
+    out = [0] * lay.spec.num_layers
+    for t in gguf.gguf_tensors(lay.spec):
+        if t.layer >= 0 and (experts or not (t.expert and t.layer in lay.cpu_expert_layers)):
+            out[t.layer] += lay.tensor_bytes[t.name]
+    return out
+
+
+def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool) -> int:
+    """Estimated peak of llama.cpp's compute buffer for one n_ubatch step (see the module docstring)."""
+    n, h = N_UBATCH, spec.hidden_size
+    ffn = n * spec.intermediate_size * max(1, spec.experts_per_token) * 4 * 2
+    attn = n * ctx * 2 if flash_attn else n * ctx * spec.num_heads * 4 * 2
+    base = n * (4 * h + spec.q_dim + 2 * spec.kv_dim) * 4
+    return base + max(ffn, attn) + (n * spec.vocab_size * 4 if with_logits else 0)
+
+
+def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
+    a, b = lay.gpu_layers[card]
+    last = card == len(lay.gpu_layers) - 1
+    head = lay.tensor_bytes.get("output", lay.tensor_bytes["token_embd"] if lay.spec.tie_embeddings else 0)
+    norm = sum(lay.tensor_bytes[t.name] for t in gguf.gguf_tensors(lay.spec) if t.layer < 0 and t.category == "other")
+    on_head = last and lay.head_on_gpu
+    return {"weights.layers": sum(layer_bytes[a:b]), "weights.output": head + norm if on_head else 0,
+            "kv_cache": (b - a) * lay.ctx * mem.kv_bytes_per_token(lay.spec, KV_FORMATS[lay.kv]),
+            "compute_buffer": compute_buffer_bytes(lay.spec, lay.ctx, True, on_head),
+            "cuda_context": mem.CUDA_CONTEXT_BYTES, "cublas_workspace": mem.cublas_workspace_bytes(req.gpu),
+            "fit_margin": FIT_TARGET_BYTES, "reserve": _reserve(req) if card == 0 else 0}
+
+
+def _reserve(req: TargetRequest) -> int:
+    return mem.default_reserve(req.gpu) if req.reserve_bytes is None else req.reserve_bytes
+
+
+def _place(req: TargetRequest, spec, types, ctx, kv, cpu_expert_layers=frozenset(), max_layers=None):
+    """Fill the cards from the last layer backwards (as -ngl does); None if not even one layer fits."""
+    n, cards = spec.num_layers, req.gpu_count
+    probe = _Layout(spec, types, ctx, kv, tuple((0, 0) for _ in range(cards)), True, cpu_expert_layers)
+    layer_bytes = _layer_bytes(probe, experts=False)
+    kv_layer = ctx * mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
+    budgets = [req.gpu.memory_bytes] * cards
+    top = n if max_layers is None else max_layers
+    for k in range(top, 0, -1):
+        head_on_gpu = k == n
+        fixed = [sum(_card(req, _Layout(spec, types, ctx, kv, tuple((0, 0) for _ in range(cards)), head_on_gpu,
+                                        cpu_expert_layers), c, layer_bytes).values()) for c in range(cards)]
+        split = contiguous_split(layer_bytes[n - k:], fixed, budgets, kv_layer)
+        if split is not None:
+            split = tuple((a + n - k, b + n - k) for a, b in split)
+            return _Layout(spec, types, ctx, kv, split, head_on_gpu, cpu_expert_layers)
+    return None
+
+
+def _decode_s(req: TargetRequest, lay: _Layout) -> float:
+    spec = lay.spec
+    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
+    gpu_read = cpu_read = 0.0
+    share = spec.experts_per_token / spec.num_experts if spec.is_moe else 1.0
+    for t in gguf.gguf_tensors(spec):
+        if t.layer < 0:
+            if t.category == "output" or (t.category == "token_embd" and spec.tie_embeddings):
+                if lay.head_on_gpu:
+                    gpu_read += lay.tensor_bytes[t.name]
+                else:
+                    cpu_read += lay.tensor_bytes[t.name]
+            continue
+        nbytes = lay.tensor_bytes[t.name] * (share if t.expert else 1.0)
+        if t.layer in on_gpu and not (t.expert and t.layer in lay.cpu_expert_layers):
+            gpu_read += nbytes
+        else:
+            cpu_read += nbytes
+    eff = EFFICIENCY[req.gpu.vendor]
+    traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read, link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
+                      overhead_s=eff.token_overhead_s)
+    return decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
+                          req.host.disk_gb_s)
+
+
+def _avg_bpw(spec, types) -> float:
+    tb = gguf.file_bytes(spec, types)
+    return 8 * sum(tb.values()) / sum(t.numel for t in gguf.gguf_tensors(spec))
+
+
+def _ftypes(req: TargetRequest) -> list[str]:
+    ladder = ("F16",) + LADDER if req.bpw is not None and req.bpw >= 16 else LADDER
+    out = []
+    for f in ladder:
+        bpw = _avg_bpw(req.model, gguf.tensor_types(req.model, f, f.startswith("IQ")))
+        if (req.bpw is None or bpw <= req.bpw) and bpw >= req.min_bpw:
+            out.append(f)
+    return out
+
+
+def _bump(req: TargetRequest, lay: _Layout, ftype: str) -> tuple[_Layout, dict[str, str]]:
+    """Mixed precision where it pays: raise whole tensor categories, most sensitive first, while all fits."""
+    if ftype not in LADDER or ftype.startswith("IQ") or ftype in ("Q8_0",):
+        return lay, {}
+    spec, overrides = req.model, {}
+    imatrix = False
+    for cat in BUMP_ORDER:
+        current = {lay.types[t.name] for t in gguf.gguf_tensors(spec) if t.category == cat}
+        rank = max((K_LADDER.index(c) for c in current if c in K_LADDER), default=None)
+        if rank is None or rank + 1 >= len(K_LADDER):
+            continue
+        trial = {**overrides, cat: K_LADDER[rank + 1]}
+        types = gguf.tensor_types(spec, ftype, imatrix, trial)
+        placed = _place(req, spec, types, lay.ctx, lay.kv)
+        if placed is not None and placed.head_on_gpu:
+            lay, overrides = placed, trial
+    return lay, overrides
+
+
+def _kv_names(req: TargetRequest) -> list[str]:
+    if req.kv in (None, "auto"):
+        return ["fp16", "q8", "q4"] if req.kv == "auto" else ["fp16"]
+    if req.kv not in KV_TYPES:
+        raise TargetError(f"llama.cpp has no {req.kv} KV cache; use --kv fp16, q8 (q8_0) or q4 (q4_0)")
+    return [req.kv]
+
+
+def plan(req: TargetRequest) -> Outcome:
+    spec = req.model
+    ftypes = _ftypes(req)
+    if not ftypes:
+        raise TargetError(f"no llama.cpp file type lies between --min-bpw {req.min_bpw:g} and --bpw {req.bpw:g}")
+    for ctx in _ctx_ladder(req):
+        for kv in _kv_names(req):
+            for ftype in ftypes:
+                types = gguf.tensor_types(spec, ftype, ftype.startswith("IQ"))
+                lay = _place(req, spec, types, ctx, kv)
+                if lay is not None and lay.head_on_gpu:
+                    lay, overrides = _bump(req, lay, ftype)
+                    return _outcome(req, lay, ftype, overrides, "gpu", f"the best llama-quantize type that fits "
+                                    f"every layer, the head and a {ctx}-token {KV_TYPES[kv]} cache")
+    return _offload(req, ftypes)
+
+
+def _offload(req: TargetRequest, ftypes: list[str]) -> Outcome:
+    spec = req.model
+    ftype = OFFLOAD_FTYPE if OFFLOAD_FTYPE in ftypes else ftypes[-1]
+    types = gguf.tensor_types(spec, ftype, ftype.startswith("IQ"))
+    ctx, kv = _ctx_ladder(req)[0], _kv_names(req)[-1]
+    options: list[tuple[float, _Layout, str]] = []
+    dense = _place(req, spec, types, ctx, kv)
+    if dense is not None:
+        options.append((_decode_s(req, dense), dense, "layers"))
+    if spec.is_moe:
+        for n_cpu in range(1, spec.num_layers + 1):     # experts of the first n layers on the CPU
+            lay = _place(req, spec, types, ctx, kv, frozenset(range(n_cpu)))
+            if lay is not None and lay.head_on_gpu:
+                options.append((_decode_s(req, lay), lay, "experts"))
+                break
+    if not options:
+        raise TargetError(f"{spec.name} does not fit even one layer on {req.gpu.name} with llama.cpp at {ftype} and "
+                          f"a {ctx}-token cache; try --ctx smaller, --kv q4 or --reserve 0")
+    _, lay, how = min(options, key=lambda o: o[0])
+    gpu_n = sum(b - a for a, b in lay.gpu_layers)
+    if how == "experts":
+        why = (f"the {ftype} model does not fit; the experts of the first {len(lay.cpu_expert_layers)} layers stay in "
+               f"host RAM (--n-cpu-moe), everything else on the GPU: faster than offloading whole layers")
+    else:
+        why = (f"the smallest useful type does not fit; {ftype} with the last {gpu_n} of {spec.num_layers} layers on "
+               f"the GPU (-ngl {gpu_n}), the rest computed by the CPU")
+    return _outcome(req, lay, ftype, {}, "offload", why)
+
+
+def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode: str, why: str) -> Outcome:
+    spec = lay.spec
+    layer_bytes = _layer_bytes(lay, experts=False)
+    per_gpu = [_card(req, lay, c, layer_bytes) for c in range(len(lay.gpu_layers))]
+    n_gpu = sum(b - a for a, b in lay.gpu_layers)
+    ngl = n_gpu + 1 if lay.head_on_gpu else n_gpu
+    kv_tok = mem.kv_bytes_per_token(spec, KV_FORMATS[lay.kv])
+    cpu_layers = spec.num_layers - n_gpu
+    all_layers = _layer_bytes(lay, experts=True)
+    host = {"weights.token_embd": lay.tensor_bytes["token_embd"],
+            "weights.cpu_layers": sum(all_layers) - sum(sum(layer_bytes[a:b]) for a, b in lay.gpu_layers),
+            "kv_cache.cpu_layers": cpu_layers * lay.ctx * kv_tok}
+    total_file = sum(lay.tensor_bytes.values()) + gguf.metadata_bytes(spec)
+    kv_name = KV_TYPES[lay.kv]
+    settings = {"ftype": ftype, "imatrix": ftype.startswith("IQ"), "tensor_types": dict(overrides),
+                "ctx": lay.ctx, "n_gpu_layers": ngl, "cache_type_k": kv_name, "cache_type_v": kv_name,
+                "flash_attn": "on", "n_cpu_moe": len(lay.cpu_expert_layers), "n_ubatch": N_UBATCH,
+                "tensor_split": [b - a for a, b in lay.gpu_layers] if len(lay.gpu_layers) > 1 else []}
+    by_type: dict[str, int] = {}
+    for name, t in lay.types.items():
+        by_type[t] = by_type.get(t, 0) + lay.tensor_bytes[name]
+    weights = {"format": f"GGUF {ftype}", "avg_bpw": round(_avg_bpw(spec, lay.types), 4),
+               "bytes": sum(lay.tensor_bytes.values()), "file_bytes_estimate": total_file,
+               "bytes_by_type": dict(sorted(by_type.items()))}
+    decisions = [("mode", mode, why),
+                 ("file_type", ftype, f"{weights['avg_bpw']:.2f} bits per weight over all tensors "
+                                      f"(llama-quantize's own mix for {ftype}); file about {fmt_bytes(total_file)}")]
+    if overrides:
+        decisions.append(("tensor_types", ", ".join(f"{k}={v.lower()}" for k, v in overrides.items()),
+                          "memory left after the type: more bits for the tensors most sensitive to quantization "
+                          "(attn_v, then ffn_down), as llama-quantize's own mixes favour them"))
+    if settings["imatrix"]:
+        decisions.append(("imatrix", "yes", "IQ types are tuned with an importance matrix (llama-imatrix)"))
+    decisions += [("context", str(lay.ctx), "as asked (--ctx)" if req.ctx else "the model's native context, capped at 4096"),
+                  ("kv_cache", kv_name, f"{kv_tok} bytes per token per layer; quantized V needs "
+                                        f"flash attention (-fa on, used always: it also shrinks the compute buffer)"),
+                  ("n_gpu_layers", str(ngl), f"{n_gpu} of {spec.num_layers} layers" +
+                   (" and the output head (-ngl beyond the layer count)" if lay.head_on_gpu else "; head on the CPU")),
+                  ("fit_margin", fmt_bytes(FIT_TARGET_BYTES), "llama.cpp's --fit default keeps 1024 MiB free per device")]
+    if settings["n_cpu_moe"]:
+        decisions.append(("cpu_moe", str(settings["n_cpu_moe"]), "experts of these first layers in host RAM: only "
+                                                                 "the routed experts are read per token"))
+    if settings["tensor_split"]:
+        decisions.append(("tensor_split", ",".join(map(str, settings["tensor_split"])), "layers per card (-sm layer)"))
+    return Outcome("llama.cpp", mode, settings, per_gpu, host, lay.ctx, kv_name, kv_tok * spec.num_layers, weights,
+                   _decode_s(req, lay), decisions)

@@ -1,0 +1,187 @@
+"""vLLM: a weight format it serves, --max-model-len, --gpu-memory-utilization, --kv-cache-dtype, TP and PP.
+
+vLLM's accounting (vllm/worker and vllm/v1/worker gpu_worker.determine_available_memory, described):
+the instance may use total memory x --gpu-memory-utilization; from that it subtracts the weights, the
+peak activation memory of a profiling forward pass of --max-num-batched-tokens tokens (plus the
+sampler's logits for --max-num-seqs sequences) and the memory outside PyTorch's allocator; the rest
+becomes KV cache in blocks of --block-size (16) tokens:
+    block bytes = 16 x layers on this GPU x 2 (K, V) x KV heads per TP rank x head_dim x dtype bytes
+    blocks = floor(KV memory / block bytes), the minimum over all workers.
+KV heads are split over the tensor-parallel ranks (replicated when TP exceeds them); pipeline stages
+hold contiguous layers, the embedding on the first and the head on the last (vocab-parallel over TP).
+Across nodes vLLM documents Ray: one `ray start --head`, `ray start --address` on the others, then
+`vllm serve` with TP = GPUs per node and PP = nodes (docs: serving/distributed_serving).
+Memory outside PyTorch (CUDA context, cuBLAS/NCCL workspaces): 1.79 GiB, what vLLM's profiler logged
+for Meta-Llama-3-8B on one H100 (vllm-project/vllm#10511); our activation estimate for that run gives
+1.25 GiB against the 1.26 GiB logged.
+"""
+from __future__ import annotations
+
+import math
+
+from planner import memory as mem
+from planner.roofline import EFFICIENCY, Traffic, decode_seconds
+from planner.spec import tensors
+from planner.targets import Outcome, TargetError, TargetRequest
+from planner.units import fmt_bytes
+
+BLOCK_SIZE = 16
+DEFAULT_UTILIZATION = 0.90
+NON_TORCH_BYTES = int(1.79 * mem.GiB)
+MAX_NUM_SEQS = 256
+# --max-num-batched-tokens we set explicitly (vLLM's own default depends on version and card)
+BATCHED_TOKENS_LARGE, BATCHED_TOKENS = 8192, 2048
+LARGE_CARD_BYTES = 70 * mem.GiB
+GROUP = 128                                   # AWQ / GPTQ group size
+# format -> (bits per quantized linear weight, extra bytes per group of 128 weights, description)
+FORMATS = {
+    "bf16": (16, 0.0, "the checkpoint's 16-bit weights (--dtype auto)"),
+    "fp8": (8, 0.0, "FP8 weights quantized at load (--quantization fp8; per-tensor scales)"),
+    "awq": (4, 2.5, "AWQ 4-bit checkpoint: int4 + fp16 scale and 4-bit zero per group of 128 (--quantization awq)"),
+}
+BITS_TO_FORMAT = ((16, "bf16"), (8, "fp8"), (4, "awq"))
+
+
+def _stages(n_layers: int, pp: int) -> list[tuple[int, int]]:
+    """vLLM's pipeline partition: equal shares, the remainder to the stages before the last."""
+    parts = [n_layers // pp] * pp
+    for i in range(2, n_layers % pp + 2):
+        parts[-i] += 1
+    out, start = [], 0
+    for p in parts:
+        out.append((start, start + p))
+        start += p
+    return out
+
+
+def _weights_per_gpu(spec, fmt: str, tp: int, stage: tuple[int, int], first: bool, last: bool) -> int:
+    bits, per_group, _ = FORMATS[fmt]
+    a, b = stage
+    total = 0.0
+    for t in tensors(spec):
+        if t.kind == "embed":
+            total += t.numel * 2 if first else 0
+            total += t.numel * 2 if last and spec.tie_embeddings and not first else 0
+        elif t.kind == "head":
+            total += t.numel * 2 if last else 0
+        elif a <= t.layer < b:
+            total += t.numel * bits / 8 + t.numel / GROUP * per_group if t.quantized else t.numel * 2
+        elif t.kind == "norm" and t.layer < 0 and last:
+            total += t.numel * 2
+    return math.ceil(total / tp)
+
+
+def activation_bytes(spec, tp: int, tokens: int) -> int:
+    """Profiling peak: 16-bit activations of `tokens` through one layer, and the sampler's fp32 logits."""
+    h, f = spec.hidden_size, spec.intermediate_size * max(1, spec.experts_per_token)
+    per_token = 4 * h * 2 + (spec.q_dim + 2 * spec.kv_dim) // tp * 2 + 3 * f // tp * 2
+    return tokens * per_token + MAX_NUM_SEQS * spec.vocab_size * 4 * 2
+
+
+def kv_memory_bytes(total_bytes: int, util: float, items: dict[str, int]) -> int:
+    """What vLLM's profiler leaves for the KV cache: total x utilization minus weights, peak and non-torch."""
+    return int(total_bytes * util) - sum(items.values())
+
+
+def stage_items(spec, fmt: str, tp: int, pp: int, stage_index: int, tokens: int) -> dict[str, int]:
+    """One GPU's non-KV memory in a (TP, PP) layout: weights, profiling activation peak, non-torch."""
+    stage = _stages(spec.num_layers, pp)[stage_index]
+    return {"weights": _weights_per_gpu(spec, fmt, tp, stage, stage_index == 0, stage_index == pp - 1),
+            "activation_peak": activation_bytes(spec, tp, tokens), "non_torch": NON_TORCH_BYTES}
+
+
+def block_bytes(spec, layers: int, tp: int, kv_dtype_bytes: int) -> int:
+    kv_heads = max(1, spec.num_kv_heads // tp)
+    return BLOCK_SIZE * layers * 2 * kv_heads * spec.head_dim * kv_dtype_bytes
+
+
+def _utilization(req: TargetRequest) -> float:
+    reserve = mem.default_reserve(req.gpu) if req.reserve_bytes is None else req.reserve_bytes
+    return min(DEFAULT_UTILIZATION, math.floor((1 - reserve / req.gpu.memory_bytes) * 100) / 100)
+
+
+def _price(req: TargetRequest, fmt: str, kv_bytes: int):
+    spec, tp, pp = req.model, req.gpu_count, req.nodes
+    util = _utilization(req)
+    tokens = BATCHED_TOKENS_LARGE if req.gpu.memory_bytes >= LARGE_CARD_BYTES else BATCHED_TOKENS
+    cards, blocks = [], []
+    for s, stage in enumerate(_stages(spec.num_layers, pp)):
+        items = stage_items(spec, fmt, tp, pp, s, tokens)
+        free = kv_memory_bytes(req.gpu.memory_bytes, util, items)
+        bb = block_bytes(spec, stage[1] - stage[0], tp, kv_bytes)
+        blocks.append(max(0, free) // bb)
+        cards += [(items, bb, stage)] * tp
+    n_blocks = min(blocks)
+    per_gpu = []
+    for items, bb, _ in cards:
+        card = dict(items, kv_cache=n_blocks * bb)
+        card["unused"] = req.gpu.memory_bytes - sum(card.values())   # the (1 - utilization) vLLM leaves alone
+        per_gpu.append(card)
+    return util, tokens, n_blocks, per_gpu, cards
+
+
+def plan(req: TargetRequest) -> Outcome:
+    spec, tp, pp = req.model, req.gpu_count, req.nodes
+    if spec.num_heads % tp:
+        raise TargetError(f"vLLM needs the attention heads ({spec.num_heads}) divisible by --tensor-parallel-size "
+                          f"{tp}; use --gpus {', '.join(str(d) for d in range(1, 9) if spec.num_heads % d == 0)}")
+    if pp > spec.num_layers:
+        raise TargetError(f"--nodes {pp} exceeds the model's {spec.num_layers} layers")
+    if req.kv in ("q8", "q4"):
+        raise TargetError(f"vLLM has no {req.kv} integer KV cache; use --kv fp8 (--kv-cache-dtype fp8) or fp16")
+    kv_name, kv_bytes = ("fp8", 1) if req.kv == "fp8" else ("auto", 2)
+    want = req.ctx or spec.max_context
+    bits = [b for b, _ in BITS_TO_FORMAT if req.bpw is None or b <= req.bpw]
+    fmts = [f for b, f in BITS_TO_FORMAT if b in bits and b >= req.min_bpw]
+    if not fmts:
+        raise TargetError(f"vLLM serves 16-, 8- and 4-bit weights; nothing lies within --min-bpw {req.min_bpw:g} "
+                          f"and --bpw {req.bpw:g}")
+    tried = []
+    for fmt in fmts:
+        util, tokens, n_blocks, per_gpu, cards = _price(req, fmt, kv_bytes)
+        capacity = n_blocks * BLOCK_SIZE
+        need = want if req.ctx else min(want, 4096)
+        tried.append(f"{fmt}: {capacity} tokens")
+        if capacity >= need:
+            ctx = want if capacity >= want or req.ctx else max(need, capacity // 1024 * 1024)
+            return _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried)
+    raise TargetError(f"{spec.name} leaves no room for a {want if req.ctx else min(want, 4096)}-token KV cache on "
+                      f"{tp * pp} x {req.gpu.name} with vLLM ({'; '.join(tried)}); add --gpus or --nodes, or lower --ctx")
+
+
+def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried) -> Outcome:
+    spec, tp, pp = req.model, req.gpu_count, req.nodes
+    eff = EFFICIENCY[req.gpu.vendor]
+    read = sum(items["weights"] for items, _, _ in cards[::tp])       # stages run one after another
+    traffic = Traffic(vram_bytes=read, link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers),
+                      overhead_s=eff.token_overhead_s * pp)
+    decode = decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
+                            req.host.disk_gb_s)
+    settings = {"weights": fmt, "dtype": "float16" if _no_bf16(req) else "auto", "max_model_len": ctx,
+                "gpu_memory_utilization": util, "kv_cache_dtype": kv_name, "tensor_parallel_size": tp,
+                "pipeline_parallel_size": pp, "block_size": BLOCK_SIZE, "max_num_batched_tokens": tokens,
+                "max_num_seqs": MAX_NUM_SEQS, "gpu_blocks": n_blocks, "nodes": pp}
+    kv_tok = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_bytes
+    decisions = [
+        ("weights", fmt, f"{FORMATS[fmt][2]}; the most precise format whose KV cache holds the context "
+                         f"({'; '.join(tried)})"),
+        ("parallel", f"TP {tp} x PP {pp}", "tensor parallel within a node, pipeline parallel across nodes (Ray), "
+                                           "as vLLM documents for multi-node serving" if pp > 1 else
+                                           f"tensor parallel over the {tp} cards" if tp > 1 else "one GPU"),
+        ("gpu_memory_utilization", f"{util:.2f}", "vLLM's default 0.90" if util == DEFAULT_UTILIZATION else
+         "lowered so the desktop reserve stays free"),
+        ("kv_cache", f"{n_blocks} blocks", f"{n_blocks * BLOCK_SIZE} tokens of {kv_name} cache "
+                                          f"(block {BLOCK_SIZE} tokens, {fmt_bytes(cards[0][1])} per block per GPU)"),
+        ("max_model_len", str(ctx), "as asked (--ctx)" if req.ctx else "the model's native context" if ctx == spec.max_context
+         else "the native context does not fit the KV cache; the largest multiple of 1024 that does"),
+        ("max_num_batched_tokens", str(tokens), "the profiling batch vLLM's activation peak is measured with")]
+    weights = {"format": fmt, "bytes": sum(items["weights"] for items, _, _ in cards),
+               "avg_bpw": FORMATS[fmt][0] + 8 * FORMATS[fmt][1] / GROUP}
+    return Outcome("vllm", "gpu", settings, per_gpu, {}, ctx, kv_name, kv_tok, weights, decode, decisions)
+
+
+def _no_bf16(req: TargetRequest) -> bool:
+    try:
+        return float(req.gpu.compute_capability) < 8.0
+    except ValueError:
+        return False

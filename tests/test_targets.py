@@ -1,0 +1,182 @@
+"""Plans for llama.cpp, ExLlamaV2 and vLLM: published figures, budgets, and bad input."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from planner import memory as mem
+from planner.budget import Host
+from planner.cli import main
+from planner.formats import KV_FORMATS
+from planner.spec import param_count
+from planner.targets import TargetError, TargetRequest, exllamav2, gguf, plan_target, vllm
+
+FIGURES = yaml.safe_load((Path(__file__).parent / "data" / "published_figures.yaml").read_text())["figures"]
+HOST = Host(64 << 30)
+
+
+def predict(fig: dict, db) -> float:
+    spec = db.find_model(fig["model"])
+    kind = fig["kind"]
+    if kind in ("gguf_bpw", "gguf_gib"):
+        nbytes = sum(gguf.file_bytes(spec, gguf.tensor_types(spec, fig["ftype"], fig["imatrix"])).values())
+        return 8 * nbytes / param_count(spec) if kind == "gguf_bpw" else nbytes / 2**30
+    if kind == "llamacpp_kv_mib":
+        return fig["ctx"] * spec.num_layers * mem.kv_bytes_per_token(spec, KV_FORMATS[fig["kv"]]) / 2**20
+    if kind in ("vllm_blocks", "vllm_kv_gib"):
+        gpu = db.find_gpu(fig["gpu"])
+        items = vllm.stage_items(spec, "bf16", fig["tp"], 1, 0, fig["batched_tokens"])
+        free = vllm.kv_memory_bytes(gpu.memory_bytes, fig["utilization"], items)
+        if kind == "vllm_kv_gib":
+            return free / 2**30
+        return free // vllm.block_bytes(spec, spec.num_layers, fig["tp"], 2)
+    if kind == "exl2_gb":
+        lin = sum(t.numel for t in exllamav2.layer_linears(spec))
+        total = (fig["bpw"] * lin / 8 + sum(exllamav2._norm_bytes(spec)) + exllamav2.head_bytes(spec, fig["head_bits"])
+                 + spec.hidden_size * 2 + spec.vocab_size * spec.hidden_size * 2)
+        return total / 1e9
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("fig", [f for f in FIGURES if f["checked"]], ids=lambda f: f["id"])
+def test_published_figure(fig, db):
+    got = predict(fig, db)
+    if fig["tolerance"] == 0:
+        assert got == pytest.approx(fig["value"], abs=0.005), fig["source"]     # MiB printed to 2 decimals
+    else:
+        assert abs(got - fig["value"]) <= fig["tolerance"] * fig["value"], (got, fig["source"])
+
+
+def test_every_figure_names_its_source():
+    kinds = {f["kind"] for f in FIGURES}
+    assert {"gguf_bpw", "llamacpp_kv_mib", "vllm_blocks", "exl2_gb"} <= kinds
+    assert all(f["source"] and f["value"] > 0 for f in FIGURES)
+    assert all(f.get("note") for f in FIGURES if not f["checked"])
+
+
+def test_ggml_block_sizes_are_llama_cpps():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    for name, size in gguf.GGML_TYPES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == size
+
+
+def test_kv_q8_is_34_bytes_per_32_values(db):
+    spec = db.find_model("qwen2.5-32b")
+    assert mem.kv_bytes_per_token(spec, KV_FORMATS["q8"]) == 2 * spec.num_kv_heads * spec.head_dim // 32 * 34
+    assert mem.kv_bytes_per_token(spec, KV_FORMATS["q4"]) == 2 * spec.num_kv_heads * spec.head_dim // 32 * 18
+
+
+def test_exl2_qparams_bits_match_exllamav2s_table():
+    # 4-bit, group 128 on a 5120 x 5120 linear: about 4.03 bpw (shared/docs/background.md's table says 4.03)
+    bits = exllamav2.qparams_bits(5120, 13824, 128, ((1.0, 4),))
+    assert 4.0 < bits / (5120 * 13824) < 4.05
+
+
+def _req(db, model, gpu, cards=1, nodes=1, vram=None, **kw):
+    g = db.find_gpu(gpu)
+    if vram:
+        g = dataclasses.replace(g, memory_bytes=vram)
+    return TargetRequest(db.find_model(model), g, HOST, cards, nodes, **kw)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.sampled_from(["llama.cpp", "exllamav2", "vllm"]),
+       model=st.sampled_from(["llama2-7b", "mistral-7b", "qwen2.5-1.5b", "mixtral-8x7b"]),
+       gib=st.integers(6, 96), cards=st.sampled_from([1, 2]), ctx=st.sampled_from([None, 2048, 8192]))
+def test_a_target_plan_never_exceeds_its_budget(db, target, model, gib, cards, ctx):
+    req = _req(db, model, "rtx4090", cards, vram=gib << 30, ctx=ctx)
+    try:
+        out = plan_target(target, req)
+    except TargetError:
+        return
+    assert len(out.per_gpu) == cards
+    for card in out.per_gpu:
+        assert all(v >= 0 for v in card.values())
+        assert sum(card.values()) <= req.gpu.memory_bytes
+    assert out.ctx == (ctx or out.ctx)
+
+
+def test_llamacpp_offloads_moe_experts_to_the_cpu(db):
+    out = plan_target("llama.cpp", _req(db, "mixtral-8x7b", "rtx4060"))
+    assert out.mode == "offload" and out.settings["n_cpu_moe"] > 0 and out.host["weights.cpu_layers"] > 0
+
+
+def test_llamacpp_partial_offload_of_a_dense_model(db):
+    out = plan_target("llama.cpp", _req(db, "llama2-70b", "rtx4060"))
+    assert out.mode == "offload" and 0 < out.settings["n_gpu_layers"] < 80
+
+
+def test_llamacpp_quantized_v_uses_flash_attention(db):
+    out = plan_target("llama.cpp", _req(db, "llama3.1-8b", "rtx4060", kv="q4"))
+    assert out.settings["cache_type_v"] == "q4_0" and out.settings["flash_attn"] == "on"
+
+
+def test_exllamav2_fits_70b_on_a_4090_at_the_articles_bpw(db):
+    out = plan_target("exllamav2", _req(db, "llama2-70b", "rtx4090"))
+    assert 2.3 <= out.settings["bpw"] <= 2.6 and out.settings["head_bits"] == 6
+
+
+def test_vllm_multinode_is_pipeline_parallel(db):
+    out = plan_target("vllm", _req(db, "llama3.1-405b", "h100-sxm", 8, 2))
+    s = out.settings
+    assert (s["tensor_parallel_size"], s["pipeline_parallel_size"]) == (8, 2) and len(out.per_gpu) == 16
+    assert s["gpu_blocks"] * 16 >= s["max_model_len"]
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "tensorrt"], "unknown target 'tensorrt'"),
+    (["--target", "llama.cpp", "--nodes", "2"], "only --target vllm plans across nodes"),
+    (["--nodes", "2"], "only --target vllm"),
+    (["--target", "exllamav2", "--gpu", "rtx4060", "--model", "llama2-70b"], "has no CPU offload"),
+    (["--target", "vllm", "--kv", "q4"], "vLLM has no q4"),
+    (["--target", "llama.cpp", "--kv", "fp8"], "llama.cpp has no fp8 KV cache"),
+    (["--target", "vllm", "--gpus", "3"], "divisible by --tensor-parallel-size"),
+])
+def test_bad_target_input_is_one_line_and_exit_2(capsys, tmp_path, args, message):
+    base = {"--gpu": "rtx4090", "--model": "llama2-7b"}
+    for i in range(0, len(args) - 1):
+        if args[i] in base:
+            base[args[i]] = args[i + 1]
+    rest = [a for i, a in enumerate(args) if a not in base and (i == 0 or args[i - 1] not in base)]
+    argv = ["plan", "--gpu", base["--gpu"], "--model", base["--model"], *rest, "-o", str(tmp_path / "p.yaml")]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_target_plan_file_records_target_budget_and_reasons(capsys, tmp_path):
+    path = tmp_path / "p.yaml"
+    code, out, _ = run(capsys, "plan", "--gpu", "rtx4090", "--model", "llama2-70b", "--target", "llama.cpp",
+                       "-o", str(path))
+    doc = yaml.safe_load(path.read_text())
+    assert code == 0 and "GPU memory" in out
+    assert doc["target"]["name"] == "llama.cpp" and doc["target"]["settings"]["ftype"]
+    assert sum(doc["memory"]["items"].values()) == doc["memory"]["total_bytes"] <= doc["memory"]["budget_bytes"]
+    assert {d["what"] for d in doc["decisions"]} >= {"mode", "file_type", "kv_cache", "n_gpu_layers"}
+
+
+def test_a_target_plan_is_refused_by_vramwise_run(tmp_path, capsys):
+    from planner.plan import PlanFileError, load_plan
+    path = tmp_path / "p.yaml"
+    assert main(["plan", "--gpu", "t4", "--model", "qwen2.5-0.5b", "--target", "vllm", "--quiet", "-o", str(path)]) == 0
+    with pytest.raises(PlanFileError, match="vramwise export"):
+        load_plan(path)
+
+
+def test_plan_path_imports_no_engine():
+    import subprocess
+    import sys
+    code = ("import sys; from planner.cli import main; main(['plan','--gpu','t4','--model','llama2-7b','--target',"
+            "'llama.cpp','--quiet','-o','/dev/null']); assert 'numba' not in sys.modules and 'cupy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
