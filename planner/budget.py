@@ -79,6 +79,10 @@ def _kv_layers(spec: ModelSpec, lay: Layout, card: int) -> range:
     return range(*lay.gpu_layers[card])
 
 
+# The GPU engine's buffers beyond the reference engine's (planner.memory.run_state_buffers, gemm_staging=True).
+GPU_STAGING = ("gemm_in", "dequant_tile", "matvec_in", "sampled")
+
+
 def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
     a, b = lay.gpu_layers[card]
     last = card == len(lay.gpu_layers) - 1
@@ -90,10 +94,9 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
         "weights.head": glob["head"] if last else 0,
         "weights.norm_final": glob["norm.final"] if last else 0,
         "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card))),
-        "compute.activations": sum(v for k, v in by_name.items()
-                                   if k not in ("scores", "logits", "gemm_in", "dequant_tile")),
+        "compute.activations": sum(v for k, v in by_name.items() if k not in ("scores", "logits", *GPU_STAGING)),
         "compute.attention_scores": by_name["scores"],
-        "compute.gemm_staging": by_name["gemm_in"] + by_name["dequant_tile"],
+        "compute.gemm_staging": sum(by_name[k] for k in GPU_STAGING),
         "compute.logits": by_name.get("logits", 0),
         "cuda_context": mem.CUDA_CONTEXT_BYTES,
         "cublas_workspace": mem.cublas_workspace_bytes(gpu),

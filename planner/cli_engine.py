@@ -25,7 +25,8 @@ def build_run(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="text to continue")
     src.add_argument("--chat", action="store_true", help="chat on stdin in the model's own chat template, one line per turn")
     p.add_argument("--weights", help="checkpoint (.gguf, .safetensors, HF folder); default: the plan's --model")
-    p.add_argument("--engine", choices=["ref", "gpu"], default="ref", help="reference CPU engine (default) or GPU")
+    p.add_argument("--engine", choices=["auto", "ref", "gpu"], default="auto",
+                   help="gpu (CuPy) or ref (NumPy/Numba CPU); auto (default): gpu when CUDA is present")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="hold one layer at a time, as AirLLM (default: when the plan's mode is stream)")
     p.add_argument("--store", help="folder for the plan's quantized layers when streaming "
@@ -147,9 +148,10 @@ def quantize(args: argparse.Namespace) -> int:
 
 
 def _engine_errors() -> tuple:
+    from gpuengine.device import NoDevice
     from refengine.errors import EngineError
     from refengine.model import UnsupportedModel
-    return (EngineError, UnsupportedModel)
+    return (EngineError, UnsupportedModel, NoDevice)
 
 
 def _named(source: str, exc: Exception) -> str:
@@ -173,9 +175,25 @@ def _chat_prompt(tok, turns: list[tuple[str, str]]) -> list[int]:
         raise RunError(f"--chat: {exc}") from None
 
 
+def _choose_engine(choice: str) -> str:
+    """auto -> gpu where CuPy sees a CUDA device, else ref; an explicit gpu without one is an error."""
+    if choice == "ref":
+        return "ref"
+    from gpuengine import device
+    why = device.unavailable_reason()
+    if choice == "gpu" and why:
+        raise RunError(f"--engine gpu needs a CUDA GPU: {why}; run with --engine ref for the CPU engine")
+    return "ref" if why else "gpu"
+
+
+def _oom_errors() -> tuple:
+    """CUDA out-of-memory exceptions, where CuPy is loaded (never imported here for the CPU engine)."""
+    cupy = sys.modules.get("cupy")
+    return (cupy.cuda.memory.OutOfMemoryError,) if cupy is not None else ()
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.engine == "gpu":
-        raise RunError("the GPU engine is not built yet (issue 5); run with --engine ref")
+    args.engine = _choose_engine(args.engine)
     quantized = Path(args.plan) if Path(args.plan).is_dir() else None     # a `vramwise quantize` directory
     if quantized and not (quantized / "plan.yaml").exists():
         raise RunError(f"{quantized}: a folder without plan.yaml, so not a `vramwise quantize` directory; pass a "
@@ -191,14 +209,23 @@ def run(args: argparse.Namespace) -> int:
         or plan.spec.id
     try:      # everything that reads the checkpoint, before a token is printed
         model = load_for_plan(plan, source, args.stream, Path(args.store) if args.store else None,
-                              _store_progress(args.json))
+                              _store_progress(args.json), engine=args.engine)
         ids = None if args.chat else _prompt_ids(model, args)
         model.weights.materialize()
+        if args.chat:
+            return _chat(model, sampling, args)
+        return _generate_and_report(model, plan, ids, sampling, args)
     except _engine_errors() as exc:
         raise RunError(_named(source, exc)) from None
-    if args.chat:
-        return _chat(model, sampling, args)
-    return _generate_and_report(model, plan, ids, sampling, args)
+    except _oom_errors():
+        raise RunError(f"CUDA out of memory on {_device_name()} while running {args.plan}: the plan predicted "
+                       f"{fmt_bytes(plan.doc['memory']['total_bytes'])} for a {plan.doc['gpu']['name']}; plan again "
+                       "for this card (vramwise plan --gpu auto) or with a smaller --ctx") from None
+
+
+def _device_name() -> str:
+    from gpuengine import device
+    return device.name()
 
 
 def _prompt_ids(model, args: argparse.Namespace) -> list[int]:
@@ -227,17 +254,19 @@ def _generate_and_report(model, plan, ids, sampling, args) -> int:
     decode_s = (end - first_at) / max(len(out) - 1, 1)
     pred = plan.doc["predicted"]
     held = model.weights.peak_bytes + model.net.state.nbytes
-    engine = "ref (NumPy/Numba, CPU)" + (", layer streaming" if model.streaming else "")
+    engine = ("gpu (CuPy, " + _device_name() + ")" if args.engine == "gpu" else "ref (NumPy/Numba, CPU)") + \
+        (", layer streaming" if model.streaming else "")
     report = {"engine": engine, "prompt_tokens": len(ids), "generated_tokens": len(out),
               "text": model.tokenizer.decode(out),
               "measured": {"prefill_tokens_per_s": round(len(ids) / (first_at - t0), 3),
                            "decode_tokens_per_s": round(1 / decode_s, 3) if len(out) > 1 else None,
                            "time_to_first_token_s": round(first_at - t0, 3),
-                           "engine_bytes": held, "peak_rss_bytes": _peak_rss()},
+                           "engine_bytes": held, "peak_rss_bytes": _peak_rss(), **_device_memory(args.engine)},
               "plan": {"device": plan.doc["gpu"]["name"], "decode_tokens_per_s": pred["decode_tokens_per_s"],
                        "prefill_tokens_per_s": pred["prefill_tokens_per_s"],
                        "time_to_first_token_s": pred["time_to_first_token_s"],
-                       "weights_and_state_bytes": _planned_engine_bytes(plan)}}
+                       "weights_and_state_bytes": _planned_engine_bytes(plan, args.engine),
+                       "total_bytes": plan.doc["memory"]["total_bytes"]}}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -245,11 +274,24 @@ def _generate_and_report(model, plan, ids, sampling, args) -> int:
     return 0
 
 
-def _planned_engine_bytes(plan) -> int:
-    """What the plan says the weights, KV cache and compute buffers take (its fixed costs aside)."""
+def _device_memory(engine: str) -> dict:
+    """The GPU engine's memory as CUDA sees it: CuPy's pool (every array of the run) and the whole device's use
+    (context, cuBLAS workspace and other processes included)."""
+    if engine != "gpu":
+        return {}
+    import cupy
+    free, total = cupy.cuda.runtime.memGetInfo()
+    return {"device_pool_bytes": cupy.get_default_memory_pool().total_bytes(), "device_used_bytes": total - free}
+
+
+def _planned_engine_bytes(plan, engine: str = "ref") -> int:
+    """What the plan says the weights, KV cache and compute buffers take (its fixed costs aside): on the GPU
+    with cuBLAS staging and without the embedding (kept on the host); on the CPU engine with it."""
     items = plan.doc["memory"]["items"]
     keys = ("weights.layers", "weights.stream_buffers", "weights.head", "weights.norm_final", "kv_cache",
             "compute.activations", "compute.attention_scores", "compute.logits")
+    if engine == "gpu":
+        return sum(items.get(k, 0) for k in keys) + items.get("compute.gemm_staging", 0)
     return sum(items.get(k, 0) for k in keys) + plan.doc["weights"]["embedding"]["bytes"]
 
 
@@ -264,7 +306,10 @@ def _print_report(r: dict) -> None:
                   ("decode tok/s", decode, f"{p['decode_tokens_per_s']:.1f}"),
                   ("time to first token", f"{m['time_to_first_token_s']:.2f} s", f"{p['time_to_first_token_s']:.2f} s"),
                   ("weights + KV + buffers (peak)", fmt_bytes(m["engine_bytes"]), fmt_bytes(p["weights_and_state_bytes"])),
-                  ("peak RSS (whole process)", fmt_bytes(m["peak_rss_bytes"]), "-")])
+                  ("peak RSS (whole process)", fmt_bytes(m["peak_rss_bytes"]), "-")]
+                 + ([("CuPy memory pool (held)", fmt_bytes(m["device_pool_bytes"]), fmt_bytes(p["weights_and_state_bytes"])),
+                     ("device memory in use", fmt_bytes(m["device_used_bytes"]), fmt_bytes(p["total_bytes"]))]
+                    if "device_pool_bytes" in m else []))
 
 
 def _chat(model, sampling, args) -> int:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Mapping, Optional
 
 from hwdb import GPUSpec, ModelSpec
-from planner.formats import DTYPE_BYTES, HEAD_OPTION, KVFormat, QuantOption
+from planner.formats import DTYPE_BYTES, HEAD_OPTION, OPTIONS, PACK_VALUES, KVFormat, QuantOption
 from planner.spec import Tensor, tensors
 
 MiB = 1 << 20
@@ -34,6 +34,7 @@ DEFAULT_CHUNK = 512
 DEQUANT_TILE_ELEMS = 16 * MiB
 # Dtypes of the tensors the optimizer does not choose a format for.
 NORM_DTYPE, BIAS_DTYPE, ROUTER_DTYPE, EMBED_DTYPE = "f32", "f32", "f16", "f16"
+MAX_SLICES = max(len(o.slices) for o in (*OPTIONS, HEAD_OPTION))
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,9 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
                       gemm_staging: bool = True) -> list[Buffer]:
     """Scratch for one prefill chunk (decode uses the first row): activations in fp32.
 
-    gemm_staging adds the fp16 activation copy and dequantized-weight tile that cuBLAS prefill
-    needs (GPU engine); logits only where the head runs."""
+    gemm_staging adds what the GPU engine needs beyond the reference engine: the fp16 activation copy
+    and dequantized-weight tile of cuBLAS prefill, the decode matvec's gathered input and the sampled
+    token; logits only where the head runs."""
     h, q, kv, f = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
     group = spec.num_heads // spec.num_kv_heads
     out = [Buffer("tokens", (chunk,), "i32"), Buffer("positions", (chunk,), "i32"),
@@ -135,8 +137,12 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
         out += [Buffer("router_logits", (chunk, spec.num_experts), "f32"), Buffer("moe_out", (chunk, h), "f32")]
     if gemm_staging:
         largest = max(t.numel for t in tensors(spec) if t.quantized)
-        out += [Buffer("gemm_in", (chunk, max(h, q, f)), "f16"),
-                Buffer("dequant_tile", (min(largest, DEQUANT_TILE_ELEMS),), "f16")]
+        widest = max(h, q, f)
+        out += [Buffer("gemm_in", (chunk, widest), "f16"),
+                Buffer("dequant_tile", (min(largest, DEQUANT_TILE_ELEMS),), "f16"),
+                # decode's matvec input, permuted and padded to whole packing units per slice
+                Buffer("matvec_in", (widest + MAX_SLICES * PACK_VALUES,), "f32"),
+                Buffer("sampled", (1,), "i32")]                 # the token chosen on the device
     if logits:
         out.append(Buffer("logits", (chunk, spec.vocab_size), "f32"))
     return out

@@ -56,6 +56,10 @@ class _Weights(WeightMap):
         """Bytes held now: packed linears at their format's size, arrays at their dtype's."""
         return sum(w.nbytes for w in self.cache.values())
 
+    def release(self, names: list[str]) -> None:
+        for name in names:
+            self.cache.pop(name, None)
+
 
 def streamed_weights(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None,
                      store_dir: Optional[Path] = None, prefetch: bool = True,
@@ -81,7 +85,10 @@ class Model:
         self.checkpoint, self.spec, self.tokenizer = ckpt, ckpt.spec, tokenizer
         self.weights = weights if weights is not None else _Weights(ckpt, assignment)
         self.streaming = isinstance(self.weights, StreamedWeights)
-        self.net = Transformer(ckpt.spec, self.weights, ctx, kv, chunk, ckpt.rope_layout == ROPE_INTERLEAVED)
+        self.net = self._network(ctx, kv, chunk)
+
+    def _network(self, ctx: int, kv: str, chunk: int):
+        return Transformer(self.spec, self.weights, ctx, kv, chunk, self.checkpoint.rope_layout == ROPE_INTERLEAVED)
 
     @property
     def ctx(self) -> int:
@@ -110,12 +117,16 @@ class Model:
 
 
 def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, store_dir: Optional[Path] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> Model:
-    """The plan's model on the reference engine: its context, KV format, chunk and per-linear formats.
+                  progress: Optional[Callable[[int, int], None]] = None, engine: str = "ref") -> Model:
+    """The plan's model on the reference engine (engine="gpu": the CuPy engine, gpuengine/api.py): its
+    context, KV format, chunk and per-linear formats.
 
     stream (default: the plan's mode is "stream"): run layer by layer from a LayerStore of the plan's
     quantized layers (built on first use in store_dir, default refengine.stream.cache_root()/layers)."""
     from refengine.qmodel import is_quantized_dir
+    if engine == "gpu":
+        from gpuengine.api import load_for_plan as gpu_load_for_plan
+        return gpu_load_for_plan(plan, source, stream)
     if is_quantized_dir(source):
         return load_quantized(source, plan, stream)
     ckpt = load_checkpoint(source)
@@ -130,11 +141,15 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, stor
 
 
 def load_model(name_or_path: str, ctx: Optional[int] = None, kv: str = "fp16",
-               chunk: int = mem.DEFAULT_CHUNK, stream: bool = False) -> Model:
-    """Load 'smollm2-135m', a .gguf, a .safetensors file or a Hugging Face folder onto the reference engine.
+               chunk: int = mem.DEFAULT_CHUNK, stream: bool = False, engine: str = "ref") -> Model:
+    """Load 'smollm2-135m', a .gguf, a .safetensors file or a Hugging Face folder onto the reference engine
+    (engine="gpu": the CuPy engine, with unquantized linears in fp16).
 
     stream: hold one layer at a time (read from the memory-mapped checkpoint per step), as AirLLM does."""
     from refengine.qmodel import is_quantized_dir
+    if engine == "gpu":
+        from gpuengine.api import load_model as gpu_load_model
+        return gpu_load_model(name_or_path, ctx, kv, chunk, stream)
     if is_quantized_dir(name_or_path):
         return load_quantized(name_or_path, stream=stream, ctx=ctx, kv=kv)
     ckpt = load_checkpoint(name_or_path)

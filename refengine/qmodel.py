@@ -229,6 +229,10 @@ class QuantizedWeights(WeightMap):
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self.cache.values())
 
+    def release(self, names: list[str]) -> None:
+        for name in names:
+            self.cache.pop(name, None)
+
 
 __all__ = ["HEADER", "QuantizedDir", "QuantizedWeights", "is_quantized_dir", "planned_weight_bytes",
            "quantize_model"]

@@ -206,6 +206,9 @@ class WeightMap(Mapping):
     def close(self) -> None:
         """Release background resources (none unless a subclass has them)."""
 
+    def release(self, names: list[str]) -> None:
+        """Forget these tensors, which the caller has copied elsewhere (the GPU engine); they load again on use."""
+
     def __contains__(self, name: object) -> bool:
         return name in self.names
 

@@ -52,7 +52,7 @@ def test_run_a_plan_allocates_what_it_planned(smol_plan, capsys):
     import json
     from planner.cli import main
     assert main(["run", "--plan", str(smol_plan), "--prompt", "The capital of France is", "--max-new-tokens", "3",
-                 "--json"]) == 0
+                 "--json", "--engine", "ref"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "Paris" in report["text"]
     assert report["measured"]["engine_bytes"] == report["plan"]["weights_and_state_bytes"]
@@ -65,10 +65,13 @@ def test_run_refuses_a_prompt_beyond_the_plan(smol_plan, capsys):
     assert "the plan's context is 64" in err and len(err.strip().splitlines()) == 1
 
 
-def test_run_gpu_engine_says_it_is_not_there(smol_plan, capsys):
+def test_run_gpu_engine_without_cuda_is_one_line(smol_plan, capsys, monkeypatch):
+    from gpuengine import device
     from planner.cli import main
+    monkeypatch.setattr(device, "unavailable_reason", lambda: "no CUDA device")
     assert main(["run", "--plan", str(smol_plan), "--prompt", "x", "--engine", "gpu"]) == 2
-    assert "GPU engine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--engine gpu needs a CUDA GPU: no CUDA device" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_perplexity(tmp_path, capsys):

@@ -1,1 +1,36 @@
-"""CUDA kernel sources (.cu), compiled through CuPy. Built in issue 5."""
+"""CUDA kernel sources (.cu), compiled through CuPy's RawModule (NVRTC) once per process; CuPy caches the
+compiled code on disk (~/.cupy/kernel_cache), so later runs skip the compiler.
+
+Each source is compiled with common.cuh in front of it and `#line` directives, so compiler messages name
+the real file and line. Template kernels are reached through `name_expressions`."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+# Template instantiations per source: the KV-cache kernels take the format code (FMT_CODES) as a parameter.
+FMT_CODES = {"fp16": 0, "fp8": 1, "q8": 2, "q4": 3}
+NAME_EXPRESSIONS = {
+    "attention": tuple(f"{k}<{c}>" for k in ("kv_store", "attention") for c in FMT_CODES.values()),
+}
+SOURCES = ("matvec", "dequant", "norm", "attention", "sample")
+
+
+def source(name: str) -> str:
+    """The text NVRTC compiles for one kernel file: common.cuh, then the file, each under its own #line."""
+    here = resources.files(__package__)
+    common = (here / "common.cuh").read_text(encoding="utf-8")
+    body = (here / f"{name}.cu").read_text(encoding="utf-8")
+    return f'#line 1 "common.cuh"\n{common}\n#line 1 "{name}.cu"\n{body}'
+
+
+@lru_cache(maxsize=None)
+def module(name: str):
+    import cupy
+
+    return cupy.RawModule(code=source(name), name_expressions=NAME_EXPRESSIONS.get(name, ()))
+
+
+@lru_cache(maxsize=None)
+def function(module_name: str, kernel: str):
+    return module(module_name).get_function(kernel)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 5 and 6 in one call on a lent machine (device/METHOD.md: one short prepared script):
+# the GPU tests, then the benchmark. Logs and JSON go to $OUT (or benchmarks/results/ when OUT is unset).
+# Carried along (git-ignored): .whl/ (wheels the machine lacks, e.g. gguf) and .gpuassets/ (a SmolLM2 GGUF
+# small enough to travel, made by benchmarks/truncate_gguf.py; named by VRAMWISE_SMOLLM2).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+[ -z "${VRAMWISE_SMOLLM2:-}" ] && [ -f .gpuassets/smollm2-8l.gguf ] && export VRAMWISE_SMOLLM2=.gpuassets/smollm2-8l.gguf
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_device.txt"
+python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" \
+    | tee -a "$OUT/gpu_device.txt"
+timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 150 -m gpu ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py} 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -60
+timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25

@@ -1,0 +1,39 @@
+"""Whether a CUDA device is usable, asked without importing CuPy on any path that does not need it."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+
+class NoDevice(RuntimeError):
+    """No usable CUDA device (CuPy missing, no driver, or no GPU)."""
+
+
+@lru_cache(maxsize=1)
+def unavailable_reason() -> str:
+    """'' when CuPy sees a CUDA device, else why not, in a few words."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'vramwise[gpu]', or cupy-cuda13x for CUDA 13)"
+    except Exception as exc:                   # a broken CuPy install raises anything at import
+        return f"CuPy does not load ({' '.join(str(exc).split())[:120]})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:                   # cupy's CUDARuntimeError: no driver, no device
+        return f"no CUDA device ({' '.join(str(exc).split())[:120]})"
+    return "" if count > 0 else "no CUDA device"
+
+
+def available() -> bool:
+    return unavailable_reason() == ""
+
+
+def require() -> None:
+    why = unavailable_reason()
+    if why:
+        raise NoDevice(f"--engine gpu needs a CUDA GPU: {why}; run with --engine ref for the CPU engine")
+
+
+def name() -> str:
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()

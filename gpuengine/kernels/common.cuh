@@ -1,0 +1,78 @@
+// Device helpers shared by every kernel source (the loader, gpuengine/kernels/__init__.py, puts this
+// file in front of each .cu). No #include: NVRTC (CuPy's RawModule) and nvcc compile these alike.
+// fp16 conversions go through PTX cvt; fp8 e4m3 and the packed weight codes are decoded by bit
+// arithmetic, so the values are exactly refengine.quant's.
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define FULL_MASK 0xffffffffu
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {          // round to nearest even, as numpy's astype
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// float8 e4m3fn -> float: bias 7, no infinities, NaN only at S.1111.111; subnormals m * 2^-9.
+__device__ __forceinline__ float e4m3_to_f(u32 b) {
+    const u32 e = (b >> 3) & 15u, m = b & 7u;
+    float mag = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(m | 8u), (int)e - 10);
+    if (e == 15u && m == 7u) mag = __int_as_float(0x7fc00000);
+    return (b & 0x80u) ? -mag : mag;
+}
+
+// float -> float8 e4m3fn, clipped to +-448 first (refengine.quant.kv_quantize), round to nearest even.
+// Below 2^-6 the code is the value in steps of 2^-9 (code 8 is 2^-6, so the two ranges join up).
+__device__ __forceinline__ u8 f_to_e4m3(float f) {
+    const u32 sign = (__float_as_uint(f) >> 24) & 0x80u;
+    const float a = fminf(fabsf(f), 448.0f);
+    u32 code;
+    if (a < 0.015625f) {
+        code = (u32)rintf(a * 512.0f);
+    } else {
+        u32 bits = __float_as_uint(a);
+        bits += 0x7ffffu + ((bits >> 20) & 1u);          // round the mantissa to 3 bits, ties to even
+        code = (((bits >> 23) - 120u) << 3) | ((bits >> 20) & 7u);
+    }
+    return (u8)(sign | code);
+}
+
+// (code - 2^(b-1)) as a float without an int->float conversion: 2^23 + code has code in its mantissa.
+template <int BITS>
+__device__ __forceinline__ float centered(u32 code) {
+    return __uint_as_float(0x4b000000u | code) - (8388608.0f + (float)(1 << (BITS - 1)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Block-wide sum / max (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_reduce(float v, bool is_max) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();                                       // part[] may still be read by a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float r = lane < warps ? part[lane] : (is_max ? -INFINITY : 0.0f);
+    return is_max ? warp_max(r) : warp_sum(r);
+}

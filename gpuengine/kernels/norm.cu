@@ -1,0 +1,62 @@
+// Row-wise and element-wise ops of the forward pass (refengine/ops.py is their reference).
+
+// out (T, H) = x / sqrt(mean(x^2) + eps) * w, one block per row; the mean in double, as ops.rmsnorm
+// (residual activations of real models reach ~1e4, so their squares lose digits in fp32 sums).
+extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
+                                   float* __restrict__ out, int h, float eps) {
+    __shared__ double part[32];
+    const float* xr = x + (size_t)blockIdx.x * h;
+    float* orow = out + (size_t)blockIdx.x * h;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) s += (double)xr[i] * (double)xr[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+        if (lane == 0) part[0] = s;
+    }
+    __syncthreads();
+    const double root = sqrt(part[0] / h + (double)eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) orow[i] = (float)((double)xr[i] / root) * w[i];
+}
+
+// gate = silu(gate) * up over n values (SwiGLU; silu(x) = x / (1 + e^-x), as ops.silu).
+extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// y (T, n) += b (n): the q/k/v biases of Qwen2-style models after a prefill GEMM.
+extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ b, int n, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
+        y[i] += b[i % n];
+}
+
+// Rotary embedding in place on x (T, heads, D) at positions pos (T,): frequency i is theta^(-2i/D) and
+// the angle pos * freq, both in double, cos and sin rounded to float (ops.rope_tables). interleaved:
+// pairs (2i, 2i + 1) (llama.cpp's layout of Llama q/k); else (i, i + D/2) (Hugging Face / NeoX).
+extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ pos, int t, int heads, int d,
+                                double theta, int interleaved) {
+    const int half = d >> 1;
+    const long long total = (long long)t * heads * half;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        const long long row = idx / half;                       // token * heads + head
+        const int tok = (int)(row / heads);
+        const double ang = (double)pos[tok] * pow(theta, -(double)(2 * i) / (double)d);
+        const float c = (float)cos(ang), s = (float)sin(ang);
+        float* v = x + row * d;
+        const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+        const float a = v[ia], b = v[ib];
+        v[ia] = a * c - b * s;
+        v[ib] = a * s + b * c;
+    }
+}

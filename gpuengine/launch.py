@@ -1,0 +1,212 @@
+"""One launcher per kernel: each checks its arrays' dtypes, shapes and contiguity, then launches.
+
+Arrays are CuPy arrays; the checks alone also run on NumPy arrays (tests/test_gpu_layout.py). Integer
+arguments go to the kernels as int32 and floats as float32 (double where the kernel says so).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+from gpuengine.kernels import FMT_CODES, function
+from gpuengine.layout import DeviceLinear
+from planner.formats import PACK_VALUES
+
+WARPS_PER_BLOCK = 8                # matvec: one warp per output row
+THREADS = 256                      # element-wise kernels
+ATTN_THREADS = 128                 # attention: 4 warps score positions, then one thread per dimension
+MAX_BLOCKS = 65535
+_i, _f = np.int32, np.float32
+
+
+class LaunchError(ValueError):
+    """A launcher got arrays of the wrong dtype, shape or layout (a bug in the caller, not user input)."""
+
+
+def check(name: str, a: Any, dtype: Any, shape: Optional[tuple] = None) -> None:
+    if a.dtype != np.dtype(dtype):
+        raise LaunchError(f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise LaunchError(f"{name}: shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise LaunchError(f"{name}: not C-contiguous")
+
+
+def _blocks(n: int, threads: int = THREADS) -> int:
+    return max(1, min(math.ceil(n / threads), MAX_BLOCKS))
+
+
+def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
+    n, k = lin.shape
+    check("x", x, np.float32, (k,))
+    check("y", y, np.float32, (n,))
+    if lin.meta is None:
+        check("weight", lin.half, np.uint16, (n, k))
+        if k % 2:
+            raise LaunchError(f"fp16 matvec needs an even input size, got {k}")
+        return
+    if len(lin.meta.slices) > 3:
+        raise LaunchError(f"at most 3 slices per option, got {len(lin.meta.slices)}")
+    for s, w, sc in zip(lin.meta.slices, lin.words, lin.scales):
+        if s.bits not in (2, 3, 4, 5, 6, 8) or lin.meta.group_size % PACK_VALUES:
+            raise LaunchError(f"unsupported slice: {s.bits} bits, group {lin.meta.group_size}")
+        check("words", w, np.uint32, (n, s.units * s.bits))
+        check("scales", sc, np.uint16, (n, s.groups))
+    if lin.meta.needs_gather:
+        check("gather buffer", xp, np.float32)
+        if xp.size < lin.meta.gathered_len:
+            raise LaunchError(f"gather buffer of {xp.size} floats for {lin.meta.gathered_len}")
+    if lin.perm is not None:
+        check("perm", lin.perm, np.int32, (k,))
+
+
+def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:
+    """y (n,) = W x (+ bias) (+ y if accumulate) for one token; xp is the gather scratch (matvec_in)."""
+    check_matvec(x, y, lin, xp)
+    n, k = lin.shape
+    if bias is not None:
+        check("bias", bias, np.float32, (n,))
+    b = bias if bias is not None else y
+    grid, block = (math.ceil(n / WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,)
+    if lin.meta is None:
+        function("matvec", "hmatvec")(grid, block, (x, y, lin.half, b, _i(bias is not None), _i(accumulate), _i(n), _i(k)))
+        return
+    m = lin.meta
+    src = x
+    if m.needs_gather:
+        sl = list(m.slices) + [m.slices[0]] * (3 - len(m.slices))
+        args = [x, lin.perm if lin.perm is not None else x, _i(lin.perm is not None), xp, _i(len(m.slices))]
+        for s in sl:
+            args += [_i(s.start), _i(s.rows), _i(s.units * PACK_VALUES), _i(s.xoff)]
+        function("matvec", "gather_x")((_blocks(m.gathered_len),), (THREADS,), tuple(args))
+        src = xp
+    args = [src, y, b, _i(bias is not None), _i(accumulate), _i(n), _i(m.group_size // PACK_VALUES), _i(len(m.slices))]
+    for j in range(3):
+        if j < len(m.slices):
+            s = m.slices[j]
+            args += [lin.words[j], lin.scales[j], _i(s.bits), _i(s.units), _i(s.groups), _i(s.xoff)]
+        else:
+            args += [lin.words[0], lin.scales[0], _i(0), _i(0), _i(0), _i(0)]
+    function("matvec", "qmatvec")(grid, block, tuple(args))
+
+
+def dequantize(lin: DeviceLinear, row0: int, tile: Any) -> None:
+    """tile (rows, k) fp16 bits = rows row0 .. row0 + rows of a packed linear, in original input order."""
+    m = lin.meta
+    nrows = tile.shape[0]
+    check("tile", tile, np.uint16, (nrows, m.k))
+    if row0 < 0 or row0 + nrows > m.n:
+        raise LaunchError(f"rows {row0}..{row0 + nrows} outside 0..{m.n}")
+    for j, s in enumerate(m.slices):
+        check("words", lin.words[j], np.uint32, (m.n, s.units * s.bits))
+        function("dequant", "dequant_slice")(
+            (_blocks(nrows * s.rows),), (THREADS,),
+            (lin.words[j], lin.scales[j], lin.perm if lin.perm is not None else lin.words[j], _i(lin.perm is not None),
+             tile, _i(row0), _i(nrows), _i(m.k), _i(s.start), _i(s.rows), _i(s.bits), _i(s.units), _i(s.groups),
+             _i(m.group_size)))
+
+
+def to_half(x: Any, out: Any) -> None:
+    check("x", x, np.float32)
+    check("out", out, np.uint16, x.shape)
+    function("dequant", "to_half")((_blocks(x.size),), (THREADS,), (x, out, np.int64(x.size)))
+
+
+# cuBLAS through CuPy's binding: fp16 inputs, fp32 output and accumulation (so activations beyond fp16's range
+# in the residual stream never pass through fp16 outputs). Values from cublas_api.h / library_types.h.
+_OP_N, _OP_T, _R_16F, _R_32F, _COMPUTE_32F, _GEMM_DEFAULT, _POINTER_HOST = 0, 1, 2, 0, 68, -1, 0
+_ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+
+def gemm(a16: Any, w16: Any, out: Any, col0: int = 0, accumulate: bool = False) -> None:
+    """out[:, col0:col0 + n] (+)= a16 (t, k) @ w16 (n, k)^T; a16, w16 fp16 bits, out (t, N) float32."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    t, k = a16.shape
+    n = w16.shape[0]
+    check("a16", a16, np.uint16)
+    check("w16", w16, np.uint16, (n, k))
+    check("out", out, np.float32)
+    if out.shape[0] != t or col0 + n > out.shape[1]:
+        raise LaunchError(f"gemm output {tuple(out.shape)} cannot take ({t}, {n}) at column {col0}")
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, _POINTER_HOST)
+    # row-major out (t, N) is column-major out^T (N, t): out^T[col0:col0+n] = W (n x k) @ a^T (k x t)
+    cublas.gemmEx(handle, _OP_T, _OP_N, n, t, k, _ONE.ctypes.data, w16.data.ptr, _R_16F, k,
+                  a16.data.ptr, _R_16F, k, (_ONE if accumulate else _ZERO).ctypes.data,
+                  out.data.ptr + 4 * col0, _R_32F, out.shape[1], _COMPUTE_32F, _GEMM_DEFAULT)
+
+
+def rmsnorm(x: Any, w: Any, out: Any, eps: float) -> None:
+    t, h = x.shape
+    check("x", x, np.float32)
+    check("w", w, np.float32, (h,))
+    check("out", out, np.float32, (t, h))
+    function("norm", "rmsnorm")((t,), (THREADS,), (x, w, out, _i(h), _f(eps)))
+
+
+def swiglu(gate: Any, up: Any) -> None:
+    check("gate", gate, np.float32)
+    check("up", up, np.float32, gate.shape)
+    function("norm", "swiglu")((_blocks(gate.size),), (THREADS,), (gate, up, np.int64(gate.size)))
+
+
+def add_bias(y: Any, b: Any) -> None:
+    check("y", y, np.float32)
+    check("b", b, np.float32, (y.shape[-1],))
+    function("norm", "add_bias")((_blocks(y.size),), (THREADS,), (y, b, _i(b.size), np.int64(y.size)))
+
+
+def rope(x: Any, pos: Any, theta: float, interleaved: bool) -> None:
+    """x (t, heads, d) rotated in place at positions pos (t,)."""
+    t, heads, d = x.shape
+    check("x", x, np.float32)
+    check("pos", pos, np.int32, (t,))
+    if d % 2:
+        raise LaunchError(f"rope needs an even head dim, got {d}")
+    function("norm", "rope")((_blocks(t * heads * d // 2),), (THREADS,),
+                             (x, pos, _i(t), _i(heads), _i(d), np.float64(theta), _i(interleaved)))
+
+
+def kv_store(fmt: str, x: Any, cache: Any, pos: Any) -> None:
+    """Rows x (t, kv heads, d) into cache (ctx, kv heads, row bytes) at the positions pos (t,) int32 (on the
+    device: the caller keeps them inside the context, as GPUTransformer._step checks)."""
+    t, heads, d = x.shape
+    check("x", x, np.float32)
+    check("cache", cache, np.uint8)
+    check("pos", pos, np.int32, (t,))
+    if cache.shape[1] != heads:
+        raise LaunchError(f"cache {tuple(cache.shape)} cannot take rows of {heads} heads")
+    function("attention", f"kv_store<{FMT_CODES[fmt]}>")((_blocks(t * heads * 32, 128),), (128,),
+                                                        (x, cache, pos, _i(t), _i(heads), _i(d), _i(cache.shape[2])))
+
+
+def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, scores: Any, h0: int, nh: int) -> None:
+    """out[:, h0:h0 + nh] = causal attention of q (t, hq, d) over the caches; scores holds nh * t * ctx floats."""
+    t, hq, d = q.shape
+    ctx, hkv, row_bytes = kc.shape
+    check("q", q, np.float32)
+    check("k cache", kc, np.uint8)
+    check("v cache", vc, np.uint8, kc.shape)
+    check("pos", pos, np.int32, (t,))
+    check("out", out, np.float32, (t, hq, d))
+    check("scores", scores, np.float32)
+    if scores.size < nh * t * ctx or hq % hkv or not 0 <= h0 < h0 + nh <= hq:
+        raise LaunchError(f"attention: {nh} heads from {h0} of {hq} ({hkv} KV heads) with {scores.size} score floats")
+    function("attention", f"attention<{FMT_CODES[fmt]}>")(
+        (t, nh), (ATTN_THREADS,), (q, kc, vc, pos, out, scores, _i(t), _i(h0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(ctx)))
+
+
+def argmax(x: Any, out: Any) -> None:
+    check("x", x, np.float32)
+    check("out", out, np.int32)
+    function("sample", "argmax")((1,), (1024,), (x, _i(x.size), out))
+
+
+def penalize(x: Any, seen: Any, penalty: float) -> None:
+    check("x", x, np.float32)
+    check("seen", seen, np.uint8, x.shape)
+    function("sample", "penalize")((_blocks(x.size),), (THREADS,), (x, seen, _i(x.size), _f(penalty)))

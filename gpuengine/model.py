@@ -1,0 +1,237 @@
+"""The Llama-family forward pass on a CUDA GPU: refengine/model.py's steps, each a kernel of gpuengine/kernels.
+
+Weights stay packed in the plan's formats on the device (gpuengine/layout.py); decode runs the fused
+dequantize + matvec kernels, prefill dequantizes tiles to fp16 for cuBLAS. The residual stream is fp32.
+All run state is allocated once, from the planner's byte functions (planner.memory, gemm_staging=True).
+Shape legend as refengine/ops.py: T tokens, H hidden, Hq / Hkv heads, D head dim, F MLP width, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+from gpuengine import launch as K
+from gpuengine.layout import LayerImage, build_image, image_bytes, views
+from hwdb import ModelSpec
+from planner import memory as mem
+from planner.formats import kv_format
+from refengine.model import check_supported
+from refengine.stream import layer_of
+
+USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the CPU stand-in turn this off)
+_DTYPES = {"f32": np.float32, "f16": np.uint16, "i32": np.int32, "u8": np.uint8}   # fp16 as raw bits
+
+
+class RunState:
+    """Every device buffer of a run, allocated once: exactly planner.memory's buffers for the GPU engine."""
+
+    def __init__(self, spec: ModelSpec, ctx: int, chunk: int, kv_name: str):
+        import cupy as cp
+
+        self.kv = kv_format(kv_name)
+        self.buffers = mem.run_state_buffers(spec, ctx, chunk, logits=True, gemm_staging=True)
+        self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers))
+        self.arrays = {b.name: cp.empty(b.shape, dtype=_DTYPES[b.dtype]) for b in self.buffers}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+    def __getitem__(self, name: str) -> Any:
+        return self.arrays[name]
+
+
+class DeviceWeights:
+    """Resident layers in their own device buffers; the others in pinned host memory, each copied into one
+    of two device slots when it runs (the planner's two stream buffers); head and final norm resident; the
+    embedding table stays on the host (the planner prices it there) and only the step's rows travel."""
+
+    def __init__(self, weights: Mapping[str, Any], spec: ModelSpec, resident: Iterable[int]):
+        import cupy as cp
+        import cupyx
+
+        resident = set(resident)
+        names = list(weights)
+        self.views: dict[int, dict] = {}
+        self.images: dict[int, LayerImage] = {}
+        self.resident_bytes = 0
+        for i in range(spec.num_layers):
+            layer = [n for n in names if layer_of(n) == i]
+            tensors = {n: weights[n] for n in layer}
+            if i in resident:
+                self.views[i] = self._upload(build_image(tensors))
+            else:
+                self.images[i] = build_image(tensors, cupyx.empty_pinned((image_bytes(tensors),), np.uint8))
+            _release(weights, layer)
+        slot = max((img.nbytes for img in self.images.values()), default=0)
+        self.slots = [cp.empty(slot, cp.uint8) for _ in range(2)] if self.images else []
+        self.slot_bytes = 2 * slot if self.images else 0
+        self.globals = self._upload(build_image({"head": weights["head"], "norm.final": weights["norm.final"]}))
+        self.embed = np.asarray(weights["embed"])                                # (V, H) fp16, host
+
+    def _upload(self, image: LayerImage) -> dict:
+        import cupy as cp
+
+        buf = cp.empty(image.nbytes, cp.uint8)
+        buf.set(image.data)
+        self.resident_bytes += image.nbytes
+        return views(buf, image)
+
+    def layer(self, i: int) -> dict:
+        """Layer i's tensors on the device; a streamed layer is copied into the next slot first (in stream
+        order, so the copy waits for the kernels that read the slot's previous layer)."""
+        if i in self.views:
+            return self.views[i]
+        import cupy as cp
+
+        image, slot = self.images[i], self.slots[i % 2]      # fixed per layer, so a captured step replays
+        slot[:image.nbytes].set(image.data, stream=cp.cuda.get_current_stream())
+        return views(slot, image)
+
+    def nbytes(self) -> int:
+        """Device bytes of weights: resident images plus the two stream slots."""
+        return self.resident_bytes + self.slot_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.nbytes()
+
+    def materialize(self) -> None:
+        """Everything is on the device (or pinned) from the start."""
+
+
+def _release(weights: Mapping[str, Any], names: list[str]) -> None:
+    release = getattr(weights, "release", None)
+    if release is not None:
+        release(names)
+
+
+class GPUTransformer:
+    """forward(tokens) appends tokens at the current position and returns their logits (T, V) on the host;
+    forward_device returns the last token's logits (V,) as a device array, for sampling there.
+
+    Each step's inputs (positions, embedding rows) are staged in pinned host memory and copied in stream
+    order, and every kernel reads the position from the device, so a decode step is position-independent
+    work: with graphs=True it is captured once as a CUDA graph and replayed for every later token (one
+    launch instead of hundreds; Python's per-launch cost is what bounds small-batch decode)."""
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, Any], ctx: int, kv_name: str = "fp16",
+                 chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True,
+                 resident: Optional[Iterable[int]] = None, graphs: Optional[bool] = None):
+        import cupy as cp
+        import cupyx
+
+        check_supported(spec)
+        self.spec, self.ctx = spec, ctx
+        self.chunk = min(chunk, ctx)
+        self.rope_interleaved = rope_interleaved
+        self.state = RunState(spec, ctx, self.chunk, kv_name)
+        self.weights = DeviceWeights(weights, spec, range(spec.num_layers) if resident is None else resident)
+        self.pos = 0
+        self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
+        self._pinned_x = cupyx.empty_pinned((self.chunk, spec.hidden_size), np.float32)
+        self._pinned_pos = cupyx.empty_pinned((self.chunk,), np.int32)
+        self.graphs = USE_GRAPHS if graphs is None else graphs
+        self._graph: Any = None
+        self._eager_decodes = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def forward(self, tokens: list[int]) -> np.ndarray:
+        out = []
+        for i in range(0, len(tokens), self.chunk):
+            logits = self._step(np.asarray(tokens[i:i + self.chunk], dtype=np.int32))
+            self.stream.synchronize()
+            out.append(logits.get())
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def forward_device(self, tokens: list[int]) -> Any:
+        for i in range(0, len(tokens), self.chunk):
+            logits = self._step(np.asarray(tokens[i:i + self.chunk], dtype=np.int32))
+        return logits[-1]
+
+    def _step(self, tokens: np.ndarray) -> Any:
+        """Stage the step's inputs, then run it: a single token by graph replay once one is captured."""
+        t = len(tokens)
+        if self.pos + t > self.ctx:
+            raise ValueError(f"{self.pos + t} tokens exceed the planned context of {self.ctx}")
+        self.stream.synchronize()                  # the previous step's copies have read the pinned inputs
+        self._pinned_pos[:t] = np.arange(self.pos, self.pos + t, dtype=np.int32)
+        self._pinned_x[:t] = self.weights.embed[tokens]                           # (T, H) fp16 -> fp32, host
+        with self.stream:
+            if t == 1 and self.graphs and self._graph is None and self._eager_decodes >= 1:
+                self.stream.begin_capture()        # the first decode ran eagerly: every kernel is compiled
+                self._run(1)
+                self._graph = self.stream.end_capture()
+            if t == 1 and self._graph is not None:
+                self._graph.launch(self.stream)
+            else:
+                self._run(t)
+                self._eager_decodes += t == 1
+        self.pos += t
+        return self.state["logits"][:t]
+
+    def _run(self, t: int) -> Any:
+        """The step's device work, in stream order: input copies, then every layer, the final norm and head."""
+        spec, st = self.spec, self.state
+        st["positions"][:t].set(self._pinned_pos[:t], stream=self.stream)
+        x, xn = st["x"][:t], st["xn"][:t]                                          # (T, H)
+        x.set(self._pinned_x[:t], stream=self.stream)
+        for i in range(spec.num_layers):
+            w = self.weights.layer(i)
+            K.rmsnorm(x, w[f"layers.{i}.norm.0"], xn, spec.norm_eps)
+            self._attention(i, w, xn, t)
+            K.rmsnorm(x, w[f"layers.{i}.norm.1"], xn, spec.norm_eps)
+            p = f"layers.{i}.mlp"
+            gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                        # (T, F)
+            self._linear(xn, w[f"{p}.gate"], gate)
+            self._linear(xn, w[f"{p}.up"], up)
+            K.swiglu(gate, up)
+            self._linear(gate, w[f"{p}.down"], x, accumulate=True)
+        g = self.weights.globals
+        K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
+        self._linear(xn, g["head"], st["logits"][:t])                             # (T, V)
+
+    def _attention(self, i: int, w: dict, xn: Any, t: int) -> None:
+        spec, st, p = self.spec, self.state, f"layers.{i}.attn"
+        d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        q, k, v = st["q"][:t], st["k"][:t], st["v"][:t]                           # (T, Hq*D), (T, Hkv*D)
+        for name, out in (("q", q), ("k", k), ("v", v)):
+            self._linear(xn, w[f"{p}.{name}"], out, bias=w.get(f"{p}.{name}.bias"))
+        pos = st["positions"][:t]
+        q3, k3, v3 = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
+        K.rope(q3, pos, spec.rope_theta, self.rope_interleaved)
+        K.rope(k3, pos, spec.rope_theta, self.rope_interleaved)
+        kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]
+        K.kv_store(st.kv.name, k3, kc, pos)
+        K.kv_store(st.kv.name, v3, vc, pos)
+        out = st["attn_out"][:t]                                                   # (T, Hq*D)
+        scores = st["scores"].reshape(-1)
+        per_launch = min(hq, max(1, scores.size // (t * self.ctx)))                # heads whose scores fit
+        for h0 in range(0, hq, per_launch):
+            K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), scores, h0, min(per_launch, hq - h0))
+        self._linear(out, w[f"{p}.o"], st["x"][:t], accumulate=True)
+
+    def _linear(self, x: Any, lin: Any, out: Any, accumulate: bool = False, bias: Any = None) -> None:
+        """out (T, N) (+)= x (T, K) W^T (+ bias): the fused matvec for one token, else fp16 tiles + cuBLAS."""
+        st, t = self.state, x.shape[0]
+        if t == 1:
+            K.matvec(x[0], out[0], lin, st["matvec_in"], bias, accumulate)
+            return
+        n, k = lin.shape
+        a16 = st["gemm_in"].reshape(-1)[:t * k].reshape(t, k)
+        K.to_half(x, a16)
+        if lin.meta is None:
+            K.gemm(a16, lin.half, out, 0, accumulate)
+        else:
+            tile = st["dequant_tile"]
+            rows = tile.size // k
+            for r0 in range(0, n, rows):
+                nr = min(rows, n - r0)
+                w16 = tile[:nr * k].reshape(nr, k)
+                K.dequantize(lin, r0, w16)
+                K.gemm(a16, w16, out, r0, accumulate)
+        if bias is not None:
+            K.add_bias(out, bias)

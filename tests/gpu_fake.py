@@ -1,0 +1,131 @@
+"""The GPU engine's runtime on the CPU: a stand-in for CuPy (NumPy arrays with .set/.get) and launchers that
+do each kernel's job with refengine's reference code, so tests/test_gpu_runtime.py checks the runtime's own
+logic (state allocation, layer images and views, streaming slots, which launch gets which buffer) without a
+GPU. The kernels themselves are checked against the same references on a GPU (tests/test_gpu_kernels.py)."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+
+from gpuengine import launch
+from planner.formats import kv_format, parse_option
+from refengine import ops
+from refengine.quant import QSlice, QTensor, dequantize, kv_dequantize, kv_quantize
+
+
+class FakeArray(np.ndarray):
+    """A NumPy array with CuPy's host-transfer methods."""
+
+    def set(self, arr, stream=None):
+        self[...] = arr
+
+    def get(self, stream=None):
+        return np.array(self)
+
+
+def _fake(a: np.ndarray) -> FakeArray:
+    return a.view(FakeArray)
+
+
+class _Stream:
+    """CUDA streams and their context: everything runs at once on the CPU."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+def _poisoned(shape, dtype=np.float32) -> FakeArray:
+    """cupy.empty's stand-in: NaN floats and 0x5A bytes, so a buffer read before it is written shows."""
+    dtype, shape = np.dtype(dtype), tuple(np.atleast_1d(shape))
+    if dtype.kind == "f":
+        return _fake(np.full(shape, np.nan, dtype))
+    return _fake(np.full(int(np.prod(shape)) * dtype.itemsize, 0x5A, np.uint8).view(dtype).reshape(shape))
+
+
+def fake_cupy() -> tuple[types.ModuleType, types.ModuleType]:
+    cp = types.ModuleType("cupy")
+    cp.empty = _poisoned
+    cp.zeros = lambda shape, dtype=np.float32: _fake(np.zeros(shape, dtype))
+    cp.asarray = lambda a, dtype=None: _fake(np.asarray(a, dtype))
+    cp.uint8 = np.uint8
+    cp.cuda = types.SimpleNamespace(get_current_stream=lambda: _Stream(), Stream=lambda non_blocking=False: _Stream())
+    cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = lambda shape, dtype: np.empty(shape, dtype)
+    return cp, cupyx
+
+
+def dense(lin) -> np.ndarray:
+    """A DeviceLinear's matrix in float32, through refengine.quant.dequantize."""
+    if lin.meta is None:
+        return np.asarray(lin.half).view(np.float16).astype(np.float32)
+    m = lin.meta
+    slices = tuple(QSlice(s.start, s.rows, s.bits, np.asarray(w), np.asarray(sc).view(np.float16))
+                   for s, w, sc in zip(m.slices, lin.words, lin.scales))
+    option = parse_option(f"1:{m.slices[0].bits}b g{m.group_size}")      # dequantize reads the group size only
+    return dequantize(QTensor(option, (m.n, m.k), slices, None if lin.perm is None else np.asarray(lin.perm)))
+
+
+def _matvec(x, y, lin, xp, bias=None, accumulate=False):
+    launch.check_matvec(x, y, lin, xp)
+    r = dense(lin) @ np.asarray(x) + (0 if bias is None else bias)
+    y[...] = y + r if accumulate else r
+
+
+def _dequantize(lin, row0, tile):
+    tile[...] = dense(lin)[row0:row0 + tile.shape[0]].astype(np.float16).view(np.uint16)
+
+
+def _gemm(a16, w16, out, col0=0, accumulate=False):
+    r = np.asarray(a16).view(np.float16).astype(np.float32) @ np.asarray(w16).view(np.float16).astype(np.float32).T
+    cols = slice(col0, col0 + r.shape[1])
+    out[:, cols] = out[:, cols] + r if accumulate else r
+
+
+def _rope(x, pos, theta, interleaved):
+    cos, sin = ops.rope_tables(np.asarray(pos), x.shape[-1], theta)
+    x[...] = ops.rope(np.ascontiguousarray(x), cos, sin, interleaved)
+
+
+def _attention(fmt, q, kc, vc, pos, out, scores, h0, nh):
+    d, end = q.shape[-1], int(np.max(pos)) + 1
+    keys = kv_dequantize(kv_format(fmt), np.asarray(kc[:end]), d)
+    values = kv_dequantize(kv_format(fmt), np.asarray(vc[:end]), d)
+    out[:, h0:h0 + nh] = ops.attention(np.asarray(q), keys, values, np.asarray(pos))[:, h0:h0 + nh]
+
+
+def _argmax(x, out):
+    out[0] = int(np.argmax(x))
+
+
+def _penalize(x, seen, p):
+    x[...] = np.where(seen.astype(bool), np.where(x > 0, x / p, x * p), x)
+
+
+LAUNCHERS = {
+    "matvec": _matvec, "dequantize": _dequantize, "gemm": _gemm, "rope": _rope, "attention": _attention,
+    "argmax": _argmax, "penalize": _penalize,
+    "to_half": lambda x, out: out.__setitem__(..., np.asarray(x).astype(np.float16).view(np.uint16)),
+    "rmsnorm": lambda x, w, out, eps: out.__setitem__(..., ops.rmsnorm(np.asarray(x), w, eps)),
+    "swiglu": lambda gate, up: gate.__setitem__(..., ops.silu(np.asarray(gate)) * up),
+    "add_bias": lambda y, b: y.__setitem__(..., y + b),
+    "kv_store": lambda fmt, x, cache, pos: cache.__setitem__(np.asarray(pos), kv_quantize(kv_format(fmt), np.asarray(x))),
+}
+
+
+def install(monkeypatch) -> None:
+    """Swap CuPy and every launcher for the stand-ins, for one test."""
+    cp, cupyx = fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    from gpuengine import model
+    monkeypatch.setattr(model, "USE_GRAPHS", False)        # graph capture needs the real device
+    for name, fn in LAUNCHERS.items():
+        monkeypatch.setattr(launch, name, fn)

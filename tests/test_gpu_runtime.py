@@ -1,0 +1,90 @@
+"""The GPU engine's runtime, run on the CPU with reference launchers (tests/gpu_fake.py): it allocates exactly
+what the planner prices, lays weights out exactly as the formats count them, streams layers through two
+slots, and computes what refengine computes. The kernels are checked on a GPU in test_gpu_kernels.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpu_fake
+from gpuengine.layout import build_image, image_bytes, qmeta_of, views
+from planner import memory as mem
+from planner.formats import SLICE_HEADER_BYTES, kv_format
+from refengine.api import Model, _Weights
+from refengine.stream import layer_of
+from refengine.tokenizer import Tokenizer
+from test_stream import IDS, assignment, ckpt, run  # noqa: F401 - fixtures
+
+TOKENIZER = Tokenizer(None, None, None, False, None, "none")
+
+
+def gpu_model(monkeypatch, ckpt, assignment, resident, kv="q8", ctx=32, chunk=4):  # noqa: F811
+    gpu_fake.install(monkeypatch)
+    from gpuengine.api import GPUModel
+    return GPUModel(ckpt, TOKENIZER, ctx, kv, chunk, _Weights(ckpt, assignment), resident)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "q8", "q4", "fp8"])
+def test_decode_path_computes_what_the_reference_engine_does(monkeypatch, ckpt, assignment, kv):  # noqa: F811
+    """chunk 1: every token through the fp32 matvec path, so only summation order differs."""
+    ref = run(Model(ckpt, TOKENIZER, 32, kv, 1, assignment))
+    got = run(gpu_model(monkeypatch, ckpt, assignment, range(6), kv, chunk=1))
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_prefill_path_computes_what_the_reference_engine_does(monkeypatch, ckpt, assignment):  # noqa: F811
+    """chunk 4: prefill multiplies fp16 weights and activations (as cuBLAS does), so within fp16's rounding."""
+    ref = run(Model(ckpt, TOKENIZER, 32, "fp16", 4, assignment))
+    got = run(gpu_model(monkeypatch, ckpt, assignment, range(6), "fp16"))
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    assert (got.argmax(axis=1) == ref.argmax(axis=1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("resident", [range(0), range(2, 5)], ids=["stream", "offload"])
+def test_streamed_layers_give_the_resident_logits(monkeypatch, ckpt, assignment, resident):  # noqa: F811
+    held = run(gpu_model(monkeypatch, ckpt, assignment, range(6)))
+    model = gpu_model(monkeypatch, ckpt, assignment, resident)
+    assert np.array_equal(run(model), held)
+    layers = mem.layer_weight_bytes(ckpt.spec, assignment)
+    streamed = [layers[i] for i in range(6) if i not in resident]
+    slot = model.weights.slot_bytes // 2
+    assert slot <= max(streamed) and model.weights.slot_bytes == 2 * slot
+
+
+def test_state_is_exactly_what_the_planner_prices(monkeypatch, ckpt, assignment):  # noqa: F811
+    model = gpu_model(monkeypatch, ckpt, assignment, range(6), "q4", ctx=32, chunk=4)
+    spec = ckpt.spec
+    planned = mem.run_state_buffers(spec, 32, 4, logits=True, gemm_staging=True)
+    planned += mem.kv_cache_buffers(spec, 32, kv_format("q4"), range(spec.num_layers))
+    assert model.net.state.nbytes == mem.buffers_bytes(planned)
+    # weights: the planner's bytes less the 12-byte slice tables the device does not keep
+    headers = sum(SLICE_HEADER_BYTES * len(o.slice_rows(ckpt[n].shape[1])) for n, o in assignment.items())
+    globals_ = mem.global_weight_bytes(spec)
+    assert model.weights.resident_bytes == (sum(mem.layer_weight_bytes(spec, assignment)) - headers
+                                            + globals_["head"] - SLICE_HEADER_BYTES + globals_["norm.final"])
+
+
+def test_greedy_generation_matches_the_reference(monkeypatch, ckpt, assignment):  # noqa: F811
+    ref = Model(ckpt, TOKENIZER, 32, "fp16", 4, assignment).generate(IDS, 8)
+    assert gpu_model(monkeypatch, ckpt, assignment, range(6), "fp16").generate(IDS, 8) == ref
+
+
+def test_layer_image_is_exactly_the_tensors_and_views_read_them_back(ckpt, assignment):  # noqa: F811
+    weights = _Weights(ckpt, assignment)
+    tensors = {n: weights[n] for n in weights.names if layer_of(n) == 1}
+    image = build_image(tensors)
+    assert image.nbytes == image_bytes(tensors)
+    got = views(image.data, image)
+    for name, value in tensors.items():
+        if name in assignment:
+            t = value.qtensor
+            lin = got[name]
+            assert lin.meta == qmeta_of(t) and lin.shape == t.shape
+            for s, w, sc in zip(t.slices, lin.words, lin.scales):
+                assert np.array_equal(w, s.qweight) and np.array_equal(sc.view(np.float16), s.scales)
+                assert w.ctypes.data % 4 == 0
+            assert (lin.perm is None) == (t.perm is None) and (t.perm is None or np.array_equal(lin.perm, t.perm))
+        else:
+            assert np.array_equal(got[name], value)
