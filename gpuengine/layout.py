@@ -104,10 +104,12 @@ def _arrays(name: str, value: Any) -> tuple[list[tuple[str, np.ndarray]], QMeta 
 def _placement(item: tuple[str, np.ndarray]) -> tuple[int, int]:
     """Sort key: 4-byte arrays before 2-byte ones, and among them sizes divisible by 16, then by 8, then the
     rest, so each array starts at a multiple of the largest of 16, 8, 4 dividing its size: 4- and 8-bit
-    words (16 * units * bits / 4 bytes a row) are read with 16-byte loads, 2-bit words with 8-byte loads."""
+    words (16 * units * bits / 4 bytes a row) are read with 16-byte loads, 2-bit words with 8-byte loads,
+    fp16 matrices (an even number of columns) as 4-byte pairs."""
     a = item[1]
     wide = a.dtype.itemsize == 4
-    return (0 if wide else 1, 0 if a.nbytes % 16 == 0 else 1 if a.nbytes % 8 == 0 else 2)
+    size = a.nbytes
+    return (0 if wide else 1, 0 if size % 16 == 0 else 1 if size % 8 == 0 else 2 if size % 4 == 0 else 3)
 
 
 def build_image(tensors: Mapping[str, Any], out: np.ndarray | None = None) -> LayerImage:

@@ -28,7 +28,7 @@ def source(name: str) -> str:
 def module(name: str):
     import cupy
 
-    return cupy.RawModule(code=source(name), name_expressions=NAME_EXPRESSIONS.get(name, ()))
+    return cupy.RawModule(code=source(name), options=("--std=c++17",), name_expressions=NAME_EXPRESSIONS.get(name, ()))
 
 
 @lru_cache(maxsize=None)
