@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     from gpuengine import device
     device.require()
     bw = copy_bandwidth(cp)
+    free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",
           flush=True)
     rows = []

@@ -16,7 +16,8 @@ from planner.formats import PACK_VALUES
 
 WARPS_PER_BLOCK = 8                # matvec: one warp per output row
 THREADS = 256                      # element-wise kernels
-ATTN_THREADS = 128                 # attention: 4 warps score positions, then one thread per dimension
+ATTN_THREADS = 128                 # attention: 4 warps (ATTN_WARPS in attention.cu)
+ATTN_MAX_D = 256                   # largest head dim of the attention kernel (ATTN_MAX_D in attention.cu)
 MAX_BLOCKS = 65535
 _i, _f = np.int32, np.float32
 
@@ -194,6 +195,8 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, scores: An
     check("pos", pos, np.int32, (t,))
     check("out", out, np.float32, (t, hq, d))
     check("scores", scores, np.float32)
+    if d > ATTN_MAX_D:
+        raise LaunchError(f"attention: head dim {d} above the kernel's {ATTN_MAX_D}")
     if scores.size < nh * t * ctx or hq % hkv or not 0 <= h0 < h0 + nh <= hq:
         raise LaunchError(f"attention: {nh} heads from {h0} of {hq} ({hkv} KV heads) with {scores.size} score floats")
     function("attention", f"attention<{FMT_CODES[fmt]}>")(

@@ -86,7 +86,7 @@ class DeviceWeights:
         import cupy as cp
 
         image, slot = self.images[i], self.slots[i % 2]      # fixed per layer, so a captured step replays
-        slot[:image.nbytes].set(image.data, stream=cp.cuda.get_current_stream())
+        h2d(slot[:image.nbytes], image.data, cp.cuda.get_current_stream())
         return views(slot, image)
 
     def nbytes(self) -> int:
@@ -99,6 +99,17 @@ class DeviceWeights:
 
     def materialize(self) -> None:
         """Everything is on the device (or pinned) from the start."""
+
+
+def h2d(dst: Any, src: np.ndarray, stream: Any) -> None:
+    """Copy pinned host memory into a device array in stream order, by cudaMemcpyAsync: from pinned memory
+    the copy is a legal node of a captured graph (CuPy's ndarray.set refuses host copies while capturing)."""
+    import cupy as cp
+
+    if dst.nbytes != src.nbytes:
+        raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
+    cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, cp.cuda.runtime.memcpyHostToDevice,
+                                stream.ptr)
 
 
 def _release(weights: Mapping[str, Any], names: list[str]) -> None:
@@ -163,8 +174,11 @@ class GPUTransformer:
         with self.stream:
             if t == 1 and self.graphs and self._graph is None and self._eager_decodes >= 1:
                 self.stream.begin_capture()        # the first decode ran eagerly: every kernel is compiled
-                self._run(1)
-                self._graph = self.stream.end_capture()
+                try:
+                    self._run(1)
+                finally:                           # never leave the stream capturing
+                    graph = self.stream.end_capture()
+                self._graph = graph
             if t == 1 and self._graph is not None:
                 self._graph.launch(self.stream)
             else:
@@ -176,9 +190,9 @@ class GPUTransformer:
     def _run(self, t: int) -> Any:
         """The step's device work, in stream order: input copies, then every layer, the final norm and head."""
         spec, st = self.spec, self.state
-        st["positions"][:t].set(self._pinned_pos[:t], stream=self.stream)
+        h2d(st["positions"][:t], self._pinned_pos[:t], self.stream)
         x, xn = st["x"][:t], st["xn"][:t]                                          # (T, H)
-        x.set(self._pinned_x[:t], stream=self.stream)
+        h2d(x, self._pinned_x[:t], self.stream)
         for i in range(spec.num_layers):
             w = self.weights.layer(i)
             K.rmsnorm(x, w[f"layers.{i}.norm.0"], xn, spec.norm_eps)

@@ -74,19 +74,25 @@ __global__ void kv_store(const float* __restrict__ x, u8* __restrict__ cache, co
 // Causal GQA attention for t queries q (t, hq, d) at positions pos (t,) over the cache (ctx, hkv, row_bytes):
 // query t sees positions 0 .. pos[t]. One block per (query, head) for heads h0 .. h0 + gridDim.y - 1;
 // scores (gridDim.y, t, ctx) fp32 is planner.memory's "scores" scratch. Warps score positions (lanes
-// split the head dim), then the block takes the max and sum, then thread i sums dimension i over
-// positions. out (t, hq, d) = softmax(q k / sqrt(d)) v, as ops.attention.
+// split the head dim), the block takes the max and sum, then each warp sums its share of positions with
+// lanes again splitting the head dim (coalesced rows, ATTN_WARPS rows in flight), and the warps' partial
+// sums meet in shared memory. out (t, hq, d) = softmax(q k / sqrt(d)) v, as ops.attention. d <= 256.
+#define ATTN_WARPS 4
+#define ATTN_MAX_D 256
+
 template <int FMT>
 __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
                           const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ scores,
                           int t, int h0, int hq, int hkv, int d, int row_bytes, int ctx) {
+    __shared__ float partial[ATTN_WARPS][ATTN_MAX_D];
     const int tq = blockIdx.x, hl = blockIdx.y, h = h0 + hl, kvh = h / (hq / hkv);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int len = pos[tq] + 1;
     const float* qv = q + ((size_t)tq * hq + h) * d;
     float* sc = scores + ((size_t)hl * t + tq) * ctx;
     const float root = sqrtf((float)d);
-    for (int p = warp; p < len; p += warps) {
+#pragma unroll 2
+    for (int p = warp; p < len; p += ATTN_WARPS) {
         const u8* row = kc + ((size_t)p * hkv + kvh) * row_bytes;
         float s = 0.0f;
         for (int i = lane; i < d; i += 32) s = fmaf(qv[i], kv_elem<FMT>(row, i), s);
@@ -105,10 +111,26 @@ __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc
     }
     l = block_reduce(l, false);
     __syncthreads();
+    float acc[ATTN_MAX_D / 32];
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_D / 32; ++j) acc[j] = 0.0f;
+#pragma unroll 2
+    for (int p = warp; p < len; p += ATTN_WARPS) {
+        const float e = sc[p];
+        const u8* row = vc + ((size_t)p * hkv + kvh) * row_bytes;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_D / 32; ++j)
+            if (lane + 32 * j < d) acc[j] = fmaf(e, kv_elem<FMT>(row, lane + 32 * j), acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_D / 32; ++j)
+        if (lane + 32 * j < d) partial[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int p = 0; p < len; ++p) acc = fmaf(sc[p], kv_elem<FMT>(vc + ((size_t)p * hkv + kvh) * row_bytes, i), acc);
-        out[((size_t)tq * hq + h) * d + i] = acc / l;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) sum += partial[w][i];
+        out[((size_t)tq * hq + h) * d + i] = sum / l;
     }
 }
 

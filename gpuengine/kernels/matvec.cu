@@ -7,40 +7,68 @@
 // into a slice's last, partial unit multiply zeros. Accumulation in fp32.
 
 template <int BITS>
+__device__ __forceinline__ void load_unit(const u32* __restrict__ w, int u, u32 (&wd)[BITS]) {
+    if constexpr (BITS % 4 == 0) {              // 16-byte loads (layout.py keeps these arrays 16-byte aligned)
+        const uint4* p = reinterpret_cast<const uint4*>(w + (size_t)u * BITS);
+#pragma unroll
+        for (int j = 0; j < BITS / 4; ++j) {
+            const uint4 v = __ldg(p + j);
+            wd[4 * j] = v.x; wd[4 * j + 1] = v.y; wd[4 * j + 2] = v.z; wd[4 * j + 3] = v.w;
+        }
+    } else if constexpr (BITS == 2) {           // 8-byte loads
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(w + (size_t)u * BITS));
+        wd[0] = v.x; wd[1] = v.y;
+    } else {
+#pragma unroll
+        for (int j = 0; j < BITS; ++j) wd[j] = __ldg(w + (size_t)u * BITS + j);
+    }
+}
+
+// sum over one unit of (code_i - 2^(b-1)) * x_i: every shift a constant, decoding by bit tricks
+template <int BITS>
+__device__ __forceinline__ float unit_dot(const u32 (&wd)[BITS], const float* __restrict__ x) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    float part = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const float4 xv = x4[q];
+        const float xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int bit = (q * 4 + r) * BITS, word = bit >> 5, off = bit & 31;
+            u32 v = wd[word] >> off;
+            if (off + BITS > 32) v |= wd[word + 1] << (32 - off);
+            part = fmaf(centered<BITS>(v & ((1u << BITS) - 1u)), xs[r], part);
+        }
+    }
+    return part;
+}
+
+// A lane's share of one row of a slice: units lane, lane + 32, ..., ILP of them loaded before any is
+// used, so each lane keeps ILP independent reads in flight (decode is bound by memory latency otherwise);
+// fewer for wide codes, whose words would otherwise take registers from occupancy.
+
+template <int BITS>
 __device__ __forceinline__ float slice_dot(const u32* __restrict__ w, const u16* __restrict__ scales,
                                            const float* __restrict__ x, int units, int gunits, int lane) {
+    constexpr int ILP = BITS <= 4 ? 4 : 2;
     float acc = 0.0f;
-    for (int u = lane; u < units; u += 32) {
-        u32 wd[BITS];
-        if constexpr (BITS % 4 == 0) {          // 16-byte loads (layout.py keeps these arrays 16-byte aligned)
-            const uint4* p = reinterpret_cast<const uint4*>(w + (size_t)u * BITS);
+    for (int base = lane; base < units; base += 32 * ILP) {
+        u32 wd[ILP][BITS];
+        float sc[ILP];
 #pragma unroll
-            for (int j = 0; j < BITS / 4; ++j) {
-                const uint4 v = __ldg(p + j);
-                wd[4 * j] = v.x; wd[4 * j + 1] = v.y; wd[4 * j + 2] = v.z; wd[4 * j + 3] = v.w;
-            }
-        } else if constexpr (BITS == 2) {       // 8-byte loads
-            const uint2 v = __ldg(reinterpret_cast<const uint2*>(w + (size_t)u * BITS));
-            wd[0] = v.x; wd[1] = v.y;
-        } else {
-#pragma unroll
-            for (int j = 0; j < BITS; ++j) wd[j] = __ldg(w + (size_t)u * BITS + j);
-        }
-        const float4* x4 = reinterpret_cast<const float4*>(x + (size_t)u * 32);
-        float part = 0.0f;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            const float4 xv = x4[q];
-            const float xs[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int bit = (q * 4 + r) * BITS, word = bit >> 5, off = bit & 31;
-                u32 v = wd[word] >> off;
-                if (off + BITS > 32) v |= wd[word + 1] << (32 - off);
-                part = fmaf(centered<BITS>(v & ((1u << BITS) - 1u)), xs[r], part);
+        for (int j = 0; j < ILP; ++j) {
+            const int u = base + 32 * j;
+            if (u < units) {
+                load_unit<BITS>(w, u, wd[j]);
+                sc[j] = h2f(__ldg(scales + u / gunits));
             }
         }
-        acc = fmaf(h2f(__ldg(scales + u / gunits)), part, acc);
+#pragma unroll
+        for (int j = 0; j < ILP; ++j) {
+            const int u = base + 32 * j;
+            if (u < units) acc = fmaf(sc[j], unit_dot<BITS>(wd[j], x + (size_t)u * 32), acc);
+        }
     }
     return acc;
 }
