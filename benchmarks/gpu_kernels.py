@@ -1,0 +1,99 @@
+"""Per-kernel times on the GPU for one decode step's shapes (Llama-2-7B: hidden 4096, MLP 11008, 32 heads),
+by CUDA events, median of 50 launches after warm-up: where a decode step's time goes. Prints a table and
+writes JSON (default benchmarks/results/gpu_kernels.json). A benchmark, never a test."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from benchlib import ROOT, write_json
+
+from gpu_decode import random_linear  # noqa: E402
+from planner.formats import kv_format, parse_option  # noqa: E402
+
+
+def timed(cp, fn, reps: int = 30, per_graph: int = 20) -> float:
+    """Microseconds per launch: `per_graph` launches captured as one CUDA graph (so host launch costs stay
+    out), the graph's replay timed by events, median of `reps`."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        fn()
+        s.synchronize()
+        s.begin_capture()
+        try:
+            for _ in range(per_graph):
+                fn()
+        finally:
+            g = s.end_capture()
+        g.launch(s)
+        out = []
+        for _ in range(reps):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(s)
+            g.launch(s)
+            b.record(s)
+            b.synchronize()
+            out.append(cp.cuda.get_elapsed_time(a, b) * 1e3 / per_graph)
+    return statistics.median(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_kernels.json")
+    args = ap.parse_args(argv)
+    import cupy as cp
+
+    from gpuengine import device, launch
+    from gpuengine.layout import build_image, views
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def lin(option, n, k):
+        image = build_image({"w": random_linear(rng, parse_option(option), n, k)})
+        return views(cp.asarray(image.data), image)["w"], image.nbytes
+
+    x = cp.asarray(rng.standard_normal(11008).astype(np.float32))
+    xp = cp.empty(11008 + 96, cp.float32)
+    for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
+        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+            w, nbytes = lin(option, n, k)
+            y = cp.empty(n, cp.float32)
+            us = timed(cp, lambda: launch.matvec(x[:k], y, w, xp))
+            rows.append({"kernel": f"matvec {option} {n}x{k}", "us": us, "gb_s": nbytes / us / 1e3})
+    t, hq, hkv, d, ctx = 1, 32, 32, 128, 2048
+    for fmt in ("fp16", "q8"):
+        f = kv_format(fmt)
+        cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
+        q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
+        out = cp.empty((t, hq, d), cp.float32)
+        scores = cp.empty(hq * ctx, cp.float32)
+        for length in (64, 1024):
+            pos = cp.asarray(np.array([length - 1], np.int32))
+            us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, scores, 0, hq))
+            rows.append({"kernel": f"attention {fmt} len {length}", "us": us,
+                         "gb_s": 2 * length * hkv * f.row_bytes(d) / us / 1e3})
+        kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
+        rows.append({"kernel": f"kv_store {fmt}", "us": timed(cp, lambda: launch.kv_store(fmt, kx, cache, pos)), "gb_s": 0})
+    h = cp.asarray(rng.standard_normal((1, 4096)).astype(np.float32))
+    hn, wn = cp.empty((1, 4096), cp.float32), cp.ones(4096, cp.float32)
+    rows.append({"kernel": "rmsnorm 4096", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
+    qr = cp.asarray(rng.standard_normal((1, 32, 128)).astype(np.float32))
+    p1 = cp.asarray(np.array([100], np.int32))
+    rows.append({"kernel": "rope 32x128", "us": timed(cp, lambda: launch.rope(qr, p1, 1e4, True)), "gb_s": 0})
+    g, u = cp.ones(11008, cp.float32), cp.ones(11008, cp.float32)
+    rows.append({"kernel": "swiglu 11008", "us": timed(cp, lambda: launch.swiglu(g, u)), "gb_s": 0})
+    rows.append({"kernel": "empty launch (argmax of 1)", "us": timed(cp, lambda: launch.argmax(g[:1], cp.empty(1, cp.int32))), "gb_s": 0})
+    print(f"{device.name()} ({date.today()})")
+    for r in rows:
+        print(f"{r['kernel']:45} {r['us']:9.1f} us {r['gb_s']:8.0f} GB/s")
+    write_json({"device": device.name(), "date": date.today().isoformat(), "kernels": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
