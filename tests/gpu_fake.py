@@ -127,5 +127,6 @@ def install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     from gpuengine import model
     monkeypatch.setattr(model, "USE_GRAPHS", False)        # graph capture needs the real device
+    monkeypatch.setattr(model, "h2d", lambda dst, src, stream: dst.__setitem__(..., src.reshape(dst.shape)))
     for name, fn in LAUNCHERS.items():
         monkeypatch.setattr(launch, name, fn)
