@@ -19,6 +19,16 @@ def hf_repo(spec) -> str:
     return m.group(1) if m and "." not in m.group(1).split("/")[0] else PLACEHOLDER
 
 
+def _fetch(doc: dict) -> tuple[list[str], str]:
+    """The download step and the local folder it fills: the converters read a folder, not a repository id.
+    (Gated repositories such as Meta's need `hf auth login` first.)"""
+    repo = hf_repo(doc["model"]["spec"])
+    if repo == PLACEHOLDER:
+        return [], PLACEHOLDER
+    local = repo.split("/")[1]
+    return [f"hf download {repo} --local-dir {local}"], local
+
+
 def _stem(doc: dict) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", doc["model"]["name"]).strip("-").lower()
 
@@ -26,10 +36,12 @@ def _stem(doc: dict) -> str:
 def _llamacpp(doc: dict, s: dict) -> list[str]:
     stem, ftype = _stem(doc), s["ftype"]
     bf16, quant = f"{stem}-bf16.gguf", f"{stem}-{ftype}.gguf"
-    out = [f"# llama.cpp ({engine_data('llama.cpp')['version']})",
-           f"python convert_hf_to_gguf.py {hf_repo(doc['model']['spec'])} --outtype bf16 --outfile {bf16}"]
+    fetch, local = _fetch(doc)
+    out = [f"# llama.cpp ({engine_data('llama.cpp')['version']})", *fetch,
+           f"python convert_hf_to_gguf.py {local} --outtype bf16 --outfile {bf16}"]
     q = ["llama-quantize"]
     if s["imatrix"]:
+        out.append("# calibration.txt: a few hundred KB of text like the model's use")
         out.append(f"llama-imatrix -m {bf16} -f calibration.txt -o imatrix.gguf -ngl 99")
         q += ["--imatrix", "imatrix.gguf"]
     for cat, t in s["tensor_types"].items():
@@ -51,9 +63,9 @@ def _exllamav2(doc: dict, s: dict) -> list[str]:
         run.append(f"-c{s['cache_mode'].lower()}")
     if s["gpu_split_gb"]:
         run += ["-gs", ",".join(f"{g:g}" for g in s["gpu_split_gb"])]
-    return [f"# ExLlamaV2 {engine_data('exllamav2')['version']}",
-            f"python convert.py -i {hf_repo(doc['model']['spec'])} -o work -cf {out_dir} -b {s['bpw']:.2f} "
-            f"-hb {s['head_bits']}", " ".join(run)]
+    fetch, local = _fetch(doc)
+    return [f"# ExLlamaV2 {engine_data('exllamav2')['version']}", *fetch,
+            f"python convert.py -i {local} -o work -cf {out_dir} -b {s['bpw']:.2f} -hb {s['head_bits']}", " ".join(run)]
 
 
 def _vllm(doc: dict, s: dict) -> list[str]:
