@@ -88,3 +88,31 @@ def test_layer_image_is_exactly_the_tensors_and_views_read_them_back(ckpt, assig
             assert (lin.perm is None) == (t.perm is None) and (t.perm is None or np.array_equal(lin.perm, t.perm))
         else:
             assert np.array_equal(got[name], value)
+
+
+def test_cuda_out_of_memory_is_one_line_with_the_plans_prediction(monkeypatch, tmp_path, capsys):
+    """What `run` says when the device runs out of memory (the stand-in raises CuPy's exception on load)."""
+    import types
+
+    from gpuengine import device
+    from planner.cli import main
+
+    class OutOfMemoryError(MemoryError):
+        pass
+
+    gpu_fake.install(monkeypatch)
+    cupy = __import__("sys").modules["cupy"]
+    cupy.cuda.memory = types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError)
+    monkeypatch.setattr(device, "unavailable_reason", lambda: "")
+    monkeypatch.setattr(device, "name", lambda: "Test GPU")
+
+    def no_room(*args, **kwargs):
+        raise OutOfMemoryError("out of memory allocating 1,073,741,824 bytes")
+    monkeypatch.setattr("gpuengine.api.load_for_plan", no_room)
+    plan = tmp_path / "plan.yaml"
+    assert main(["plan", "--gpu", "rtx4060", "--model", "smollm2-135m", "--bpw", "4.0", "--ctx", "64", "-o", str(plan),
+                 "--quiet"]) == 0
+    assert main(["run", "--plan", str(plan), "--prompt", "hello", "--engine", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "CUDA out of memory on Test GPU" in err and "the plan predicted" in err and "NVIDIA GeForce RTX 4060" in err
