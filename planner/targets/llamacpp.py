@@ -16,8 +16,6 @@ Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, s
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from planner import memory as mem
 from planner.budget import contiguous_split
 from planner.errors import TYPE_WEIGHT
