@@ -116,3 +116,28 @@ def test_cuda_out_of_memory_is_one_line_with_the_plans_prediction(monkeypatch, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "CUDA out of memory on Test GPU" in err and "the plan predicted" in err and "NVIDIA GeForce RTX 4060" in err
+
+
+def test_qkv_biases_and_a_tied_head_run_as_the_reference(monkeypatch, tmp_path):
+    """A Qwen2-shaped model: q/k/v biases (the matvec's bias and prefill's add_bias) and a tied head."""
+    from refengine.weights import load_checkpoint
+    from test_stream import CONFIG as BASE
+    from test_stream import random_tensors
+    from test_weights import hf_folder
+
+    cfg = dict(BASE, model_type="qwen2", num_hidden_layers=2, tie_word_embeddings=True)
+    arrays = random_tensors(cfg, seed=3)
+    del arrays["lm_head.weight"]
+    rng = np.random.default_rng(4)
+    for i in range(cfg["num_hidden_layers"]):
+        for proj, width in (("q", 128), ("k", 32), ("v", 32)):
+            arrays[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = rng.standard_normal(width).astype(np.float32)
+    root, _ = hf_folder(tmp_path / "qwen", cfg, arrays)
+    qwen = load_checkpoint(root)
+    assert qwen.spec.qkv_bias and qwen.spec.tie_embeddings
+    from planner.formats import HEAD_OPTION
+    options = {n: HEAD_OPTION for n in qwen.tensors if n.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "gate", "up", "down")}
+    for chunk, bound in ((1, 1e-4), (4, 0.02)):             # the fp32 decode path, then fp16 prefill
+        ref = run(Model(qwen, TOKENIZER, 32, "fp16", chunk, options))
+        got = run(gpu_model(monkeypatch, qwen, options, range(2), "fp16", chunk=chunk))
+        assert np.abs(got - ref).max() <= bound * np.abs(ref).max()
