@@ -3,6 +3,8 @@ what the planner prices, lays weights out exactly as the formats count them, str
 slots, and computes what refengine computes. The kernels are checked on a GPU in test_gpu_kernels.py."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -141,3 +143,33 @@ def test_qkv_biases_and_a_tied_head_run_as_the_reference(monkeypatch, tmp_path):
         ref = run(Model(qwen, TOKENIZER, 32, "fp16", chunk, options))
         got = run(gpu_model(monkeypatch, qwen, options, range(2), "fp16", chunk=chunk))
         assert np.abs(got - ref).max() <= bound * np.abs(ref).max()
+
+
+def test_a_quantize_directory_and_a_plan_load_through_the_gpu_api(monkeypatch, tmp_path):
+    """gpuengine.api with the stand-in: a GGUF under a plan and the same plan's quantize directory, resident and
+    streamed, give the reference engine's logits; a plan over two GPUs is refused in one line."""
+    from gpuengine import api, device
+    from planner.cli import main
+    from planner.plan import load_plan
+    from refengine.api import load_for_plan
+    from refengine.errors import EngineError
+    from refengine.qmodel import quantize_model
+    from test_bad_input import tiny_gguf
+
+    gpu_fake.install(monkeypatch)
+    monkeypatch.setattr(device, "unavailable_reason", lambda: "")
+    model = tiny_gguf(tmp_path / "tiny.gguf")
+    path = tmp_path / "plan.yaml"
+    assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "3.5", "--ctx", "64", "-o", str(path),
+                 "--quiet"]) == 0
+    plan = load_plan(path)
+    ids = [5, 17, 42, 100, 7, 64, 3]
+    want = load_for_plan(plan, str(model)).logits(ids)
+    out = tmp_path / "q"
+    quantize_model(plan, str(model), out, "rtn")
+    for source, stream in ((str(model), None), (str(out), None), (str(out), True)):
+        got = load_for_plan(plan, source, stream, engine="gpu").logits(ids)
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    two_cards = dataclasses.replace(plan.layout, gpu_layers=((0, 1), (1, plan.spec.num_layers)))
+    with pytest.raises(EngineError, match="splits the model over 2 GPUs"):
+        api.load_for_plan(dataclasses.replace(plan, layout=two_cards), str(model))
