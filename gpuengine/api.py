@@ -3,7 +3,7 @@ engine="gpu") return a Model whose logits and generate run here, with tokens cho
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from gpuengine import device
 from gpuengine import launch as K
 from planner import memory as mem
 from planner.spec import architecture_digest
-from refengine.api import Model, _Weights
+from refengine.api import Model, _Weights, streamed_weights
 from refengine.errors import EngineError
 from refengine.generate import Sampling
 from refengine.tokenizer import for_checkpoint
@@ -29,6 +29,7 @@ class GPUModel(Model):
         self._host_weights, self._resident = weights, resident
         super().__init__(ckpt, tokenizer, ctx, kv, chunk, weights=weights)
         self.weights = self.net.weights
+        self._host_weights = None                # copied to the device (or pinned): the host maps can go
         self.streaming = len(resident) < self.spec.num_layers
 
     def _network(self, ctx: int, kv: str, chunk: int):
@@ -121,9 +122,13 @@ def _resident_layers(plan: "Plan", stream: Optional[bool]) -> range:
     return range(layers)
 
 
-def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None) -> GPUModel:
+def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, store_dir: Optional[Path] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> GPUModel:
     """The plan's model on the GPU: its formats, context, KV format and chunk; layers outside the plan's
-    resident range (offload) or all layers (stream) run from pinned host memory."""
+    resident range (offload) or all layers (stream) run from pinned host memory.
+
+    From a checkpoint, the layers are quantized once into the plan's LayerStore (refengine.stream; resumable,
+    kept in store_dir or the cache), so later runs of the plan read packed layers instead of quantizing."""
     device.require()
     from refengine.qmodel import QuantizedDir, QuantizedWeights, is_quantized_dir
 
@@ -140,7 +145,11 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None) -> G
     if architecture_digest(ckpt.spec) != plan.doc["model"]["architecture_digest"]:
         raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
                           f"plan's ({plan.doc['model']['architecture_digest']}); pass the weights the plan was made for")
-    return GPUModel(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, _Weights(ckpt, lay.assignment), resident)
+    weights = streamed_weights(ckpt, lay.assignment, store_dir, progress=progress)
+    try:
+        return GPUModel(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, weights, resident)
+    finally:
+        weights.close()
 
 
 def load_model(name_or_path: str, ctx: Optional[int] = None, kv: str = "fp16", chunk: int = mem.DEFAULT_CHUNK,

@@ -29,8 +29,8 @@ def build_run(sub: argparse._SubParsersAction) -> None:
                    help="gpu (CuPy) or ref (NumPy/Numba CPU); auto (default): gpu when CUDA is present")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="hold one layer at a time, as AirLLM (default: when the plan's mode is stream)")
-    p.add_argument("--store", help="folder for the plan's quantized layers when streaming "
-                                   "(default: $VRAMWISE_CACHE or ~/.cache/vramwise, under layers/)")
+    p.add_argument("--store", help="folder for the plan's quantized layers, kept for later runs: when streaming, "
+                                   "and always on the GPU (default: $VRAMWISE_CACHE or ~/.cache/vramwise, under layers/)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -363,6 +363,7 @@ def _store_progress(quiet: bool):
 
     def report(done: int, total: int) -> None:
         if not quiet and (live or done == total):
-            sys.stderr.write(f"\rquantizing layers for streaming: {done}/{total}" + ("\n" if done == total else ""))
+            sys.stderr.write(f"\rquantizing the plan's layers (once, into the layer store): {done}/{total}"
+                             + ("\n" if done == total else ""))
             sys.stderr.flush()
     return report

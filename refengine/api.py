@@ -126,7 +126,7 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, stor
     from refengine.qmodel import is_quantized_dir
     if engine == "gpu":
         from gpuengine.api import load_for_plan as gpu_load_for_plan
-        return gpu_load_for_plan(plan, source, stream)
+        return gpu_load_for_plan(plan, source, stream, store_dir, progress)
     if is_quantized_dir(source):
         return load_quantized(source, plan, stream)
     ckpt = load_checkpoint(source)

@@ -158,6 +158,7 @@ def test_a_quantize_directory_and_a_plan_load_through_the_gpu_api(monkeypatch, t
 
     gpu_fake.install(monkeypatch)
     monkeypatch.setattr(device, "unavailable_reason", lambda: "")
+    monkeypatch.setenv("VRAMWISE_CACHE", str(tmp_path / "cache"))
     model = tiny_gguf(tmp_path / "tiny.gguf")
     path = tmp_path / "plan.yaml"
     assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "3.5", "--ctx", "64", "-o", str(path),
@@ -167,9 +168,11 @@ def test_a_quantize_directory_and_a_plan_load_through_the_gpu_api(monkeypatch, t
     want = load_for_plan(plan, str(model)).logits(ids)
     out = tmp_path / "q"
     quantize_model(plan, str(model), out, "rtn")
-    for source, stream in ((str(model), None), (str(out), None), (str(out), True)):
+    for source, stream in ((str(model), None), (str(model), True), (str(out), None), (str(out), True)):
         got = load_for_plan(plan, source, stream, engine="gpu").logits(ids)
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    stores = list((tmp_path / "cache" / "layers").iterdir())    # the checkpoint's layers were quantized once
+    assert len(stores) == 1 and len(list(stores[0].glob("layer_*.safetensors"))) == plan.spec.num_layers
     two_cards = dataclasses.replace(plan.layout, gpu_layers=((0, 1), (1, plan.spec.num_layers)))
     with pytest.raises(EngineError, match="splits the model over 2 GPUs"):
         api.load_for_plan(dataclasses.replace(plan, layout=two_cards), str(model))
