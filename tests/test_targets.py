@@ -13,7 +13,7 @@ from planner.budget import Host
 from planner.cli import main
 from planner.formats import KV_FORMATS
 from planner.spec import param_count
-from planner.targets import TargetError, TargetRequest, exllamav2, gguf, plan_target, vllm
+from planner.targets import TargetError, TargetRequest, exllamav2, gguf, llamacpp, plan_target, vllm
 
 FIGURES = yaml.safe_load((Path(__file__).parent / "data" / "published_figures.yaml").read_text())["figures"]
 HOST = Host(64 << 30)
@@ -27,6 +27,12 @@ def predict(fig: dict, db) -> float:
         return 8 * nbytes / param_count(spec) if kind == "gguf_bpw" else nbytes / 2**30
     if kind == "llamacpp_kv_mib":
         return fig["ctx"] * spec.num_layers * mem.kv_bytes_per_token(spec, KV_FORMATS[fig["kv"]]) / 2**20
+    if kind == "llamacpp_compute_mib":
+        return llamacpp.compute_buffer_bytes(spec, fig["ctx"], fig["flash_attn"], True) / 2**20
+    if kind == "vllm_weights_gib":
+        return vllm.stage_items(spec, "bf16", fig["tp"], 1, 0, 2048)["weights"] / 2**30
+    if kind == "vllm_activation_gib":
+        return vllm.activation_bytes(spec, fig["tp"], fig["batched_tokens"]) / 2**30
     if kind in ("vllm_blocks", "vllm_kv_gib"):
         gpu = db.find_gpu(fig["gpu"])
         items = vllm.stage_items(spec, "bf16", fig["tp"], 1, 0, fig["batched_tokens"])
@@ -53,9 +59,28 @@ def test_published_figure(fig, db):
 
 def test_every_figure_names_its_source():
     kinds = {f["kind"] for f in FIGURES}
-    assert {"gguf_bpw", "llamacpp_kv_mib", "vllm_blocks", "exl2_gb"} <= kinds
+    assert {"gguf_bpw", "llamacpp_kv_mib", "llamacpp_compute_mib", "vllm_blocks", "vllm_activation_gib",
+            "exl2_gb"} <= kinds
     assert all(f["source"] and f["value"] > 0 for f in FIGURES)
     assert all(f.get("note") for f in FIGURES if not f["checked"])
+
+
+def test_compute_buffer_is_the_largest_live_set_not_a_sum(db):
+    spec = db.find_model("llama3-8b")
+    n, mib = llamacpp.N_UBATCH, 2**20
+    # short context, flash attention: the logits of the micro-batch and the final norm set the peak
+    assert llamacpp.compute_buffer_bytes(spec, 4096, True, True) == n * (spec.vocab_size + spec.hidden_size) * 4
+    # without the head on this card the peak is a layer's, far below the logits
+    assert llamacpp.compute_buffer_bytes(spec, 4096, True, False) < 150 * mib
+    # without flash attention the n_kv x n_ubatch x heads score matrix grows with the context
+    assert llamacpp.compute_buffer_bytes(spec, 65536, False, True) > 65536 * n * spec.num_heads * 4
+    assert llamacpp.compute_buffer_bytes(spec, 65536, True, True) < 600 * mib
+
+
+def test_vllm_activation_peak_does_not_shrink_below_the_sampler_with_tp(db):
+    spec = db.find_model("llama3-8b")
+    sampler = vllm.SAMPLER_COPIES * vllm.MAX_NUM_SEQS * spec.vocab_size * 4
+    assert vllm.activation_bytes(spec, 1, 8192) >= sampler and vllm.activation_bytes(spec, 8, 8192) == sampler
 
 
 def test_ggml_block_sizes_are_llama_cpps():

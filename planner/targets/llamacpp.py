@@ -8,9 +8,11 @@ Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, s
   - KV cache: n_ctx cells x resident layers x (K row + V row); rows are whole ggml blocks, so q8_0 takes
     34 bytes and q4_0 18 bytes per 32 values (planner.formats' q8/q4). No padding of the cell count since
     ggml-org/llama.cpp#16812 (earlier builds padded n_ctx to 256 with flash attention, 32 without);
-  - compute buffer: the graph allocator's peak for one n_ubatch=512 step. Our estimate: fp32 activations
-    of the batch, the larger of the FFN intermediates and the attention scores (flash attention: only the
-    f16 mask, n_kv x n_ubatch), and the fp32 logits of the batch on the device holding the head;
+  - compute buffer: what llama_context reserves for the worst-case graph (n_ubatch=512 tokens over all
+    n_ctx cells, logits for every token): the largest set of fp32 tensors alive at once, since ggml-alloc
+    reuses a tensor's memory after its last consumer (compute_buffer_bytes: the attention mask, the
+    score matrix without flash attention, the FFN intermediates, or the logits; checked against published
+    `CUDA0 compute buffer size` lines in tests/data/published_figures.yaml);
   - margins: --fit's default target leaves 1024 MiB free per device (ggml-org/llama.cpp#16653, `-fitt`);
     CUDA context and cuBLAS workspace as for vramwise's engine; the desktop reserve on display cards.
 """
@@ -28,6 +30,7 @@ from planner.units import fmt_bytes
 
 FIT_TARGET_BYTES = 1024 * mem.MiB        # llama.cpp --fit-target default, per device
 N_UBATCH = 512                           # llama.cpp default physical batch (-ub)
+KQ_MASK_PAD = 64                         # ggml GGML_KQ_MASK_PAD: the mask's token rows are padded to it
 # best first; each is a llama-quantize type name. F16 is offered only through --bpw 16.
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M",
           "IQ3_XS", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
@@ -56,13 +59,30 @@ def _layer_bytes(lay: _Layout, experts: bool) -> list[int]:
     return out
 
 
-def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool) -> int:
-    """Estimated peak of llama.cpp's compute buffer for one n_ubatch step (see the module docstring)."""
-    n, h = N_UBATCH, spec.hidden_size
-    ffn = n * spec.intermediate_size * max(1, spec.experts_per_token) * 4 * 2
-    attn = n * ctx * 2 if flash_attn else n * ctx * spec.num_heads * 4 * 2
-    base = n * (4 * h + spec.q_dim + 2 * spec.kv_dim) * 4
-    return base + max(ffn, attn) + (n * spec.vocab_size * 4 if with_logits else 0)
+def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_ubatch: int = N_UBATCH) -> int:
+    """Peak of llama.cpp's compute buffer: the graph allocator's high-water mark for the worst-case micro-batch.
+
+    llama.cpp reserves the compute buffer once, for a graph of min(n_ctx, n_ubatch) tokens that attends over
+    the whole cache (n_kv = n_ctx) and produces logits for every token of the micro-batch. ggml's graph
+    allocator frees each intermediate after its last consumer, so the buffer is the largest set of tensors
+    alive at one point of the graph, not their sum. Three points compete (all fp32):
+      - attention: the KQ mask input (n_kv x n_tokens padded to 64; with flash attention also its f16 copy)
+        and, without flash attention, the n_kv x n_tokens x n_head score matrix (softmax runs in place),
+        beside four hidden-sized tensors (residual, normed input, Q, attention output);
+      - the feed-forward block: gate, up and their product per routed expert, the MoE down projection,
+        and the residual and normed input; the mask stays alive until the last layer uses it;
+      - the output: logits for every token (n_tokens x n_vocab) and the final norm they are computed from.
+    """
+    n = min(ctx, n_ubatch)
+    h, q = spec.hidden_size, spec.q_dim
+    n_pad = -(-n // KQ_MASK_PAD) * KQ_MASK_PAD
+    mask = ctx * n_pad * (4 + 2 if flash_attn else 4)
+    scores = 0 if flash_attn else ctx * n * spec.num_heads * 4
+    attention = mask + scores + n * (2 * h + 2 * q) * 4
+    k = max(1, spec.experts_per_token)
+    ffn = mask + n * k * 3 * spec.intermediate_size * 4 + n * 2 * h * 4 + (n * k * h * 4 if spec.is_moe else 0)
+    output = n * (spec.vocab_size + h) * 4 if with_logits else 0
+    return max(attention, ffn, output)
 
 
 def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:

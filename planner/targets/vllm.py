@@ -2,8 +2,9 @@
 
 vLLM's accounting (vllm/worker and vllm/v1/worker gpu_worker.determine_available_memory, described):
 the instance may use total memory x --gpu-memory-utilization; from that it subtracts the weights, the
-peak activation memory of a profiling forward pass of --max-num-batched-tokens tokens (plus the
-sampler's logits for --max-num-seqs sequences) and the memory outside PyTorch's allocator; the rest
+peak activation memory of the profiling run (the larger of a forward pass of --max-num-batched-tokens
+tokens and the sampler's top-k/top-p over --max-num-seqs x vocabulary logits) and the memory outside
+PyTorch's allocator; the rest
 becomes KV cache in blocks of --block-size (16) tokens:
     block bytes = 16 x layers on this GPU x 2 (K, V) x KV heads per TP rank x head_dim x dtype bytes
     blocks = floor(KV memory / block bytes), the minimum over all workers.
@@ -12,8 +13,8 @@ hold contiguous layers, the embedding on the first and the head on the last (voc
 Across nodes vLLM documents Ray: one `ray start --head`, `ray start --address` on the others, then
 `vllm serve` with TP = GPUs per node and PP = nodes (docs: serving/distributed_serving).
 Memory outside PyTorch (CUDA context, cuBLAS/NCCL workspaces): 1.79 GiB, what vLLM's profiler logged
-for Meta-Llama-3-8B on one H100 (vllm-project/vllm#10511); our activation estimate for that run gives
-1.25 GiB against the 1.26 GiB logged.
+for Meta-Llama-3-8B on one H100 (vllm-project/vllm#10511). The same PR logs a 1.26 GiB activation
+peak at TP 1 and TP 2 alike: the sampler, not the TP-split layers, sets it; we predict 1.22 GiB for both.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ BLOCK_SIZE = 16
 DEFAULT_UTILIZATION = 0.90
 NON_TORCH_BYTES = int(1.79 * mem.GiB)
 MAX_NUM_SEQS = 256
+SAMPLER_COPIES = 10    # fp32 [seqs, vocab] tensors alive at the sampler's peak: a count fit to vllm#10511's log
 # --max-num-batched-tokens we set explicitly (vLLM's own default depends on version and card)
 BATCHED_TOKENS_LARGE, BATCHED_TOKENS = 8192, 2048
 LARGE_CARD_BYTES = 70 * mem.GiB
@@ -72,10 +74,17 @@ def _weights_per_gpu(spec, fmt: str, tp: int, stage: tuple[int, int], first: boo
 
 
 def activation_bytes(spec, tp: int, tokens: int) -> int:
-    """Profiling peak: 16-bit activations of `tokens` through one layer, and the sampler's fp32 logits."""
+    """Profiling peak: the larger of the layer activations and the sampler's vocabulary-wide fp32 tensors.
+
+    The layer part is 16-bit activations of `tokens` through one layer, split over TP ranks. The sampler
+    runs after the forward pass on the last token of each of --max-num-seqs dummy requests, with top-k and
+    top-p on: a full-vocabulary sort (fp32 values + int64 indices), masks, softmax, cumulative sum, the
+    re-scattered logits and the final probabilities, about SAMPLER_COPIES fp32 copies of the [seqs, vocab]
+    logits, none of them split by TP (vllm#10511 logs the same 1.26 GiB peak for Llama 3 8B at TP 1 and 2).
+    """
     h, f = spec.hidden_size, spec.intermediate_size * max(1, spec.experts_per_token)
     per_token = 4 * h * 2 + (spec.q_dim + 2 * spec.kv_dim) // tp * 2 + 3 * f // tp * 2
-    return tokens * per_token + MAX_NUM_SEQS * spec.vocab_size * 4 * 2
+    return max(tokens * per_token, SAMPLER_COPIES * MAX_NUM_SEQS * spec.vocab_size * 4)
 
 
 def kv_memory_bytes(total_bytes: int, util: float, items: dict[str, int]) -> int:
