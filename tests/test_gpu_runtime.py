@@ -176,3 +176,22 @@ def test_a_quantize_directory_and_a_plan_load_through_the_gpu_api(monkeypatch, t
     two_cards = dataclasses.replace(plan.layout, gpu_layers=((0, 1), (1, plan.spec.num_layers)))
     with pytest.raises(EngineError, match="splits the model over 2 GPUs"):
         api.load_for_plan(dataclasses.replace(plan, layout=two_cards), str(model))
+
+
+def test_every_kernel_a_launcher_calls_is_in_its_packaged_source():
+    """The loader finds each .cu (and common.cuh) as package data, and every kernel launch.py names exists there
+    (a misspelt name would otherwise surface only on a GPU)."""
+    import re
+    from pathlib import Path
+
+    from gpuengine import kernels
+    launchers = (Path(kernels.__file__).parents[1] / "launch.py").read_text()
+    called = set(re.findall(r'function\("(\w+)", f?"(\w+)(?:<\{[^}]*\}>)?"\)', launchers))
+    assert {m for m, _ in called} == set(kernels.SOURCES)
+    for module, name in called:
+        text = kernels.source(module)
+        assert text.startswith('#line 1 "common.cuh"') and f'#line 1 "{module}.cu"' in text
+        assert re.search(rf"__global__ void {name}\b", text), f"{name} not in {module}.cu"
+    for module, names in kernels.NAME_EXPRESSIONS.items():
+        for expr in names:
+            assert re.search(rf"__global__ void {expr.split('<')[0]}\b", kernels.source(module))
