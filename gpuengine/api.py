@@ -10,8 +10,7 @@ import numpy as np
 from gpuengine import device
 from gpuengine import launch as K
 from planner import memory as mem
-from planner.spec import architecture_digest
-from refengine.api import Model, _Weights, streamed_weights
+from refengine.api import Model, _Weights, plan_checkpoint, plan_quantized_dir, streamed_weights
 from refengine.errors import EngineError
 from refengine.generate import Sampling
 from refengine.tokenizer import for_checkpoint
@@ -130,21 +129,15 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, stor
     From a checkpoint, the layers are quantized once into the plan's LayerStore (refengine.stream; resumable,
     kept in store_dir or the cache), so later runs of the plan read packed layers instead of quantizing."""
     device.require()
-    from refengine.qmodel import QuantizedDir, QuantizedWeights, is_quantized_dir
+    from refengine.qmodel import QuantizedWeights, is_quantized_dir
 
     resident = _resident_layers(plan, stream)
     lay = plan.layout
     if is_quantized_dir(source):
-        qdir = QuantizedDir(Path(source))
-        if {n: o.name for n, o in lay.assignment.items()} != {n: o.name for n, o in qdir.plan.layout.assignment.items()}:
-            raise EngineError(f"{source}: quantized for other formats than this plan's; quantize with this plan, or "
-                              f"run --plan {Path(source) / 'plan.yaml'}")
+        qdir = plan_quantized_dir(plan, source)
         return GPUModel(qdir.checkpoint(), qdir.tokenizer(), lay.ctx, lay.kv.name, lay.chunk,
                         QuantizedWeights(qdir), resident)
-    ckpt = load_checkpoint(source)
-    if architecture_digest(ckpt.spec) != plan.doc["model"]["architecture_digest"]:
-        raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
-                          f"plan's ({plan.doc['model']['architecture_digest']}); pass the weights the plan was made for")
+    ckpt = plan_checkpoint(plan, source)
     weights = streamed_weights(ckpt, lay.assignment, store_dir, progress=progress)
     try:
         return GPUModel(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, weights, resident)

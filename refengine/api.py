@@ -13,12 +13,13 @@ from refengine.errors import EngineError
 from refengine.packed import QuantizedLinear
 from refengine.generate import Sampling, generate
 from refengine.model import Transformer
-from refengine.stream import LayerStore, StreamedWeights, WeightMap, quantize_tensor
+from refengine.stream import CachedWeights, LayerStore, StreamedWeights, quantize_tensor
 from refengine.tokenizer import Tokenizer, for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
     from planner.plan import Plan
+    from refengine.qmodel import QuantizedDir
 
 
 def load_tensor(ckpt: Checkpoint, name: str, assignment: Optional[Mapping[str, QuantOption]] = None):
@@ -38,7 +39,7 @@ def _names(ckpt: Checkpoint) -> list[str]:
     return list(ckpt.tensors) + ([] if "head" in ckpt.tensors else ["head"])
 
 
-class _Weights(WeightMap):
+class _Weights(CachedWeights):
     """Canonical name -> weight (load_tensor), loaded on first use and kept."""
 
     def __init__(self, ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None):
@@ -51,14 +52,6 @@ class _Weights(WeightMap):
                 raise KeyError(name)
             self.cache[name] = load_tensor(self.ckpt, name, self.assignment)
         return self.cache[name]
-
-    def nbytes(self) -> int:
-        """Bytes held now: packed linears at their format's size, arrays at their dtype's."""
-        return sum(w.nbytes for w in self.cache.values())
-
-    def release(self, names: list[str]) -> None:
-        for name in names:
-            self.cache.pop(name, None)
 
 
 def streamed_weights(ckpt: Checkpoint, assignment: Optional[Mapping[str, QuantOption]] = None,
@@ -116,6 +109,28 @@ class Model:
         return out
 
 
+def plan_checkpoint(plan: "Plan", source: str) -> Checkpoint:
+    """The checkpoint at `source`, refused in one line unless it has the plan's architecture."""
+    ckpt = load_checkpoint(source)
+    want = plan.doc["model"]["architecture_digest"]
+    if architecture_digest(ckpt.spec) != want:
+        raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
+                          f"plan's ({want}); pass the weights the plan was made for")
+    return ckpt
+
+
+def plan_quantized_dir(plan: Optional["Plan"], path) -> "QuantizedDir":
+    """A `vramwise quantize` directory, refused in one line unless it holds the plan's formats (any plan: None)."""
+    from refengine.qmodel import QuantizedDir
+
+    qdir = QuantizedDir(Path(path))
+    if plan is not None and {n: o.name for n, o in plan.layout.assignment.items()} != {
+            n: o.name for n, o in qdir.plan.layout.assignment.items()}:
+        raise EngineError(f"{path}: quantized for other formats than this plan's; quantize with this plan, or run "
+                          f"--plan {Path(path) / 'plan.yaml'}")
+    return qdir
+
+
 def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, store_dir: Optional[Path] = None,
                   progress: Optional[Callable[[int, int], None]] = None, engine: str = "ref") -> Model:
     """The plan's model on the reference engine (engine="gpu": the CuPy engine, gpuengine/api.py): its
@@ -129,11 +144,7 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, stor
         return gpu_load_for_plan(plan, source, stream, store_dir, progress)
     if is_quantized_dir(source):
         return load_quantized(source, plan, stream)
-    ckpt = load_checkpoint(source)
-    want = plan.doc["model"]["architecture_digest"]
-    if architecture_digest(ckpt.spec) != want:
-        raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
-                          f"plan's ({want}); pass the weights the plan was made for")
+    ckpt = plan_checkpoint(plan, source)
     lay = plan.layout
     stream = lay.mode == "stream" if stream is None else stream
     weights = streamed_weights(ckpt, lay.assignment, store_dir, progress=progress) if stream else None
@@ -161,13 +172,9 @@ def load_quantized(path, plan: Optional["Plan"] = None, stream: Optional[bool] =
                    kv: Optional[str] = None) -> Model:
     """A `vramwise quantize` directory on the reference engine, under `plan` (which must choose the formats
     the directory holds) or else under the plan stored in it."""
-    from refengine.qmodel import QuantizedDir, QuantizedWeights
+    from refengine.qmodel import QuantizedWeights
 
-    qdir = QuantizedDir(Path(path))
-    if plan is not None and {n: o.name for n, o in plan.layout.assignment.items()} != {
-            n: o.name for n, o in qdir.plan.layout.assignment.items()}:
-        raise EngineError(f"{path}: quantized for other formats than this plan's; quantize with this plan, or run "
-                          f"--plan {Path(path) / 'plan.yaml'}")
+    qdir = plan_quantized_dir(plan, path)
     lay = (plan or qdir.plan).layout
     stream = lay.mode == "stream" if stream is None else stream
     weights: Mapping = QuantizedWeights(qdir)

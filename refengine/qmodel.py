@@ -31,7 +31,7 @@ from refengine.calibrate import LayerWalk, WalkCheckpoint, calibration_rows
 from refengine.errors import WeightsError
 from refengine.gptq import gptq_quantize
 from refengine.quant import QTensor, dequantize
-from refengine.stream import LayerStore, WeightMap, file_meta, quantize_tensor, read_tensors, write_tensors
+from refengine.stream import CachedWeights, LayerStore, file_meta, quantize_tensor, read_tensors, write_tensors
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class QuantizedDir:
         return read_tensors(self.path / "globals.safetensors", names, self.key, "quantize the model again")
 
 
-class QuantizedWeights(WeightMap):
+class QuantizedWeights(CachedWeights):
     """A quantized directory's tensors, each layer read on first use and kept."""
 
     def __init__(self, qdir: QuantizedDir):
@@ -225,13 +225,6 @@ class QuantizedWeights(WeightMap):
             i = layer_of(name)
             self.cache.update(self.qdir.load_layer(i) if i >= 0 else self.qdir.load_globals())
         return self.cache[name]
-
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.cache.values())
-
-    def release(self, names: list[str]) -> None:
-        for name in names:
-            self.cache.pop(name, None)
 
 
 __all__ = ["HEADER", "QuantizedDir", "QuantizedWeights", "is_quantized_dir", "planned_weight_bytes",

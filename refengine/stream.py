@@ -219,6 +219,20 @@ class WeightMap(Mapping):
         return len(self.names)
 
 
+class CachedWeights(WeightMap):
+    """A WeightMap that keeps what it loads in `cache` (name -> array or QuantizedLinear)."""
+
+    cache: dict[str, Any]
+
+    def nbytes(self) -> int:
+        """Bytes held now: packed linears at their format's size, arrays at their dtype's."""
+        return sum(v.nbytes for v in self.cache.values())
+
+    def release(self, names: list[str]) -> None:
+        for name in names:
+            self.cache.pop(name, None)
+
+
 class StreamedWeights(WeightMap):
     """Canonical name -> weight, with only the resident globals and at most two layers in memory.
 
@@ -288,5 +302,5 @@ class StreamedWeights(WeightMap):
             self._pool = None
 
 
-__all__ = ["LayerStore", "StreamedWeights", "WeightMap", "cache_root", "layer_of", "quantize_tensor", "read_tensors",
+__all__ = ["CachedWeights", "LayerStore", "StreamedWeights", "WeightMap", "cache_root", "layer_of", "quantize_tensor", "read_tensors",
            "write_tensors"]
