@@ -180,10 +180,12 @@ def _choose_engine(choice: str) -> str:
     if choice == "ref":
         return "ref"
     from gpuengine import device
-    why = device.unavailable_reason()
-    if choice == "gpu" and why:
-        raise RunError(f"--engine gpu needs a CUDA GPU: {why}; run with --engine ref for the CPU engine")
-    return "ref" if why else "gpu"
+    if choice == "gpu":
+        try:
+            device.require()
+        except device.NoDevice as exc:
+            raise RunError(str(exc)) from None
+    return "gpu" if device.available() else "ref"
 
 
 def _oom_errors() -> tuple:
