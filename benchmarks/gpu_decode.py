@@ -2,7 +2,7 @@
 
 One run on the CUDA device it finds measures:
   - copy bandwidth: a large device-to-device copy (bytes read + written) and a pinned host-to-device copy;
-  - decode tokens/s, eager and as a replayed CUDA graph, and achieved GB/s (weight + KV bytes read per
+  - decode tokens/s at DECODE_AT cached positions, eager and as a replayed CUDA graph, and achieved GB/s (weight + KV bytes read per
     token over the time per token) as a fraction of the measured copy bandwidth, for SmolLM2-135M, a
     Llama-2-7B shape at 4.0 and 2.5 bpw, and a Llama-2-70B shape at 2.5 bpw (run with 10 and 20 layers; the
     per-layer slope extrapolates to all 80);
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import gc
 import math
 import statistics
@@ -37,7 +38,9 @@ from planner.formats import HEAD_OPTION  # noqa: E402
 from planner.spec import tensors  # noqa: E402
 from refengine.quant import QSlice, QTensor  # noqa: E402
 
-PROMPT, DECODE_AT = 512, 64        # prefill length; decode timed from this many cached positions
+# prefill length; decode timed from this many cached positions: where the planner predicts decode speed
+# (its predicted.decode_position, the default prompt's end), so measured and predicted compare like for like
+PROMPT, DECODE_AT = 512, 512
 
 
 def copy_bandwidth(cp) -> dict:
@@ -161,7 +164,9 @@ def run_case(cp, bw, name, plan, planned_bytes) -> dict:
     row = {"case": name, "bpw": plan.doc["weights"]["avg_bpw"],
            "decode_tok_s": 1 / graph_s, "decode_eager_tok_s": 1 / eager_s,
            "bytes_per_token": b, "achieved_gb_s": b / graph_s / 1e9, "fraction_of_copy_bw": b / graph_s / 1e9 / bw,
-           "prefill_tok_s": PROMPT / pre_s, "predicted_decode_tok_s": plan.doc["predicted"]["decode_tokens_per_s"],
+           "prefill_tok_s": PROMPT / pre_s, "decode_position": DECODE_AT,
+           "predicted_decode_position": plan.doc["predicted"]["decode_position"],
+           "predicted_decode_tok_s": plan.doc["predicted"]["decode_tokens_per_s"],
            "predicted_prefill_tok_s": plan.doc["predicted"]["prefill_tokens_per_s"],
            "pool_bytes": pool, "planned_bytes": planned_bytes,
            "pool_vs_plan": pool / planned_bytes - 1}
@@ -180,11 +185,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default="auto", help="GPU the plans are made for (default auto: this one)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode.json")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 and the 7B shape at 4.0 bpw only")
+    ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
     args = ap.parse_args(argv)
     import cupy as cp
 
-    from gpuengine import device
+    from gpuengine import device, launch
     device.require()
+    if args.matvec_from:
+        best = json.loads(args.matvec_from.read_text())["matvec_best"]
+        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",
@@ -197,7 +206,8 @@ def main(argv=None) -> int:
         plan = make_plan(model, args.gpu, bpw, 2048)
         rows.append(run_case(cp, bw["device_copy_gb_s"], f"{name} {bpw} bpw", plan, planned_engine_bytes(plan)))
         print(rows[-1], flush=True)
-    doc = {"device": device.name(), "date": date.today().isoformat(), "cupy": cp.__version__, **bw, "cases": rows}
+    doc = {"device": device.name(), "date": date.today().isoformat(), "cupy": cp.__version__,
+           "matvec_block": {"rows": launch.MATVEC_ROWS, "units": launch.MATVEC_UNITS, "warps": launch.MATVEC_WARPS}, **bw, "cases": rows}
     if not args.quick:
         doc["llama2_70b_2.5bpw"] = seventy_b(cp, bw, args.gpu)
         doc["streaming"] = streaming(cp, bw, args.gpu)

@@ -4,6 +4,7 @@ writes JSON (default benchmarks/results/gpu_kernels.json). A benchmark, never a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from datetime import date
@@ -15,6 +16,10 @@ from benchlib import ROOT, write_json
 
 from gpu_decode import random_linear  # noqa: E402
 from planner.formats import kv_format, parse_option  # noqa: E402
+from planner.memory import ATTN_MAX_SPLITS  # noqa: E402
+
+
+COLD_BYTES = 160_000_000          # > 3x the H200's 50 MB L2 (the largest L2 of the cards vramwise knows)
 
 
 def timed(cp, fn, reps: int = 30, per_graph: int = 20) -> float:
@@ -57,28 +62,61 @@ def main(argv=None) -> int:
         image = build_image({"w": random_linear(rng, parse_option(option), n, k)})
         return views(cp.asarray(image.data), image)["w"], image.nbytes
 
+    def rotation(option, n, k):
+        """Copies of one linear filling COLD_BYTES, taken in turn by successive launches, so each launch reads
+        its weights from DRAM as decode does (one copy would stay in the H200's 50 MB L2 between launches)."""
+        w, nbytes = lin(option, n, k)
+        image = build_image({"w": random_linear(rng, parse_option(option), n, k)})
+        copies = [w] + [views(cp.asarray(image.data), image)["w"] for _ in range(max(1, COLD_BYTES // nbytes))]
+        return itertools.cycle(copies).__next__, nbytes
+
     x = cp.asarray(rng.standard_normal(11008).astype(np.float32))
     xp = cp.empty(11008 + 96, cp.float32)
+    shapes = ((4096, 4096), (11008, 4096), (4096, 11008))
+    sweep = []
+    mats = {(n, k): rotation("1:4b g128", n, k) for n, k in shapes}
+    outs = {n: cp.empty(n, cp.float32) for n, _ in shapes}
+    for rows_per_block, units in launch.MATVEC_SHAPES:
+        for warps in (1, 2, 4):
+            launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = rows_per_block, units, warps
+            us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
+                  for n, k in shapes}
+            sweep.append({"rows": rows_per_block, "units": units, "warps": warps, "us": us, "total_us": sum(us.values())})
+            print(f"matvec 1:4b g128, {rows_per_block} rows x {units} units x {warps} warps: "
+                  + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
+    best = min(sweep, key=lambda r: r["total_us"])
+    launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
+    print(f"best block shape: {best['rows']} rows x {best['units']} units x {best['warps']} warps", flush=True)
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
-            w, nbytes = lin(option, n, k)
+            w, nbytes = rotation(option, n, k)
             y = cp.empty(n, cp.float32)
-            us = timed(cp, lambda: launch.matvec(x[:k], y, w, xp))
+            us = timed(cp, lambda: launch.matvec(x[:k], y, w(), xp))
             rows.append({"kernel": f"matvec {option} {n}x{k}", "us": us, "gb_s": nbytes / us / 1e3})
+    qkv = [rotation("1:4b g128", 4096, 4096) for _ in range(3)]
+    ys = [cp.empty(4096, cp.float32) for _ in range(3)]
+    us = timed(cp, lambda: launch.matvec_fused(x[:4096], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))
+    rows.append({"kernel": "matvec fused q,k,v 1:4b g128 3x4096x4096", "us": us, "gb_s": sum(b for _, b in qkv) / us / 1e3})
+    gate, up = rotation("1:4b g128", 11008, 4096), rotation("1:4b g128", 11008, 4096)
+    yg = cp.empty(11008, cp.float32)
+    us = timed(cp, lambda: launch.matvec_glu(x[:4096], gate[0](), up[0](), yg))
+    rows.append({"kernel": "matvec gate+up+swiglu 1:4b g128 2x11008x4096", "us": us, "gb_s": (gate[1] + up[1]) / us / 1e3})
     t, hq, hkv, d, ctx = 1, 32, 32, 128, 2048
     for fmt in ("fp16", "q8"):
         f = kv_format(fmt)
         cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
         q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
         out = cp.empty((t, hq, d), cp.float32)
-        scores = cp.empty(hq * ctx, cp.float32)
-        for length in (64, 1024):
+        partials = cp.empty((hq, ATTN_MAX_SPLITS, d + 2), cp.float32)
+        for length in (64, 512, 2048):
             pos = cp.asarray(np.array([length - 1], np.int32))
-            us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, scores, 0, hq))
+            us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, partials))
             rows.append({"kernel": f"attention {fmt} len {length}", "us": us,
                          "gb_s": 2 * length * hkv * f.row_bytes(d) / us / 1e3})
         kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
         rows.append({"kernel": f"kv_store {fmt}", "us": timed(cp, lambda: launch.kv_store(fmt, kx, cache, pos)), "gb_s": 0})
+        rows.append({"kernel": f"rope_store {fmt} (q, k, v of 32 heads)", "gb_s": 0,
+                     "us": timed(cp, lambda: launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True))})
     h = cp.asarray(rng.standard_normal((1, 4096)).astype(np.float32))
     hn, wn = cp.empty((1, 4096), cp.float32), cp.ones(4096, cp.float32)
     rows.append({"kernel": "rmsnorm 4096", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
@@ -91,7 +129,8 @@ def main(argv=None) -> int:
     print(f"{device.name()} ({date.today()})")
     for r in rows:
         print(f"{r['kernel']:45} {r['us']:9.1f} us {r['gb_s']:8.0f} GB/s")
-    write_json({"device": device.name(), "date": date.today().isoformat(), "kernels": rows}, args.out)
+    write_json({"device": device.name(), "date": date.today().isoformat(), "matvec_block_sweep": sweep,
+                "matvec_best": {k: best[k] for k in ("rows", "units", "warps")}, "kernels": rows}, args.out)
     return 0
 
 

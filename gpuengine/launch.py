@@ -13,9 +13,11 @@ import numpy as np
 from gpuengine.kernels import FMT_CODES, function
 from gpuengine.layout import DeviceLinear
 from planner.formats import PACK_VALUES
+from planner.memory import ATTN_MAX_SPLITS
 
 WARPS_PER_BLOCK = 8                # matvec: one warp per output row
 THREADS = 256                      # element-wise kernels
+NORM_THREADS = 1024                # rmsnorm: one block per row
 ATTN_THREADS = 128                 # attention: 4 warps (ATTN_WARPS in attention.cu)
 ATTN_MAX_D = 256                   # largest head dim of the attention kernel (ATTN_MAX_D in attention.cu)
 MAX_BLOCKS = 65535
@@ -63,15 +65,61 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
         check("perm", lin.perm, np.int32, (k,))
 
 
+# The matvec kernel's block shape: MATVEC_ROWS output rows per block, MATVEC_UNITS packing units per thread
+# in flight (a template instance of qmatvec: MATVEC_SHAPES lists those compiled) and MATVEC_WARPS warps
+# splitting each row's units. Chosen by benchmarks/gpu_kernels.py's sweep (see its JSON).
+MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS = 2, 4, 2
+MATVEC_SHAPES = ((1, 4), (2, 4), (2, 8), (4, 4))
+
+# numpy twins of matvec.cu's QSlice / QMat (C layout: align=True), passed to the kernel by value.
+QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("groups", "i4"), ("xoff", "i4")],
+                  align=True)
+QMAT = np.dtype([("y", "u8"), ("bias", "u8"), ("sl", QSLICE, (3,)), ("n", "i4"), ("nslices", "i4"),
+                 ("accumulate", "i4"), ("has_bias", "i4"), ("gunits", "i4")], align=True)
+
+
+def _ptr(a: Any) -> int:
+    return int(getattr(a.data, "ptr", None) or a.ctypes.data)
+
+
+def _qmat(lin: DeviceLinear, y: Any, bias: Any = None, accumulate: bool = False) -> np.ndarray:
+    """One QMat argument (a (1,) structured array, the form CuPy passes by value)."""
+    m = lin.meta
+    q = np.zeros(1, QMAT)
+    q["y"], q["bias"] = _ptr(y), _ptr(bias) if bias is not None else 0
+    q["n"], q["nslices"], q["accumulate"], q["has_bias"] = m.n, len(m.slices), int(accumulate), int(bias is not None)
+    q["gunits"] = m.group_size // PACK_VALUES
+    for j, s in enumerate(m.slices):
+        q["sl"][0, j] = (_ptr(lin.words[j]), _ptr(lin.scales[j]), s.bits, s.units, s.groups, s.xoff)
+    return q
+
+
+def fusable(*lins: DeviceLinear) -> bool:
+    """Whether packed linears can share one matvec launch: one input size, each reading x as it is."""
+    metas = [lin.meta for lin in lins]
+    return all(m is not None and not m.needs_gather for m in metas) and len({m.k for m in metas}) == 1
+
+
+def _qmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
+    rows, units, warps = MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS
+    if (rows, units) not in MATVEC_SHAPES:
+        raise LaunchError(f"matvec of {rows} rows x {units} units per thread is not among {MATVEC_SHAPES}")
+    if _ptr(x) % 16:
+        raise LaunchError("matvec input not 16-byte aligned")
+    grid = (math.ceil(n / rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
+    padded = mats + [mats[0]] * (3 - len(mats))
+    function("matvec", f"qmatvec<{rows}, {units}>")(grid, (32 * warps,), (x, _i(glu), *padded))
+
+
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:
     """y (n,) = W x (+ bias) (+ y if accumulate) for one token; xp is the gather scratch (matvec_in)."""
     check_matvec(x, y, lin, xp)
     n, k = lin.shape
     if bias is not None:
         check("bias", bias, np.float32, (n,))
-    b = bias if bias is not None else y
-    grid, block = (math.ceil(n / WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,)
     if lin.meta is None:
+        b = bias if bias is not None else y
+        grid, block = (math.ceil(n / WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,)
         function("matvec", "hmatvec")(grid, block, (x, y, lin.half, b, _i(bias is not None), _i(accumulate), _i(n), _i(k)))
         return
     m = lin.meta
@@ -83,14 +131,31 @@ def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumul
             args += [_i(s.start), _i(s.rows), _i(s.units * PACK_VALUES), _i(s.xoff)]
         function("matvec", "gather_x")((_blocks(m.gathered_len),), (THREADS,), tuple(args))
         src = xp
-    args = [src, y, b, _i(bias is not None), _i(accumulate), _i(n), _i(m.group_size // PACK_VALUES), _i(len(m.slices))]
-    for j in range(3):
-        if j < len(m.slices):
-            s = m.slices[j]
-            args += [lin.words[j], lin.scales[j], _i(s.bits), _i(s.units), _i(s.groups), _i(s.xoff)]
-        else:
-            args += [lin.words[0], lin.scales[0], _i(0), _i(0), _i(0), _i(0)]
-    function("matvec", "qmatvec")(grid, block, tuple(args))
+    _qmatvec(src, [_qmat(lin, y, bias, accumulate)], n)
+
+
+def matvec_fused(x: Any, jobs: list) -> None:
+    """One launch for up to three packed linears sharing the input x (q, k, v): jobs are (y, lin, bias,
+    accumulate); each y (n,) = W x (+ bias) (+ y). The linears must be `fusable`."""
+    if not 1 <= len(jobs) <= 3 or not fusable(*(lin for _, lin, _, _ in jobs)):
+        raise LaunchError(f"{len(jobs)} linears cannot share one matvec launch")
+    mats = []
+    for y, lin, bias, accumulate in jobs:
+        check_matvec(x, y, lin, None)
+        if bias is not None:
+            check("bias", bias, np.float32, (lin.meta.n,))
+        mats.append(_qmat(lin, y, bias, accumulate))
+    _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs))
+
+
+def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any) -> None:
+    """y (n,) = silu(gate x) * (up x) in one launch (the MLP's SwiGLU input to down); gate and up `fusable`
+    and of one shape."""
+    if not fusable(gate, up) or gate.shape != up.shape:
+        raise LaunchError("gate and up cannot share one matvec launch")
+    check_matvec(x, y, gate, None)
+    check_matvec(x, y, up, None)
+    _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True)
 
 
 def dequantize(lin: DeviceLinear, row0: int, tile: Any) -> None:
@@ -146,7 +211,7 @@ def rmsnorm(x: Any, w: Any, out: Any, eps: float) -> None:
     check("x", x, np.float32)
     check("w", w, np.float32, (h,))
     check("out", out, np.float32, (t, h))
-    function("norm", "rmsnorm")((t,), (THREADS,), (x, w, out, _i(h), _f(eps)))
+    function("norm", "rmsnorm")((t,), (NORM_THREADS,), (x, w, out, _i(h), _f(eps)))
 
 
 def swiglu(gate: Any, up: Any) -> None:
@@ -185,8 +250,40 @@ def kv_store(fmt: str, x: Any, cache: Any, pos: Any) -> None:
                                                         (x, cache, pos, _i(t), _i(heads), _i(d), _i(cache.shape[2])))
 
 
-def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, scores: Any, h0: int, nh: int) -> None:
-    """out[:, h0:h0 + nh] = causal attention of q (t, hq, d) over the caches; scores holds nh * t * ctx floats."""
+def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, theta: float, interleaved: bool) -> None:
+    """One step's q (t, hq, d) and k (t, hkv, d) rotated in place (as `rope`), then k and v (t, hkv, d) stored
+    in the caches kc, vc (ctx, hkv, row bytes) at positions pos (t,) (as `kv_store`), in one launch."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    check("q", q, np.float32)
+    check("k", k, np.float32, (t, hkv, d))
+    check("v", v, np.float32, (t, hkv, d))
+    check("k cache", kc, np.uint8)
+    check("v cache", vc, np.uint8, kc.shape)
+    check("pos", pos, np.int32, (t,))
+    if d % 2 or kc.shape[1] != hkv:
+        raise LaunchError(f"rope_store: head dim {d} (must be even), cache {tuple(kc.shape)} for {hkv} KV heads")
+    function("attention", f"rope_store<{FMT_CODES[fmt]}>")(
+        (_blocks(t * (hq + 2 * hkv) * 32, 128),), (128,),
+        (q, k, v, kc, vc, pos, _i(t), _i(hq), _i(hkv), _i(d), _i(kc.shape[2]), np.float64(theta), _i(interleaved)))
+
+
+ATTN_CHUNK = 32                    # decode attention: positions per block, at least (attention.cu)
+
+
+def attention_split(t: int, ctx: int) -> tuple[int, int]:
+    """(positions per block, blocks per head): one token's context is split into chunks of ATTN_CHUNK (more
+    for long contexts, at most ATTN_MAX_SPLITS of them) so its few heads fill the GPU; a prefill chunk's
+    queries give enough blocks already and each takes its whole context."""
+    if t > 1:
+        return ctx, 1
+    chunk = max(ATTN_CHUNK, math.ceil(ctx / ATTN_MAX_SPLITS))
+    return chunk, math.ceil(ctx / chunk)
+
+
+def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any) -> None:
+    """out (t, hq, d) = causal attention of q (t, hq, d) over the caches (ctx, hkv, row bytes) at positions
+    pos (t,); partials: planner.memory's attn_partials (hq, ATTN_MAX_SPLITS, d + 2) float32."""
     t, hq, d = q.shape
     ctx, hkv, row_bytes = kc.shape
     check("q", q, np.float32)
@@ -194,13 +291,20 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, scores: An
     check("v cache", vc, np.uint8, kc.shape)
     check("pos", pos, np.int32, (t,))
     check("out", out, np.float32, (t, hq, d))
-    check("scores", scores, np.float32)
+    check("partials", partials, np.float32)
     if d > ATTN_MAX_D:
         raise LaunchError(f"attention: head dim {d} above the kernel's {ATTN_MAX_D}")
-    if scores.size < nh * t * ctx or hq % hkv or not 0 <= h0 < h0 + nh <= hq:
-        raise LaunchError(f"attention: {nh} heads from {h0} of {hq} ({hkv} KV heads) with {scores.size} score floats")
+    if hq % hkv:
+        raise LaunchError(f"attention: {hq} heads over {hkv} KV heads")
+    chunk, nsplit = attention_split(t, ctx)
+    if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
+        raise LaunchError(f"attention: {partials.size} partial floats for {hq} heads x {nsplit} splits")
     function("attention", f"attention<{FMT_CODES[fmt]}>")(
-        (t, nh), (ATTN_THREADS,), (q, kc, vc, pos, out, scores, _i(t), _i(h0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(ctx)))
+        (t * nsplit, hq), (ATTN_THREADS,),
+        (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
+    if nsplit > 1:
+        function("attention", "attention_merge")(
+            (t, hq), (ATTN_THREADS,), (partials, pos, out, _i(t), _i(0), _i(hq), _i(d), _i(chunk), _i(nsplit)))
 
 
 def argmax(x: Any, out: Any) -> None:

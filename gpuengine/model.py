@@ -200,9 +200,13 @@ class GPUTransformer:
             K.rmsnorm(x, w[f"layers.{i}.norm.1"], xn, spec.norm_eps)
             p = f"layers.{i}.mlp"
             gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                        # (T, F)
-            self._linear(xn, w[f"{p}.gate"], gate)
-            self._linear(xn, w[f"{p}.up"], up)
-            K.swiglu(gate, up)
+            wg, wu = w[f"{p}.gate"], w[f"{p}.up"]
+            if t == 1 and K.fusable(wg, wu) and wg.shape == wu.shape:
+                K.matvec_glu(xn[0], wg, wu, gate[0])                               # silu(gate) * up
+            else:
+                self._linear(xn, wg, gate)
+                self._linear(xn, wu, up)
+                K.swiglu(gate, up)
             self._linear(gate, w[f"{p}.down"], x, accumulate=True)
         g = self.weights.globals
         K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
@@ -212,20 +216,18 @@ class GPUTransformer:
         spec, st, p = self.spec, self.state, f"layers.{i}.attn"
         d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
         q, k, v = st["q"][:t], st["k"][:t], st["v"][:t]                           # (T, Hq*D), (T, Hkv*D)
-        for name, out in (("q", q), ("k", k), ("v", v)):
-            self._linear(xn, w[f"{p}.{name}"], out, bias=w.get(f"{p}.{name}.bias"))
+        jobs = [(out, w[f"{p}.{name}"], w.get(f"{p}.{name}.bias")) for name, out in (("q", q), ("k", k), ("v", v))]
+        if t == 1 and K.fusable(*(lin for _, lin, _ in jobs)):
+            K.matvec_fused(xn[0], [(out[0], lin, bias, False) for out, lin, bias in jobs])      # one launch
+        else:
+            for out, lin, bias in jobs:
+                self._linear(xn, lin, out, bias=bias)
         pos = st["positions"][:t]
         q3, k3, v3 = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
-        K.rope(q3, pos, spec.rope_theta, self.rope_interleaved)
-        K.rope(k3, pos, spec.rope_theta, self.rope_interleaved)
         kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]
-        K.kv_store(st.kv.name, k3, kc, pos)
-        K.kv_store(st.kv.name, v3, vc, pos)
+        K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, spec.rope_theta, self.rope_interleaved)
         out = st["attn_out"][:t]                                                   # (T, Hq*D)
-        scores = st["scores"].reshape(-1)
-        per_launch = min(hq, max(1, scores.size // (t * self.ctx)))                # heads whose scores fit
-        for h0 in range(0, hq, per_launch):
-            K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), scores, h0, min(per_launch, hq - h0))
+        K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"])
         self._linear(out, w[f"{p}.o"], st["x"][:t], accumulate=True)
 
     def _linear(self, x: Any, lin: Any, out: Any, accumulate: bool = False, bias: Any = None) -> None:

@@ -94,8 +94,10 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
         "weights.head": glob["head"] if last else 0,
         "weights.norm_final": glob["norm.final"] if last else 0,
         "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card))),
-        "compute.activations": sum(v for k, v in by_name.items() if k not in ("scores", "logits", *GPU_STAGING)),
-        "compute.attention_scores": by_name["scores"],
+        "compute.activations": sum(v for k, v in by_name.items()
+                                   if k not in ("scores", "attn_partials", "logits", *GPU_STAGING)),
+        # the GPU engine's attention scratch: split-context partial sums (no score matrix; see run_state_buffers)
+        "compute.attention_scores": by_name["attn_partials"],
         "compute.gemm_staging": sum(by_name[k] for k in GPU_STAGING),
         "compute.logits": by_name.get("logits", 0),
         "cuda_context": mem.CUDA_CONTEXT_BYTES,

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from planner import memory as mem
 from planner.plan import load_plan
 from planner.units import fmt_bytes
 
@@ -290,11 +291,13 @@ def _planned_engine_bytes(plan, engine: str = "ref") -> int:
     """What the plan says the weights, KV cache and compute buffers take (its fixed costs aside): on the GPU
     with cuBLAS staging and without the embedding (kept on the host); on the CPU engine with it."""
     items = plan.doc["memory"]["items"]
-    keys = ("weights.layers", "weights.stream_buffers", "weights.head", "weights.norm_final", "kv_cache",
-            "compute.activations", "compute.attention_scores", "compute.logits")
+    keys = ("weights.layers", "weights.stream_buffers", "weights.head", "weights.norm_final", "kv_cache")
     if engine == "gpu":
-        return sum(items.get(k, 0) for k in keys) + items.get("compute.gemm_staging", 0)
-    return sum(items.get(k, 0) for k in keys) + plan.doc["weights"]["embedding"]["bytes"]
+        compute = ("compute.activations", "compute.attention_scores", "compute.gemm_staging", "compute.logits")
+        return sum(items.get(k, 0) for k in keys + compute)
+    # the reference engine's own scratch (a score matrix, no GPU staging), as refengine.model allocates it
+    state = mem.run_state_buffers(plan.spec, plan.layout.ctx, plan.layout.chunk, logits=True, gemm_staging=False)
+    return sum(items.get(k, 0) for k in keys) + mem.buffers_bytes(state) + plan.doc["weights"]["embedding"]["bytes"]
 
 
 def _print_report(r: dict) -> None:

@@ -35,6 +35,9 @@ DEQUANT_TILE_ELEMS = 16 * MiB
 # Dtypes of the tensors the optimizer does not choose a format for.
 NORM_DTYPE, BIAS_DTYPE, ROUTER_DTYPE, EMBED_DTYPE = "f32", "f32", "f16", "f16"
 MAX_SLICES = max(len(o.slices) for o in (*OPTIONS, HEAD_OPTION))
+# The GPU engine's decode attention splits the context into at most this many chunks per head (flash-decoding),
+# each leaving head_dim + 2 floats for the merge (gpuengine/kernels/attention.cu).
+ATTN_MAX_SPLITS = 64
 
 
 @dataclass(frozen=True)
@@ -122,17 +125,19 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
                       gemm_staging: bool = True) -> list[Buffer]:
     """Scratch for one prefill chunk (decode uses the first row): activations in fp32.
 
-    gemm_staging adds what the GPU engine needs beyond the reference engine: the fp16 activation copy
-    and dequantized-weight tile of cuBLAS prefill, the decode matvec's gathered input and the sampled
-    token; logits only where the head runs."""
+    gemm_staging: the GPU engine's buffers instead of the reference engine's. It adds the fp16 activation
+    copy and dequantized-weight tile of cuBLAS prefill, the decode matvec's gathered input and the sampled
+    token, and its attention needs no score matrix (online softmax) but the partial sums of decode's split
+    context. Logits only where the head runs."""
     h, q, kv, f = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
     group = spec.num_heads // spec.num_kv_heads
     out = [Buffer("tokens", (chunk,), "i32"), Buffer("positions", (chunk,), "i32"),
            Buffer("x", (chunk, h), "f32"), Buffer("xn", (chunk, h), "f32"),
            Buffer("q", (chunk, q), "f32"), Buffer("k", (chunk, kv), "f32"), Buffer("v", (chunk, kv), "f32"),
            Buffer("attn_out", (chunk, q), "f32"),
-           Buffer("scores", (group, chunk, ctx), "f32"),       # one GQA group's scores at a time
            Buffer("ffn_gate", (chunk, f), "f32"), Buffer("ffn_up", (chunk, f), "f32")]
+    if not gemm_staging:
+        out.append(Buffer("scores", (group, chunk, ctx), "f32"))          # one GQA group's scores at a time
     if spec.is_moe:
         out += [Buffer("router_logits", (chunk, spec.num_experts), "f32"), Buffer("moe_out", (chunk, h), "f32")]
     if gemm_staging:
@@ -142,7 +147,8 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
                 Buffer("dequant_tile", (min(largest, DEQUANT_TILE_ELEMS),), "f16"),
                 # decode's matvec input, permuted and padded to whole packing units per slice
                 Buffer("matvec_in", (widest + MAX_SLICES * PACK_VALUES,), "f32"),
-                Buffer("sampled", (1,), "i32")]                 # the token chosen on the device
+                Buffer("sampled", (1,), "i32"),                 # the token chosen on the device
+                Buffer("attn_partials", (spec.num_heads, ATTN_MAX_SPLITS, spec.head_dim + 2), "f32")]
     if logits:
         out.append(Buffer("logits", (chunk, spec.vocab_size), "f32"))
     return out

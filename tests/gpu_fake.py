@@ -79,6 +79,26 @@ def _matvec(x, y, lin, xp, bias=None, accumulate=False):
     y[...] = y + r if accumulate else r
 
 
+def _matvec_fused(x, jobs):
+    if not launch.fusable(*(lin for _, lin, _, _ in jobs)):
+        raise launch.LaunchError("not fusable")
+    for y, lin, bias, accumulate in jobs:
+        _matvec(x, y, lin, None, bias, accumulate)
+
+
+def _matvec_glu(x, gate, up, y):
+    if not launch.fusable(gate, up):
+        raise launch.LaunchError("not fusable")
+    y[...] = ops.silu(dense(gate) @ np.asarray(x)) * (dense(up) @ np.asarray(x))
+
+
+def _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved):
+    _rope(q, pos, theta, interleaved)
+    _rope(k, pos, theta, interleaved)
+    for x, cache in ((k, kc), (v, vc)):
+        cache[np.asarray(pos)] = kv_quantize(kv_format(fmt), np.asarray(x))
+
+
 def _dequantize(lin, row0, tile):
     tile[...] = dense(lin)[row0:row0 + tile.shape[0]].astype(np.float16).view(np.uint16)
 
@@ -94,11 +114,12 @@ def _rope(x, pos, theta, interleaved):
     x[...] = ops.rope(np.ascontiguousarray(x), cos, sin, interleaved)
 
 
-def _attention(fmt, q, kc, vc, pos, out, scores, h0, nh):
+def _attention(fmt, q, kc, vc, pos, out, partials):
+    launch.check("partials", partials, np.float32)
     d, end = q.shape[-1], int(np.max(pos)) + 1
     keys = kv_dequantize(kv_format(fmt), np.asarray(kc[:end]), d)
     values = kv_dequantize(kv_format(fmt), np.asarray(vc[:end]), d)
-    out[:, h0:h0 + nh] = ops.attention(np.asarray(q), keys, values, np.asarray(pos))[:, h0:h0 + nh]
+    out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos))
 
 
 def _argmax(x, out):
@@ -110,7 +131,8 @@ def _penalize(x, seen, p):
 
 
 LAUNCHERS = {
-    "matvec": _matvec, "dequantize": _dequantize, "gemm": _gemm, "rope": _rope, "attention": _attention,
+    "matvec": _matvec, "matvec_fused": _matvec_fused, "matvec_glu": _matvec_glu, "rope_store": _rope_store,
+    "dequantize": _dequantize, "gemm": _gemm, "rope": _rope, "attention": _attention,
     "argmax": _argmax, "penalize": _penalize,
     "to_half": lambda x, out: out.__setitem__(..., np.asarray(x).astype(np.float16).view(np.uint16)),
     "rmsnorm": lambda x, w, out, eps: out.__setitem__(..., ops.rmsnorm(np.asarray(x), w, eps)),

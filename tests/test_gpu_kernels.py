@@ -7,6 +7,7 @@ fp16 tiles) must match bit for bit. Skipped without CUDA (tests/conftest.py)."""
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.formats import HEAD_OPTION, KV_FORMATS, OPTIONS, kv_format
+from planner.memory import ATTN_MAX_SPLITS
 from refengine import ops
 from refengine.quant import dequantize, kv_dequantize, kv_quantize, quantize
 
@@ -44,10 +46,40 @@ def nan_array(shape):
 options = st.sampled_from((*OPTIONS, HEAD_OPTION))
 
 
+@contextmanager
+def block_shape(rows_units, warps):
+    """The matvec launched with a block shape of the benchmark's sweep (launch.MATVEC_*)."""
+    from gpuengine import launch
+    saved = launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS
+    (launch.MATVEC_ROWS, launch.MATVEC_UNITS), launch.MATVEC_WARPS = rows_units, warps
+    try:
+        yield
+    finally:
+        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = saved
+
+
+block_shapes = st.tuples(st.sampled_from(((1, 4), (2, 4), (2, 8), (4, 4))), st.sampled_from((1, 2, 4, 8)))
+plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.slices) == 1])
+
+
+def test_qmat_layout_matches_the_compiler():
+    """The structured dtype launch.QMAT that carries a linear to the kernel has the CUDA struct's layout."""
+    import cupy as cp
+
+    from gpuengine import launch
+    from gpuengine.kernels import function
+    out = cp.zeros(12, dtype=cp.uint64)
+    function("matvec", "qmat_layout")((1,), (1,), (out,))
+    q, s = launch.QMAT, launch.QSLICE
+    want = [q.itemsize, s.itemsize, *(q.fields[f][1] for f in ("y", "bias", "sl", "n", "nslices", "accumulate", "has_bias")),
+            q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gunits"][1]]
+    assert out.get().tolist() == want
+
+
 @SETTINGS
 @given(option=options, n=st.integers(1, 300), k=st.one_of(st.integers(8, 1100), st.integers(1, 34).map(lambda v: 32 * v)),
-       seed=st.integers(0, 2**31), accumulate=st.booleans(), bias=st.booleans())
-def test_matvec_equals_the_dequantized_product(option, n, k, seed, accumulate, bias):
+       seed=st.integers(0, 2**31), accumulate=st.booleans(), bias=st.booleans(), shape=block_shapes)
+def test_matvec_equals_the_dequantized_product(option, n, k, seed, accumulate, bias, shape):
     import cupy as cp
 
     from gpuengine import launch
@@ -56,10 +88,42 @@ def test_matvec_equals_the_dequantized_product(option, n, k, seed, accumulate, b
     x = rng.standard_normal(k).astype(np.float32)
     y0 = rng.standard_normal(n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    y = cp.asarray(y0) if accumulate else nan_array(n)
+    y = cp.asarray(y0.copy()) if accumulate else nan_array(n)
     xp = nan_array(k + 96)
-    launch.matvec(cp.asarray(x), y, device_linear(t), xp, cp.asarray(b) if bias else None, accumulate)
+    with block_shape(*shape):
+        launch.matvec(cp.asarray(x), y, device_linear(t), xp, cp.asarray(b) if bias else None, accumulate)
     want = dequantize(t).astype(np.float64) @ x + (b if bias else 0) + (y0 if accumulate else 0)
+    assert rel(y.get(), want) < MATVEC_REL
+
+
+@SETTINGS
+@given(option=plain_options, ns=st.lists(st.integers(1, 300), min_size=1, max_size=3), k=st.integers(1, 40).map(lambda v: 32 * v),
+       seed=st.integers(0, 2**31), shape=block_shapes, data=st.data())
+def test_fused_matvecs_and_swiglu(option, ns, k, seed, shape, data):
+    """Up to three linears of different heights in one launch (q, k, v), each with or without bias and
+    accumulation; and gate / up in one launch giving silu(gate x) * (up x)."""
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(k).astype(np.float32)
+    ts = [quantize(rng.standard_normal((n, k)).astype(np.float32), option) for n in ns]
+    jobs, wants = [], []
+    for t, n in zip(ts, ns):
+        bias, accumulate = data.draw(st.booleans()), data.draw(st.booleans())
+        y0, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        jobs.append((cp.asarray(y0.copy()) if accumulate else nan_array(n), device_linear(t), cp.asarray(b) if bias else None, accumulate))
+        wants.append(dequantize(t).astype(np.float64) @ x + (b if bias else 0) + (y0 if accumulate else 0))
+    with block_shape(*shape):
+        launch.matvec_fused(cp.asarray(x), jobs)
+    for (y, *_), want in zip(jobs, wants):
+        assert rel(y.get(), want) < MATVEC_REL
+    n = ns[0]
+    gate, up = ts[0], quantize(rng.standard_normal((n, k)).astype(np.float32), option)
+    y = nan_array(n)
+    with block_shape(*shape):
+        launch.matvec_glu(cp.asarray(x), device_linear(gate), device_linear(up), y)
+    want = ops.silu(dequantize(gate).astype(np.float64) @ x) * (dequantize(up).astype(np.float64) @ x)
     assert rel(y.get(), want) < MATVEC_REL
 
 
@@ -186,6 +250,31 @@ def test_kv_store_writes_refengines_bytes(fmt, t, heads, d, seed):
     assert (got[:3] == 0xFF).all() and (got[3 + t:] == 0xFF).all()
 
 
+@SETTINGS
+@given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.integers(1, 5), hkv=st.integers(1, 4), group=st.sampled_from([1, 3, 4]),
+       d=st.sampled_from([32, 64, 80, 128]), start=st.integers(0, 9000), interleaved=st.booleans(), seed=st.integers(0, 2**31))
+def test_rope_store_is_rope_then_kv_store(fmt, t, hkv, group, d, start, interleaved, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    f = kv_format(fmt)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((t, hkv * group, d)).astype(np.float32)
+    k, v = cache_values(rng, (t, hkv, d), f), cache_values(rng, (t, hkv, d), f)
+    ctx = start + t + 2
+    pos = np.arange(start, start + t, dtype=np.int32)
+    gq, gk = cp.asarray(q.copy()), cp.asarray(k.copy())
+    kc, vc = (cp.full((ctx, hkv, f.row_bytes(d)), 0xFF, dtype=cp.uint8) for _ in range(2))
+    launch.rope_store(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), 1e4, interleaved)
+    cos, sin = ops.rope_tables(pos, d, 1e4)
+    want_q, want_k = (ops.rope(a.copy(), cos, sin, interleaved) for a in (q, k))
+    assert rel(gq.get(), want_q) < 1e-6 and rel(gk.get(), want_k) < 1e-6
+    # the cache holds the rotated k the kernel computed (bytes of kv_quantize of it), and v's bytes
+    assert np.array_equal(kc.get()[start:start + t], kv_quantize(f, gk.get()))
+    assert np.array_equal(vc.get()[start:start + t], kv_quantize(f, v))
+    assert (kc.get()[:start] == 0xFF).all() and (vc.get()[start + t:] == 0xFF).all()
+
+
 def test_fp8_encoding_at_its_edges():
     """Zeros of both signs, the subnormal range and its top, ties, the largest finite value, and clipping."""
     import cupy as cp
@@ -204,8 +293,11 @@ def test_fp8_encoding_at_its_edges():
 
 @SETTINGS
 @given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.integers(1, 6), hkv=st.integers(1, 4), group=st.sampled_from([1, 2, 4, 7]),
-       d=st.sampled_from([32, 64, 96, 128]), past=st.integers(0, 300), seed=st.integers(0, 2**31))
+       d=st.sampled_from([32, 64, 80, 128, 256]), past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)),
+       seed=st.integers(0, 2**31))
 def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, seed):
+    """Decode (t = 1) splits the context into chunks merged afterwards (more than ATTN_CHUNK positions
+    each beyond 64 chunks); prefill takes each query's whole context in one block."""
     import cupy as cp
 
     from gpuengine import launch
@@ -217,8 +309,8 @@ def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, seed):
     q = rng.standard_normal((t, hq, d)).astype(np.float32)
     pos = np.arange(past, past + t, dtype=np.int32)
     out = nan_array((t, hq, d))
-    scores = nan_array(hq * t * ctx)
-    launch.attention(fmt, cp.asarray(q), cp.asarray(raw_k), cp.asarray(raw_v), cp.asarray(pos), out, scores, 0, hq)
+    partials = nan_array((hq, ATTN_MAX_SPLITS, d + 2))
+    launch.attention(fmt, cp.asarray(q), cp.asarray(raw_k), cp.asarray(raw_v), cp.asarray(pos), out, partials)
     want = ops.attention(q.astype(np.float64), kv_dequantize(f, raw_k, d).astype(np.float64),
                          kv_dequantize(f, raw_v, d).astype(np.float64), pos)
     assert rel(out.get(), want) < 1e-5

@@ -19,128 +19,184 @@ __device__ __forceinline__ float kv_elem(const u8* __restrict__ row, int d) {
     return h2f((u16)(blk[0] | (blk[1] << 8))) * (float)(code - 8);
 }
 
-// Writes rows x (t, heads, d) fp32 at cache positions pos (t,) (read on the device, so a captured decode
-// step replays at any position): one warp per row, lane l owns elements l, l + 32, ...; a q8 / q4 block
-// of 32 is one pass of the warp, whose reductions give the block's scale. Every byte of each written row
-// is stored (padding blocks quantize zeros).
+// One row xr (d fp32 values) into its cache row, by one warp: lane l owns elements l, l + 32, ...; a q8 / q4
+// block of 32 is one pass of the warp, whose reductions give the block's scale. Every byte of the row is
+// stored (padding blocks quantize zeros).
 template <int FMT>
-__global__ void kv_store(const float* __restrict__ x, u8* __restrict__ cache, const int* __restrict__ pos, int t,
-                         int heads, int d, int row_bytes) {
-    const int lane = threadIdx.x & 31;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < t * heads; r += warps) {
-        const float* xr = x + (size_t)r * d;
-        u8* row = cache + ((size_t)pos[r / heads] * heads + r % heads) * row_bytes;
-        if (FMT == 0) {
-            u16* out = reinterpret_cast<u16*>(row);
-            for (int i = lane; i < d; i += 32) out[i] = f2h(xr[i]);
-        } else if (FMT == 1) {
-            for (int i = lane; i < d; i += 32) row[i] = f_to_e4m3(xr[i]);
-        } else {
-            for (int b = 0; b < (d + 31) / 32; ++b) {
-                const int i = b * 32 + lane;
-                const float v = i < d ? xr[i] : 0.0f;
-                if (FMT == 2) {
-                    u8* blk = row + b * 34;
-                    const u16 dh = f2h(warp_max(fabsf(v)) / 127.0f);
-                    const float ds = h2f(dh);
-                    const int q = ds == 0.0f ? 0 : (int)rintf(v / ds);
-                    blk[2 + lane] = (u8)(signed char)q;
-                    if (lane == 0) { blk[0] = (u8)(dh & 0xffu); blk[1] = (u8)(dh >> 8); }
-                } else {
-                    // the value of largest magnitude, first one on ties (numpy argmax), maps to code 0
-                    float best = fabsf(v);
-                    int at = lane;
+__device__ __forceinline__ void store_row(const float* __restrict__ xr, u8* __restrict__ row, int d, int lane) {
+    if (FMT == 0) {
+        u16* out = reinterpret_cast<u16*>(row);
+        for (int i = lane; i < d; i += 32) out[i] = f2h(xr[i]);
+    } else if (FMT == 1) {
+        for (int i = lane; i < d; i += 32) row[i] = f_to_e4m3(xr[i]);
+    } else {
+        for (int b = 0; b < (d + 31) / 32; ++b) {
+            const int i = b * 32 + lane;
+            const float v = i < d ? xr[i] : 0.0f;
+            if (FMT == 2) {
+                u8* blk = row + b * 34;
+                const u16 dh = f2h(warp_max(fabsf(v)) / 127.0f);
+                const float ds = h2f(dh);
+                const int q = ds == 0.0f ? 0 : (int)rintf(v / ds);
+                blk[2 + lane] = (u8)(signed char)q;
+                if (lane == 0) { blk[0] = (u8)(dh & 0xffu); blk[1] = (u8)(dh >> 8); }
+            } else {
+                // the value of largest magnitude, first one on ties (numpy argmax), maps to code 0
+                float best = fabsf(v);
+                int at = lane;
 #pragma unroll
-                    for (int o = 16; o > 0; o >>= 1) {
-                        const float ob = __shfl_xor_sync(FULL_MASK, best, o);
-                        const int oa = __shfl_xor_sync(FULL_MASK, at, o);
-                        if (ob > best || (ob == best && oa < at)) { best = ob; at = oa; }
-                    }
-                    const float m = __shfl_sync(FULL_MASK, v, at);
-                    const u16 dh = f2h(m / -8.0f);
-                    const float ds = h2f(dh);
-                    const int q = ds == 0.0f ? 8 : (int)fminf(fmaxf(rintf(v / ds) + 8.0f, 0.0f), 15.0f);
-                    const int hi = __shfl_down_sync(FULL_MASK, q, 16);
-                    u8* blk = row + b * 18;
-                    if (lane < 16) blk[2 + lane] = (u8)(q | (hi << 4));
-                    if (lane == 0) { blk[0] = (u8)(dh & 0xffu); blk[1] = (u8)(dh >> 8); }
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float ob = __shfl_xor_sync(FULL_MASK, best, o);
+                    const int oa = __shfl_xor_sync(FULL_MASK, at, o);
+                    if (ob > best || (ob == best && oa < at)) { best = ob; at = oa; }
                 }
+                const float m = __shfl_sync(FULL_MASK, v, at);
+                const u16 dh = f2h(m / -8.0f);
+                const float ds = h2f(dh);
+                const int q = ds == 0.0f ? 8 : (int)fminf(fmaxf(rintf(v / ds) + 8.0f, 0.0f), 15.0f);
+                const int hi = __shfl_down_sync(FULL_MASK, q, 16);
+                u8* blk = row + b * 18;
+                if (lane < 16) blk[2 + lane] = (u8)(q | (hi << 4));
+                if (lane == 0) { blk[0] = (u8)(dh & 0xffu); blk[1] = (u8)(dh >> 8); }
             }
         }
     }
 }
 
+// Writes rows x (t, heads, d) fp32 at cache positions pos (t,) (read on the device, so a captured decode
+// step replays at any position): one warp per row.
+template <int FMT>
+__global__ void kv_store(const float* __restrict__ x, u8* __restrict__ cache, const int* __restrict__ pos, int t,
+                         int heads, int d, int row_bytes) {
+    const int lane = threadIdx.x & 31;
+    const int warps = (gridDim.x * blockDim.x) >> 5;
+    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < t * heads; r += warps)
+        store_row<FMT>(x + (size_t)r * d, cache + ((size_t)pos[r / heads] * heads + r % heads) * row_bytes, d, lane);
+}
+
+// A step's q (t, hq, d), k and v (t, hkv, d) after their matvecs, in one launch: q and k rotated in place
+// (rotate_pair), then k and v stored in their caches at pos. One warp per row of q, k or v; a warp's own
+// writes are visible to its lanes after __syncwarp.
+template <int FMT>
+__global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
+                           u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos, int t, int hq,
+                           int hkv, int d, int row_bytes, double theta, int interleaved) {
+    const int lane = threadIdx.x & 31;
+    const int warps = (gridDim.x * blockDim.x) >> 5, nq = t * hq, nk = t * hkv;
+    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < nq + 2 * nk; r += warps) {
+        if (r < nq + nk) {
+            const bool is_q = r < nq;
+            const int j = is_q ? r : r - nq, heads = is_q ? hq : hkv;
+            float* xr = (is_q ? q : k) + (size_t)j * d;
+            const int p = pos[j / heads];
+            for (int i = lane; i < (d >> 1); i += 32) rotate_pair(xr, i, d, p, theta, interleaved);
+            __syncwarp();
+            if (!is_q) store_row<FMT>(xr, kc + ((size_t)p * hkv + j % hkv) * row_bytes, d, lane);
+        } else {
+            const int j = r - nq - nk;
+            store_row<FMT>(v + (size_t)j * d, vc + ((size_t)pos[j / hkv] * hkv + j % hkv) * row_bytes, d, lane);
+        }
+    }
+}
+
 // Causal GQA attention for t queries q (t, hq, d) at positions pos (t,) over the cache (ctx, hkv, row_bytes):
-// query t sees positions 0 .. pos[t]. One block per (query, head) for heads h0 .. h0 + gridDim.y - 1;
-// scores (gridDim.y, t, ctx) fp32 is planner.memory's "scores" scratch. Warps score positions (lanes
-// split the head dim), the block takes the max and sum, then each warp sums its share of positions with
-// lanes again splitting the head dim (coalesced rows, ATTN_WARPS rows in flight), and the warps' partial
-// sums meet in shared memory. out (t, hq, d) = softmax(q k / sqrt(d)) v, as ops.attention. d <= 256.
+// query t sees positions 0 .. pos[t], out (t, hq, d) = softmax(q k / sqrt(d)) v, as ops.attention; d <= 256.
+//
+// The positions are split into chunks of `chunk` (flash-decoding), so a decode step's few heads still fill
+// the GPU: block (query, split, head) takes one chunk, its warps take every ATTN_WARPS-th position with lanes
+// splitting the head dim, and each warp keeps a running max, sum and weighted V sum (online softmax), which
+// the block then merges. With one split the block writes out; with several it writes its partial (the sum
+// of V weighted by exp(score - m), then m, then the sum of weights: d + 2 floats) for attention_merge.
 #define ATTN_WARPS 4
 #define ATTN_MAX_D 256
 
 template <int FMT>
 __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
-                          const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ scores,
-                          int t, int h0, int hq, int hkv, int d, int row_bytes, int ctx) {
-    __shared__ float partial[ATTN_WARPS][ATTN_MAX_D];
-    const int tq = blockIdx.x, hl = blockIdx.y, h = h0 + hl, kvh = h / (hq / hkv);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int len = pos[tq] + 1;
+                          const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ part,
+                          int t, int h0, int hq, int hkv, int d, int row_bytes, int chunk, int nsplit) {
+    __shared__ float wo[ATTN_WARPS][ATTN_MAX_D];
+    __shared__ float wm[ATTN_WARPS], wl[ATTN_WARPS];
+    const int tq = blockIdx.x / nsplit, c = blockIdx.x % nsplit, hl = blockIdx.y, h = h0 + hl;
+    const int kvh = h / (hq / hkv), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int len = pos[tq] + 1, p0 = c * chunk, p1 = min(p0 + chunk, len);
+    if (p0 >= len) return;                                  // attention_merge reads only chunks below len
     const float* qv = q + ((size_t)tq * hq + h) * d;
-    float* sc = scores + ((size_t)hl * t + tq) * ctx;
     const float root = sqrtf((float)d);
-#pragma unroll 2
-    for (int p = warp; p < len; p += ATTN_WARPS) {
-        const u8* row = kc + ((size_t)p * hkv + kvh) * row_bytes;
-        float s = 0.0f;
-        for (int i = lane; i < d; i += 32) s = fmaf(qv[i], kv_elem<FMT>(row, i), s);
-        s = warp_sum(s);
-        if (lane == 0) sc[p] = s / root;
-    }
-    __syncthreads();
-    float m = -INFINITY;
-    for (int p = threadIdx.x; p < len; p += blockDim.x) m = fmaxf(m, sc[p]);
-    m = block_reduce(m, true);
-    float l = 0.0f;
-    for (int p = threadIdx.x; p < len; p += blockDim.x) {
-        const float e = expf(sc[p] - m);
-        sc[p] = e;
-        l += e;
-    }
-    l = block_reduce(l, false);
-    __syncthreads();
-    float acc[ATTN_MAX_D / 32];
+    float qr[ATTN_MAX_D / 32], acc[ATTN_MAX_D / 32];
 #pragma unroll
-    for (int j = 0; j < ATTN_MAX_D / 32; ++j) acc[j] = 0.0f;
-#pragma unroll 2
-    for (int p = warp; p < len; p += ATTN_WARPS) {
-        const float e = sc[p];
-        const u8* row = vc + ((size_t)p * hkv + kvh) * row_bytes;
+    for (int j = 0; j < ATTN_MAX_D / 32; ++j) {
+        qr[j] = lane + 32 * j < d ? qv[lane + 32 * j] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+#pragma unroll 4
+    for (int p = p0 + warp; p < p1; p += ATTN_WARPS) {
+        const u8* krow = kc + ((size_t)p * hkv + kvh) * row_bytes;
+        const u8* vrow = vc + ((size_t)p * hkv + kvh) * row_bytes;
+        float s = 0.0f;
 #pragma unroll
         for (int j = 0; j < ATTN_MAX_D / 32; ++j)
-            if (lane + 32 * j < d) acc[j] = fmaf(e, kv_elem<FMT>(row, lane + 32 * j), acc[j]);
+            if (lane + 32 * j < d) s = fmaf(qr[j], kv_elem<FMT>(krow, lane + 32 * j), s);
+        s = warp_sum(s) / root;
+        const float mn = fmaxf(m, s), corr = expf(m - mn), e = expf(s - mn);
+        l = fmaf(l, corr, e);
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_D / 32; ++j)
+            if (lane + 32 * j < d) acc[j] = fmaf(acc[j], corr, e * kv_elem<FMT>(vrow, lane + 32 * j));
+        m = mn;
     }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
     for (int j = 0; j < ATTN_MAX_D / 32; ++j)
-        if (lane + 32 * j < d) partial[warp][lane + 32 * j] = acc[j];
+        if (lane + 32 * j < d) wo[warp][lane + 32 * j] = acc[j];
     __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float sum = 0.0f;
+    float bm = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < ATTN_WARPS; ++w) sum += partial[w][i];
-        out[((size_t)tq * hq + h) * d + i] = sum / l;
+    for (int w = 0; w < ATTN_WARPS; ++w) bm = fmaxf(bm, wm[w]);    // warp 0 has a position: finite
+    float scale[ATTN_WARPS], bl = 0.0f;
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        scale[w] = expf(wm[w] - bm);                         // 0 for a warp without positions
+        bl = fmaf(wl[w], scale[w], bl);
+    }
+    float* dst = nsplit == 1 ? out + ((size_t)tq * hq + h) * d : part + (((size_t)hl * t + tq) * nsplit + c) * (d + 2);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) o = fmaf(wo[w][i], scale[w], o);
+        dst[i] = nsplit == 1 ? o / bl : o;
+    }
+    if (nsplit > 1 && threadIdx.x == 0) { dst[d] = bm; dst[d + 1] = bl; }
+}
+
+// out (t, hq, d) from attention's partials: one block per (query, head), the chunks below its length merged
+// by their maxima.
+extern "C" __global__ void attention_merge(const float* __restrict__ part, const int* __restrict__ pos,
+                                           float* __restrict__ out, int t, int h0, int hq, int d, int chunk,
+                                           int nsplit) {
+    const int tq = blockIdx.x, hl = blockIdx.y;
+    const int used = (pos[tq] + chunk) / chunk;                  // chunks holding positions 0 .. pos[tq]
+    const float* pr = part + ((size_t)hl * t + tq) * nsplit * (d + 2);
+    float gm = -INFINITY;
+    for (int c = 0; c < used; ++c) gm = fmaxf(gm, pr[c * (d + 2) + d]);
+    float gl = 0.0f;
+    for (int c = 0; c < used; ++c) gl = fmaf(pr[c * (d + 2) + d + 1], expf(pr[c * (d + 2) + d] - gm), gl);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float o = 0.0f;
+        for (int c = 0; c < used; ++c) o = fmaf(pr[c * (d + 2) + i], expf(pr[c * (d + 2) + d] - gm), o);
+        out[((size_t)tq * hq + h0 + hl) * d + i] = o / gl;
     }
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
+template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
+template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
 template __global__ void kv_store<0>(const float*, u8*, const int*, int, int, int, int);
 template __global__ void kv_store<1>(const float*, u8*, const int*, int, int, int, int);
 template __global__ void kv_store<2>(const float*, u8*, const int*, int, int, int, int);
 template __global__ void kv_store<3>(const float*, u8*, const int*, int, int, int, int);
-template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int);
-template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int);
-template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int);
-template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int);
+template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
+template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
+template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
+template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 #endif

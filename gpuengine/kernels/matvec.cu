@@ -1,111 +1,164 @@
 // Decode: y = W x for one token, W packed in a registry option (planner/formats.py), fused with its
-// dequantization. One warp per output row; lane l takes packing units l, l + 32, ... (32 values in
-// BITS uint32 words, one fp16 scale per group), so the warp reads each row's words contiguously.
-// A mixed option's slices are separate packed arrays, each at its own width: the slice loop is outside
-// the unit loop, and the bit width is a template parameter, so the inner loop has no branch and every
-// shift is a constant. x arrives permuted and zero-padded per slice (gather_x), so the codes packed
-// into a slice's last, partial unit multiply zeros. Accumulation in fp32.
+// dequantization (32-value units of BITS uint32 words, one fp16 scale per group; codes decoded by bit
+// tricks). A mixed option's slices are separate packed arrays, each at its own width: the slice loop is
+// outside the unit loop and the width a template parameter, so the inner loop has no branch and every
+// shift is a constant. x arrives permuted and zero-padded per slice where the option needs it (gather_x),
+// so the codes packed into a slice's last, partial unit multiply zeros. Accumulation in fp32.
+//
+// Decode reads every weight byte once, so the layout of the loads decides the speed: a block takes R rows
+// (R a template parameter), its threads split the rows' units (split-K inside the block), and each
+// x value loaded is used for all R rows.
+
+// A packed linear as the kernels take it (passed by value; gpuengine/launch.py builds the same layout as a
+// NumPy structured scalar, and a GPU test checks sizes and offsets). Slice s: words (n, units * bits),
+// scales (n, groups), its input at x + xoff.
+struct QSlice {
+    const u32* w;
+    const u16* s;
+    int bits, units, groups, xoff;
+};
+struct QMat {
+    float* y;
+    const float* bias;
+    QSlice sl[3];
+    int n, nslices, accumulate, has_bias, gunits;      // gunits: units per scale group
+};
+
+// The block's threads in groups of four ("quads"): quad q takes units q, q + Q, q + 2Q, ... (Q quads in the
+// block) of each of the block's R rows, and lane g of a quad takes values 8g .. 8g + 7 of the unit, which
+// are exactly BITS bytes at byte g * BITS of the unit's 4 * BITS, inside one or two aligned words. So a
+// warp's weight loads cover 8 consecutive units of a row (contiguous bytes), its x loads 8 consecutive
+// floats per lane (contiguous too), and each x value loaded serves all R rows. Each thread issues the words
+// of U units of all R rows before it decodes any: decode is bound by the bytes in flight.
 
 template <int BITS>
-__device__ __forceinline__ void load_unit(const u32* __restrict__ w, int u, u32 (&wd)[BITS]) {
-    if constexpr (BITS % 4 == 0) {              // 16-byte loads (layout.py keeps these arrays 16-byte aligned)
-        const uint4* p = reinterpret_cast<const uint4*>(w + (size_t)u * BITS);
-#pragma unroll
-        for (int j = 0; j < BITS / 4; ++j) {
-            const uint4 v = __ldg(p + j);
-            wd[4 * j] = v.x; wd[4 * j + 1] = v.y; wd[4 * j + 2] = v.z; wd[4 * j + 3] = v.w;
-        }
-    } else if constexpr (BITS == 2) {           // 8-byte loads
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(w + (size_t)u * BITS));
-        wd[0] = v.x; wd[1] = v.y;
-    } else {
-#pragma unroll
-        for (int j = 0; j < BITS; ++j) wd[j] = __ldg(w + (size_t)u * BITS + j);
-    }
-}
-
-// sum over one unit of (code_i - 2^(b-1)) * x_i: every shift a constant, decoding by bit tricks
-template <int BITS>
-__device__ __forceinline__ float unit_dot(const u32 (&wd)[BITS], const float* __restrict__ x) {
-    const float4* x4 = reinterpret_cast<const float4*>(x);
+__device__ __forceinline__ float eighth_dot(u32 lo, u32 hi, int shift, const float* __restrict__ x) {
+    const unsigned long long v = (((unsigned long long)hi << 32) | lo) >> shift;
+    const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
+    const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     float part = 0.0f;
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
-        const float4 xv = x4[q];
-        const float xs[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int bit = (q * 4 + r) * BITS, word = bit >> 5, off = bit & 31;
-            u32 v = wd[word] >> off;
-            if (off + BITS > 32) v |= wd[word + 1] << (32 - off);
-            part = fmaf(centered<BITS>(v & ((1u << BITS) - 1u)), xs[r], part);
-        }
-    }
+    for (int i = 0; i < 8; ++i)
+        part = fmaf(centered<BITS>((u32)(v >> (i * BITS)) & ((1u << BITS) - 1u)), xs[i], part);
     return part;
 }
 
-// A lane's share of one row of a slice: units lane, lane + 32, ..., ILP of them loaded before any is
-// used, so each lane keeps ILP independent reads in flight (decode is bound by memory latency otherwise);
-// fewer for wide codes, whose words would otherwise take registers from occupancy.
-
-template <int BITS>
-__device__ __forceinline__ float slice_dot(const u32* __restrict__ w, const u16* __restrict__ scales,
-                                           const float* __restrict__ x, int units, int gunits, int lane) {
-    constexpr int ILP = BITS <= 4 ? 4 : 2;
-    float acc = 0.0f;
-    for (int base = lane; base < units; base += 32 * ILP) {
-        u32 wd[ILP][BITS];
-        float sc[ILP];
+template <int BITS, int R, int U>
+__device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __restrict__ x, int gunits,
+                                           const int (&rows)[R], float (&acc)[R]) {
+    const int g = threadIdx.x & 3, nq = blockDim.x >> 2;
+    const int byte = g * BITS, shift = (byte & 3) * 8;
+    const bool two = shift + 8 * BITS > 32;                 // the eighth reaches into the next word
+    const u32* __restrict__ w = sl.w + (byte >> 2);
+    const float* __restrict__ xg = x + sl.xoff + g * 8;
+    for (int u0 = threadIdx.x >> 2; u0 < sl.units; u0 += nq * U) {
+        float sc[U][R];
+        u32 lo[U][R], hi[U][R];
 #pragma unroll
-        for (int j = 0; j < ILP; ++j) {
-            const int u = base + 32 * j;
-            if (u < units) {
-                load_unit<BITS>(w, u, wd[j]);
-                sc[j] = h2f(__ldg(scales + u / gunits));
+        for (int j = 0; j < U; ++j) {
+            const int u = u0 + j * nq;
+            const bool in = u < sl.units;
+            const int uu = in ? u : u0;                     // a unit past the end reads unit u0 and weighs 0
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const u32* p = w + ((size_t)rows[r] * sl.units + uu) * BITS;
+                lo[j][r] = __ldg(p);
+                hi[j][r] = two ? __ldg(p + 1) : 0u;
+                sc[j][r] = in ? h2f(__ldg(sl.s + (size_t)rows[r] * sl.groups + uu / gunits)) : 0.0f;
             }
         }
 #pragma unroll
-        for (int j = 0; j < ILP; ++j) {
-            const int u = base + 32 * j;
-            if (u < units) acc = fmaf(sc[j], unit_dot<BITS>(wd[j], x + (size_t)u * 32), acc);
+        for (int j = 0; j < U; ++j) {
+            const int uu = u0 + j * nq < sl.units ? u0 + j * nq : u0;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                acc[r] = fmaf(sc[j][r], eighth_dot<BITS>(lo[j][r], hi[j][r], shift, xg + (size_t)uu * 32), acc[r]);
         }
     }
-    return acc;
 }
 
-__device__ __forceinline__ float slice_dot_any(int bits, const u32* w, const u16* s, const float* x, int units,
-                                               int gunits, int lane) {
-    switch (bits) {
-        case 2: return slice_dot<2>(w, s, x, units, gunits, lane);
-        case 3: return slice_dot<3>(w, s, x, units, gunits, lane);
-        case 4: return slice_dot<4>(w, s, x, units, gunits, lane);
-        case 5: return slice_dot<5>(w, s, x, units, gunits, lane);
-        case 6: return slice_dot<6>(w, s, x, units, gunits, lane);
-        case 8: return slice_dot<8>(w, s, x, units, gunits, lane);
-    }
-    return __int_as_float(0x7fc00000);                      // unreachable: the launcher checks bits
+// Matrix `which` of the three (or slice s of it) as values: selects on kernel parameters, so the kernel has
+// one copy of the decode loop per bit width rather than one per matrix and slice (and compiles in seconds).
+#define QPICK(f) (which == 0 ? m0.f : which == 1 ? m1.f : m2.f)
+#define QPICK_SLICE(f) (s == 0 ? QPICK(sl[0].f) : s == 1 ? QPICK(sl[1].f) : QPICK(sl[2].f))
+
+__device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, const QMat& m2, int which, int s) {
+    QSlice r;
+    r.w = QPICK_SLICE(w);
+    r.s = QPICK_SLICE(s);
+    r.bits = QPICK_SLICE(bits);
+    r.units = QPICK_SLICE(units);
+    r.groups = QPICK_SLICE(groups);
+    r.xoff = QPICK_SLICE(xoff);
+    return r;
 }
 
-// y[n] = (accumulate ? y[n] : 0) + (has_bias ? bias[n] : 0) + sum over slices of W_s[n] . x_s.
-// Slice s: words (n_rows, units_s * bits_s), scales (n_rows, groups_s), x at x + xoff_s.
-extern "C" __global__ void qmatvec(const float* __restrict__ x, float* __restrict__ y,
-                                   const float* __restrict__ bias, int has_bias, int accumulate, int n_rows,
-                                   int gunits, int nslices,
-                                   const u32* w0, const u16* s0, int b0, int u0, int g0, int x0,
-                                   const u32* w1, const u16* s1, int b1, int u1, int g1, int x1,
-                                   const u32* w2, const u16* s2, int b2, int u2, int g2, int x2) {
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= n_rows) return;
-    float acc = slice_dot_any(b0, w0 + (size_t)row * u0 * b0, s0 + (size_t)row * g0, x + x0, u0, gunits, lane);
-    if (nslices > 1)
-        acc += slice_dot_any(b1, w1 + (size_t)row * u1 * b1, s1 + (size_t)row * g1, x + x1, u1, gunits, lane);
-    if (nslices > 2)
-        acc += slice_dot_any(b2, w2 + (size_t)row * u2 * b2, s2 + (size_t)row * g2, x + x2, u2, gunits, lane);
-    acc = warp_sum(acc);
-    if (lane == 0) {
-        float r = acc + (has_bias ? bias[row] : 0.0f);
-        y[row] = accumulate ? y[row] + r : r;
+// y_m[n] = (accumulate ? y_m[n] : 0) + (has_bias ? bias_m[n] : 0) + W_m[n] . x for matrix m = blockIdx.y of
+// up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
+// its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
+// m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
+// together.
+template <int R, int U>
+__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
+    __shared__ float red[2][R * 32];
+    const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
+    int which = first;
+    const int n = QPICK(n);
+    if (row0 >= n) return;                                  // the grid spans the largest matrix
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll 1
+    for (which = first; which <= first + glu; ++which) {
+        int rows[R];
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) { rows[r] = min(row0 + r, n - 1); acc[r] = 0.0f; }
+        const int nslices = QPICK(nslices), gunits = QPICK(gunits);
+#pragma unroll 1
+        for (int s = 0; s < nslices; ++s) {
+            const QSlice sl = pick_slice(m0, m1, m2, which, s);
+            switch (sl.bits) {
+                case 2: slice_rows<2, R, U>(sl, x, gunits, rows, acc); break;
+                case 3: slice_rows<3, R, U>(sl, x, gunits, rows, acc); break;
+                case 4: slice_rows<4, R, U>(sl, x, gunits, rows, acc); break;
+                case 5: slice_rows<5, R, U>(sl, x, gunits, rows, acc); break;
+                case 6: slice_rows<6, R, U>(sl, x, gunits, rows, acc); break;
+                case 8: slice_rows<8, R, U>(sl, x, gunits, rows, acc); break;
+            }
+        }
+        float* rd = red[which - first];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) rd[r * 32 + warp] = v;
+        }
+        __syncthreads();
+        float sum = 0.0f;
+        if (threadIdx.x < R)
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) sum += rd[threadIdx.x * 32 + w];
+        if (which == first) sum0 = sum; else sum1 = sum;
     }
+    const int row = row0 + threadIdx.x;
+    if (threadIdx.x >= R || row >= n) return;
+    if (glu) {
+        m0.y[row] = sum0 / (1.0f + expf(-sum0)) * sum1;
+        return;
+    }
+    which = first;
+    const float r = sum0 + (QPICK(has_bias) ? QPICK(bias)[row] : 0.0f);
+    float* y = QPICK(y);
+    y[row] = QPICK(accumulate) ? y[row] + r : r;
+}
+
+// Sizes and offsets of QMat's fields, for the test that launch.py's structured dtype matches the compiler's.
+extern "C" __global__ void qmat_layout(unsigned long long* out) {
+    const QMat* p = nullptr;
+    out[0] = sizeof(QMat); out[1] = sizeof(QSlice);
+    out[2] = (unsigned long long)&p->y; out[3] = (unsigned long long)&p->bias; out[4] = (unsigned long long)&p->sl;
+    out[5] = (unsigned long long)&p->n; out[6] = (unsigned long long)&p->nslices;
+    out[7] = (unsigned long long)&p->accumulate; out[8] = (unsigned long long)&p->has_bias;
+    out[9] = (unsigned long long)&p->sl[0].bits; out[10] = (unsigned long long)&p->sl[0].xoff;
+    out[11] = (unsigned long long)&p->gunits;
 }
 
 // The same for an unquantized fp16 matrix (n_rows, k) (models run without a plan): lane l reads
@@ -143,3 +196,10 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
     const int src = start + j;
     xp[off + j] = j < len ? x[has_perm ? perm[src] : src] : 0.0f;
 }
+
+#ifdef VRAMWISE_NVCC_CHECK
+template __global__ void qmatvec<1, 4>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 4>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 8>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 4>(const float*, int, QMat, QMat, QMat);
+#endif

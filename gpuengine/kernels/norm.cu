@@ -21,8 +21,8 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
         if (lane == 0) part[0] = s;
     }
     __syncthreads();
-    const double root = sqrt(part[0] / h + (double)eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) orow[i] = (float)((double)xr[i] / root) * w[i];
+    const double inv = 1.0 / sqrt(part[0] / h + (double)eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) orow[i] = (float)((double)xr[i] * inv) * w[i];
 }
 
 // gate = silu(gate) * up over n values (SwiGLU; silu(x) = x / (1 + e^-x), as ops.silu).
@@ -39,24 +39,14 @@ extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restri
         y[i] += b[i % n];
 }
 
-// Rotary embedding in place on x (T, heads, D) at positions pos (T,): frequency i is theta^(-2i/D) and
-// the angle pos * freq, both in double, cos and sin rounded to float (ops.rope_tables). interleaved:
-// pairs (2i, 2i + 1) (llama.cpp's layout of Llama q/k); else (i, i + D/2) (Hugging Face / NeoX).
+// Rotary embedding in place on x (T, heads, D) at positions pos (T,), one thread per pair (rotate_pair).
 extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ pos, int t, int heads, int d,
                                 double theta, int interleaved) {
     const int half = d >> 1;
     const long long total = (long long)t * heads * half;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        const int i = (int)(idx % half);
         const long long row = idx / half;                       // token * heads + head
-        const int tok = (int)(row / heads);
-        const double ang = (double)pos[tok] * pow(theta, -(double)(2 * i) / (double)d);
-        const float c = (float)cos(ang), s = (float)sin(ang);
-        float* v = x + row * d;
-        const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-        const float a = v[ia], b = v[ib];
-        v[ia] = a * c - b * s;
-        v[ib] = a * s + b * c;
+        rotate_pair(x + row * d, (int)(idx % half), d, pos[row / heads], theta, interleaved);
     }
 }
