@@ -65,17 +65,19 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
         check("perm", lin.perm, np.int32, (k,))
 
 
-# The matvec kernel's block shape: MATVEC_ROWS output rows per block, MATVEC_UNITS packing units per thread
-# in flight (a template instance of qmatvec: MATVEC_SHAPES lists those compiled) and MATVEC_WARPS warps
-# splitting each row's units. Chosen by benchmarks/gpu_kernels.py's sweep (see its JSON).
-MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS = 2, 4, 2
+# The matvec kernel's launch: MATVEC_ROWS output rows per block, MATVEC_UNITS packing units per thread in
+# flight, MATVEC_VARIANT its decode loop (0: slice_rows, 1: slice_rows_fast) - a template instance of
+# qmatvec, MATVEC_SHAPES x MATVEC_VARIANTS compiled - and MATVEC_WARPS warps splitting each row's units.
+# Chosen by benchmarks/gpu_kernels.py's sweep (its JSON names the pick and every time).
+MATVEC_ROWS, MATVEC_UNITS, MATVEC_VARIANT, MATVEC_WARPS = 4, 4, 1, 2
 MATVEC_SHAPES = ((1, 4), (2, 4), (2, 8), (4, 4))
+MATVEC_VARIANTS = (0, 1)
 
 # numpy twins of matvec.cu's QSlice / QMat (C layout: align=True), passed to the kernel by value.
 QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("groups", "i4"), ("xoff", "i4")],
                   align=True)
 QMAT = np.dtype([("y", "u8"), ("bias", "u8"), ("sl", QSLICE, (3,)), ("n", "i4"), ("nslices", "i4"),
-                 ("accumulate", "i4"), ("has_bias", "i4"), ("gunits", "i4")], align=True)
+                 ("accumulate", "i4"), ("has_bias", "i4"), ("gshift", "i4")], align=True)
 
 
 def _ptr(a: Any) -> int:
@@ -88,7 +90,10 @@ def _qmat(lin: DeviceLinear, y: Any, bias: Any = None, accumulate: bool = False)
     q = np.zeros(1, QMAT)
     q["y"], q["bias"] = _ptr(y), _ptr(bias) if bias is not None else 0
     q["n"], q["nslices"], q["accumulate"], q["has_bias"] = m.n, len(m.slices), int(accumulate), int(bias is not None)
-    q["gunits"] = m.group_size // PACK_VALUES
+    gunits = m.group_size // PACK_VALUES
+    if gunits & (gunits - 1):
+        raise LaunchError(f"group size {m.group_size} is not a power-of-two number of packing units")
+    q["gshift"] = gunits.bit_length() - 1
     for j, s in enumerate(m.slices):
         q["sl"][0, j] = (_ptr(lin.words[j]), _ptr(lin.scales[j]), s.bits, s.units, s.groups, s.xoff)
     return q
@@ -101,14 +106,14 @@ def fusable(*lins: DeviceLinear) -> bool:
 
 
 def _qmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
-    rows, units, warps = MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS
-    if (rows, units) not in MATVEC_SHAPES:
-        raise LaunchError(f"matvec of {rows} rows x {units} units per thread is not among {MATVEC_SHAPES}")
+    rows, units, variant, warps = MATVEC_ROWS, MATVEC_UNITS, MATVEC_VARIANT, MATVEC_WARPS
+    if (rows, units) not in MATVEC_SHAPES or variant not in MATVEC_VARIANTS:
+        raise LaunchError(f"matvec of {rows} rows x {units} units, variant {variant}, is not compiled")
     if _ptr(x) % 16:
         raise LaunchError("matvec input not 16-byte aligned")
     grid = (math.ceil(n / rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", f"qmatvec<{rows}, {units}>")(grid, (32 * warps,), (x, _i(glu), *padded))
+    function("matvec", f"qmatvec<{rows}, {units}, {variant}>")(grid, (32 * warps,), (x, _i(glu), *padded))
 
 
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:

@@ -47,18 +47,19 @@ options = st.sampled_from((*OPTIONS, HEAD_OPTION))
 
 
 @contextmanager
-def block_shape(rows_units, warps):
-    """The matvec launched with a block shape of the benchmark's sweep (launch.MATVEC_*)."""
+def block_shape(rows_units, variant, warps):
+    """The matvec launched as one point of the benchmark's sweep (launch.MATVEC_*)."""
     from gpuengine import launch
-    saved = launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS
-    (launch.MATVEC_ROWS, launch.MATVEC_UNITS), launch.MATVEC_WARPS = rows_units, warps
+    saved = launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS
+    (launch.MATVEC_ROWS, launch.MATVEC_UNITS), launch.MATVEC_VARIANT, launch.MATVEC_WARPS = rows_units, variant, warps
     try:
         yield
     finally:
-        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = saved
+        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS = saved
 
 
-block_shapes = st.tuples(st.sampled_from(((1, 4), (2, 4), (2, 8), (4, 4))), st.sampled_from((1, 2, 4, 8)))
+block_shapes = st.tuples(st.sampled_from(((1, 4), (2, 4), (2, 8), (4, 4))), st.sampled_from((0, 1)),
+                         st.sampled_from((1, 2, 4, 8)))
 plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.slices) == 1])
 
 
@@ -72,11 +73,11 @@ def test_qmat_layout_matches_the_compiler():
     function("matvec", "qmat_layout")((1,), (1,), (out,))
     q, s = launch.QMAT, launch.QSLICE
     want = [q.itemsize, s.itemsize, *(q.fields[f][1] for f in ("y", "bias", "sl", "n", "nslices", "accumulate", "has_bias")),
-            q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gunits"][1]]
+            q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gshift"][1]]
     assert out.get().tolist() == want
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=60)
 @given(option=options, n=st.integers(1, 300), k=st.one_of(st.integers(8, 1100), st.integers(1, 34).map(lambda v: 32 * v)),
        seed=st.integers(0, 2**31), accumulate=st.booleans(), bias=st.booleans(), shape=block_shapes)
 def test_matvec_equals_the_dequantized_product(option, n, k, seed, accumulate, bias, shape):

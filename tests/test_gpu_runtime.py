@@ -4,6 +4,8 @@ slots, and computes what refengine computes. The kernels are checked on a GPU in
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import types
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ import pytest
 import gpu_fake
 from gpuengine.layout import build_image, image_bytes, qmeta_of, views
 from planner import memory as mem
-from planner.formats import SLICE_HEADER_BYTES, kv_format
+from planner.formats import SLICE_HEADER_BYTES, kv_format, parse_option
 from refengine.api import Model, _Weights
+from refengine.quant import quantize
 from refengine.stream import layer_of
 from refengine.tokenizer import Tokenizer
 from test_stream import IDS, assignment, ckpt, run  # noqa: F401 - fixtures
@@ -186,7 +189,7 @@ def test_every_kernel_a_launcher_calls_is_in_its_packaged_source():
 
     from gpuengine import kernels
     launchers = (Path(kernels.__file__).parents[1] / "launch.py").read_text()
-    called = set(re.findall(r'function\("(\w+)", f?"(\w+)(?:<\{[^}]*\}>)?"\)', launchers))
+    called = set(re.findall(r'function\("(\w+)", f?"(\w+)(?:<[^"]*>)?"\)', launchers))
     assert {m for m, _ in called} == set(kernels.SOURCES)
     for module, name in called:
         text = kernels.source(module)
@@ -195,3 +198,24 @@ def test_every_kernel_a_launcher_calls_is_in_its_packaged_source():
     for module, names in kernels.NAME_EXPRESSIONS.items():
         for expr in names:
             assert re.search(rf"__global__ void {expr.split('<')[0]}\b", kernels.source(module))
+
+
+def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
+    """Each block shape and variant the launcher (and the benchmark's sweep) may pick is among the template
+    instances NVRTC compiles, and the structured argument holds the linear's arrays and slice table."""
+    from gpuengine import launch
+    from gpuengine.kernels import NAME_EXPRESSIONS
+    for (rows, units), variant in itertools.product(launch.MATVEC_SHAPES, launch.MATVEC_VARIANTS):
+        assert f"qmatvec<{rows}, {units}, {variant}>" in NAME_EXPRESSIONS["matvec"]
+    assert (launch.MATVEC_ROWS, launch.MATVEC_UNITS) in launch.MATVEC_SHAPES and launch.MATVEC_VARIANT in launch.MATVEC_VARIANTS
+    rng = np.random.default_rng(3)
+    t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))
+    image = build_image({"w": types.SimpleNamespace(qtensor=t)})
+    lin = views(image.data, image)["w"]
+    y, bias = np.zeros(5, np.float32), np.ones(5, np.float32)
+    q = launch._qmat(lin, y, bias, accumulate=True)[0]
+    assert (q["y"], q["bias"], q["n"], q["nslices"], q["accumulate"], q["has_bias"], q["gshift"]) == \
+        (y.ctypes.data, bias.ctypes.data, 5, 2, 1, 1, 1)
+    for j, s in enumerate(lin.meta.slices):
+        assert tuple(q["sl"][j]) == (lin.words[j].ctypes.data, lin.scales[j].ctypes.data, s.bits, s.units, s.groups, s.xoff)
+    assert launch.fusable(lin) is False                     # a mixed option gathers its permuted input

@@ -21,7 +21,7 @@ struct QMat {
     float* y;
     const float* bias;
     QSlice sl[3];
-    int n, nslices, accumulate, has_bias, gunits;      // gunits: units per scale group
+    int n, nslices, accumulate, has_bias, gshift;      // 2^gshift units per scale group
 };
 
 // The block's threads in groups of four ("quads"): quad q takes units q, q + Q, q + 2Q, ... (Q quads in the
@@ -44,7 +44,7 @@ __device__ __forceinline__ float eighth_dot(u32 lo, u32 hi, int shift, const flo
 }
 
 template <int BITS, int R, int U>
-__device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __restrict__ x, int gunits,
+__device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __restrict__ x, int gshift,
                                            const int (&rows)[R], float (&acc)[R]) {
     const int g = threadIdx.x & 3, nq = blockDim.x >> 2;
     const int byte = g * BITS, shift = (byte & 3) * 8;
@@ -64,7 +64,7 @@ __device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __rest
                 const u32* p = w + ((size_t)rows[r] * sl.units + uu) * BITS;
                 lo[j][r] = __ldg(p);
                 hi[j][r] = two ? __ldg(p + 1) : 0u;
-                sc[j][r] = in ? h2f(__ldg(sl.s + (size_t)rows[r] * sl.groups + uu / gunits)) : 0.0f;
+                sc[j][r] = in ? h2f(__ldg(sl.s + (size_t)rows[r] * sl.groups + (uu >> gshift))) : 0.0f;
             }
         }
 #pragma unroll
@@ -73,6 +73,70 @@ __device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __rest
 #pragma unroll
             for (int r = 0; r < R; ++r)
                 acc[r] = fmaf(sc[j][r], eighth_dot<BITS>(lo[j][r], hi[j][r], shift, xg + (size_t)uu * 32), acc[r]);
+        }
+    }
+}
+
+// Variant 1: fewer instructions a value. A code goes into the top BITS mantissa bits of a float in [1, 2),
+// f = 1 + code / 2^BITS, so code - 2^(BITS-1) = 2^BITS (f - 1.5) and a lane's 8-value dot is
+// 2^BITS (sum f x - 1.5 sum x), with sum x shared by the block's R rows: a shift, a mask-and-or and an FMA
+// per value (variant 0 also converts and subtracts). The cancellation costs at most a few fp32 ulps of
+// 1.5 sum |x| per unit. Row and scale addresses are formed once per slice.
+template <int BITS>
+__device__ __forceinline__ float code_float(u32 lo, u32 hi, int i) {   // i, BITS constant after unrolling
+    const int top = 23 - BITS, p = i * BITS;
+    u32 t;
+    if (p + BITS <= 32) t = p >= top ? lo >> (p - top) : lo << (top - p);
+    else if (p >= 32) t = p - 32 >= top ? hi >> (p - 32 - top) : hi << (top - (p - 32));
+    else t = __funnelshift_r(lo, hi, p - top);
+    return __uint_as_float((t & (((1u << BITS) - 1u) << top)) | 0x3f800000u);
+}
+
+template <int BITS, int R, int U>
+__device__ __forceinline__ void slice_rows_fast(const QSlice& sl, const float* __restrict__ x, int gshift,
+                                                const int (&rows)[R], float (&acc)[R]) {
+    const int g = threadIdx.x & 3, nq = blockDim.x >> 2;
+    const int byte = g * BITS, shift = (byte & 3) * 8;
+    const bool two = shift + 8 * BITS > 32;
+    const float scale = (float)(1 << BITS);
+    const u32* wr[R];
+    const u16* sr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        wr[r] = sl.w + (size_t)rows[r] * sl.units * BITS + (byte >> 2);
+        sr[r] = sl.s + (size_t)rows[r] * sl.groups;
+    }
+    const float* __restrict__ xg = x + sl.xoff + g * 8;
+    for (int u0 = threadIdx.x >> 2; u0 < sl.units; u0 += nq * U) {
+        float sc[U][R];
+        u32 lo[U][R], hi[U][R];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int u = u0 + j * nq;
+            const bool in = u < sl.units;
+            const int uu = in ? u : u0;                     // a unit past the end reads unit u0 and weighs 0
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                lo[j][r] = __ldg(wr[r] + uu * BITS);
+                hi[j][r] = two ? __ldg(wr[r] + uu * BITS + 1) : 0u;
+                sc[j][r] = in ? h2f(__ldg(sr[r] + (uu >> gshift))) * scale : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int uu = u0 + j * nq < sl.units ? u0 + j * nq : u0;
+            const float4 a = *reinterpret_cast<const float4*>(xg + (size_t)uu * 32);
+            const float4 b = *reinterpret_cast<const float4*>(xg + (size_t)uu * 32 + 4);
+            const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            const float sx = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const u32 l = __funnelshift_r(lo[j][r], hi[j][r], shift), h = hi[j][r] >> shift;
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) d = fmaf(code_float<BITS>(l, h, i), xs[i], d);
+                acc[r] = fmaf(sc[j][r], fmaf(-1.5f, sx, d), acc[r]);
+            }
         }
     }
 }
@@ -97,8 +161,8 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
 // its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
 // m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
-// together.
-template <int R, int U>
+// together; V: the decode variant (slice_rows, slice_rows_fast).
+template <int R, int U, int V>
 __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
     __shared__ float red[2][R * 32];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
@@ -113,17 +177,17 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
         float acc[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) { rows[r] = min(row0 + r, n - 1); acc[r] = 0.0f; }
-        const int nslices = QPICK(nslices), gunits = QPICK(gunits);
+        const int nslices = QPICK(nslices), gshift = QPICK(gshift);
 #pragma unroll 1
         for (int s = 0; s < nslices; ++s) {
             const QSlice sl = pick_slice(m0, m1, m2, which, s);
             switch (sl.bits) {
-                case 2: slice_rows<2, R, U>(sl, x, gunits, rows, acc); break;
-                case 3: slice_rows<3, R, U>(sl, x, gunits, rows, acc); break;
-                case 4: slice_rows<4, R, U>(sl, x, gunits, rows, acc); break;
-                case 5: slice_rows<5, R, U>(sl, x, gunits, rows, acc); break;
-                case 6: slice_rows<6, R, U>(sl, x, gunits, rows, acc); break;
-                case 8: slice_rows<8, R, U>(sl, x, gunits, rows, acc); break;
+                case 2: V ? slice_rows_fast<2, R, U>(sl, x, gshift, rows, acc) : slice_rows<2, R, U>(sl, x, gshift, rows, acc); break;
+                case 3: V ? slice_rows_fast<3, R, U>(sl, x, gshift, rows, acc) : slice_rows<3, R, U>(sl, x, gshift, rows, acc); break;
+                case 4: V ? slice_rows_fast<4, R, U>(sl, x, gshift, rows, acc) : slice_rows<4, R, U>(sl, x, gshift, rows, acc); break;
+                case 5: V ? slice_rows_fast<5, R, U>(sl, x, gshift, rows, acc) : slice_rows<5, R, U>(sl, x, gshift, rows, acc); break;
+                case 6: V ? slice_rows_fast<6, R, U>(sl, x, gshift, rows, acc) : slice_rows<6, R, U>(sl, x, gshift, rows, acc); break;
+                case 8: V ? slice_rows_fast<8, R, U>(sl, x, gshift, rows, acc) : slice_rows<8, R, U>(sl, x, gshift, rows, acc); break;
             }
         }
         float* rd = red[which - first];
@@ -158,7 +222,7 @@ extern "C" __global__ void qmat_layout(unsigned long long* out) {
     out[5] = (unsigned long long)&p->n; out[6] = (unsigned long long)&p->nslices;
     out[7] = (unsigned long long)&p->accumulate; out[8] = (unsigned long long)&p->has_bias;
     out[9] = (unsigned long long)&p->sl[0].bits; out[10] = (unsigned long long)&p->sl[0].xoff;
-    out[11] = (unsigned long long)&p->gunits;
+    out[11] = (unsigned long long)&p->gshift;
 }
 
 // The same for an unquantized fp16 matrix (n_rows, k) (models run without a plan): lane l reads
@@ -198,8 +262,12 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
-template __global__ void qmatvec<1, 4>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 4>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 8>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 4>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<1, 4, 0>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 4, 0>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 8, 0>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 4, 0>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<1, 4, 1>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 4, 1>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 8, 1>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 4, 1>(const float*, int, QMat, QMat, QMat);
 #endif
