@@ -13,8 +13,8 @@ from typing import Mapping, Optional
 from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
 from planner.formats import KVFormat, QuantOption
-from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, EFFICIENCY, Traffic,
-                              decode_seconds, prefill_seconds)
+from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, EFFICIENCY, ENGINE_SPEED, Traffic,
+                              decode_seconds, engine_decode_seconds, engine_prefill_seconds, prefill_seconds)
 from planner.spec import active_param_count, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.
@@ -121,6 +121,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     """Price a layout: memory per card and on the host, and decode / prefill / TTFT predictions."""
     layer_bytes = mem.layer_weight_bytes(spec, lay.assignment)
     read_bytes = mem.layer_read_bytes(spec, lay.assignment)
+    read_values = mem.layer_read_values(spec)
     glob = mem.global_weight_bytes(spec)
     per_gpu = [card_items(spec, gpu, lay, c, layer_bytes) for c in range(len(lay.gpu_layers))]
     on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
@@ -162,8 +163,15 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
                           overhead_s=eff.token_overhead_s)
         overlap = True
+    engine = ENGINE_SPEED.get(gpu.vendor)
+    gpu_s = None
+    if engine is not None:                 # vramwise's own engine runs the plan: its measured model
+        computed = range(spec.num_layers) if lay.mode == "stream" else sorted(on_gpu)
+        values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
+        gpu_s = engine_decode_seconds(engine, traffic.vram_bytes - len(computed) * pos * kv_token, values,
+                                      len(computed) * pos * kv_token, len(computed), gpu.bandwidth_gb_s, gpu.sm_count)
     decode = decode_seconds(traffic, eff, gpu.bandwidth_gb_s, gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
-                            host.disk_gb_s, overlap)
+                            host.disk_gb_s, overlap, gpu_s)
 
     # prefill: every chunk reads all device weights once; offloaded and streamed weights cross the
     # link once per chunk (llama.cpp likewise copies CPU layers' weights to the GPU for large batches)
@@ -171,7 +179,10 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         flops = tokens * _prefill_flops_per_token(spec, start + tokens / 2)
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
         # pipelined cards run their layers one after another, so one card's peak sets the pace
-        t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
+        if engine is not None:
+            t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu.fp16_tflops)
+        else:
+            t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0
         if lay.mode == "stream":
             moved = sum(layer_bytes)

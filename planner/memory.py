@@ -96,6 +96,15 @@ def layer_read_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> 
     return out
 
 
+def layer_read_values(spec: ModelSpec) -> list[float]:
+    """Weights of each layer's linears decoded per token (MoE: only the routed experts' share)."""
+    out = [0.0] * spec.num_layers
+    for t in tensors(spec):
+        if t.layer >= 0 and t.quantized:
+            out[t.layer] += t.numel * t.read_fraction
+    return out
+
+
 def global_weight_bytes(spec: ModelSpec) -> dict[str, int]:
     """Tensors outside the layers: head (device), final norm (device), embedding (host)."""
     by_kind = {t.kind: t for t in tensors(spec) if t.layer < 0}

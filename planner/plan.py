@@ -19,7 +19,7 @@ from hwdb.schema import build, read_yaml
 from planner import memory as mem, yamlout
 from planner.budget import Assessment, Host, Layout, assess, avg_bpw
 from planner.formats import HEAD_OPTION, FormatError, kv_format, parse_option
-from planner.roofline import EFFICIENCY
+from planner.roofline import EFFICIENCY, ENGINE_SPEED
 from planner.spec import architecture_digest, layer_linears, param_count
 
 SCHEMA_VERSION = 1
@@ -63,7 +63,6 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
     all_weights = mem.all_weight_bytes(spec, lay.assignment)
     kv_token = mem.kv_bytes_per_token(spec, lay.kv)
     budget = gpu.memory_bytes * gpu_count
-    eff = EFFICIENCY[gpu.vendor]
     return {
         "schema_version": SCHEMA_VERSION, "kind": KIND, "mode": lay.mode,
         "model": {"name": spec.name, "id": spec.id, "params": param_count(spec),
@@ -98,11 +97,20 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
                       "decode_position": min(lay.prompt_tokens, lay.ctx),
                       "bytes_per_token": {k: round(v) for k, v in dataclasses.asdict(a.traffic).items()
                                           if k.endswith("bytes")},
-                      "efficiency": {"decode_bandwidth": eff.decode_bandwidth, "token_overhead_s": eff.token_overhead_s,
-                                     "prefill_compute": eff.prefill_compute, "calibration": eff.fit}},
+                      "efficiency": _efficiency_doc(gpu)},
         "alternatives": alternatives,
         "pareto": [{"bytes": b, "avg_bpw": p, "expected_error": e} for b, p, e in pareto],
     }
+
+
+def _efficiency_doc(gpu: GPUSpec) -> dict:
+    """The speed model's factors: vramwise's measured CUDA engine on NVIDIA cards, else the vendor's."""
+    engine = ENGINE_SPEED.get(gpu.vendor)
+    if engine is not None:
+        return {"engine": "vramwise CUDA", **dataclasses.asdict(engine), "calibration": engine.fit}
+    eff = EFFICIENCY[gpu.vendor]
+    return {"decode_bandwidth": eff.decode_bandwidth, "token_overhead_s": eff.token_overhead_s,
+            "prefill_compute": eff.prefill_compute, "calibration": eff.fit}
 
 
 def write_plan(doc: dict, path: str | os.PathLike) -> None:

@@ -6,7 +6,8 @@
 
 The efficiency factors are fit by benchmarks/calibrate_speed.py to published llama.cpp runs
 (benchmarks/published/measurements.yaml): Llama 2 7B llama-bench tg128 and pp512 rows, per GPU
-vendor. They stand for a mature engine until vramwise's own engines are measured (GPU speed issue).
+vendor. Plans for vramwise's own CUDA engine (an NVIDIA card) use its measured model instead
+(EngineSpeed, VRAMWISE_CUDA: benchmarks/calibrate_engine.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,57 @@ EFFICIENCY = {
     "intel": Efficiency(0.842, 0.00094, 0.978, "no published rows matched hwdb: NVIDIA's factors"),
 }
 
+
+@dataclass(frozen=True)
+class EngineSpeed:
+    """vramwise's own CUDA engine (gpuengine), as measured: its decode matvecs are bound by decoding codes
+    (instruction issue and latency), not by bytes, on a card as fast as an H200, so a step costs the larger
+    of its weight bytes at the bandwidth its kernels reach and its weights at the rate they decode, plus
+    the KV cache at attention's rate and a cost per layer (launches, norms, RoPE and cache store) and per
+    token (final norm, head launch, the host's step). Each field says how it was measured."""
+
+    values_per_s_per_sm: float    # packed weights decoded per second per SM (scaled by hwdb sm_count)
+    weight_bandwidth: float       # share of peak bandwidth the matvecs reach where bytes bind
+    kv_bandwidth: float           # share of peak bandwidth decode attention reads the cache at
+    layer_overhead_s: float       # per layer per decoded token
+    token_overhead_s: float       # per decoded token
+    prefill_compute: float        # share of fp16 peak in prefill FLOPs
+    prefill_layer_s: float        # per layer per prefill chunk (tile dequantization, attention, launches)
+    fit: str
+
+
+# Fit by `python benchmarks/calibrate_engine.py` (output benchmarks/results/engine_calibration.json) to
+# benchmarks/results/gpu_decode.json and gpu_kernels.json: NVIDIA H200, 2026-11-27, kernels v3 (variant 1).
+# weight_bandwidth: the measured device copy rate (4,115 GB/s) over the H200's 4,800 GB/s, the ceiling where
+# bytes bind (they do not on the H200: untested); kv_bandwidth: decode attention over 2,048 fp16 positions
+# (1,198 GB/s) over 4,800; the decode rate and overheads: least squares over SmolLM2-135M, the Llama-2-7B
+# shape at 4.0 and 2.5 bpw and the Llama-2-70B shape at 2.5 bpw, decoding at 512 positions (in-sample:
+# 3 factors, 4 runs); prefill: solved on the 7B shape and SmolLM2 at 512 tokens. Other NVIDIA cards: the
+# H200's rate per SM (their clocks differ by up to ~30%: a stated uncertainty).
+VRAMWISE_CUDA = EngineSpeed(
+    values_per_s_per_sm=2.081e10, weight_bandwidth=0.857, kv_bandwidth=0.250, layer_overhead_s=1.034e-5,
+    token_overhead_s=1.027e-3, prefill_compute=0.121, prefill_layer_s=9.20e-4,
+    fit="vramwise CUDA engine, NVIDIA H200 2026-11-27: decode within 1.1% of 4 runs (in-sample), prefill fit to 2")
+
+
+# vramwise's own engine by vendor: CUDA (CuPy) runs on NVIDIA cards; elsewhere plans keep the vendor factors
+# above (the engine that would run them there is not measured).
+ENGINE_SPEED = {"nvidia": VRAMWISE_CUDA}
+
+
+def engine_decode_seconds(e: EngineSpeed, weight_bytes: float, weight_values: float, kv_bytes: float,
+                          layers: int, bandwidth_gb_s: float, sm_count: int) -> float:
+    """Device seconds of one decoded token on vramwise's CUDA engine (link and host time apart)."""
+    bw = bandwidth_gb_s * 1e9
+    matvec = max(weight_bytes / (e.weight_bandwidth * bw), weight_values / (e.values_per_s_per_sm * sm_count))
+    return matvec + kv_bytes / (e.kv_bandwidth * bw) + layers * e.layer_overhead_s + e.token_overhead_s
+
+
+def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, tflops: float) -> float:
+    """Device seconds of one prefill chunk on vramwise's CUDA engine."""
+    return flops / (e.prefill_compute * tflops * 1e12) + layers * e.prefill_layer_s
+
+
 # Host side. Copies over PCIe run at hwdb's practical host_link_gb_s (already ~80% of the link).
 # CPU decode of offloaded layers reads them from RAM; llama.cpp's CPU backend reaches about 60%
 # of STREAM-measured DRAM bandwidth in decode (ggml-org/llama.cpp discussions on CPU inference).
@@ -55,9 +107,12 @@ class Traffic:
 
 
 def decode_seconds(t: Traffic, eff: Efficiency, bandwidth_gb_s: float, link_gb_s: float,
-                   cpu_gb_s: float, disk_gb_s: float, overlap: bool = False) -> float:
-    """Seconds per token. overlap: transfers run beside compute (prefetch), so the slower one counts."""
-    gpu = t.vram_bytes / (eff.decode_bandwidth * bandwidth_gb_s * 1e9)
+                   cpu_gb_s: float, disk_gb_s: float, overlap: bool = False, gpu_s: float | None = None) -> float:
+    """Seconds per token. overlap: transfers run beside compute (prefetch), so the slower one counts.
+    gpu_s: the device's seconds where an engine model gives them (engine_decode_seconds; overheads included)."""
+    if gpu_s is not None:
+        t = Traffic(t.vram_bytes, t.link_bytes, t.cpu_bytes, t.disk_bytes, 0.0)
+    gpu = t.vram_bytes / (eff.decode_bandwidth * bandwidth_gb_s * 1e9) if gpu_s is None else gpu_s
     link = t.link_bytes / (link_gb_s * 1e9)
     cpu = t.cpu_bytes / (CPU_DECODE_BANDWIDTH_EFFICIENCY * cpu_gb_s * 1e9)
     disk = t.disk_bytes / (disk_gb_s * 1e9)

@@ -9,7 +9,8 @@ import pytest
 import hwdb
 from planner.budget import Host
 from planner.optimize import Request, make_plan
-from planner.roofline import EFFICIENCY
+from planner.roofline import EFFICIENCY, ENGINE_SPEED, VRAMWISE_CUDA
+from planner.targets import TargetRequest, plan_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,38 @@ def test_efficiency_factors_are_the_calibrated_ones():
 def test_70b_at_2_5_bpw_on_4090_near_exllamav2_figure():
     # ExLlamaV2 README: Llama 2 70B at 2.5 bpw, RTX 4090: 37 tokens/s (benchmarks/published/measurements.yaml)
     db = hwdb.load()
-    out = make_plan(Request(db.find_model("llama2-70b"), db.find_gpu("rtx4090"), Host(64 * 2**30), bpw=2.5,
-                            prompt_tokens=128))
-    assert 1 / out.assessment.decode_s == pytest.approx(37, rel=0.25)
+    out = plan_target("exllamav2", TargetRequest(db.find_model("llama2-70b"), db.find_gpu("rtx4090"),
+                                                 Host(64 * 2**30), bpw=2.5))
+    assert 1 / out.decode_s == pytest.approx(37, rel=0.25)
+
+
+def test_engine_factors_are_the_calibrated_ones():
+    fit = json.loads((ROOT / "benchmarks/results/engine_calibration.json").read_text())["fit"]
+    for name, value in fit.items():
+        assert getattr(VRAMWISE_CUDA, name) == pytest.approx(value, rel=2e-3), name
+    assert ENGINE_SPEED["nvidia"] is VRAMWISE_CUDA
+
+
+# gpu_decode.json's cases: (row, model, bpw); the plans are the benchmark's (--ctx 2048, decode at 512 positions)
+ENGINE_CASES = [("SmolLM2-135M 4.0 bpw", "smollm2-135m", 4.0), ("Llama-2-7B shape 4.0 bpw", "llama2-7b", 4.0),
+                ("Llama-2-7B shape 2.5 bpw", "llama2-7b", 2.5), (None, "llama2-70b", 2.5)]
+
+
+@pytest.mark.parametrize("row,model,bpw", ENGINE_CASES)
+def test_plans_predict_the_engines_measured_speed(row, model, bpw):
+    """A vramwise plan for an NVIDIA card predicts what vramwise's engine measured on it, within 15%
+    (benchmarks/results/gpu_decode.json: an H200; prefill only where the benchmark measured it)."""
+    doc = json.loads((ROOT / "benchmarks/results/gpu_decode.json").read_text())
+    db = hwdb.load()
+    out = make_plan(Request(db.find_model(model), db.find_gpu(doc["device"]), Host(64 * 2**30), ctx=2048, bpw=bpw))
+    if row is None:
+        measured = doc["llama2_70b_2.5bpw"]["decode_tok_s_extrapolated"]
+    else:
+        case = next(c for c in doc["cases"] if c["case"] == row)
+        measured = case["decode_tok_s"]
+        assert case["decode_position"] == min(out.layout.prompt_tokens, out.layout.ctx)
+        assert out.layout.prompt_tokens / out.assessment.ttft_s == pytest.approx(case["prefill_tok_s"], rel=0.15)
+    assert 1 / out.assessment.decode_s == pytest.approx(measured, rel=0.15)
 
 
 def test_decode_is_bandwidth_bound():
