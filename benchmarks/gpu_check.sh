@@ -24,11 +24,6 @@ timeout "${KERNELS_S:-120}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_ke
 TUNED=""
 [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
 timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25
-# the decode benchmark again with variant 0's best shape (the variant of the previous runs), SmolLM2 and 7B 4.0 only
-if [ -n "${ALSO_VARIANT0:-}" ] && [ -f "$OUT/gpu_kernels.json" ]; then
-    timeout 100 python3 benchmarks/gpu_decode.py --quick --out "$OUT/gpu_decode_variant0.json" $TUNED --variant 0 2>&1 \
-        | tee "$OUT/gpu_decode_variant0.log" | tail -6
-fi
 # ncu's view of the chosen matvec (skipped where ncu is absent)
 if [ -n "${NCU:-}" ] && command -v ncu > /dev/null && [ -f "$OUT/gpu_kernels.json" ]; then
     timeout 90 ncu --clock-control none -k regex:qmatvec -s 2 -c 1 --section SpeedOfLight --section Occupancy \

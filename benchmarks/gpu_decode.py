@@ -186,17 +186,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode.json")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 and the 7B shape at 4.0 bpw only")
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
-    ap.add_argument("--variant", type=int, help="with --matvec-from: the best shape of this decode variant")
     args = ap.parse_args(argv)
     import cupy as cp
 
     from gpuengine import device, launch
     device.require()
     if args.matvec_from:
-        tuned = json.loads(args.matvec_from.read_text())
-        best = tuned["matvec_best"] if args.variant is None else tuned["matvec_best_per_variant"][str(args.variant)]
-        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS = \
-            best["rows"], best["units"], best["variant"], best["warps"]
+        best = json.loads(args.matvec_from.read_text())["matvec_best"]
+        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",
@@ -210,8 +207,7 @@ def main(argv=None) -> int:
         rows.append(run_case(cp, bw["device_copy_gb_s"], f"{name} {bpw} bpw", plan, planned_engine_bytes(plan)))
         print(rows[-1], flush=True)
     doc = {"device": device.name(), "date": date.today().isoformat(), "cupy": cp.__version__,
-           "matvec_block": {"rows": launch.MATVEC_ROWS, "units": launch.MATVEC_UNITS, "variant": launch.MATVEC_VARIANT,
-                            "warps": launch.MATVEC_WARPS}, **bw, "cases": rows}
+           "matvec_block": {"rows": launch.MATVEC_ROWS, "units": launch.MATVEC_UNITS, "warps": launch.MATVEC_WARPS}, **bw, "cases": rows}
     if not args.quick:
         doc["llama2_70b_2.5bpw"] = seventy_b(cp, bw, args.gpu)
         doc["streaming"] = streaming(cp, bw, args.gpu)

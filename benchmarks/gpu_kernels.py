@@ -76,22 +76,17 @@ def main(argv=None) -> int:
     sweep = []
     mats = {(n, k): rotation("1:4b g128", n, k) for n, k in shapes}
     outs = {n: cp.empty(n, cp.float32) for n, _ in shapes}
-    for variant in launch.MATVEC_VARIANTS:
-        for rows_per_block, units in launch.MATVEC_SHAPES:
-            for warps in (1, 2, 4):
-                launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS = \
-                    rows_per_block, units, variant, warps
-                us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
-                      for n, k in shapes}
-                sweep.append({"rows": rows_per_block, "units": units, "variant": variant, "warps": warps, "us": us,
-                              "total_us": sum(us.values())})
-                print(f"matvec 1:4b g128, variant {variant}, {rows_per_block} rows x {units} units x {warps} warps: "
-                      + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
+    for rows_per_block, units in launch.MATVEC_SHAPES:
+        for warps in (1, 2, 4):
+            launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = rows_per_block, units, warps
+            us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
+                  for n, k in shapes}
+            sweep.append({"rows": rows_per_block, "units": units, "warps": warps, "us": us, "total_us": sum(us.values())})
+            print(f"matvec 1:4b g128, {rows_per_block} rows x {units} units x {warps} warps: "
+                  + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
     best = min(sweep, key=lambda r: r["total_us"])
-    best_of = {v: min((r for r in sweep if r["variant"] == v), key=lambda r: r["total_us"]) for v in launch.MATVEC_VARIANTS}
-    launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS = \
-        best["rows"], best["units"], best["variant"], best["warps"]
-    print(f"best: variant {best['variant']}, {best['rows']} rows x {best['units']} units x {best['warps']} warps", flush=True)
+    launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
+    print(f"best: {best['rows']} rows x {best['units']} units x {best['warps']} warps", flush=True)
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
             w, nbytes = rotation(option, n, k)
@@ -135,9 +130,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['kernel']:45} {r['us']:9.1f} us {r['gb_s']:8.0f} GB/s")
     write_json({"device": device.name(), "date": date.today().isoformat(), "matvec_block_sweep": sweep,
-                "matvec_best": {k: best[k] for k in ("rows", "units", "variant", "warps")},
-                "matvec_best_per_variant": {str(v): {k: b[k] for k in ("rows", "units", "variant", "warps")}
-                                            for v, b in best_of.items()}, "kernels": rows}, args.out)
+                "matvec_best": {k: best[k] for k in ("rows", "units", "warps")}, "kernels": rows}, args.out)
     return 0
 
 

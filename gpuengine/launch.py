@@ -65,13 +65,11 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
         check("perm", lin.perm, np.int32, (k,))
 
 
-# The matvec kernel's launch: MATVEC_ROWS output rows per block, MATVEC_UNITS packing units per thread in
-# flight, MATVEC_VARIANT its decode loop (0: slice_rows, 1: slice_rows_fast) - a template instance of
-# qmatvec, MATVEC_SHAPES x MATVEC_VARIANTS compiled - and MATVEC_WARPS warps splitting each row's units.
-# Chosen by benchmarks/gpu_kernels.py's sweep (its JSON names the pick and every time).
-MATVEC_ROWS, MATVEC_UNITS, MATVEC_VARIANT, MATVEC_WARPS = 4, 4, 1, 2
+# The matvec kernel's launch: MATVEC_ROWS output rows per block and MATVEC_UNITS packing units per thread in
+# flight (a template instance of qmatvec; MATVEC_SHAPES lists those compiled), MATVEC_WARPS warps splitting
+# each row's units. Chosen by benchmarks/gpu_kernels.py's sweep on an H200 (its JSON names every time).
+MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS = 4, 4, 2
 MATVEC_SHAPES = ((1, 4), (2, 4), (2, 8), (4, 4))
-MATVEC_VARIANTS = (0, 1)
 
 # numpy twins of matvec.cu's QSlice / QMat (C layout: align=True), passed to the kernel by value.
 QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("groups", "i4"), ("xoff", "i4")],
@@ -106,14 +104,14 @@ def fusable(*lins: DeviceLinear) -> bool:
 
 
 def _qmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
-    rows, units, variant, warps = MATVEC_ROWS, MATVEC_UNITS, MATVEC_VARIANT, MATVEC_WARPS
-    if (rows, units) not in MATVEC_SHAPES or variant not in MATVEC_VARIANTS:
-        raise LaunchError(f"matvec of {rows} rows x {units} units, variant {variant}, is not compiled")
+    rows, units, warps = MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS
+    if (rows, units) not in MATVEC_SHAPES:
+        raise LaunchError(f"matvec of {rows} rows x {units} units per thread is not compiled")
     if _ptr(x) % 16:
         raise LaunchError("matvec input not 16-byte aligned")
     grid = (math.ceil(n / rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", f"qmatvec<{rows}, {units}, {variant}>")(grid, (32 * warps,), (x, _i(glu), *padded))
+    function("matvec", f"qmatvec<{rows}, {units}>")(grid, (32 * warps,), (x, _i(glu), *padded))
 
 
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:

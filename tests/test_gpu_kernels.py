@@ -47,19 +47,18 @@ options = st.sampled_from((*OPTIONS, HEAD_OPTION))
 
 
 @contextmanager
-def block_shape(rows_units, variant, warps):
-    """The matvec launched as one point of the benchmark's sweep (launch.MATVEC_*)."""
+def block_shape(rows_units, warps):
+    """The matvec launched in one block shape of the benchmark's sweep (launch.MATVEC_*)."""
     from gpuengine import launch
-    saved = launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS
-    (launch.MATVEC_ROWS, launch.MATVEC_UNITS), launch.MATVEC_VARIANT, launch.MATVEC_WARPS = rows_units, variant, warps
+    saved = launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS
+    (launch.MATVEC_ROWS, launch.MATVEC_UNITS), launch.MATVEC_WARPS = rows_units, warps
     try:
         yield
     finally:
-        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_VARIANT, launch.MATVEC_WARPS = saved
+        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = saved
 
 
-block_shapes = st.tuples(st.sampled_from(((1, 4), (2, 4), (2, 8), (4, 4))), st.sampled_from((0, 1)),
-                         st.sampled_from((1, 2, 4, 8)))
+block_shapes = st.tuples(st.sampled_from(((1, 4), (2, 4), (2, 8), (4, 4))), st.sampled_from((1, 2, 4, 8)))
 plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.slices) == 1])
 
 

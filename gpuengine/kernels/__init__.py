@@ -12,8 +12,7 @@ from importlib import resources
 FMT_CODES = {"fp16": 0, "fp8": 1, "q8": 2, "q4": 3}
 NAME_EXPRESSIONS = {
     "attention": tuple(f"{k}<{c}>" for k in ("kv_store", "rope_store", "attention") for c in FMT_CODES.values()),
-    # launch.MATVEC_SHAPES x launch.MATVEC_VARIANTS
-    "matvec": tuple(f"qmatvec<{r}, {u}, {v}>" for v in (0, 1) for r, u in ((1, 4), (2, 4), (2, 8), (4, 4))),
+    "matvec": tuple(f"qmatvec<{r}, {u}>" for r, u in ((1, 4), (2, 4), (2, 8), (4, 4))),     # launch.MATVEC_SHAPES
 }
 SOURCES = ("matvec", "dequant", "norm", "attention", "sample")
 

@@ -29,59 +29,15 @@ struct QMat {
 // are exactly BITS bytes at byte g * BITS of the unit's 4 * BITS, inside one or two aligned words. So a
 // warp's weight loads cover 8 consecutive units of a row (contiguous bytes), its x loads 8 consecutive
 // floats per lane (contiguous too), and each x value loaded serves all R rows. Each thread issues the words
-// of U units of all R rows before it decodes any: decode is bound by the bytes in flight.
+// of U units of all R rows before it decodes any.
+//
+// Decoding: a code goes into the top BITS mantissa bits of a float in [1, 2), f = 1 + code / 2^BITS, so
+// code - 2^(BITS-1) = 2^BITS (f - 1.5) and a lane's 8-value dot is 2^BITS (sum f x - 1.5 sum x), with sum x
+// shared by the block's R rows: a shift, a mask-and-or and an FMA per value (converting each code and
+// subtracting its offset instead made 7B decode 8% slower on the H200: GPU_NOTES.md, run 7). The
+// cancellation costs at most a few fp32 ulps of 1.5 sum |x| per unit. Row and scale addresses are formed
+// once per slice; scale groups are 2^gshift units (an integer division there made the matvec 24% slower).
 
-template <int BITS>
-__device__ __forceinline__ float eighth_dot(u32 lo, u32 hi, int shift, const float* __restrict__ x) {
-    const unsigned long long v = (((unsigned long long)hi << 32) | lo) >> shift;
-    const float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
-    const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    float part = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-        part = fmaf(centered<BITS>((u32)(v >> (i * BITS)) & ((1u << BITS) - 1u)), xs[i], part);
-    return part;
-}
-
-template <int BITS, int R, int U>
-__device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __restrict__ x, int gshift,
-                                           const int (&rows)[R], float (&acc)[R]) {
-    const int g = threadIdx.x & 3, nq = blockDim.x >> 2;
-    const int byte = g * BITS, shift = (byte & 3) * 8;
-    const bool two = shift + 8 * BITS > 32;                 // the eighth reaches into the next word
-    const u32* __restrict__ w = sl.w + (byte >> 2);
-    const float* __restrict__ xg = x + sl.xoff + g * 8;
-    for (int u0 = threadIdx.x >> 2; u0 < sl.units; u0 += nq * U) {
-        float sc[U][R];
-        u32 lo[U][R], hi[U][R];
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-            const int u = u0 + j * nq;
-            const bool in = u < sl.units;
-            const int uu = in ? u : u0;                     // a unit past the end reads unit u0 and weighs 0
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const u32* p = w + ((size_t)rows[r] * sl.units + uu) * BITS;
-                lo[j][r] = __ldg(p);
-                hi[j][r] = two ? __ldg(p + 1) : 0u;
-                sc[j][r] = in ? h2f(__ldg(sl.s + (size_t)rows[r] * sl.groups + (uu >> gshift))) : 0.0f;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-            const int uu = u0 + j * nq < sl.units ? u0 + j * nq : u0;
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-                acc[r] = fmaf(sc[j][r], eighth_dot<BITS>(lo[j][r], hi[j][r], shift, xg + (size_t)uu * 32), acc[r]);
-        }
-    }
-}
-
-// Variant 1: fewer instructions a value. A code goes into the top BITS mantissa bits of a float in [1, 2),
-// f = 1 + code / 2^BITS, so code - 2^(BITS-1) = 2^BITS (f - 1.5) and a lane's 8-value dot is
-// 2^BITS (sum f x - 1.5 sum x), with sum x shared by the block's R rows: a shift, a mask-and-or and an FMA
-// per value (variant 0 also converts and subtracts). The cancellation costs at most a few fp32 ulps of
-// 1.5 sum |x| per unit. Row and scale addresses are formed once per slice.
 template <int BITS>
 __device__ __forceinline__ float code_float(u32 lo, u32 hi, int i) {   // i, BITS constant after unrolling
     const int top = 23 - BITS, p = i * BITS;
@@ -93,8 +49,8 @@ __device__ __forceinline__ float code_float(u32 lo, u32 hi, int i) {   // i, BIT
 }
 
 template <int BITS, int R, int U>
-__device__ __forceinline__ void slice_rows_fast(const QSlice& sl, const float* __restrict__ x, int gshift,
-                                                const int (&rows)[R], float (&acc)[R]) {
+__device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __restrict__ x, int gshift,
+                                           const int (&rows)[R], float (&acc)[R]) {
     const int g = threadIdx.x & 3, nq = blockDim.x >> 2;
     const int byte = g * BITS, shift = (byte & 3) * 8;
     const bool two = shift + 8 * BITS > 32;
@@ -161,8 +117,8 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
 // its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
 // m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
-// together; V: the decode variant (slice_rows, slice_rows_fast).
-template <int R, int U, int V>
+// together.
+template <int R, int U>
 __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
     __shared__ float red[2][R * 32];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
@@ -182,12 +138,12 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
         for (int s = 0; s < nslices; ++s) {
             const QSlice sl = pick_slice(m0, m1, m2, which, s);
             switch (sl.bits) {
-                case 2: V ? slice_rows_fast<2, R, U>(sl, x, gshift, rows, acc) : slice_rows<2, R, U>(sl, x, gshift, rows, acc); break;
-                case 3: V ? slice_rows_fast<3, R, U>(sl, x, gshift, rows, acc) : slice_rows<3, R, U>(sl, x, gshift, rows, acc); break;
-                case 4: V ? slice_rows_fast<4, R, U>(sl, x, gshift, rows, acc) : slice_rows<4, R, U>(sl, x, gshift, rows, acc); break;
-                case 5: V ? slice_rows_fast<5, R, U>(sl, x, gshift, rows, acc) : slice_rows<5, R, U>(sl, x, gshift, rows, acc); break;
-                case 6: V ? slice_rows_fast<6, R, U>(sl, x, gshift, rows, acc) : slice_rows<6, R, U>(sl, x, gshift, rows, acc); break;
-                case 8: V ? slice_rows_fast<8, R, U>(sl, x, gshift, rows, acc) : slice_rows<8, R, U>(sl, x, gshift, rows, acc); break;
+                case 2: slice_rows<2, R, U>(sl, x, gshift, rows, acc); break;
+                case 3: slice_rows<3, R, U>(sl, x, gshift, rows, acc); break;
+                case 4: slice_rows<4, R, U>(sl, x, gshift, rows, acc); break;
+                case 5: slice_rows<5, R, U>(sl, x, gshift, rows, acc); break;
+                case 6: slice_rows<6, R, U>(sl, x, gshift, rows, acc); break;
+                case 8: slice_rows<8, R, U>(sl, x, gshift, rows, acc); break;
             }
         }
         float* rd = red[which - first];
@@ -262,12 +218,8 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
-template __global__ void qmatvec<1, 4, 0>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 4, 0>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 8, 0>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 4, 0>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<1, 4, 1>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 4, 1>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 8, 1>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 4, 1>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<1, 4>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 4>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 8>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 4>(const float*, int, QMat, QMat, QMat);
 #endif
