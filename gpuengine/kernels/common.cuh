@@ -1,7 +1,7 @@
 // Device helpers shared by every kernel source (the loader, gpuengine/kernels/__init__.py, puts this
 // file in front of each .cu). No #include: NVRTC (CuPy's RawModule) and nvcc compile these alike.
-// fp16 conversions go through PTX cvt; fp8 e4m3 and the packed weight codes are decoded by bit
-// arithmetic, so the values are exactly refengine.quant's.
+// fp16 conversions go through PTX cvt; fp8 e4m3 is decoded by bit arithmetic, so the values are exactly
+// refengine.quant's.
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -45,12 +45,6 @@ __device__ __forceinline__ u8 f_to_e4m3(float f) {
         code = (((bits >> 23) - 120u) << 3) | ((bits >> 20) & 7u);
     }
     return (u8)(sign | code);
-}
-
-// (code - 2^(b-1)) as a float without an int->float conversion: 2^23 + code has code in its mantissa.
-template <int BITS>
-__device__ __forceinline__ float centered(u32 code) {
-    return __uint_as_float(0x4b000000u | code) - (8388608.0f + (float)(1 << (BITS - 1)));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
