@@ -72,11 +72,29 @@ class Assessment(CardTotals):
     notes: list[str] = field(default_factory=list)
 
 
-def _kv_layers(spec: ModelSpec, lay: Layout, card: int) -> range:
-    """Layers whose KV cache a card holds: its resident layers; in stream mode card 0 holds all."""
+def streams_offload(gpu: GPUSpec) -> bool:
+    """Whether vramwise's own engine runs plans for this card (ENGINE_SPEED: CUDA on NVIDIA). It computes
+    every layer on the GPU: an offload plan's host layers are streamed through two layer buffers on card 0
+    each token (their KV cache stays there), not computed by the CPU as llama.cpp does."""
+    return gpu.vendor in ENGINE_SPEED
+
+
+def _streamed_layers(spec: ModelSpec, lay: Layout) -> range:
+    """Layers a plan keeps in host RAM: all in stream mode, those before the first resident one in offload."""
     if lay.mode == "stream":
-        return range(spec.num_layers) if card == 0 else range(0)
-    return range(*lay.gpu_layers[card])
+        return range(spec.num_layers)
+    if lay.mode == "offload":
+        return range(min(a for a, _ in lay.gpu_layers))
+    return range(0)
+
+
+def _kv_layers(spec: ModelSpec, lay: Layout, card: int, streaming: bool) -> list[int]:
+    """Layers whose KV cache a card holds: its resident layers; card 0 also those streamed to it (stream
+    mode, or offload on a streaming engine)."""
+    own = [] if lay.mode == "stream" else list(range(*lay.gpu_layers[card]))
+    if card == 0 and (lay.mode == "stream" or (lay.mode == "offload" and streaming)):
+        return list(_streamed_layers(spec, lay)) + own
+    return own
 
 
 # The GPU engine's buffers beyond the reference engine's (planner.memory.run_state_buffers, gemm_staging=True).
@@ -87,13 +105,14 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
     a, b = lay.gpu_layers[card]
     last = card == len(lay.gpu_layers) - 1
     glob = mem.global_weight_bytes(spec)
+    streaming = streams_offload(gpu)
     state = mem.run_state_buffers(spec, lay.ctx, lay.chunk, logits=last)
     by_name = {buf.name: buf.nbytes for buf in state}
     items = {
         "weights.layers": sum(layer_bytes[a:b]),
         "weights.head": glob["head"] if last else 0,
         "weights.norm_final": glob["norm.final"] if last else 0,
-        "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card))),
+        "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card, streaming))),
         "compute.activations": sum(v for k, v in by_name.items()
                                    if k not in ("scores", "attn_partials", "logits", *GPU_STAGING)),
         # the GPU engine's attention scratch: split-context partial sums (no score matrix; see run_state_buffers)
@@ -105,9 +124,10 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
         "reserve": lay.reserve_bytes if card == 0 else 0,
         "safety_margin": mem.safety_margin(gpu),
     }
-    if lay.mode == "stream":
-        # two layer buffers: layer i computes while layer i+1 arrives (double buffering)
-        items["weights.stream_buffers"] = 2 * max(layer_bytes)
+    streamed = _streamed_layers(spec, lay)
+    if card == 0 and len(streamed) and (lay.mode == "stream" or streaming):
+        # two layer buffers: layer i computes in one while layer i+1 arrives in the other
+        items["weights.stream_buffers"] = 2 * max(layer_bytes[i] for i in streamed)
     return items
 
 
@@ -128,13 +148,15 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     off = [i for i in range(spec.num_layers) if i not in on_gpu]
     kv_token = mem.kv_bytes_per_token(spec, lay.kv)
 
+    engine = ENGINE_SPEED.get(gpu.vendor)
+    streaming = engine is not None          # offload means: stream the host layers (streams_offload)
     host_items = {"embedding": glob["embed"]}
-    if lay.mode == "offload":
+    if lay.mode == "offload" and not streaming:
         host_items["weights.cpu_layers"] = sum(layer_bytes[i] for i in off)
         host_items["kv_cache.cpu_layers"] = len(off) * lay.ctx * kv_token
         host_items["compute.cpu"] = mem.buffers_bytes(mem.run_state_buffers(spec, lay.ctx, lay.chunk, False, False))
-    elif lay.mode == "stream":
-        host_items["weights.streamed"] = sum(layer_bytes)
+    elif lay.mode in ("stream", "offload"):
+        host_items["weights.streamed"] = sum(layer_bytes[i] for i in _streamed_layers(spec, lay))
     room = host.ram_bytes - HOST_OS_RESERVE_BYTES - sum(v for k, v in host_items.items() if not k.startswith("weights"))
     host_weights = sum(v for k, v in host_items.items() if k.startswith("weights"))
     in_ram = host_weights <= room
@@ -148,7 +170,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     if lay.mode == "gpu":
         traffic = Traffic(vram_bytes=vram, link_bytes=hidden * 2 * (gpu_count - 1), overhead_s=eff.token_overhead_s)
         overlap = False
-    elif lay.mode == "offload":
+    elif lay.mode == "offload" and not streaming:
         cpu_read = sum(read_bytes[i] for i in off) + len(off) * pos * kv_token
         # CPU layers that exceed RAM are memory-mapped: each token scans them in the same order, and
         # LRU evicts exactly the pages needed next, so all of them come from disk (a streaming engine
@@ -157,16 +179,17 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         traffic = Traffic(vram_bytes=vram, link_bytes=2 * hidden, cpu_bytes=cpu_read - disk,
                           disk_bytes=disk, overhead_s=eff.token_overhead_s)
         overlap = False
-    else:
-        streamed = sum(layer_bytes)
-        vram = streamed + glob["head"] + glob["norm.final"] + spec.num_layers * pos * kv_token
+    else:                                   # streamed layers: all (stream), or the host ones (offload)
+        streamed = sum(layer_bytes[i] for i in off)
+        vram = sum(read_bytes) + glob["head"] + glob["norm.final"] + spec.num_layers * pos * kv_token
         traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
                           overhead_s=eff.token_overhead_s)
-        overlap = True
-    engine = ENGINE_SPEED.get(gpu.vendor)
+        # a prefetching engine overlaps copies with compute; vramwise's copies each layer in stream order
+        # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json)
+        overlap = not streaming
     gpu_s = None
     if engine is not None:                 # vramwise's own engine runs the plan: its measured model
-        computed = range(spec.num_layers) if lay.mode == "stream" else sorted(on_gpu)
+        computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         gpu_s = engine_decode_seconds(engine, traffic.vram_bytes - len(computed) * pos * kv_token, values,
                                       len(computed) * pos * kv_token, len(computed), gpu.bandwidth_gb_s, gpu.sm_count)
@@ -184,10 +207,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         else:
             t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0
-        if lay.mode == "stream":
-            moved = sum(layer_bytes)
         link = (moved - from_disk) / (gpu.host_link_gb_s * 1e9) + from_disk / (host.disk_gb_s * 1e9)
-        return max(t, link) if lay.mode == "stream" else t + link
+        return max(t, link) if lay.mode == "stream" and overlap else t + link
 
     assert lay.chunk > 0 and lay.ctx > 0, "layouts come from the optimizer or a validated plan file"
     prompt = min(lay.prompt_tokens, lay.ctx)

@@ -62,6 +62,9 @@ def _build_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserve", help="VRAM to leave free (default 1.5GB on cards with displays, else 0)")
     p.add_argument("--bpw", type=_positive_float, help="fix the average bits per weight (as ExLlamaV2's -b)")
     p.add_argument("--min-bpw", type=_positive_float, default=2.0, help="below this average, offload (default 2.0)")
+    p.add_argument("--mode", choices=["auto", "offload", "stream"], default="auto",
+                   help="auto (default): GPU-resident if it fits, else the faster of offload and stream; or force "
+                        "offload (the last layers resident) or stream (every layer over the host link)")
     p.add_argument("--chunk", type=_positive_int, default=512, help="prefill chunk in tokens (default 512)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prompt length for TTFT (default 512)")
     p.add_argument("--measurement", help="per-layer measured errors (from `vramwise measure`)")
@@ -100,6 +103,13 @@ def _median_ratio(db: hwdb.Database) -> float:
     return statistics.median(g.fp16_tflops / g.bandwidth_gb_s for g in db.gpus.values() if g.display)
 
 
+def _median_sms(db: hwdb.Database, tflops: float) -> int:
+    """A custom card's SM count from its fp16 TFLOP/s, by the NVIDIA display cards' median SMs per TFLOP/s
+    (vramwise's engine model scales its decode rate by SMs)."""
+    per = statistics.median(g.sm_count / g.fp16_tflops for g in db.gpus.values() if g.display and g.vendor == "nvidia")
+    return max(1, round(per * tflops))
+
+
 def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, int]:
     count = args.gpus or 1
     if args.gpu == "auto":
@@ -124,9 +134,10 @@ def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, 
         vram, bw = parse_bytes(args.vram), parse_rate_gb_s(args.bandwidth)
         tflops = args.tflops or round(bw * _median_ratio(db), 1)
         link = parse_rate_gb_s(args.host_link) if args.host_link else DEFAULT_HOST_LINK_GB_S
-        source = "command line" + ("" if args.tflops else "; fp16 TFLOP/s estimated from bandwidth (hwdb median)")
+        source = ("command line" + ("" if args.tflops else "; fp16 TFLOP/s estimated from bandwidth (hwdb median)")
+                  + "; SMs estimated from TFLOP/s (hwdb median)")
         gpu = GPUSpec("custom", f"custom GPU ({fmt_bytes(vram)}, {bw:g} GB/s)", "nvidia", "unknown", "0.0", vram,
-                      "unknown", bw, tflops, 0.0, 1, "PCIe (assumed)", link, True, source)
+                      "unknown", bw, tflops, 0.0, _median_sms(db, tflops), "PCIe (assumed)", link, True, source)
     else:
         changes = {}
         if args.vram and args.gpu != "auto":
@@ -157,10 +168,11 @@ def _plan(args: argparse.Namespace) -> int:
     if args.nodes:
         raise TargetError("--nodes plans across machines, which only --target vllm runs (Ray, pipeline parallel)")
     req = Request(spec, gpu, host, count, args.ctx, args.kv, parse_bytes(args.reserve) if args.reserve else None,
-                  args.bpw, args.min_bpw, args.chunk, args.prompt_tokens, measurement)
+                  args.bpw, args.min_bpw, args.chunk, args.prompt_tokens, measurement,
+                  None if args.mode == "auto" else args.mode)
     out = make_plan(req)
     request = {"model": args.model, "gpu": args.gpu or "custom", "ctx": args.ctx, "kv": args.kv or "default", "reserve": args.reserve,
-               "bpw": args.bpw, "min_bpw": args.min_bpw, "measurement": args.measurement}
+               "bpw": args.bpw, "min_bpw": args.min_bpw, "measurement": args.measurement, "mode": args.mode}
     doc = build_document(spec, gpu, count, host, out.layout, out.assessment, out.expected_error,
                          out.solution.lower_bound, out.solution.exact, out.decisions, out.alternatives, out.pareto,
                          request)

@@ -9,7 +9,8 @@ import numpy as np
 
 from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
-from planner.budget import Assessment, Host, Layout, assess, avg_bpw, card_items, contiguous_split
+from planner.budget import (Assessment, Host, Layout, assess, avg_bpw, card_items, contiguous_split,
+                            streams_offload)
 from planner.errors import Measurement, candidate_table, kv_error
 from planner.formats import KV_FORMATS, OPTIONS, QuantOption, kv_format
 from planner.knapsack import Solution, pareto_curve, solve
@@ -19,6 +20,7 @@ from planner.spec import Tensor, layer_linears, tensors
 DEFAULT_MAX_CTX = 4096       # default context: the model's native one, capped here (issue policy)
 MIN_AUTO_CTX = 2048          # a default context may be halved down to this before offloading
 FALLBACK_BPW = 4.125         # offload/stream default: 4-bit g128, the 4-bit class AirLLM runs 405B in
+FALLBACK_MODES = ("offload", "stream")
 PARETO_POINTS = 48           # points of the size-error curve kept in plan.yaml
 
 
@@ -41,6 +43,8 @@ class Request:
     chunk: int = mem.DEFAULT_CHUNK
     prompt_tokens: int = 512
     measurement: Optional[Measurement] = None
+    mode: Optional[str] = None            # None: GPU-resident if it fits, else the faster of offload and stream;
+                                          # "offload" or "stream": that mode (e.g. to leave VRAM free)
 
 
 @dataclass
@@ -154,15 +158,21 @@ def _weights_at(items: _Items, bpw: float) -> Solution:
 
 
 def _offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str) -> Optional[Layout]:
-    """The last k layers (and the head) on the GPU(s), the rest computed by the CPU; k as large as fits."""
+    """The last k layers (and the head) on the GPU(s), k as large as fits; the rest computed by the CPU, or
+    on an engine that streams them (streams_offload), copied to card 0's two layer buffers each token, with
+    their KV cache there."""
     spec = req.model
     assignment = _assignment(items, sol)
     layer_bytes = mem.layer_weight_bytes(spec, assignment)
     per_card, kv_layer, _ = _fixed_device_bytes(req, ctx, kv_name, "offload", req.gpu_count)
     budgets = [req.gpu.memory_bytes] * req.gpu_count
+    streaming = streams_offload(req.gpu)
     for k in range(spec.num_layers, 0, -1):       # at least one layer: k = 0 would be CPU inference
         first = spec.num_layers - k
-        split = contiguous_split(layer_bytes[first:], per_card, budgets, kv_layer)
+        fixed = list(per_card)
+        if streaming and first:
+            fixed[0] += first * kv_layer + 2 * max(layer_bytes[:first])
+        split = contiguous_split(layer_bytes[first:], fixed, budgets, kv_layer)
         if split is not None:
             split = tuple((a + first, b + first) for a, b in split)
             return Layout("offload", assignment, ctx, kv_format(kv_name), min(req.chunk, ctx), split,
@@ -190,6 +200,10 @@ def make_plan(req: Request) -> Outcome:
     spec = req.model
     items = _items(spec, req.measurement)
     ladder, kvs = _ctx_ladder(req), _kv_names(req)
+    if req.mode is not None:
+        if req.mode not in FALLBACK_MODES:
+            raise PlanError(f"mode {req.mode!r} cannot be forced; choose one of {', '.join(FALLBACK_MODES)}")
+        return _fallback(req, items, ladder, _kv_names(req, fallback=True))
     for ctx in ladder:
         best = None
         for kv_name in kvs:
@@ -217,7 +231,9 @@ def _fallback(req: Request, items: _Items, ladder: list[int], kvs: list[str]) ->
     bpw = req.bpw if req.bpw is not None else max(FALLBACK_BPW, req.min_bpw)
     sol = _weights_at(items, bpw)
     candidates: dict[str, tuple[Layout, Assessment]] = {}
-    for mode, build in (("offload", _offload), ("stream", _stream)):
+    builds = {"offload": _offload, "stream": _stream}
+    for mode in (req.mode,) if req.mode else FALLBACK_MODES:
+        build = builds[mode]
         # each mode at its largest context, then its least-error KV format, that fits
         for ctx in ladder:
             for kv_name in sorted(kvs, key=lambda k: kv_error(k, spec.num_layers)):
@@ -228,8 +244,9 @@ def _fallback(req: Request, items: _Items, ladder: list[int], kvs: list[str]) ->
             if mode in candidates:
                 break
     if not candidates:
-        raise PlanError(f"{spec.name} does not fit on {req.gpu_count} x {req.gpu.name} even streaming one layer "
-                        f"at a time at {bpw:g} bpw; try --kv q4, a smaller --ctx or --reserve 0")
+        how = "with one layer resident" if req.mode == "offload" else "even streaming one layer at a time"
+        raise PlanError(f"{spec.name} does not fit on {req.gpu_count} x {req.gpu.name} {how} at {bpw:g} bpw; "
+                        f"try --kv q4, a smaller --ctx or --reserve 0")
     mode = min(candidates, key=lambda m: candidates[m][1].decode_s)
     lay, a = candidates[mode]
     out = Outcome(lay, a, sol, sol.error + kv_error(lay.kv.name, spec.num_layers))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from planner import memory as mem
-from planner.budget import avg_bpw
+from planner.budget import avg_bpw, streams_offload
 from planner.errors import kv_error
 from planner.formats import HEAD_OPTION
 from planner.roofline import CPU_DECODE_BANDWIDTH_EFFICIENCY
@@ -82,17 +82,21 @@ def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: floa
         if mode == "offload":
             entry["gpu_layers"] = sum(b - a_ for a_, b in clay.gpu_layers)
         out.alternatives[mode] = entry
+    streaming = streams_offload(req.gpu)
     if lay.mode == "offload":
         k = sum(b - a_ for a_, b in lay.gpu_layers)
-        what = f"{k} of {spec.num_layers} layers and the head on the GPU, the rest computed by the CPU"
+        rest = ("streamed over the host link through two layer buffers each token (vramwise's CUDA engine "
+                "computes every layer on the GPU)") if streaming else "computed by the CPU"
+        what = f"{k} of {spec.num_layers} layers and the head on the GPU, the rest {rest}"
     else:
-        what = "all layers streamed over the host link through two layer buffers (prefetch), as AirLLM"
+        how = "each copied before it runs" if streaming else "prefetch"
+        what = f"all layers streamed over the host link through two layer buffers ({how}), as AirLLM"
     others = {m: fmt_rate(1 / c[1].decode_s) for m, c in candidates.items() if m != lay.mode}
     compare = "; ".join(f"{m} would give {r}" for m, r in others.items()) or "the other mode does not fit"
     link, cpu = req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s * CPU_DECODE_BANDWIDTH_EFFICIENCY
+    rates = f"host link {link:g} GB/s" + ("" if streaming else f" vs CPU RAM ~{cpu:.0f} GB/s effective")
     out.decisions.append(("mode", lay.mode, f"the model does not fit at >= {req.min_bpw:g} bpw; {what}: "
-                                            f"{fmt_rate(1 / a.decode_s)} ({compare}; host link {link:g} GB/s vs "
-                                            f"CPU RAM ~{cpu:.0f} GB/s effective)"))
+                                            f"{fmt_rate(1 / a.decode_s)} ({compare}; {rates})"))
     src = "--bpw" if req.bpw is not None else "4-bit default for offload/stream (lower --bpw is faster)"
     out.decisions.append(("target_bpw", f"{bpw:g}", src))
     if not a.weights_in_ram:

@@ -70,6 +70,24 @@ def test_state_is_exactly_what_the_planner_prices(monkeypatch, ckpt, assignment)
                                             + globals_["head"] - SLICE_HEADER_BYTES + globals_["norm.final"])
 
 
+@pytest.mark.parametrize("mode,resident", [("offload", range(2, 6)), ("stream", range(0))])
+def test_offload_and_stream_state_is_what_the_planner_prices(monkeypatch, ckpt, assignment, mode, resident):  # noqa: F811
+    """An offload plan on an NVIDIA card (the planner's streaming offload) and a stream plan: the engine holds
+    every layer's KV cache and two layer slots, as the plan's card items say (slots less the slice tables)."""
+    import hwdb
+    from planner.budget import Layout, card_items
+    spec, kv = ckpt.spec, kv_format("q8")
+    lay = Layout(mode, assignment, 32, kv, 4, ((resident.start, resident.stop),) if len(resident) else ((0, 0),), 0, 16)
+    layer_bytes = mem.layer_weight_bytes(spec, assignment)
+    items = card_items(spec, hwdb.load().find_gpu("rtx4090"), lay, 0, layer_bytes)
+    model = gpu_model(monkeypatch, ckpt, assignment, resident, "q8", ctx=32, chunk=4)
+    kv_bytes = sum(int(a.nbytes) for name, a in model.net.state.arrays.items() if name.startswith("kv."))
+    assert kv_bytes == items["kv_cache"] == spec.num_layers * 32 * mem.kv_bytes_per_token(spec, kv)
+    headers = max(sum(SLICE_HEADER_BYTES * len(o.slice_rows(ckpt[n].shape[1])) for n, o in assignment.items()
+                      if layer_of(n) == i) for i in range(spec.num_layers) if i not in resident)
+    assert 0 <= items["weights.stream_buffers"] - model.weights.slot_bytes <= 2 * headers
+
+
 def test_greedy_generation_matches_the_reference(monkeypatch, ckpt, assignment):  # noqa: F811
     ref = Model(ckpt, TOKENIZER, 32, "fp16", 4, assignment).generate(IDS, 8)
     assert gpu_model(monkeypatch, ckpt, assignment, range(6), "fp16").generate(IDS, 8) == ref

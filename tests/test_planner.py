@@ -52,6 +52,35 @@ def test_offload_when_model_fits_in_ram():
     assert "stream" in out.alternatives and "offload" in out.alternatives
 
 
+def test_offload_on_nvidia_streams_the_host_layers_as_the_cuda_engine_runs_them():
+    """vramwise's CUDA engine computes every layer on the GPU: an offload plan prices two layer buffers and
+    every layer's KV cache on the card, the host layers pinned in RAM, and decode as GPU time plus their
+    copies (no CPU compute). On an AMD card (no vramwise engine) offload stays llama.cpp's CPU split."""
+    spec = DB.find_model("llama2-70b")
+    out = plan("llama2-70b", "t4")
+    lay, a = out.layout, out.assessment
+    first = lay.gpu_layers[0][0]
+    assert lay.mode == "offload" and 0 < first < spec.num_layers and fits(out, DB.find_gpu("t4").memory_bytes)
+    layer_bytes = mem.layer_weight_bytes(spec, lay.assignment)
+    card = a.per_gpu[0]
+    assert card["weights.stream_buffers"] == 2 * max(layer_bytes[:first])
+    assert card["kv_cache"] == spec.num_layers * lay.ctx * mem.kv_bytes_per_token(spec, lay.kv)
+    assert a.host == {"embedding": mem.global_weight_bytes(spec)["embed"], "weights.streamed": sum(layer_bytes[:first])}
+    assert a.traffic.cpu_bytes == 0 and a.traffic.link_bytes == sum(layer_bytes[:first])
+    assert 1 / a.decode_s > out.alternatives["stream"]["decode_tokens_per_s"]       # fewer bytes over the link
+    amd = plan("llama2-70b", "rx7900xtx", mode="offload")
+    assert amd.layout.mode == "offload" and "compute.cpu" in amd.assessment.host
+    assert "weights.stream_buffers" not in amd.assessment.per_gpu[0]
+
+
+def test_mode_can_be_forced():
+    out = plan("llama2-70b", "rtx4090", mode="stream")
+    assert out.layout.mode == "stream" and set(out.alternatives) == {"stream"}
+    assert plan("llama2-7b", "rtx4090", mode="offload").layout.mode == "offload"
+    with pytest.raises(PlanError, match="cannot be forced"):
+        plan("llama2-7b", "rtx4090", mode="gpu")
+
+
 def test_two_cards_split_contiguously():
     out = plan("llama2-70b", "rtx3090", gpu_count=2)
     (a0, b0), (a1, b1) = out.layout.gpu_layers

