@@ -106,6 +106,12 @@ def main(argv=None) -> int:
         pre = "" if c["prefill_tok_s"] is None else \
             f"{c['prefill_tok_s']:14.0f} {pred['prefill_tokens_per_s']:8.0f} {row['prefill_error']:+7.1%}"
         print(f"{name:28} {c['decode_tok_s']:12.1f} {pred['decode_tokens_per_s']:8.1f} {row['decode_error']:+7.1%} {pre}")
+    # out of sample: the 7B shape streamed layer by layer over the host link
+    streamed = make_plan("llama2-7b", gpu.id, 4.0, 2048, ["--mode", "stream"])
+    s_meas, s_pred = decode["streaming"]["seconds_per_token"], 1 / streamed.doc["predicted"]["decode_tokens_per_s"]
+    rows.append({"case": "Llama-2-7B shape 4.0 bpw, streamed", "measured_s_per_token": s_meas,
+                 "predicted_s_per_token": s_pred, "decode_error": s_meas / s_pred - 1})
+    print(f"{'7B 4.0 bpw streamed (s/tok)':28} {s_meas:12.4f} {s_pred:8.4f} {s_meas / s_pred - 1:+7.1%}   (not fitted)")
     print("fit: " + ", ".join(f"{k} {v:.4g}" for k, v in fit.items()))
     write_json({"device": decode["device"], "date": decode["date"], "gpu": gpu.id, "fit": fit, "cases": rows}, args.out)
     return 0

@@ -97,11 +97,11 @@ class RandomWeights(dict):
         self["head"] = random_linear(rng, HEAD_OPTION, spec.vocab_size, spec.hidden_size)
 
 
-def make_plan(model: str, gpu: str, bpw: float, ctx: int):
+def make_plan(model: str, gpu: str, bpw: float, ctx: int, extra: tuple = ()):
     from planner.cli import main
     from planner.plan import load_plan
     path = Path(tempfile.mkdtemp()) / "plan.yaml"
-    if main(["plan", "--gpu", gpu, "--model", model, "--bpw", str(bpw), "--ctx", str(ctx), "-o", str(path), "--quiet"]):
+    if main(["plan", "--gpu", gpu, "--model", model, "--bpw", str(bpw), "--ctx", str(ctx), *extra, "-o", str(path), "--quiet"]):
         raise SystemExit(f"vramwise plan failed for {model} at {bpw} bpw on {gpu}")
     return load_plan(path)
 

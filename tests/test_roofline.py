@@ -70,3 +70,14 @@ def test_decode_is_bandwidth_bound():
     ratio = (1 / fast.assessment.decode_s) / (1 / slow.assessment.decode_s)
     bw = db.find_gpu("rtx4090").bandwidth_gb_s / db.find_gpu("rtx4060").bandwidth_gb_s
     assert 0.6 * bw < ratio <= bw
+
+
+def test_stream_plans_predict_the_engines_measured_streaming():
+    """Every layer of the 7B shape streamed from pinned memory (gpu_decode.json's streaming row, not part of
+    the fit): the plan's GPU time plus the copies at hwdb's host-link rate lands within 15%."""
+    doc = json.loads((ROOT / "benchmarks/results/gpu_decode.json").read_text())
+    db = hwdb.load()
+    out = make_plan(Request(db.find_model("llama2-7b"), db.find_gpu(doc["device"]), Host(64 * 2**30), ctx=2048, bpw=4.0,
+                            mode="stream"))
+    assert out.layout.mode == "stream"
+    assert out.assessment.decode_s == pytest.approx(doc["streaming"]["seconds_per_token"], rel=0.15)
