@@ -1,6 +1,6 @@
 """One launcher per kernel: each checks its arrays' dtypes, shapes and contiguity, then launches.
 
-Arrays are CuPy arrays; the checks alone also run on NumPy arrays (tests/test_gpu_layout.py). Integer
+Arrays are CuPy arrays; the checks alone also run on NumPy arrays (tests/test_gpu_runtime.py). Integer
 arguments go to the kernels as int32 and floats as float32 (double where the kernel says so).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gpuengine.layout import DeviceLinear
 from planner.formats import PACK_VALUES
 from planner.memory import ATTN_MAX_SPLITS
 
-WARPS_PER_BLOCK = 8                # matvec: one warp per output row
+WARPS_PER_BLOCK = 8                # fp16 matvec (hmatvec): one warp per output row
 THREADS = 256                      # element-wise kernels
 NORM_THREADS = 1024                # rmsnorm: one block per row
 ATTN_THREADS = 128                 # attention: 4 warps (ATTN_WARPS in attention.cu)
