@@ -10,8 +10,10 @@ Decode model:  s/token = max(weight bytes / (w_bw * bandwidth), weights / (rate_
                          + KV bytes / (kv_bw * bandwidth) + layers * c_layer + c_token
                w_bw: the card's measured copy rate over its peak (the ceiling where bytes bind; on the
                H200 they do not, so it is not tested here); kv_bw: decode attention over 2,048 fp16
-               positions (gpu_kernels.json) over the peak; rate_sm, c_layer, c_token: least squares on the
-               decode cases (the weights term binds for all of them; the script checks it).
+               positions (gpu_kernels.json) over the peak; rate_sm, c_layer, c_token >= 0: least squares
+               on five runs, SmolLM2 (30 layers), the 7B shape at two widths (32) and the 70B shape built
+               with 10 and 20 layers, whose different layer counts separate the per-layer cost from the
+               per-token one (the weights term binds for all of them; the script checks it).
 Prefill model: s/chunk = FLOPs / (eta_c * fp16 peak) + layers * c_prefill, solved on the two 4.0-bpw cases.
 
 Prints a table, writes benchmarks/results/engine_calibration.json; planner/roofline.py's VRAMWISE_CUDA holds
@@ -61,6 +63,17 @@ def shape(gpu_id: str, model: str, bpw: float, position: int) -> dict:
             "prefill_flops": 512 * _prefill_flops_per_token(spec, 256)}
 
 
+def truncated_runs(full: dict, big: dict) -> list[dict]:
+    """The 70B shape's measured runs with its first 10 and 20 layers (gpu_decode.py builds them so)."""
+    spec = full["plan"].spec
+    values, kv_token = mem.layer_read_values(spec), mem.kv_bytes_per_token(spec, full["plan"].layout.kv)
+    read = mem.layer_read_bytes(spec, full["plan"].layout.assignment)
+    glob = sum(v for k, v in mem.global_weight_bytes(spec).items() if k != "embed")
+    return [{"layers": n, "seconds": big[f"seconds_{n}_layers"], "weight_bytes": sum(read[:n]) + glob,
+             "values": sum(values[:n]) + spec.vocab_size * spec.hidden_size,
+             "kv_bytes": n * full["position"] * kv_token} for n in (10, 20)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decode", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode.json")
@@ -75,12 +88,19 @@ def main(argv=None) -> int:
     kv_bw = rates["attention fp16 len 2048"] * 1e9 / bw
     meas = measurements(decode)
     cases = {name: {**shape(gpu.id, *CASES[name], meas[name]["position"]), **meas[name]} for name in CASES}
+    for c in cases.values():
+        c["seconds"] = 1 / c["decode_tok_s"]
 
     # decode: seconds minus the KV term = values / (rate_sm * SMs) + layers * c_layer + c_token
-    a = np.array([[c["values"] / gpu.sm_count, c["layers"], 1.0] for c in cases.values()])
-    y = np.array([1 / c["decode_tok_s"] - c["kv_bytes"] / (kv_bw * bw) for c in cases.values()])
+    runs = [c for name, c in cases.items() if name != "Llama-2-70B shape 2.5 bpw"]
+    runs += truncated_runs(cases["Llama-2-70B shape 2.5 bpw"], decode["llama2_70b_2.5bpw"])
+    a = np.array([[c["values"] / gpu.sm_count, c["layers"], 1.0] for c in runs])
+    y = np.array([c["seconds"] - c["kv_bytes"] / (kv_bw * bw) for c in runs])
     (inv_rate, c_layer, c_token), *_ = np.linalg.lstsq(a, y, rcond=None)
-    for c in cases.values():
+    if c_token < 0:                       # a cost cannot be negative: fit without it
+        (inv_rate, c_layer), *_ = np.linalg.lstsq(a[:, :2], y, rcond=None)
+        c_token = 0.0
+    for c in runs:
         if c["weight_bytes"] / (w_bw * bw) > c["values"] * inv_rate / gpu.sm_count:
             raise SystemExit("the bytes term binds for a fitted case: the model's fit does not apply")
 

@@ -58,13 +58,15 @@ class EngineSpeed:
 # weight_bandwidth: the measured device copy rate (4,115 GB/s) over the H200's 4,800 GB/s, the ceiling where
 # bytes bind (they do not on the H200: untested); kv_bandwidth: decode attention over 2,048 fp16 positions
 # (1,198 GB/s) over 4,800; the decode rate and overheads: least squares over SmolLM2-135M, the Llama-2-7B
-# shape at 4.0 and 2.5 bpw and the Llama-2-70B shape at 2.5 bpw, decoding at 512 positions (in-sample:
-# 3 factors, 4 runs); prefill: solved on the 7B shape and SmolLM2 at 512 tokens. Other NVIDIA cards: the
-# H200's rate per SM (their clocks differ by up to ~30%: a stated uncertainty).
+# shape at 4.0 and 2.5 bpw and the Llama-2-70B shape built with 10 and 20 layers, decoding at 512 positions
+# (the per-token cost came out negative, so it is 0: the head is in the weights term); prefill: solved on
+# the 7B shape and SmolLM2 at 512 tokens. Other NVIDIA cards: the H200's rate per SM (their clocks differ
+# by up to ~30%: a stated uncertainty).
 VRAMWISE_CUDA = EngineSpeed(
-    values_per_s_per_sm=2.081e10, weight_bandwidth=0.857, kv_bandwidth=0.250, layer_overhead_s=1.034e-5,
-    token_overhead_s=1.027e-3, prefill_compute=0.121, prefill_layer_s=9.20e-4,
-    fit="vramwise CUDA engine, NVIDIA H200 2026-11-27: decode within 1.1% of 4 runs (in-sample), prefill fit to 2")
+    values_per_s_per_sm=2.24e+10, weight_bandwidth=0.8572, kv_bandwidth=0.2496,
+    layer_overhead_s=4.668e-05, token_overhead_s=0, prefill_compute=0.1210,
+    prefill_layer_s=0.0009198,
+    fit="vramwise CUDA engine, NVIDIA H200 2026-11-27: decode within 4.1% on 4 models, streaming 8% (not fitted), prefill fit to 2")
 
 
 # vramwise's own engine by vendor: CUDA (CuPy) runs on NVIDIA cards; elsewhere plans keep the vendor factors
