@@ -10,9 +10,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from gpuengine.kernels import FMT_CODES, function
+from gpuengine.kernels import function
 from gpuengine.layout import DeviceLinear
-from planner.formats import PACK_VALUES
+from planner.formats import KV_CODES, PACK_VALUES
 from planner.memory import ATTN_MAX_SPLITS
 
 WARPS_PER_BLOCK = 8                # fp16 matvec (hmatvec): one warp per output row
@@ -249,7 +249,7 @@ def kv_store(fmt: str, x: Any, cache: Any, pos: Any) -> None:
     check("pos", pos, np.int32, (t,))
     if cache.shape[1] != heads:
         raise LaunchError(f"cache {tuple(cache.shape)} cannot take rows of {heads} heads")
-    function("attention", f"kv_store<{FMT_CODES[fmt]}>")((_blocks(t * heads * 32, 128),), (128,),
+    function("attention", f"kv_store<{KV_CODES[fmt]}>")((_blocks(t * heads * 32, 128),), (128,),
                                                         (x, cache, pos, _i(t), _i(heads), _i(d), _i(cache.shape[2])))
 
 
@@ -266,7 +266,7 @@ def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, the
     check("pos", pos, np.int32, (t,))
     if d % 2 or kc.shape[1] != hkv:
         raise LaunchError(f"rope_store: head dim {d} (must be even), cache {tuple(kc.shape)} for {hkv} KV heads")
-    function("attention", f"rope_store<{FMT_CODES[fmt]}>")(
+    function("attention", f"rope_store<{KV_CODES[fmt]}>")(
         (_blocks(t * (hq + 2 * hkv) * 32, 128),), (128,),
         (q, k, v, kc, vc, pos, _i(t), _i(hq), _i(hkv), _i(d), _i(kc.shape[2]), np.float64(theta), _i(interleaved)))
 
@@ -302,7 +302,7 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
     chunk, nsplit = attention_split(t, ctx)
     if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
         raise LaunchError(f"attention: {partials.size} partial floats for {hq} heads x {nsplit} splits")
-    function("attention", f"attention<{FMT_CODES[fmt]}>")(
+    function("attention", f"attention<{KV_CODES[fmt]}>")(
         (t * nsplit, hq), (ATTN_THREADS,),
         (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
     if nsplit > 1:

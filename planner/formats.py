@@ -147,6 +147,11 @@ KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
 )}
 
 
+# The code each engine's kernels take for a KV format (refengine.kernels_attention's Numba kernel, the
+# template argument of gpuengine/kernels/attention.cu).
+KV_CODES = {"fp16": 0, "fp8": 1, "q8": 2, "q4": 3}
+
+
 def kv_format(name: str) -> KVFormat:
     try:
         return KV_FORMATS[name]

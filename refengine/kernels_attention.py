@@ -24,9 +24,8 @@ import math
 import numba
 import numpy as np
 
-from planner.formats import kv_format
+from planner.formats import KV_CODES, kv_format
 
-FMT_CODES = {"fp16": 0, "fp8": 1, "q8": 2, "q4": 3}   # the kernel's format argument
 CHUNK = 64                      # positions per task: its decoded K and V (CHUNK, Hkv, D) stay in L2
 PARALLEL_MIN_WORK = 1 << 18     # length * Hq * D below this runs on one thread: a parallel region costs
                                 # 10-50 us to start and its spinning workers slow BLAS calls after it
@@ -203,7 +202,7 @@ def decode_attention(q: np.ndarray, k_raw: np.ndarray, v_raw: np.ndarray, length
     acc = np.empty((chunks, hq, d), dtype=np.float32)
     parallel = length * hq * d >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
     kernel = _attend_parallel if parallel else _attend_serial
-    kernel(qs, k_raw.reshape(-1), v_raw.reshape(-1), np.int64(FMT_CODES[fmt.name]), np.int64(fmt.block),
+    kernel(qs, k_raw.reshape(-1), v_raw.reshape(-1), np.int64(KV_CODES[fmt.name]), np.int64(fmt.block),
            np.int64(hkv), np.int64(row_bytes), np.int64(length), m, l, acc, y)
     if out is not None and not direct:
         out[...] = y

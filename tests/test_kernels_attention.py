@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from planner.formats import KV_FORMATS, FormatError, kv_format
+from planner.formats import KV_CODES, KV_FORMATS, FormatError, kv_format
 from refengine import kernels_attention as ka
 from refengine import ops
 from refengine.quant import kv_dequantize, kv_quantize
@@ -94,7 +94,7 @@ def test_row_decoding_equals_kv_dequantize(fmt_name, d):
     fmt, rng = kv_format(fmt_name), np.random.default_rng(d)
     raw = kv_quantize(fmt, rng.standard_normal((5, 3, d)).astype(np.float32) * 10)   # (5, 3, R)
     vals = {"fp16": d, "fp8": d}.get(fmt_name, raw.shape[-1] // fmt.block_bytes * fmt.block)
-    got = _decode(raw.reshape(-1), ka.FMT_CODES[fmt_name], fmt.block, 15, raw.shape[-1], vals)
+    got = _decode(raw.reshape(-1), KV_CODES[fmt_name], fmt.block, 15, raw.shape[-1], vals)
     want = kv_dequantize(fmt, raw, d)
     assert np.array_equal(got.reshape(5, 3, vals)[..., :d], want)
 

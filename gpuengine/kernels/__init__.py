@@ -8,10 +8,11 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-# Template instantiations per source: the KV-cache kernels take the format code (FMT_CODES) as a parameter.
-FMT_CODES = {"fp16": 0, "fp8": 1, "q8": 2, "q4": 3}
+from planner.formats import KV_CODES
+
+# Template instantiations per source: the KV-cache kernels take the format code (planner.formats.KV_CODES).
 NAME_EXPRESSIONS = {
-    "attention": tuple(f"{k}<{c}>" for k in ("kv_store", "rope_store", "attention") for c in FMT_CODES.values()),
+    "attention": tuple(f"{k}<{c}>" for k in ("kv_store", "rope_store", "attention") for c in KV_CODES.values()),
     "matvec": tuple(f"qmatvec<{r}, {u}>" for r, u in ((1, 4), (2, 4), (2, 8), (4, 4))),     # launch.MATVEC_SHAPES
 }
 SOURCES = ("matvec", "dequant", "norm", "attention", "sample")
