@@ -51,27 +51,26 @@ def measurements(decode: dict) -> dict[str, dict]:
     return rows
 
 
-def shape(gpu_id: str, model: str, bpw: float, position: int) -> dict:
-    """What one decode step of the benchmark's plan reads and decodes on the device."""
-    plan = make_plan(model, gpu_id, bpw, 2048)
+def step(plan, layers: int, position: int) -> dict:
+    """What one decode step through the plan's first `layers` layers reads and decodes on the device."""
     spec = plan.spec
-    weights = sum(mem.layer_read_bytes(spec, plan.layout.assignment)) + sum(
-        v for k, v in mem.global_weight_bytes(spec).items() if k != "embed")
-    return {"plan": plan, "layers": spec.num_layers, "weight_bytes": weights,
-            "values": sum(mem.layer_read_values(spec)) + spec.vocab_size * spec.hidden_size,
-            "kv_bytes": spec.num_layers * position * mem.kv_bytes_per_token(spec, plan.layout.kv),
-            "prefill_flops": 512 * _prefill_flops_per_token(spec, 256)}
+    read, values = mem.layer_read_bytes(spec, plan.layout.assignment), mem.layer_read_values(spec)
+    glob = sum(v for k, v in mem.global_weight_bytes(spec).items() if k != "embed")
+    return {"layers": layers, "weight_bytes": sum(read[:layers]) + glob,
+            "values": sum(values[:layers]) + spec.vocab_size * spec.hidden_size,
+            "kv_bytes": layers * position * mem.kv_bytes_per_token(spec, plan.layout.kv)}
+
+
+def shape(gpu_id: str, model: str, bpw: float, position: int) -> dict:
+    """The benchmark's plan for one case and what its whole decode step reads and decodes."""
+    plan = make_plan(model, gpu_id, bpw, 2048)
+    return {"plan": plan, **step(plan, plan.spec.num_layers, position),
+            "prefill_flops": 512 * _prefill_flops_per_token(plan.spec, 256)}
 
 
 def truncated_runs(full: dict, big: dict) -> list[dict]:
     """The 70B shape's measured runs with its first 10 and 20 layers (gpu_decode.py builds them so)."""
-    spec = full["plan"].spec
-    values, kv_token = mem.layer_read_values(spec), mem.kv_bytes_per_token(spec, full["plan"].layout.kv)
-    read = mem.layer_read_bytes(spec, full["plan"].layout.assignment)
-    glob = sum(v for k, v in mem.global_weight_bytes(spec).items() if k != "embed")
-    return [{"layers": n, "seconds": big[f"seconds_{n}_layers"], "weight_bytes": sum(read[:n]) + glob,
-             "values": sum(values[:n]) + spec.vocab_size * spec.hidden_size,
-             "kv_bytes": n * full["position"] * kv_token} for n in (10, 20)]
+    return [{**step(full["plan"], n, full["position"]), "seconds": big[f"seconds_{n}_layers"]} for n in (10, 20)]
 
 
 def main(argv=None) -> int:

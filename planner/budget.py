@@ -149,7 +149,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     kv_token = mem.kv_bytes_per_token(spec, lay.kv)
 
     engine = ENGINE_SPEED.get(gpu.vendor)
-    streaming = engine is not None          # offload means: stream the host layers (streams_offload)
+    streaming = streams_offload(gpu)        # offload means: stream the host layers
     host_items = {"embedding": glob["embed"]}
     if lay.mode == "offload" and not streaming:
         host_items["weights.cpu_layers"] = sum(layer_bytes[i] for i in off)
@@ -190,9 +190,10 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     gpu_s = None
     if engine is not None:                 # vramwise's own engine runs the plan: its measured model
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
+        weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
-        gpu_s = engine_decode_seconds(engine, traffic.vram_bytes - len(computed) * pos * kv_token, values,
-                                      len(computed) * pos * kv_token, len(computed), gpu.bandwidth_gb_s, gpu.sm_count)
+        gpu_s = engine_decode_seconds(engine, weights, values, len(computed) * pos * kv_token, len(computed),
+                                      gpu.bandwidth_gb_s, gpu.sm_count)
     decode = decode_seconds(traffic, eff, gpu.bandwidth_gb_s, gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
 
