@@ -58,17 +58,12 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows = []
 
-    def lin(option, n, k):
-        image = build_image({"w": random_linear(rng, parse_option(option), n, k)})
-        return views(cp.asarray(image.data), image)["w"], image.nbytes
-
     def rotation(option, n, k):
         """Copies of one linear filling COLD_BYTES, taken in turn by successive launches, so each launch reads
         its weights from DRAM as decode does (one copy would stay in the H200's 50 MB L2 between launches)."""
-        w, nbytes = lin(option, n, k)
         image = build_image({"w": random_linear(rng, parse_option(option), n, k)})
-        copies = [w] + [views(cp.asarray(image.data), image)["w"] for _ in range(max(1, COLD_BYTES // nbytes))]
-        return itertools.cycle(copies).__next__, nbytes
+        copies = [views(cp.asarray(image.data), image)["w"] for _ in range(1 + max(1, COLD_BYTES // image.nbytes))]
+        return itertools.cycle(copies).__next__, image.nbytes
 
     x = cp.asarray(rng.standard_normal(11008).astype(np.float32))
     xp = cp.empty(11008 + 96, cp.float32)
