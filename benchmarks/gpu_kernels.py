@@ -109,15 +109,11 @@ def main(argv=None) -> int:
             rows.append({"kernel": f"attention {fmt} len {length}", "us": us,
                          "gb_s": 2 * length * hkv * f.row_bytes(d) / us / 1e3})
         kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
-        rows.append({"kernel": f"kv_store {fmt}", "us": timed(cp, lambda: launch.kv_store(fmt, kx, cache, pos)), "gb_s": 0})
         rows.append({"kernel": f"rope_store {fmt} (q, k, v of 32 heads)", "gb_s": 0,
                      "us": timed(cp, lambda: launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True))})
     h = cp.asarray(rng.standard_normal((1, 4096)).astype(np.float32))
     hn, wn = cp.empty((1, 4096), cp.float32), cp.ones(4096, cp.float32)
     rows.append({"kernel": "rmsnorm 4096", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
-    qr = cp.asarray(rng.standard_normal((1, 32, 128)).astype(np.float32))
-    p1 = cp.asarray(np.array([100], np.int32))
-    rows.append({"kernel": "rope 32x128", "us": timed(cp, lambda: launch.rope(qr, p1, 1e4, True)), "gb_s": 0})
     g, u = cp.ones(11008, cp.float32), cp.ones(11008, cp.float32)
     rows.append({"kernel": "swiglu 11008", "us": timed(cp, lambda: launch.swiglu(g, u)), "gb_s": 0})
     rows.append({"kernel": "empty launch (argmax of 1)", "us": timed(cp, lambda: launch.argmax(g[:1], cp.empty(1, cp.int32))), "gb_s": 0})

@@ -229,33 +229,10 @@ def add_bias(y: Any, b: Any) -> None:
     function("norm", "add_bias")((_blocks(y.size),), (THREADS,), (y, b, _i(b.size), np.int64(y.size)))
 
 
-def rope(x: Any, pos: Any, theta: float, interleaved: bool) -> None:
-    """x (t, heads, d) rotated in place at positions pos (t,)."""
-    t, heads, d = x.shape
-    check("x", x, np.float32)
-    check("pos", pos, np.int32, (t,))
-    if d % 2:
-        raise LaunchError(f"rope needs an even head dim, got {d}")
-    function("norm", "rope")((_blocks(t * heads * d // 2),), (THREADS,),
-                             (x, pos, _i(t), _i(heads), _i(d), np.float64(theta), _i(interleaved)))
-
-
-def kv_store(fmt: str, x: Any, cache: Any, pos: Any) -> None:
-    """Rows x (t, kv heads, d) into cache (ctx, kv heads, row bytes) at the positions pos (t,) int32 (on the
-    device: the caller keeps them inside the context, as GPUTransformer._step checks)."""
-    t, heads, d = x.shape
-    check("x", x, np.float32)
-    check("cache", cache, np.uint8)
-    check("pos", pos, np.int32, (t,))
-    if cache.shape[1] != heads:
-        raise LaunchError(f"cache {tuple(cache.shape)} cannot take rows of {heads} heads")
-    function("attention", f"kv_store<{KV_CODES[fmt]}>")((_blocks(t * heads * 32, 128),), (128,),
-                                                        (x, cache, pos, _i(t), _i(heads), _i(d), _i(cache.shape[2])))
-
-
 def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, theta: float, interleaved: bool) -> None:
-    """One step's q (t, hq, d) and k (t, hkv, d) rotated in place (as `rope`), then k and v (t, hkv, d) stored
-    in the caches kc, vc (ctx, hkv, row bytes) at positions pos (t,) (as `kv_store`), in one launch."""
+    """One step's q (t, hq, d) and k (t, hkv, d) rotated in place (RoPE at positions pos (t,), int32 on the
+    device: the caller keeps them inside the context, as GPUTransformer._step checks), then k and v
+    (t, hkv, d) stored in the caches kc, vc (ctx, hkv, row bytes) at those positions, in one launch."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     check("q", q, np.float32)

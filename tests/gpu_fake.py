@@ -132,13 +132,12 @@ def _penalize(x, seen, p):
 
 LAUNCHERS = {
     "matvec": _matvec, "matvec_fused": _matvec_fused, "matvec_glu": _matvec_glu, "rope_store": _rope_store,
-    "dequantize": _dequantize, "gemm": _gemm, "rope": _rope, "attention": _attention,
+    "dequantize": _dequantize, "gemm": _gemm, "attention": _attention,
     "argmax": _argmax, "penalize": _penalize,
     "to_half": lambda x, out: out.__setitem__(..., np.asarray(x).astype(np.float16).view(np.uint16)),
     "rmsnorm": lambda x, w, out, eps: out.__setitem__(..., ops.rmsnorm(np.asarray(x), w, eps)),
     "swiglu": lambda gate, up: gate.__setitem__(..., ops.silu(np.asarray(gate)) * up),
     "add_bias": lambda y, b: y.__setitem__(..., y + b),
-    "kv_store": lambda fmt, x, cache, pos: cache.__setitem__(np.asarray(pos), kv_quantize(kv_format(fmt), np.asarray(x))),
 }
 
 

@@ -192,19 +192,29 @@ def test_rmsnorm(t, h, scale, seed):
     assert rel(out.get(), ops.rmsnorm(x, w, 1e-5)) < 1e-6
 
 
+def rope_store(fmt, q, k, v, pos, ctx, theta=1e4, interleaved=True):
+    """launch.rope_store (the engine's one launch for RoPE and the KV store) on device copies of q, k and v,
+    into caches of ctx positions filled with 0xFF: q and k rotated, and both caches, back on the host."""
+    import cupy as cp
+
+    from gpuengine import launch
+    f = kv_format(fmt)
+    gq, gk = cp.asarray(q.copy()), cp.asarray(k.copy())
+    kc, vc = (cp.full((ctx, k.shape[1], f.row_bytes(q.shape[2])), 0xFF, dtype=cp.uint8) for _ in range(2))
+    launch.rope_store(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), theta, interleaved)
+    return gq.get(), gk.get(), kc.get(), vc.get()
+
+
 @SETTINGS
 @given(t=st.integers(1, 12), heads=st.integers(1, 9), d=st.sampled_from([16, 64, 80, 128]), start=st.integers(0, 30000),
        theta=st.sampled_from([1e4, 5e5]), interleaved=st.booleans(), seed=st.integers(0, 2**31))
 def test_rope(t, heads, d, start, theta, interleaved, seed):
-    import cupy as cp
-
-    from gpuengine import launch
     x = np.random.default_rng(seed).standard_normal((t, heads, d)).astype(np.float32)
     pos = np.arange(start, start + t, dtype=np.int32)
-    got = cp.asarray(x)
-    launch.rope(got, cp.asarray(pos), theta, interleaved)
+    kv = np.zeros((t, 1, d), np.float32)
+    got = rope_store("fp16", x, kv, kv, pos, start + t, theta, interleaved)[0]
     cos, sin = ops.rope_tables(pos, d, theta)
-    assert rel(got.get(), ops.rope(x.copy(), cos, sin, interleaved)) < 1e-6
+    assert rel(got, ops.rope(x.copy(), cos, sin, interleaved)) < 1e-6
 
 
 @SETTINGS
@@ -236,16 +246,10 @@ def cache_values(rng, shape, fmt):
 @given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.integers(1, 9), heads=st.integers(1, 5),
        d=st.sampled_from([32, 48, 64, 100, 128]), seed=st.integers(0, 2**31))
 def test_kv_store_writes_refengines_bytes(fmt, t, heads, d, seed):
-    import cupy as cp
-
-    from gpuengine import launch
     f = kv_format(fmt)
     rng = np.random.default_rng(seed)
     x = cache_values(rng, (t, heads, d), f)
-    ctx = t + 5
-    cache = cp.full((ctx, heads, f.row_bytes(d)), 0xFF, dtype=cp.uint8)
-    launch.kv_store(fmt, cp.asarray(x), cache, cp.arange(3, 3 + t, dtype=cp.int32))
-    got = cache.get()
+    got = rope_store(fmt, np.zeros((t, heads, d), np.float32), x, x, np.arange(3, 3 + t, dtype=np.int32), t + 5)[3]
     assert np.array_equal(got[3:3 + t], kv_quantize(f, x))
     assert (got[:3] == 0xFF).all() and (got[3 + t:] == 0xFF).all()
 
@@ -254,41 +258,31 @@ def test_kv_store_writes_refengines_bytes(fmt, t, heads, d, seed):
 @given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.integers(1, 5), hkv=st.integers(1, 4), group=st.sampled_from([1, 3, 4]),
        d=st.sampled_from([32, 64, 80, 128]), start=st.integers(0, 9000), interleaved=st.booleans(), seed=st.integers(0, 2**31))
 def test_rope_store_is_rope_then_kv_store(fmt, t, hkv, group, d, start, interleaved, seed):
-    import cupy as cp
-
-    from gpuengine import launch
     f = kv_format(fmt)
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((t, hkv * group, d)).astype(np.float32)
     k, v = cache_values(rng, (t, hkv, d), f), cache_values(rng, (t, hkv, d), f)
-    ctx = start + t + 2
     pos = np.arange(start, start + t, dtype=np.int32)
-    gq, gk = cp.asarray(q.copy()), cp.asarray(k.copy())
-    kc, vc = (cp.full((ctx, hkv, f.row_bytes(d)), 0xFF, dtype=cp.uint8) for _ in range(2))
-    launch.rope_store(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), 1e4, interleaved)
+    gq, gk, kc, vc = rope_store(fmt, q, k, v, pos, start + t + 2, 1e4, interleaved)
     cos, sin = ops.rope_tables(pos, d, 1e4)
     want_q, want_k = (ops.rope(a.copy(), cos, sin, interleaved) for a in (q, k))
-    assert rel(gq.get(), want_q) < 1e-6 and rel(gk.get(), want_k) < 1e-6
+    assert rel(gq, want_q) < 1e-6 and rel(gk, want_k) < 1e-6
     # the cache holds the rotated k the kernel computed (bytes of kv_quantize of it), and v's bytes
-    assert np.array_equal(kc.get()[start:start + t], kv_quantize(f, gk.get()))
-    assert np.array_equal(vc.get()[start:start + t], kv_quantize(f, v))
-    assert (kc.get()[:start] == 0xFF).all() and (vc.get()[start + t:] == 0xFF).all()
+    assert np.array_equal(kc[start:start + t], kv_quantize(f, gk))
+    assert np.array_equal(vc[start:start + t], kv_quantize(f, v))
+    assert (kc[:start] == 0xFF).all() and (vc[start + t:] == 0xFF).all()
 
 
 def test_fp8_encoding_at_its_edges():
     """Zeros of both signs, the subnormal range and its top, ties, the largest finite value, and clipping."""
-    import cupy as cp
-
-    from gpuengine import launch
     f = kv_format("fp8")
     edges = [0.0, -0.0, 2.0 ** -10, 2.0 ** -9, 1.5 * 2.0 ** -9, 2.0 ** -6 - 2.0 ** -10, 2.0 ** -6, 1.0625, 1.1875,
              240.0, 248.0, 448.0, 460.0, 1e6, -1e6, 3.0, -0.3]
     rng = np.random.default_rng(0)
     values = np.concatenate([edges, rng.standard_normal(4000) * np.exp(rng.uniform(-12, 7, 4000))])
     x = values[: len(values) // 32 * 32].astype(np.float32).reshape(-1, 1, 32)
-    cache = cp.full((x.shape[0], 1, 32), 0xFF, dtype=cp.uint8)
-    launch.kv_store("fp8", cp.asarray(x), cache, cp.arange(x.shape[0], dtype=cp.int32))
-    assert np.array_equal(cache.get(), kv_quantize(f, x))
+    cache = rope_store("fp8", np.zeros_like(x), x, x, np.arange(x.shape[0], dtype=np.int32), x.shape[0])[3]
+    assert np.array_equal(cache, kv_quantize(f, x))
 
 
 @SETTINGS

@@ -12,7 +12,7 @@ from planner.formats import KV_CODES
 
 # Template instantiations per source: the KV-cache kernels take the format code (planner.formats.KV_CODES).
 NAME_EXPRESSIONS = {
-    "attention": tuple(f"{k}<{c}>" for k in ("kv_store", "rope_store", "attention") for c in KV_CODES.values()),
+    "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention") for c in KV_CODES.values()),
     "matvec": tuple(f"qmatvec<{r}, {u}>" for r, u in ((1, 4), (2, 4), (2, 8), (4, 4))),     # launch.MATVEC_SHAPES
 }
 SOURCES = ("matvec", "dequant", "norm", "attention", "sample")

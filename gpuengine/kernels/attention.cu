@@ -63,20 +63,22 @@ __device__ __forceinline__ void store_row(const float* __restrict__ xr, u8* __re
     }
 }
 
-// Writes rows x (t, heads, d) fp32 at cache positions pos (t,) (read on the device, so a captured decode
-// step replays at any position): one warp per row.
-template <int FMT>
-__global__ void kv_store(const float* __restrict__ x, u8* __restrict__ cache, const int* __restrict__ pos, int t,
-                         int heads, int d, int row_bytes) {
-    const int lane = threadIdx.x & 31;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < t * heads; r += warps)
-        store_row<FMT>(x + (size_t)r * d, cache + ((size_t)pos[r / heads] * heads + r % heads) * row_bytes, d, lane);
+// Rotary embedding of pair i of a head row v (d values) at position p: frequency theta^(-2i/d) and the angle
+// p * freq, both in double, cos and sin rounded to float (ops.rope_tables). interleaved: pairs (2i, 2i + 1)
+// (llama.cpp's layout of Llama q/k); else (i, i + d/2) (Hugging Face / NeoX).
+__device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, double theta, int interleaved) {
+    const double ang = (double)p * pow(theta, -(double)(2 * i) / (double)d);
+    const float c = (float)cos(ang), s = (float)sin(ang);
+    const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + (d >> 1);
+    const float a = v[ia], b = v[ib];
+    v[ia] = a * c - b * s;
+    v[ib] = a * s + b * c;
 }
 
 // A step's q (t, hq, d), k and v (t, hkv, d) after their matvecs, in one launch: q and k rotated in place
-// (rotate_pair), then k and v stored in their caches at pos. One warp per row of q, k or v; a warp's own
-// writes are visible to its lanes after __syncwarp.
+// (rotate_pair), then k and v stored in their caches at positions pos (t,) (read on the device, so a
+// captured decode step replays at any position). One warp per row of q, k or v; a warp's own writes are
+// visible to its lanes after __syncwarp.
 template <int FMT>
 __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
                            u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos, int t, int hq,
@@ -191,10 +193,6 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part, const
 #ifdef VRAMWISE_NVCC_CHECK
 template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
 template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
-template __global__ void kv_store<0>(const float*, u8*, const int*, int, int, int, int);
-template __global__ void kv_store<1>(const float*, u8*, const int*, int, int, int, int);
-template __global__ void kv_store<2>(const float*, u8*, const int*, int, int, int, int);
-template __global__ void kv_store<3>(const float*, u8*, const int*, int, int, int, int);
 template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);

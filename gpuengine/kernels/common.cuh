@@ -70,15 +70,3 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max) {
     float r = lane < warps ? part[lane] : (is_max ? -INFINITY : 0.0f);
     return is_max ? warp_max(r) : warp_sum(r);
 }
-
-// Rotary embedding of pair i of a head row v (d values) at position p: frequency theta^(-2i/d) and the angle
-// p * freq, both in double, cos and sin rounded to float (ops.rope_tables). interleaved: pairs (2i, 2i + 1)
-// (llama.cpp's layout of Llama q/k); else (i, i + d/2) (Hugging Face / NeoX).
-__device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, double theta, int interleaved) {
-    const double ang = (double)p * pow(theta, -(double)(2 * i) / (double)d);
-    const float c = (float)cos(ang), s = (float)sin(ang);
-    const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + (d >> 1);
-    const float a = v[ia], b = v[ib];
-    v[ia] = a * c - b * s;
-    v[ib] = a * s + b * c;
-}

@@ -38,15 +38,3 @@ extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restri
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
         y[i] += b[i % n];
 }
-
-// Rotary embedding in place on x (T, heads, D) at positions pos (T,), one thread per pair (rotate_pair).
-extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ pos, int t, int heads, int d,
-                                double theta, int interleaved) {
-    const int half = d >> 1;
-    const long long total = (long long)t * heads * half;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const long long row = idx / half;                       // token * heads + head
-        rotate_pair(x + row * d, (int)(idx % half), d, pos[row / heads], theta, interleaved);
-    }
-}
