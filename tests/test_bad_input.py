@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 from planner.cli import main
 from refengine.errors import WeightsError
 from refengine.weights import load_checkpoint
-from test_tokenizer import bpe_meta
-from test_weights import HF_CONFIG, hf_folder, hf_tensors, tiny_tensors
+from test_tokenizer import add_bpe_tokenizer, bpe_meta
+from test_weights import HF_CONFIG, close_gguf, gguf_writer, hf_folder, hf_tensors, tiny_tensors
 
 TOKENS = bpe_meta("smollm")     # 265 tokens: specials, the 256 byte symbols, a few merges ("hello" is one token)
 CFG = dict(hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=len(TOKENS["tokenizer.ggml.tokens"]), tied=True,
@@ -34,24 +34,8 @@ CTX = 64
 def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: dict | None = None,
               layers: int = 2, experts: int = 0) -> Path:
     """A runnable tiny Llama GGUF with a byte-level BPE vocabulary; raw: name -> (bytes array, GGML type)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("zz-tiny-name")
-    w.add_embedding_length(CFG["hidden"])
-    w.add_feed_forward_length(CFG["ff"])
-    w.add_block_count(layers)
-    w.add_head_count(CFG["heads"])
-    w.add_head_count_kv(CFG["kv"])
-    w.add_context_length(256)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(CFG["vocab"])
-    if experts:
-        w.add_expert_count(experts)
-        w.add_expert_used_count(2)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(TOKENS["tokenizer.ggml.tokens"])
-    w.add_token_types(TOKENS["tokenizer.ggml.token_type"])
-    w.add_token_merges(TOKENS["tokenizer.ggml.merges"])
+    w = gguf_writer(path, arch, {**CFG, "layers": layers}, "zz-tiny-name", experts, rope_base=None)
+    add_bpe_tokenizer(w, TOKENS, "smollm")
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     for name, a in (tiny_tensors(CFG) if arrays is None else arrays).items():
@@ -60,11 +44,7 @@ def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: 
             w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
             w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return close_gguf(w, path)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

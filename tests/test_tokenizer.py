@@ -42,6 +42,15 @@ def bpe_meta(pre: str) -> dict:
             "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": "{{ messages }}"}
 
 
+def add_bpe_tokenizer(w, meta: dict, pre: str) -> None:
+    """A byte-level BPE vocabulary (bpe_meta's arrays) into a GGUFWriter, as llama.cpp's converter writes it."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+
+
 def test_byte_level_bpe_from_metadata_and_pre_tokenizer_table():
     tok = from_gguf_metadata(bpe_meta("smollm"), "tiny")
     ids = tok.encode("hello hello")
@@ -181,11 +190,7 @@ def test_gguf_file_and_checkpoint_sources(tmp_path):
     """Tokenizer.from_gguf reads the file's arrays; for_checkpoint picks GGUF metadata or tokenizer.json."""
     meta = bpe_meta("smollm")
     w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    add_bpe_tokenizer(w, meta, "smollm")
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)

@@ -58,21 +58,38 @@ def _kind(name: str) -> str:
             "attn_norm": "norm", "ffn_norm": "norm"}.get(stem, "norm")
 
 
-def write_gguf(path: Path, arch: str, cfg: dict, arrays: dict[str, np.ndarray], qtypes=None, experts: int = 0) -> Path:
+def gguf_writer(path: Path, arch: str, cfg: dict, name: str, experts: int = 0,
+                rope_base: float | None = 10000.0) -> gguf.GGUFWriter:
+    """A GGUFWriter with a tiny model's hyperparameters (cfg: hidden, ff, layers, heads, kv, vocab) written;
+    close_gguf writes the file once the caller has added its tensors."""
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny {arch}")
+    w.add_name(name)
     w.add_embedding_length(cfg["hidden"])
     w.add_feed_forward_length(cfg["ff"])
     w.add_block_count(cfg["layers"])
     w.add_head_count(cfg["heads"])
     w.add_head_count_kv(cfg["kv"])
     w.add_context_length(256)
-    w.add_rope_freq_base(10000.0)
+    if rope_base is not None:
+        w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(cfg["vocab"])
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(2)
+    return w
+
+
+def close_gguf(w: gguf.GGUFWriter, path: Path) -> Path:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_gguf(path: Path, arch: str, cfg: dict, arrays: dict[str, np.ndarray], qtypes=None, experts: int = 0) -> Path:
+    w = gguf_writer(path, arch, cfg, f"tiny {arch}", experts)
     for name, a in arrays.items():
         qt = (qtypes or {}).get(name, QTYPE[_kind(name)])
         if a.dtype != np.float32 or qt == Q.F32:
@@ -82,11 +99,7 @@ def write_gguf(path: Path, arch: str, cfg: dict, arrays: dict[str, np.ndarray], 
         else:
             data = gguf.quants.quantize(a, qt)
             w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return close_gguf(w, path)
 
 
 def _close(name: str, qt: Q, got: np.ndarray, want: np.ndarray) -> None:
