@@ -20,6 +20,7 @@ from planner.formats import KV_CODES, KV_FORMATS, FormatError, kv_format
 from refengine import kernels_attention as ka
 from refengine import ops
 from refengine.quant import kv_dequantize, kv_quantize
+from test_kernels_numba_fast import map_float32
 
 RTOL = 1e-5
 
@@ -50,22 +51,6 @@ def _check(q: np.ndarray, k_raw: np.ndarray, v_raw: np.ndarray, length: int, fmt
 # --- the element decoders, bit for bit ------------------------------------------------------------------
 
 @numba.njit
-def _all_halves(bits):
-    out = np.empty(bits.shape[0], dtype=np.float32)
-    for i in range(bits.shape[0]):
-        out[i] = ka._half16(bits[i])
-    return out
-
-
-@numba.njit
-def _all_e4m3(codes):
-    out = np.empty(codes.shape[0], dtype=np.float32)
-    for i in range(codes.shape[0]):
-        out[i] = ka._e4m3(codes[i])
-    return out
-
-
-@numba.njit
 def _decode(raw, fmt, block, rows, row_bytes, vals):
     dst = np.empty(rows * vals, dtype=np.float32)
     ka._decode_rows(raw, fmt, block, 0, rows, row_bytes, dst)
@@ -80,12 +65,12 @@ def _same_bits(got: np.ndarray, want: np.ndarray) -> bool:
 
 def test_half_decoding_is_exact_for_every_bit_pattern():
     bits = np.arange(1 << 16, dtype=np.uint16)               # subnormals, signed zeros, inf, nan included
-    assert _same_bits(_all_halves(bits), bits.view(np.float16).astype(np.float32))
+    assert _same_bits(map_float32(ka._half16, bits), bits.view(np.float16).astype(np.float32))
 
 
 def test_e4m3_decoding_is_exact_for_every_byte():
     codes = np.arange(256, dtype=np.uint8)
-    assert _same_bits(_all_e4m3(codes), codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    assert _same_bits(map_float32(ka._e4m3, codes), codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32))
 
 
 @pytest.mark.parametrize("fmt_name", KV_FORMATS)

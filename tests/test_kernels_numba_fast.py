@@ -38,17 +38,18 @@ def test_codes_equal_unpack(bits):
 
 
 @numba.njit
-def _h2f_all(h):
-    out = np.empty(h.shape[0], dtype=np.float32)
-    for i in range(h.shape[0]):
-        out[i] = kn._h2f(h[i])
+def map_float32(f, a):
+    """[f(v) for v in a] as float32, f a compiled scalar function (an element decoder under test)."""
+    out = np.empty(a.shape[0], dtype=np.float32)
+    for i in range(a.shape[0]):
+        out[i] = f(a[i])
     return out
 
 
 def test_fp16_scale_decoding_is_exact():
     bits = np.arange(1 << 16, dtype=np.uint16)
     finite = np.isfinite(bits.view(np.float16))
-    got = _h2f_all(bits[finite])
+    got = map_float32(kn._h2f, bits[finite])
     want = bits[finite].view(np.float16).astype(np.float32)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))     # bit for bit, signed zeros too
 
