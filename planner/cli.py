@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import hwdb
 from hwdb import GPUSpec, HwdbError
@@ -257,8 +257,16 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), exit 2, as every other bad input; its
+    subcommands' parsers are of this class too (argparse makes them of the root's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="vramwise", description="Plan and run LLMs on the GPU you have.")
+    root = _Parser(prog="vramwise", description="Plan and run LLMs on the GPU you have.")
     sub = root.add_subparsers(dest="command", required=True)
     _build_plan(sub)
     _build_export(sub)

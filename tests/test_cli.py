@@ -115,3 +115,14 @@ def test_plan_path_imports_no_engine(tmp_path):
             "bad=[m for m in sys.modules if m.split('.')[0] in ('numba','cupy','refengine','gpuengine')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("args", [["plan", "--gpu", "t4", "--model", "llama2-7b", "--mode", "gpu"],
+                                  ["plan", "--gpu", "t4"], ["nonsense"], []])
+def test_argument_errors_are_one_line(capsys, args):
+    """argparse's own errors (a bad choice, a missing argument, an unknown command) are one line on stderr,
+    exit 2, like every other bad input."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "error:" in err and "--help" in err
