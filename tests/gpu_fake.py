@@ -54,8 +54,10 @@ def fake_cupy() -> tuple[types.ModuleType, types.ModuleType]:
     cp = types.ModuleType("cupy")
     cp.empty = _poisoned
     cp.zeros = lambda shape, dtype=np.float32: _fake(np.zeros(shape, dtype))
-    cp.asarray = lambda a, dtype=None: _fake(np.asarray(a, dtype))
-    cp.uint8 = np.uint8
+    cp.full = lambda shape, value, dtype=np.float32: _fake(np.full(shape, value, dtype))
+    cp.asarray = lambda a, dtype=None: _fake(np.array(a, dtype))         # a copy, as a host-to-device one
+    for name in ("uint8", "uint16", "int32", "uint64", "float32", "float64", "nan", "inf"):
+        setattr(cp, name, getattr(np, name))
     cp.cuda = types.SimpleNamespace(get_current_stream=lambda: _Stream(), Stream=lambda non_blocking=False: _Stream())
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype: np.empty(shape, dtype)
@@ -141,13 +143,18 @@ LAUNCHERS = {
 }
 
 
-def install(monkeypatch) -> None:
-    """Swap CuPy and every launcher for the stand-ins, for one test."""
+def install_runtime(monkeypatch) -> None:
+    """Swap CuPy for the stand-in, for one test: graphs off, host-to-device copies as NumPy copies."""
     cp, cupyx = fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     from gpuengine import model
     monkeypatch.setattr(model, "USE_GRAPHS", False)        # graph capture needs the real device
     monkeypatch.setattr(model, "h2d", lambda dst, src, stream: dst.__setitem__(..., src.reshape(dst.shape)))
+
+
+def install(monkeypatch) -> None:
+    """Swap CuPy and every launcher for the stand-ins, for one test."""
+    install_runtime(monkeypatch)
     for name, fn in LAUNCHERS.items():
         monkeypatch.setattr(launch, name, fn)

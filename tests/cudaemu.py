@@ -1,0 +1,159 @@
+"""The CUDA kernels of gpuengine/kernels, compiled by g++ and run on the CPU (tests/cudaemu.h), so the GPU
+kernel tests also run on machines without a GPU (CI's among them).
+
+`function(module, kernel)` stands in for gpuengine.kernels.function: the same sources, the same launch
+call (grid, block, args) with NumPy arrays for device arrays, so gpuengine/launch.py's launchers run
+unchanged. Arguments are checked against the kernel's parameter sizes, which CUDA does not do. `install`
+puts the stand-in in place for one test, with tests/gpu_fake.py's CuPy stand-in under it; cuBLAS's GEMM,
+the one piece of device code not in the sources, is gpu_fake's NumPy reference.
+
+What it proves is the kernels' logic and arithmetic on every CI run; speed and the GPU's own behaviour are
+only measured on a GPU (benchmarks/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from gpuengine import kernels
+
+HEADER = Path(__file__).with_name("cudaemu.h")
+CXX = os.environ.get("CXX", "g++")
+FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-w")
+
+
+class EmulationError(RuntimeError):
+    """A kernel misused barriers or shuffles in a way that is undefined on a GPU (cudaemu.h names it)."""
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the kernels cannot run on this CPU (None when they can)."""
+    if platform.system() != "Linux":
+        return f"CUDA emulation needs Linux (ucontext fibers), not {platform.system()}"
+    if shutil.which(CXX) is None:
+        return f"no C++ compiler ({CXX}) to build the CUDA kernels for the CPU"
+    return None
+
+
+def kernel_names(module: str) -> list[str]:
+    """Every kernel of a source: its extern "C" kernels and the template instances the engine names."""
+    plain = re.findall(r'extern "C" __global__ void (\w+)', kernels.source(module))
+    return plain + list(kernels.NAME_EXPRESSIONS.get(module, ()))
+
+
+def program(source: str, names: list[str]) -> str:
+    """The C++ translation unit: the header, the kernel source, and a table of launch entry points."""
+    glue = ["", "namespace {"]
+    for i, name in enumerate(names):
+        glue.append(f"bool vw_launch_{i}(dim3 g, dim3 b, void** a, std::string& e) "
+                    f"{{ return emu::launch(g, b, [a] {{ emu::call(&{name}, a); }}, e); }}")
+    glue.append("}")
+    glue.append('extern "C" int vw_signature(int i, long long* sizes) { switch (i) {')
+    glue += [f"    case {i}: return emu::signature(&{name}, sizes);" for i, name in enumerate(names)]
+    glue.append("} return -1; }")
+    glue.append('extern "C" int vw_launch(int i, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+                'unsigned bz, void** args, char* err, int errlen) {')
+    glue.append("    std::string e; bool ok = false; dim3 g{gx, gy, gz}, b{bx, by, bz}; switch (i) {")
+    glue += [f"    case {i}: ok = vw_launch_{i}(g, b, args, e); break;" for i in range(len(names))]
+    glue.append("    default: e = \"no such kernel\"; }")
+    glue.append("    if (!ok) snprintf(err, errlen, \"%s\", e.c_str()); return ok; }")
+    return f'#include "{HEADER}"\n{source}\n' + "\n".join(glue) + "\n"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("VRAMWISE_CUDAEMU_CACHE") or os.path.join(tempfile.gettempdir(), "vramwise-cudaemu")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build(label: str, source: str, names: list[str]) -> dict[str, "Kernel"]:
+    """Kernels `names` of a CUDA source, compiled for the CPU (cached on disk by the text's hash)."""
+    text = program(source, names)
+    key = hashlib.sha256((text + HEADER.read_text() + " ".join((CXX, *FLAGS))).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"{label}-{key}.so"
+    if not so.exists():
+        src = so.with_suffix(f".{os.getpid()}.cpp")
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        src.write_text(text)
+        done = subprocess.run([CXX, *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True)
+        src.unlink()
+        if done.returncode:
+            raise EmulationError(f"g++ failed on {label}:\n{done.stderr[-4000:]}")
+        os.replace(tmp, so)                        # atomic: a parallel build never loads half a file
+    lib = ctypes.CDLL(str(so))
+    lib.vw_launch.restype = ctypes.c_int
+    lib.vw_launch.argtypes = [ctypes.c_int] + [ctypes.c_uint] * 6 + [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    return {name: Kernel(lib, i, name) for i, name in enumerate(names)}
+
+
+@lru_cache(maxsize=None)
+def module(name: str) -> dict[str, "Kernel"]:
+    """One of gpuengine/kernels' sources, every kernel of it."""
+    return build(name, kernels.source(name), kernel_names(name))
+
+
+class Kernel:
+    """One kernel, called as CuPy's RawModule functions are: kernel(grid, block, args)."""
+
+    def __init__(self, lib: ctypes.CDLL, index: int, name: str):
+        self.lib, self.index, self.name = lib, index, name
+        sizes = (ctypes.c_longlong * 64)()
+        self.sizes = list(sizes[:self.lib.vw_signature(self.index, sizes)])
+    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        if len(args) != len(self.sizes):
+            raise EmulationError(f"{self.name}: {len(args)} arguments for {len(self.sizes)} parameters")
+        keep, ptrs = [], (ctypes.c_void_p * max(1, len(args)))()
+        for i, (a, size) in enumerate(zip(args, self.sizes)):
+            if isinstance(a, np.ndarray) and a.dtype.fields is not None:   # a struct, by value
+                value = np.ascontiguousarray(a)
+                got = value.nbytes
+            elif isinstance(a, np.ndarray):                              # a device array: its address
+                value = np.array([a.ctypes.data], dtype=np.uint64)
+                got = 8
+            elif isinstance(a, np.generic):
+                value = np.array(a)
+                got = value.itemsize
+            else:
+                raise EmulationError(f"{self.name}: argument {i} is a {type(a).__name__}, not a NumPy value")
+            if got != size:
+                raise EmulationError(f"{self.name}: argument {i} has {got} bytes, the parameter {size}")
+            keep.append(value)
+            ptrs[i] = value.ctypes.data
+        g = (tuple(grid) + (1, 1))[:3]
+        b = (tuple(block) + (1, 1))[:3]
+        if min(g) < 1 or min(b) < 1 or int(np.prod(b)) > 1024:
+            raise EmulationError(f"{self.name}: launch of grid {g}, block {b}")
+        err = ctypes.create_string_buffer(512)
+        if not self.lib.vw_launch(self.index, *g, *b, ptrs, err, len(err)):
+            raise EmulationError(f"{self.name}: {err.value.decode()}")
+
+
+def function(module_name: str, kernel: str) -> Kernel:
+    """gpuengine.kernels.function's stand-in."""
+    found = module(module_name)
+    if kernel not in found:
+        raise EmulationError(f"{module_name}.cu has no kernel {kernel!r} (it has {', '.join(found)})")
+    return found[kernel]
+
+
+def install(monkeypatch: Any) -> None:
+    """Run gpuengine's launchers on the emulated kernels for one test, over gpu_fake's CuPy stand-in."""
+    import gpu_fake
+    from gpuengine import launch
+
+    gpu_fake.install_runtime(monkeypatch)
+    monkeypatch.setattr(kernels, "function", function)
+    monkeypatch.setattr(launch, "function", function)
+    monkeypatch.setattr(launch, "gemm", gpu_fake.LAUNCHERS["gemm"])
