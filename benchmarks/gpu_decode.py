@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     device.require()
     if args.matvec_from:
         best = json.loads(args.matvec_from.read_text())["matvec_best"]
-        launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
+        launch.MATVEC = launch.MatvecShape.from_json(best)
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         rows.append(run_case(cp, bw["device_copy_gb_s"], f"{name} {bpw} bpw", plan, planned_engine_bytes(plan)))
         print(rows[-1], flush=True)
     doc = {"device": device.name(), "date": date.today().isoformat(), "cupy": cp.__version__,
-           "matvec_block": {"rows": launch.MATVEC_ROWS, "units": launch.MATVEC_UNITS, "warps": launch.MATVEC_WARPS}, **bw, "cases": rows}
+           "matvec_block": dataclasses.asdict(launch.MATVEC), **bw, "cases": rows}
     if not args.quick:
         doc["llama2_70b_2.5bpw"] = seventy_b(cp, bw, args.gpu)
         doc["streaming"] = streaming(cp, bw, args.gpu)

@@ -7,6 +7,7 @@ import argparse
 import itertools
 import statistics
 import sys
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     import cupy as cp
 
     from gpuengine import device, launch
+    from gpuengine.kernels import MATVEC_INSTANCES
     from gpuengine.layout import build_image, views
     rng = np.random.default_rng(0)
     rows = []
@@ -71,17 +73,17 @@ def main(argv=None) -> int:
     sweep = []
     mats = {(n, k): rotation("1:4b g128", n, k) for n, k in shapes}
     outs = {n: cp.empty(n, cp.float32) for n, _ in shapes}
-    for rows_per_block, units in launch.MATVEC_SHAPES:
+    for instance in MATVEC_INSTANCES:
         for warps in (1, 2, 4):
-            launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = rows_per_block, units, warps
+            launch.MATVEC = shape = launch.MatvecShape(*instance, warps)
             us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
                   for n, k in shapes}
-            sweep.append({"rows": rows_per_block, "units": units, "warps": warps, "us": us, "total_us": sum(us.values())})
-            print(f"matvec 1:4b g128, {rows_per_block} rows x {units} units x {warps} warps: "
+            sweep.append({**asdict(shape), "us": us, "total_us": sum(us.values())})
+            print(f"matvec 1:4b g128, {shape.kernel} x {warps} warps: "
                   + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
     best = min(sweep, key=lambda r: r["total_us"])
-    launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
-    print(f"best: {best['rows']} rows x {best['units']} units x {best['warps']} warps", flush=True)
+    launch.MATVEC = launch.MatvecShape.from_json(best)
+    print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
             w, nbytes = rotation(option, n, k)
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['kernel']:45} {r['us']:9.1f} us {r['gb_s']:8.0f} GB/s")
     write_json({"device": device.name(), "date": date.today().isoformat(), "matvec_block_sweep": sweep,
-                "matvec_best": {k: best[k] for k in ("rows", "units", "warps")}, "kernels": rows}, args.out)
+                "matvec_best": asdict(launch.MATVEC), "kernels": rows}, args.out)
     return 0
 
 

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     from gpuengine import launch
     from gpuengine.layout import build_image, views
     best = json.loads(args.matvec_from.read_text())["matvec_best"]
-    launch.MATVEC_ROWS, launch.MATVEC_UNITS, launch.MATVEC_WARPS = best["rows"], best["units"], best["warps"]
+    launch.MATVEC = launch.MatvecShape.from_json(best)
     rng = np.random.default_rng(0)
     image = build_image({"w": random_linear(rng, parse_option("1:4b g128"), 4096, 4096)})
     w = views(cp.asarray(image.data), image)["w"]

@@ -6,11 +6,12 @@ arguments go to the kernels as int32 and floats as float32 (double where the ker
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-from gpuengine.kernels import function
+from gpuengine.kernels import MATVEC_INSTANCES, function
 from gpuengine.layout import DeviceLinear
 from planner.formats import KV_CODES, PACK_VALUES
 from planner.memory import ATTN_MAX_SPLITS
@@ -65,11 +66,30 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
         check("perm", lin.perm, np.int32, (k,))
 
 
-# The matvec kernel's launch: MATVEC_ROWS output rows per block and MATVEC_UNITS packing units per thread in
-# flight (a template instance of qmatvec; MATVEC_SHAPES lists those compiled), MATVEC_WARPS warps splitting
-# each row's units. Chosen by benchmarks/gpu_kernels.py's sweep on an H200 (its JSON names every time).
-MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS = 4, 4, 2
-MATVEC_SHAPES = ((1, 4), (2, 4), (2, 8), (4, 4))
+@dataclass(frozen=True)
+class MatvecShape:
+    """A launch of the packed matvec: `rows` output rows a block, `units` packing units a thread has in
+    flight, `lane` values of a unit a lane takes (8: quads, 32: a whole unit; the three name a template
+    instance, kernels.MATVEC_INSTANCES lists those compiled), `warps` warps a block splitting the units."""
+
+    rows: int
+    units: int
+    lane: int
+    warps: int
+
+    @property
+    def kernel(self) -> str:
+        return f"qmatvec<{self.rows}, {self.units}, {self.lane}>"
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MatvecShape":
+        """From a benchmark's record (runs before the lane layout existed used quads: lane 8)."""
+        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"])
+
+
+# The shape every matvec launches with: chosen by benchmarks/gpu_kernels.py's sweep on an H200 (its JSON
+# names every time). The lane-per-unit instances are compiled and tested but were not yet timed on a GPU.
+MATVEC = MatvecShape(rows=4, units=4, lane=8, warps=2)
 
 # numpy twins of matvec.cu's QSlice / QMat (C layout: align=True), passed to the kernel by value.
 QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("groups", "i4"), ("xoff", "i4")],
@@ -104,14 +124,14 @@ def fusable(*lins: DeviceLinear) -> bool:
 
 
 def _qmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
-    rows, units, warps = MATVEC_ROWS, MATVEC_UNITS, MATVEC_WARPS
-    if (rows, units) not in MATVEC_SHAPES:
-        raise LaunchError(f"matvec of {rows} rows x {units} units per thread is not compiled")
+    shape = MATVEC
+    if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
+        raise LaunchError(f"matvec {shape.kernel} is not compiled")
     if _ptr(x) % 16:
         raise LaunchError("matvec input not 16-byte aligned")
-    grid = (math.ceil(n / rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
+    grid = (math.ceil(n / shape.rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", f"qmatvec<{rows}, {units}>")(grid, (32 * warps,), (x, _i(glu), *padded))
+    function("matvec", shape.kernel)(grid, (32 * shape.warps,), (x, _i(glu), *padded))
 
 
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:

@@ -3,7 +3,9 @@ agreement), greedy continuations where the reference's margins are clear, stream
 
 Models: SmolLM2-135M-Instruct (the packaged GGUF, or the file $VRAMWISE_SMOLLM2 names, e.g. a truncation made
 by benchmarks/truncate_gguf.py), and a random model of another shape (GQA 4:1, head dim 32, MLP width not a
-multiple of the group size) under mixed options. Skipped without CUDA (tests/conftest.py)."""
+multiple of the group size) under mixed options. Skipped without CUDA (tests/conftest.py), except the random
+model's tests, which also run on the CPU with the kernel sources compiled by g++ (tests/cudaemu.py; there
+the prefill GEMMs are NumPy's, cuBLAS being GPU-only)."""
 from __future__ import annotations
 
 import gc
@@ -22,7 +24,6 @@ from refengine.weights import load_checkpoint
 from test_stream import random_tensors
 from test_weights import HF_CONFIG, hf_folder
 
-pytestmark = pytest.mark.gpu
 TEXT = Path(__file__).parents[1] / "refengine" / "data" / "eval.txt"
 KL_MEAN, KL_MAX, TOP1 = 2e-3, 5e-2, 0.95       # fp16 prefill GEMMs and fp16 KV against the fp32 reference
 MARGIN = 0.5                                   # greedy tokens must agree while the reference's top-2 gap exceeds this
@@ -91,6 +92,7 @@ def smol(tmp_path_factory):
     return source, load_plan(path), path
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["fp16", "q8"])
 def test_smollm2_teacher_forced_logits_match(smol, kv):
     from refengine.api import load_for_plan
@@ -107,6 +109,7 @@ def test_smollm2_teacher_forced_logits_match(smol, kv):
     assert_close(decode_rows(ref, ids[:80], 40), decode_rows(gpu, ids[:80], 40))   # decode: fused matvec
 
 
+@pytest.mark.gpu
 def test_smollm2_greedy_continuation_matches(smol):
     from refengine.api import load_for_plan
     source, plan, _ = smol
@@ -115,6 +118,7 @@ def test_smollm2_greedy_continuation_matches(smol):
     print("tokens agreeing while margins are clear:", greedy_agrees(ref, gpu, ids, 24))
 
 
+@pytest.mark.gpu
 def test_smollm2_planned_equals_allocated_and_run_reports_the_pool(smol, capsys):
     import json
 
@@ -168,7 +172,7 @@ def models(ckpt, assignment, kv: str, resident=None, ctx: int = 160, chunk: int 
 
 
 @pytest.mark.parametrize("kv", ["fp16", "fp8", "q8", "q4"])
-def test_random_model_decode_path_matches_in_each_cache_format(other, kv):
+def test_random_model_decode_path_matches_in_each_cache_format(other, kv, backend):
     """chunk 1: every token through the fused matvec and the cache kernels, all fp32, so within summation order
     (prefill's fp16 rounding would flip some fp8 / q4 cache codes and hide what this checks)."""
     ckpt, assignment = other
@@ -179,7 +183,21 @@ def test_random_model_decode_path_matches_in_each_cache_format(other, kv):
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()     # fp16 / fp8 cache rounding flips drift
 
 
-def test_random_model_prefill_matches(other):
+@pytest.mark.parametrize("instance", [(8, 1, 32, 4), (2, 8, 8, 1)], ids=["unit-a-lane", "quads"])
+def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, backend, monkeypatch):
+    """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
+    the default launch.MATVEC, as the benchmark's sweep may pick one."""
+    from gpuengine import launch
+    monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(*instance))
+    ckpt, assignment = other
+    ref, gpu = models(ckpt, assignment, "fp16", chunk=1)
+    ids = list(np.random.default_rng(5).integers(0, CONFIG["vocab_size"], 40))
+    want, got = ref.logits(ids), gpu.logits(ids)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+
+
+def test_random_model_prefill_matches(other, backend):
     ckpt, assignment = other
     ref, gpu = models(ckpt, assignment, "fp16")
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))
@@ -188,7 +206,7 @@ def test_random_model_prefill_matches(other):
 
 
 @pytest.mark.parametrize("resident", [range(0), range(1, 3)], ids=["stream", "offload"])
-def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident):
+def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident, backend):
     ckpt, assignment = other
     ids = list(np.random.default_rng(2).integers(0, CONFIG["vocab_size"], 90))
     _, held = models(ckpt, assignment, "q8")
@@ -196,7 +214,7 @@ def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident):
     assert np.array_equal(decode_rows(streamed, ids, 20), decode_rows(held, ids, 20))
 
 
-def test_unquantized_fp16_model_matches(other):
+def test_unquantized_fp16_model_matches(other, backend):
     """No plan: the GPU holds the linears in fp16 (hmatvec, and cuBLAS on them directly)."""
     ckpt, _ = other
     ref, gpu = models(ckpt, None, "fp16", ctx=128)
@@ -205,6 +223,7 @@ def test_unquantized_fp16_model_matches(other):
     assert_close(decode_rows(ref, ids, 30), decode_rows(gpu, ids, 30))
 
 
+@pytest.mark.gpu
 def test_sampling_on_the_device_is_seeded(other):
     from refengine.generate import Sampling
     ckpt, assignment = other
@@ -214,6 +233,7 @@ def test_sampling_on_the_device_is_seeded(other):
     assert a == b and all(0 <= t < CONFIG["vocab_size"] for t in a)
 
 
+@pytest.mark.gpu
 def test_a_replayed_decode_graph_gives_the_eager_logits(other):
     ckpt, assignment = other
     ids = list(np.random.default_rng(4).integers(0, CONFIG["vocab_size"], 70))

@@ -222,8 +222,9 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     instances NVRTC compiles, and the structured argument holds the linear's arrays and slice table."""
     from gpuengine import launch
     from gpuengine.kernels import NAME_EXPRESSIONS
-    assert {f"qmatvec<{rows}, {units}>" for rows, units in launch.MATVEC_SHAPES} == set(NAME_EXPRESSIONS["matvec"])
-    assert (launch.MATVEC_ROWS, launch.MATVEC_UNITS) in launch.MATVEC_SHAPES
+    from gpuengine.kernels import MATVEC_INSTANCES
+    assert {launch.MatvecShape(*i, 1).kernel for i in MATVEC_INSTANCES} == set(NAME_EXPRESSIONS["matvec"])
+    assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))
     image = build_image({"w": types.SimpleNamespace(qtensor=t)})

@@ -11,6 +11,10 @@ typedef unsigned int u32;
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+#ifdef VRAMWISE_CUDA_EMU                               // tests/cudaemu.h: the same conversions on the CPU
+__device__ __forceinline__ float h2f(u16 h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+__device__ __forceinline__ u16 f2h(float f) { const _Float16 v = (_Float16)f; u16 h; memcpy(&h, &v, 2); return h; }
+#else
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -21,6 +25,20 @@ __device__ __forceinline__ u16 f2h(float f) {          // round to nearest even,
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+}
+#endif
+
+// (a & mask) | set for constants mask and set, as one LOP3: C++'s & then | compile to two LOP3s, each with
+// one immediate, since an instruction takes one immediate (seen in the matvec's SASS, sm_90).
+template <u32 MASK, u32 SET>
+__device__ __forceinline__ u32 and_or(u32 a) {
+#ifdef VRAMWISE_CUDA_EMU
+    return (a & MASK) | SET;
+#else
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(MASK), "n"(SET));
+    return r;
+#endif
 }
 
 // float8 e4m3fn -> float: bias 7, no infinities, NaN only at S.1111.111; subnormals m * 2^-9.

@@ -97,6 +97,110 @@ __device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __rest
     }
 }
 
+// Layout L = 32, a unit per lane: thread l of the block takes whole units l, l + T, l + 2T, ... (T threads)
+// of each of its R rows. A unit's BITS words are one to three vector loads (layout.py aligns 4- and 8-bit
+// rows to 16 bytes, 2- and 6-bit rows to 8), a warp's loads of a row cover 32 consecutive units, and per
+// unit the thread loads one scale and 8 float4 of x, the x shared by the R rows. Against the quad layout
+// this moves the per-unit work (loads, scale, address and bounds arithmetic) from every 8 values to every
+// 32: the decode, 3 instructions a value, is left as most of the loop. Whole steps of U units run with no
+// bounds test, then single units to the end of the slice.
+
+template <int BITS>
+__device__ __forceinline__ void load_unit(const u32* __restrict__ p, u32 (&w)[BITS]) {
+    if constexpr (BITS == 4 || BITS == 8) {
+#pragma unroll
+        for (int v = 0; v < BITS / 4; ++v) {
+            const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + v);
+            w[4 * v] = q.x; w[4 * v + 1] = q.y; w[4 * v + 2] = q.z; w[4 * v + 3] = q.w;
+        }
+    } else if constexpr (BITS == 2 || BITS == 6) {
+#pragma unroll
+        for (int v = 0; v < BITS / 2; ++v) {
+            const uint2 q = __ldg(reinterpret_cast<const uint2*>(p) + v);
+            w[2 * v] = q.x; w[2 * v + 1] = q.y;
+        }
+    } else {
+#pragma unroll
+        for (int v = 0; v < BITS; ++v) w[v] = __ldg(p + v);
+    }
+}
+
+// Code i of a unit (bits i * BITS .. of its words, LSB first) as a float in [1, 2), as code_float.
+template <int BITS>
+__device__ __forceinline__ float unit_code(const u32 (&w)[BITS], int i) {   // i constant after unrolling
+    const int top = 23 - BITS, p = i * BITS, wi = p >> 5, b = p & 31;
+    u32 t;
+    if (b + BITS <= 32) t = b >= top ? w[wi] >> (b - top) : w[wi] << (top - b);
+    else t = __funnelshift_r(w[wi], w[wi + 1], b - top);               // straddles two words
+    return __uint_as_float(and_or<((1u << BITS) - 1u) << top, 0x3f800000u>(t));
+}
+
+template <int BITS, int R, int U>
+__device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R],
+                                          const float* __restrict__ xs, int u, int step, int gshift,
+                                          float (&acc)[R]) {
+    const float scale = (float)(1 << BITS);
+    u32 w[U][R][BITS];
+    float sc[U][R];
+#pragma unroll
+    for (int j = 0; j < U; ++j)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            load_unit<BITS>(wr[r] + (size_t)(u + j * step) * BITS, w[j][r]);
+            sc[j][r] = h2f(__ldg(sr[r] + ((u + j * step) >> gshift))) * scale;
+        }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+        const float4* xv = reinterpret_cast<const float4*>(xs + (size_t)(u + j * step) * 32);
+        float xf[32];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            const float4 a = xv[q];
+            xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
+        }
+        float part[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) part[q] = (xf[4 * q] + xf[4 * q + 1]) + (xf[4 * q + 2] + xf[4 * q + 3]);
+        const float sx = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float d0 = 0.0f, d1 = 0.0f;                      // two chains: half the FMA latency in line
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                d0 = fmaf(unit_code<BITS>(w[j][r], i), xf[i], d0);
+                d1 = fmaf(unit_code<BITS>(w[j][r], i + 16), xf[i + 16], d1);
+            }
+            acc[r] = fmaf(sc[j][r], fmaf(-1.5f, sx, d0 + d1), acc[r]);
+        }
+    }
+}
+
+template <int BITS, int R, int U>
+__device__ __forceinline__ void unit_rows(const QSlice& sl, const float* __restrict__ x, int gshift,
+                                          const int (&rows)[R], float (&acc)[R]) {
+    const int step = blockDim.x;
+    const u32* wr[R];
+    const u16* sr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        wr[r] = sl.w + (size_t)rows[r] * sl.units * BITS;
+        sr[r] = sl.s + (size_t)rows[r] * sl.groups;
+    }
+    const float* __restrict__ xs = x + sl.xoff;
+    int u = threadIdx.x;
+    for (; u + (U - 1) * step < sl.units; u += U * step) unit_step<BITS, R, U>(wr, sr, xs, u, step, gshift, acc);
+    if constexpr (U > 1)
+        for (; u < sl.units; u += step) unit_step<BITS, R, 1>(wr, sr, xs, u, step, gshift, acc);
+}
+
+// One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows).
+template <int BITS, int R, int U, int L>
+__device__ __forceinline__ void slice_dot(const QSlice& sl, const float* __restrict__ x, int gshift,
+                                          const int (&rows)[R], float (&acc)[R]) {
+    if constexpr (L == 8) slice_rows<BITS, R, U>(sl, x, gshift, rows, acc);
+    else unit_rows<BITS, R, U>(sl, x, gshift, rows, acc);
+}
+
 // Matrix `which` of the three (or slice s of it) as values: selects on kernel parameters, so the kernel has
 // one copy of the decode loop per bit width rather than one per matrix and slice (and compiles in seconds).
 #define QPICK(f) (which == 0 ? m0.f : which == 1 ? m1.f : m2.f)
@@ -117,8 +221,8 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
 // its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
 // m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
-// together.
-template <int R, int U>
+// together; L: values per lane of a unit (8: quads, 32: a unit per lane).
+template <int R, int U, int L>
 __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
     __shared__ float red[2][R * 32];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
@@ -138,12 +242,12 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
         for (int s = 0; s < nslices; ++s) {
             const QSlice sl = pick_slice(m0, m1, m2, which, s);
             switch (sl.bits) {
-                case 2: slice_rows<2, R, U>(sl, x, gshift, rows, acc); break;
-                case 3: slice_rows<3, R, U>(sl, x, gshift, rows, acc); break;
-                case 4: slice_rows<4, R, U>(sl, x, gshift, rows, acc); break;
-                case 5: slice_rows<5, R, U>(sl, x, gshift, rows, acc); break;
-                case 6: slice_rows<6, R, U>(sl, x, gshift, rows, acc); break;
-                case 8: slice_rows<8, R, U>(sl, x, gshift, rows, acc); break;
+                case 2: slice_dot<2, R, U, L>(sl, x, gshift, rows, acc); break;
+                case 3: slice_dot<3, R, U, L>(sl, x, gshift, rows, acc); break;
+                case 4: slice_dot<4, R, U, L>(sl, x, gshift, rows, acc); break;
+                case 5: slice_dot<5, R, U, L>(sl, x, gshift, rows, acc); break;
+                case 6: slice_dot<6, R, U, L>(sl, x, gshift, rows, acc); break;
+                case 8: slice_dot<8, R, U, L>(sl, x, gshift, rows, acc); break;
             }
         }
         float* rd = red[which - first];
@@ -218,8 +322,12 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
-template __global__ void qmatvec<1, 4>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 4>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 8>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 4>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<1, 4, 8>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 4, 8>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 8, 8>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 4, 8>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<2, 1, 32>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 1, 32>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<4, 2, 32>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<8, 1, 32>(const float*, int, QMat, QMat, QMat);
 #endif
