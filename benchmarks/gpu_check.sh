@@ -20,7 +20,7 @@ python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', 
 timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 150 -m gpu ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py} 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -60
 # per-kernel times and the matvec block-shape sweep; the decode benchmark then runs with the shape it chose
-timeout "${KERNELS_S:-120}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
+timeout "${KERNELS_S:-150}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
 TUNED=""
 [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
 timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25

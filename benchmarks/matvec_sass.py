@@ -1,0 +1,138 @@
+"""The decode matvec's machine code, counted without a GPU: compiles gpuengine/kernels/matvec.cu with nvcc for
+one architecture (sm_90, the H100 / H200, by default), disassembles it with cuobjdump, and for each compiled
+qmatvec instance and bit width reports the registers and the SASS instructions per weight of its inner loop.
+
+On the H200 the quad layout's matvec was bound by instruction issue (ncu, GPU_NOTES.md run 8: 7.7
+instructions per weight, schedulers issuing on 56% of cycles), so this static count is the first check of a
+new layout before device time is spent on it. It is not a speed: only a GPU run (benchmarks/gpu_check.sh)
+says how fast a kernel is.
+
+Needs nvcc (CUDA 12 or 13), cuobjdump and nvdisasm (in CUDA, or `pip install nvidia-cuda-cuobjdump
+nvidia-cuda-nvdisasm`). Prints a table and writes benchmarks/results/matvec_sass.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from datetime import date
+from pathlib import Path
+
+from benchlib import ROOT, write_json
+
+from gpuengine.kernels import MATVEC_INSTANCES, source  # noqa: E402
+
+# the decode's mask of a code in a float's top mantissa bits (matvec.cu's code_float / unit_code): its
+# immediate names the bit width of the loop it appears in, and each occurrence is one decoded weight
+MASKS = {((1 << b) - 1) << (23 - b): b for b in (2, 3, 4, 5, 6, 8)}
+
+
+def tool(name: str) -> str:
+    """A CUDA tool from PATH, /usr/local/cuda/bin, or a pip-installed NVIDIA wheel."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/cuda/bin")
+    if not found:
+        site = sysconfig.get_paths()["purelib"]
+        found = next(iter(sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin", name)))), None)
+    if not found:
+        sys.exit(f"error: {name} not found: install the CUDA toolkit (or, for cuobjdump and nvdisasm, "
+                 "`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`)")
+    return found
+
+
+def compile_matvec(arch: str, work: Path) -> tuple[str, dict[str, int], str]:
+    """(SASS listing, registers per kernel, nvcc's version line)."""
+    nvcc = tool("nvcc")
+    cu = work / "matvec.cu"
+    cu.write_text(source("matvec"))
+    done = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "--std=c++17", "-DVRAMWISE_NVCC_CHECK", "-Xptxas", "-v",
+                           "-o", str(work / "matvec.cubin"), str(cu)], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"error: nvcc failed:\n{done.stderr[-3000:]}")
+    regs, current = {}, None
+    for line in done.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            regs[current] = int(m.group(1))
+    env = dict(os.environ, NVDISASM_PATH=str(Path(tool("nvdisasm")).parent))      # cuobjdump runs nvdisasm
+    sass = subprocess.run([tool("cuobjdump"), "-sass", str(work / "matvec.cubin")], capture_output=True, text=True,
+                          check=True, env=env).stdout
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return sass, regs, version
+
+
+def loops(body: str) -> list[list[str]]:
+    """Each backward branch's body (address order), as instruction texts."""
+    ins = [(int(a, 16), op.strip()) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
+    out = []
+    for addr, op in ins:
+        m = re.search(r"BRA\s+(?:\w+\s+)?0x([0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < addr:
+            out.append([o for a, o in ins if int(m.group(1), 16) <= a <= addr])
+    return out
+
+
+def width_of(loop: list[str]) -> tuple[int, int] | None:
+    """(bits, weights an iteration) of an inner decode loop: its commonest mask immediate and how often it
+    appears; None for a loop with no decode or one spanning several widths."""
+    found = collections.Counter()
+    for op in loop:
+        if op.split()[0].startswith("LOP3") or "LOP3" in op:
+            for imm in re.findall(r"0x([0-9a-f]+)", op):
+                if int(imm, 16) in MASKS:
+                    found[MASKS[int(imm, 16)]] += 1
+    if len(found) != 1:
+        return None
+    (bits, n), = found.items()
+    return bits, n
+
+
+def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
+    rows = []
+    for r, u, lane in MATVEC_INSTANCES:
+        mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}EEvPKfi4QMatS2_S2_"
+        m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+        if not m:
+            sys.exit(f"error: {mangled} not in the disassembly")
+        best: dict[int, tuple[int, int]] = {}
+        for loop in loops(m.group(1)):
+            w = width_of(loop)
+            if w and (w[0] not in best or w[1] > best[w[0]][1]):     # a width's main loop: the most weights
+                best[w[0]] = (len(loop), w[1])
+        for bits, (n_ins, weights) in sorted(best.items()):
+            rows.append({"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
+                         "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
+                         "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "matvec_sass.json")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        sass, regs, version = compile_matvec(args.arch, Path(work))
+    rows = analyse(sass, regs)
+    print(f"{'instance':24} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13}")
+    for row in rows:
+        print(f"{row['instance']:24} {row['layout']:12} {row['bits']:>4} {row['registers']:>5} "
+              f"{row['loop_instructions']:>6} {row['weights_per_iteration']:>8} {row['instructions_per_weight']:>13}")
+    write_json({"date": date.today().isoformat(), "arch": args.arch, "nvcc": version,
+                "what": "static SASS count of each qmatvec instance's inner decode loop (not a speed)",
+                "rows": rows}, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
