@@ -13,6 +13,7 @@ import numpy as np
 
 from gpuengine import launch as K
 from gpuengine.layout import LayerImage, build_image, image_bytes, views
+from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
@@ -20,6 +21,7 @@ from refengine.model import check_supported
 from refengine.stream import layer_of
 
 USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the CPU stand-in turn this off)
+OVERLAP = False            # streamed layers' copies on their own stream (gpuengine.schedule); off until timed on a GPU
 _DTYPES = {"f32": np.float32, "f16": np.uint16, "i32": np.int32, "u8": np.uint8}   # fp16 as raw bits
 
 
@@ -78,16 +80,16 @@ class DeviceWeights:
         self.resident_bytes += image.nbytes
         return views(buf, image)
 
-    def layer(self, i: int) -> dict:
-        """Layer i's tensors on the device; a streamed layer is copied into the next slot first (in stream
-        order, so the copy waits for the kernels that read the slot's previous layer)."""
+    def copy(self, i: int, slot: int, stream: Any) -> None:
+        """Streamed layer i's image into device slot `slot`, in `stream`'s order."""
+        image = self.images[i]
+        h2d(self.slots[slot][:image.nbytes], image.data, stream)
+
+    def view(self, i: int, slot: int) -> dict:
+        """Layer i's tensors on the device: its own buffer, or the slot a streamed layer was copied into."""
         if i in self.views:
             return self.views[i]
-        import cupy as cp
-
-        image, slot = self.images[i], self.slots[i % 2]      # fixed per layer, so a captured step replays
-        h2d(slot[:image.nbytes], image.data, cp.cuda.get_current_stream())
-        return views(slot, image)
+        return views(self.slots[slot], self.images[i])
 
     def nbytes(self) -> int:
         """Device bytes of weights: resident images plus the two stream slots."""
@@ -125,11 +127,15 @@ class GPUTransformer:
     Each step's inputs (positions, embedding rows) are staged in pinned host memory and copied in stream
     order, and every kernel reads the position from the device, so a decode step is position-independent
     work: with graphs=True it is captured once as a CUDA graph and replayed for every later token (one
-    launch instead of hundreds; Python's per-launch cost is what bounds small-batch decode)."""
+    launch instead of hundreds; Python's per-launch cost is what bounds small-batch decode).
+
+    Streamed layers are copied as gpuengine.schedule says: serially on the compute stream, or with
+    overlap=True on a copy stream, the next streamed layer while the current one computes."""
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, Any], ctx: int, kv_name: str = "fp16",
                  chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True,
-                 resident: Optional[Iterable[int]] = None, graphs: Optional[bool] = None):
+                 resident: Optional[Iterable[int]] = None, graphs: Optional[bool] = None,
+                 overlap: Optional[bool] = None):
         import cupy as cp
         import cupyx
 
@@ -141,6 +147,11 @@ class GPUTransformer:
         self.weights = DeviceWeights(weights, spec, range(spec.num_layers) if resident is None else resident)
         self.pos = 0
         self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
+        self.schedule = StreamSchedule(spec.num_layers, self.weights.images, OVERLAP if overlap is None else overlap)
+        if self.schedule.overlap:
+            self.copy_stream = cp.cuda.Stream(non_blocking=True)
+            self.events = {name: cp.cuda.Event(disable_timing=True)
+                           for name in ("start", "loaded/0", "loaded/1", "freed/0", "freed/1")}
         self._pinned_x = cupyx.empty_pinned((self.chunk, spec.hidden_size), np.float32)
         self._pinned_pos = cupyx.empty_pinned((self.chunk,), np.int32)
         self.graphs = USE_GRAPHS if graphs is None else graphs
@@ -193,8 +204,11 @@ class GPUTransformer:
         h2d(st["positions"][:t], self._pinned_pos[:t], self.stream)
         x, xn = st["x"][:t], st["xn"][:t]                                          # (T, H)
         h2d(x, self._pinned_x[:t], self.stream)
+        sched = self.schedule
+        self._issue(sched.start())
         for i in range(spec.num_layers):
-            w = self.weights.layer(i)
+            self._issue(sched.before(i))
+            w = self.weights.view(i, sched.slot.get(i, -1))
             K.rmsnorm(x, w[f"layers.{i}.norm.0"], xn, spec.norm_eps)
             self._attention(i, w, xn, t)
             K.rmsnorm(x, w[f"layers.{i}.norm.1"], xn, spec.norm_eps)
@@ -208,9 +222,21 @@ class GPUTransformer:
                 self._linear(xn, wu, up)
                 K.swiglu(gate, up)
             self._linear(gate, w[f"{p}.down"], x, accumulate=True)
+            self._issue(sched.after(i))
         g = self.weights.globals
         K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
         self._linear(xn, g["head"], st["logits"][:t])                             # (T, V)
+
+    def _issue(self, ops: list[Op]) -> None:
+        """Streaming's copies and the events ordering them (gpuengine.schedule), in issue order."""
+        for op in ops:
+            stream = self.copy_stream if op.stream == COPY else self.stream
+            if op.kind == "copy":
+                self.weights.copy(op.layer, op.slot, stream)
+            elif op.kind == "record":
+                self.events[op.event].record(stream)
+            else:
+                stream.wait_event(self.events[op.event])
 
     def _attention(self, i: int, w: dict, xn: Any, t: int) -> None:
         spec, st, p = self.spec, self.state, f"layers.{i}.attn"

@@ -41,6 +41,19 @@ class _Stream:
     def synchronize(self):
         pass
 
+    def wait_event(self, event):
+        pass
+
+
+class _Event:
+    """CUDA events: work runs in issue order on the CPU, so there is nothing to wait for."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
 
 def _poisoned(shape, dtype=np.float32) -> FakeArray:
     """cupy.empty's stand-in: NaN floats and 0x5A bytes, so a buffer read before it is written shows."""
@@ -58,7 +71,8 @@ def fake_cupy() -> tuple[types.ModuleType, types.ModuleType]:
     cp.asarray = lambda a, dtype=None: _fake(np.array(a, dtype))         # a copy, as a host-to-device one
     for name in ("uint8", "uint16", "int32", "uint64", "float32", "float64", "nan", "inf"):
         setattr(cp, name, getattr(np, name))
-    cp.cuda = types.SimpleNamespace(get_current_stream=lambda: _Stream(), Stream=lambda non_blocking=False: _Stream())
+    cp.cuda = types.SimpleNamespace(get_current_stream=lambda: _Stream(), Stream=lambda non_blocking=False: _Stream(),
+                                    Event=_Event)
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = lambda shape, dtype: np.empty(shape, dtype)
     return cp, cupyx

@@ -171,6 +171,16 @@ def models(ckpt, assignment, kv: str, resident=None, ctx: int = 160, chunk: int 
     return ref, GPUModel(ckpt, tok, ctx, kv, chunk, _Weights(ckpt, assignment), layers)
 
 
+def streamed_pair(ckpt, assignment, resident, overlap: bool, monkeypatch):
+    """(all layers resident, layers outside `resident` streamed with or without overlapped copies)."""
+    from gpuengine import model
+    _, held = models(ckpt, assignment, "q8")
+    monkeypatch.setattr(model, "OVERLAP", overlap)
+    _, streamed = models(ckpt, assignment, "q8", resident)
+    assert streamed.net.schedule.overlap == overlap
+    return held, streamed
+
+
 @pytest.mark.parametrize("kv", ["fp16", "fp8", "q8", "q4"])
 def test_random_model_decode_path_matches_in_each_cache_format(other, kv, backend):
     """chunk 1: every token through the fused matvec and the cache kernels, all fp32, so within summation order
@@ -205,12 +215,14 @@ def test_random_model_prefill_matches(other, backend):
     assert_close(decode_rows(ref, ids[:100], 30), decode_rows(gpu, ids[:100], 30))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("resident", [range(0), range(1, 3)], ids=["stream", "offload"])
-def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident, backend):
+def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident, overlap, backend, monkeypatch):
+    """Prefill and decode with layers copied in as they run, serially or on a copy stream (on the CPU twin,
+    work runs in issue order, so this checks which slot each copy targets and when it is issued)."""
     ckpt, assignment = other
     ids = list(np.random.default_rng(2).integers(0, CONFIG["vocab_size"], 90))
-    _, held = models(ckpt, assignment, "q8")
-    _, streamed = models(ckpt, assignment, "q8", resident)
+    held, streamed = streamed_pair(ckpt, assignment, resident, overlap, monkeypatch)
     assert np.array_equal(decode_rows(streamed, ids, 20), decode_rows(held, ids, 20))
 
 
@@ -231,6 +243,18 @@ def test_sampling_on_the_device_is_seeded(other):
     s = Sampling(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=5)
     a, b = gpu.generate([1, 2, 3], 12, s), gpu.generate([1, 2, 3], 12, s)
     assert a == b and all(0 <= t < CONFIG["vocab_size"] for t in a)
+
+
+@pytest.mark.gpu
+def test_a_replayed_graph_with_overlapped_streaming_gives_the_resident_logits(other, monkeypatch):
+    """The decode step captured across two streams (copies forked off by the `start` event, joined back by
+    each `loaded` one) and replayed."""
+    ckpt, assignment = other
+    ids = list(np.random.default_rng(6).integers(0, CONFIG["vocab_size"], 70))
+    held, streamed = streamed_pair(ckpt, assignment, range(1, 2), True, monkeypatch)
+    assert streamed.net.graphs
+    assert np.array_equal(decode_rows(streamed, ids, 30), decode_rows(held, ids, 30))
+    assert streamed.net._graph is not None
 
 
 @pytest.mark.gpu
