@@ -181,6 +181,11 @@ def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any) -> None:
     _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True)
 
 
+# Prefill's dequantization kernel: "slice" (a flat index over the tile, as measured in every GPU run so far)
+# or "rows" (a 2D grid, no 64-bit division; bit-identical output, tested on the CPU twin, not yet timed).
+DEQUANT = "slice"
+
+
 def dequantize(lin: DeviceLinear, row0: int, tile: Any) -> None:
     """tile (rows, k) fp16 bits = rows row0 .. row0 + rows of a packed linear, in original input order."""
     m = lin.meta
@@ -188,13 +193,19 @@ def dequantize(lin: DeviceLinear, row0: int, tile: Any) -> None:
     check("tile", tile, np.uint16, (nrows, m.k))
     if row0 < 0 or row0 + nrows > m.n:
         raise LaunchError(f"rows {row0}..{row0 + nrows} outside 0..{m.n}")
+    perm = lin.perm if lin.perm is not None else lin.words[0]
     for j, s in enumerate(m.slices):
         check("words", lin.words[j], np.uint32, (m.n, s.units * s.bits))
-        function("dequant", "dequant_slice")(
-            (_blocks(nrows * s.rows),), (THREADS,),
-            (lin.words[j], lin.scales[j], lin.perm if lin.perm is not None else lin.words[j], _i(lin.perm is not None),
-             tile, _i(row0), _i(nrows), _i(m.k), _i(s.start), _i(s.rows), _i(s.bits), _i(s.units), _i(s.groups),
-             _i(m.group_size)))
+        common = (lin.words[j], lin.scales[j], perm, _i(lin.perm is not None), tile, _i(row0), _i(nrows), _i(m.k),
+                  _i(s.start), _i(s.rows), _i(s.bits), _i(s.units), _i(s.groups))
+        if DEQUANT == "rows":
+            gunits = m.group_size // PACK_VALUES
+            if gunits & (gunits - 1):
+                raise LaunchError(f"group size {m.group_size} is not a power-of-two number of packing units")
+            grid = (math.ceil(s.rows / THREADS), min(nrows, MAX_BLOCKS))
+            function("dequant", "dequant_rows")(grid, (THREADS,), (*common, _i(gunits.bit_length() - 1)))
+        else:
+            function("dequant", "dequant_slice")((_blocks(nrows * s.rows),), (THREADS,), (*common, _i(m.group_size)))
 
 
 def to_half(x: Any, out: Any) -> None:

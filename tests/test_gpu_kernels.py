@@ -166,11 +166,13 @@ def test_fp16_matvec_equals_the_product(n, k, seed):
 
 
 @SETTINGS
-@given(option=options, n=st.integers(1, 200), k=st.integers(8, 700), seed=st.integers(0, 2**31), data=st.data())
-def test_dequantized_tile_is_bit_exact(option, n, k, seed, data):
+@given(option=options, n=st.integers(1, 200), k=st.integers(8, 700), seed=st.integers(0, 2**31),
+       kernel=st.sampled_from(["slice", "rows"]), data=st.data())
+def test_dequantized_tile_is_bit_exact(option, n, k, seed, kernel, data, monkeypatch):
     import cupy as cp
 
     from gpuengine import launch
+    monkeypatch.setattr(launch, "DEQUANT", kernel)
     t = quantize(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32), option)
     row0 = data.draw(st.integers(0, n - 1))
     rows = data.draw(st.integers(1, n - row0))

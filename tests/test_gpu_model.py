@@ -207,7 +207,10 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
 
 
-def test_random_model_prefill_matches(other, backend):
+@pytest.mark.parametrize("dequant", ["slice", "rows"])
+def test_random_model_prefill_matches(other, dequant, backend, monkeypatch):
+    from gpuengine import launch
+    monkeypatch.setattr(launch, "DEQUANT", dequant)
     ckpt, assignment = other
     ref, gpu = models(ckpt, assignment, "fp16")
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))
