@@ -280,6 +280,10 @@ def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, the
 
 
 ATTN_CHUNK = 32                    # decode attention: positions per block, at least (attention.cu)
+ATTN_TILE_D, ATTN_TQ = 128, 16     # attention_tiled: largest head dim, queries per block (attention.cu)
+# Prefill's attention: "query" (a block per query and head, as measured in every GPU run so far) or "tiled"
+# (attention_tiled: K / V tiles shared by 16 queries; tested on the CPU twin, not yet timed on a GPU).
+ATTN_PREFILL = "query"
 
 
 def attention_split(t: int, ctx: int) -> tuple[int, int]:
@@ -307,6 +311,11 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
         raise LaunchError(f"attention: head dim {d} above the kernel's {ATTN_MAX_D}")
     if hq % hkv:
         raise LaunchError(f"attention: {hq} heads over {hkv} KV heads")
+    if t > 1 and ATTN_PREFILL == "tiled" and d <= ATTN_TILE_D:
+        function("attention", f"attention_tiled<{KV_CODES[fmt]}>")(
+            (math.ceil(t / ATTN_TQ), hq), (ATTN_THREADS,),
+            (q, kc, vc, pos, out, _i(t), _i(hq), _i(hkv), _i(d), _i(row_bytes)))
+        return
     chunk, nsplit = attention_split(t, ctx)
     if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
         raise LaunchError(f"attention: {partials.size} partial floats for {hq} heads x {nsplit} splits")

@@ -207,10 +207,13 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("dequant", ["slice", "rows"])
-def test_random_model_prefill_matches(other, dequant, backend, monkeypatch):
+@pytest.mark.parametrize("kernels", [("slice", "query"), ("rows", "tiled")], ids=["measured", "candidates"])
+def test_random_model_prefill_matches(other, kernels, backend, monkeypatch):
+    """Prefill with the kernels every GPU run measured, and with the untimed candidates (dequant_rows and
+    attention_tiled)."""
     from gpuengine import launch
-    monkeypatch.setattr(launch, "DEQUANT", dequant)
+    monkeypatch.setattr(launch, "DEQUANT", kernels[0])
+    monkeypatch.setattr(launch, "ATTN_PREFILL", kernels[1])
     ckpt, assignment = other
     ref, gpu = models(ckpt, assignment, "fp16")
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))

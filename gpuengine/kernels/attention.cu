@@ -190,6 +190,111 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part, const
     }
 }
 
+// Prefill (t queries of one chunk): the same causal attention, tiled. Block (query tile, head) takes
+// ATTN_TQ queries and walks the keys in tiles of ATTN_TK: it decodes each K / V tile into shared memory once
+// for all its queries (where `attention` has every query's block read every key it sees), and keeps the
+// running max, sum and output of each query in registers (online softmax, as flash-attention does).
+// Thread (qi, g), qi = threadIdx.x / 8, g = threadIdx.x % 8: the scores of query qi with keys g, g + 8, ...
+// and its output dims 16 g .. 16 g + 15, so a query's scores and output live in 8 neighbouring lanes and
+// its max, sum and weights pass between them by shuffles. Head dim up to ATTN_TILE_D (the launcher falls
+// back to `attention` above it). Shared rows are padded by 4 floats, so the 8 key rows a warp reads at once
+// start in different banks.
+#define ATTN_TQ 16
+#define ATTN_TK 32
+#define ATTN_TILE_D 128
+#define ATTN_TILE_THREADS 128
+#define ATTN_ROW (ATTN_TILE_D + 4)
+
+template <int FMT>
+__global__ void attention_tiled(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
+                                const int* __restrict__ pos, float* __restrict__ out, int t, int hq, int hkv,
+                                int d, int row_bytes) {
+    __shared__ __align__(16) float qs[ATTN_TQ][ATTN_ROW];
+    __shared__ __align__(16) float ks[ATTN_TK][ATTN_ROW];
+    __shared__ __align__(16) float vs[ATTN_TK][ATTN_ROW];
+    __shared__ int qpos[ATTN_TQ];
+    const int tq0 = blockIdx.x * ATTN_TQ, h = blockIdx.y, kvh = h / (hq / hkv);
+    const int qi = threadIdx.x >> 3, g = threadIdx.x & 7, lane = threadIdx.x & 31;
+    const int d4 = (d + 3) & ~3;                                  // dims rounded up to float4s, zero-padded
+    const float root = sqrtf((float)d);
+    for (int i = threadIdx.x; i < ATTN_TQ * ATTN_ROW; i += ATTN_TILE_THREADS) {
+        const int r = i / ATTN_ROW, c = i % ATTN_ROW;
+        qs[r][c] = tq0 + r < t && c < d ? q[((size_t)(tq0 + r) * hq + h) * d + c] : 0.0f;
+    }
+    if (threadIdx.x < ATTN_TQ) qpos[threadIdx.x] = tq0 + threadIdx.x < t ? pos[tq0 + threadIdx.x] : -1;
+    __syncthreads();
+    int last = -1;                                                // the tile's last visible key
+    for (int r = 0; r < ATTN_TQ; ++r) last = max(last, qpos[r]);
+    const int mypos = qpos[qi];
+    float m = -INFINITY, l = 0.0f, o[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) o[j] = 0.0f;
+    for (int k0 = 0; k0 <= last; k0 += ATTN_TK) {
+        __syncthreads();                                          // the previous tile is used up
+        for (int i = threadIdx.x; i < ATTN_TK * (ATTN_TILE_D / 4); i += ATTN_TILE_THREADS) {
+            const int r = i / (ATTN_TILE_D / 4), c0 = (i % (ATTN_TILE_D / 4)) * 4, p = k0 + r;
+            const size_t at = ((size_t)p * hkv + kvh) * row_bytes;
+#pragma unroll
+            for (int c = c0; c < c0 + 4; ++c) {
+                const bool in = p <= last && c < d;
+                ks[r][c] = in ? kv_elem<FMT>(kc + at, c) : 0.0f;
+                vs[r][c] = in ? kv_elem<FMT>(vc + at, c) : 0.0f;
+            }
+        }
+        __syncthreads();
+        float sc[ATTN_TK / 8];
+#pragma unroll
+        for (int j = 0; j < ATTN_TK / 8; ++j) sc[j] = 0.0f;
+        for (int c = 0; c < d4; c += 4) {
+            const float4 a = *reinterpret_cast<const float4*>(&qs[qi][c]);
+#pragma unroll
+            for (int j = 0; j < ATTN_TK / 8; ++j) {
+                const float4 b = *reinterpret_cast<const float4*>(&ks[g + 8 * j][c]);
+                sc[j] = fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, sc[j]))));
+            }
+        }
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < ATTN_TK / 8; ++j) {
+            sc[j] = k0 + g + 8 * j <= mypos ? sc[j] / root : -INFINITY;
+            tmax = fmaxf(tmax, sc[j]);
+        }
+#pragma unroll
+        for (int x = 1; x < 8; x <<= 1) tmax = fmaxf(tmax, __shfl_xor_sync(FULL_MASK, tmax, x));
+        const float mn = fmaxf(m, tmax);
+        const bool none = mn == -INFINITY;                        // a padding query, or no key seen yet
+        const float corr = none ? 1.0f : expf(m - mn);
+        float ps = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATTN_TK / 8; ++j) {
+            sc[j] = none ? 0.0f : expf(sc[j] - mn);
+            ps += sc[j];
+        }
+#pragma unroll
+        for (int x = 1; x < 8; x <<= 1) ps += __shfl_xor_sync(FULL_MASK, ps, x);
+        l = fmaf(l, corr, ps);
+        m = mn;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) o[j] *= corr;
+#pragma unroll
+        for (int key = 0; key < ATTN_TK; ++key) {                 // key's weight lives in lane (key % 8) of the 8
+            const float w = __shfl_sync(FULL_MASK, sc[key >> 3], (lane & ~7) | (key & 7));
+#pragma unroll
+            for (int j = 0; j < 16; j += 4) {
+                const float4 b = *reinterpret_cast<const float4*>(&vs[key][16 * g + j]);
+                o[j] = fmaf(w, b.x, o[j]);
+                o[j + 1] = fmaf(w, b.y, o[j + 1]);
+                o[j + 2] = fmaf(w, b.z, o[j + 2]);
+                o[j + 3] = fmaf(w, b.w, o[j + 3]);
+            }
+        }
+    }
+    if (tq0 + qi >= t) return;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+        if (16 * g + j < d) out[((size_t)(tq0 + qi) * hq + h) * d + 16 * g + j] = o[j] / l;
+}
+
 #ifdef VRAMWISE_NVCC_CHECK
 template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
 template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
@@ -197,4 +302,6 @@ template __global__ void attention<0>(const float*, const u8*, const u8*, const 
 template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
+template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
+template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
 #endif
