@@ -23,7 +23,14 @@ timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeou
 timeout "${KERNELS_S:-150}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
 TUNED=""
 [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
-timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25
+# BASELINE=1: the engine's defaults too (SmolLM2 and the 7B shape), for a card with no earlier run to compare
+if [ -n "${BASELINE:-}" ]; then
+    timeout 120 python3 benchmarks/gpu_decode.py --quick --out "$OUT/gpu_decode_baseline.json" 2>&1 \
+        | tee "$OUT/gpu_decode_baseline.log" | tail -8
+fi
+# CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention)
+timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED \
+    ${CANDIDATES:+--candidates} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25
 # ncu's view of the chosen matvec (skipped where ncu is absent)
 if [ -n "${NCU:-}" ] && command -v ncu > /dev/null && [ -f "$OUT/gpu_kernels.json" ]; then
     timeout 90 ncu --clock-control none -k regex:qmatvec -s 2 -c 1 --section SpeedOfLight --section Occupancy \

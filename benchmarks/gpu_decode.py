@@ -186,14 +186,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode.json")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 and the 7B shape at 4.0 bpw only")
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
+    ap.add_argument("--candidates", action="store_true",
+                    help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
+                         "dequant_rows, tiled prefill attention")
     args = ap.parse_args(argv)
     import cupy as cp
 
     from gpuengine import device, launch
+    from gpuengine import model as engine
     device.require()
     if args.matvec_from:
         best = json.loads(args.matvec_from.read_text())["matvec_best"]
         launch.MATVEC = launch.MatvecShape.from_json(best)
+    if args.candidates:
+        engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL = True, "rows", "tiled"
+    settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
+                "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL}
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
         rows.append(run_case(cp, bw["device_copy_gb_s"], f"{name} {bpw} bpw", plan, planned_engine_bytes(plan)))
         print(rows[-1], flush=True)
     doc = {"device": device.name(), "date": date.today().isoformat(), "cupy": cp.__version__,
-           "matvec_block": dataclasses.asdict(launch.MATVEC), **bw, "cases": rows}
+           "matvec_block": dataclasses.asdict(launch.MATVEC), "engine": settings, **bw, "cases": rows}
     if not args.quick:
         doc["llama2_70b_2.5bpw"] = seventy_b(cp, bw, args.gpu)
         doc["streaming"] = streaming(cp, bw, args.gpu)
@@ -243,7 +251,8 @@ def streaming(cp, bw, gpu) -> dict:
     copies serial with compute (the engine's default), and overlapped on a copy stream (gpuengine.schedule)."""
     plan = make_plan("llama2-7b", gpu, 4.0, 2048)
     out = {}
-    for overlap in (False, True):
+    from gpuengine import model
+    for overlap in sorted({False, model.OVERLAP}):
         net = build(plan, resident=range(0), overlap=overlap)
         s = decode_seconds(net, steps=10)
         streamed = sum(img.nbytes for img in net.weights.images.values())

@@ -113,6 +113,27 @@ def main(argv=None) -> int:
         kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
         rows.append({"kernel": f"rope_store {fmt} (q, k, v of 32 heads)", "gb_s": 0,
                      "us": timed(cp, lambda: launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True))})
+    # prefill's kernels, measured (dequant_slice, per-query attention) against their untimed candidates
+    for option in ("1:4b g128", "0.1:5b/0.9:4b g128"):
+        w, nbytes = rotation(option, 4096, 4096)
+        tile = cp.empty((4096, 4096), cp.uint16)
+        for kernel in ("slice", "rows"):
+            launch.DEQUANT = kernel
+            us = timed(cp, lambda: launch.dequantize(w(), 0, tile))
+            rows.append({"kernel": f"dequantize {kernel} {option} 4096x4096", "us": us,
+                         "gb_s": (nbytes + tile.nbytes) / us / 1e3})
+    launch.DEQUANT = "slice"
+    t, f = 512, kv_format("fp16")
+    cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
+    q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
+    out = cp.empty((t, hq, d), cp.float32)
+    pos = cp.asarray(np.arange(t, dtype=np.int32))
+    for kernel in ("query", "tiled"):
+        launch.ATTN_PREFILL = kernel
+        us = timed(cp, lambda: launch.attention("fp16", q, cache, cache, pos, out, partials))
+        rows.append({"kernel": f"attention prefill {kernel} fp16 512 queries", "us": us,
+                     "gb_s": 2 * t * hkv * f.row_bytes(d) / us / 1e3})
+    launch.ATTN_PREFILL = "query"
     h = cp.asarray(rng.standard_normal((1, 4096)).astype(np.float32))
     hn, wn = cp.empty((1, 4096), cp.float32), cp.ones(4096, cp.float32)
     rows.append({"kernel": "rmsnorm 4096", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
