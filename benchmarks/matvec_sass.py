@@ -99,19 +99,28 @@ def width_of(loop: list[str]) -> tuple[int, int] | None:
 def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     rows = []
     for r, u, lane in MATVEC_INSTANCES:
-        mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}EEvPKfi4QMatS2_S2_"
+        mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi0EEvPKfi4QMatS2_S2_6NormIn"
         m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
         if not m:
             sys.exit(f"error: {mangled} not in the disassembly")
-        best: dict[int, tuple[int, int]] = {}
+        folded = None
+        if lane == 32:                                         # the same shape with RMSNorm folded in
+            f = re.search(rf"Function : {mangled.replace('ELi0E', 'ELi1E')}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+            folded = {w[0]: (w[1], len(loop)) for loop in loops(f.group(1)) if (w := width_of(loop))}
+        found: dict[int, list[tuple[int, int]]] = {}
         for loop in loops(m.group(1)):
             w = width_of(loop)
-            if w and (w[0] not in best or w[1] > best[w[0]][1]):     # a width's main loop: the most weights
-                best[w[0]] = (len(loop), w[1])
-        for bits, (n_ins, weights) in sorted(best.items()):
-            rows.append({"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
-                         "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
-                         "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)})
+            if w:
+                found.setdefault(w[0], []).append((w[1], len(loop)))
+        for bits, found_loops in sorted(found.items()):
+            weights, n_ins = max(found_loops)                    # a width's main loop: the most weights
+            row = {"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
+                   "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
+                   "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)}
+            if folded and bits in folded:
+                row["instructions_per_weight_norm_folded"] = round(folded[bits][1] / folded[bits][0], 2)
+                row["registers_norm_folded"] = regs.get(mangled.replace("ELi0E", "ELi1E"))
+            rows.append(row)
     return rows
 
 
@@ -123,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         sass, regs, version = compile_matvec(args.arch, Path(work))
     rows = analyse(sass, regs)
-    print(f"{'instance':24} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13}")
+    print(f"{'instance':20} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13} "
+          f"{'norm folded':>12}")
     for row in rows:
-        print(f"{row['instance']:24} {row['layout']:12} {row['bits']:>4} {row['registers']:>5} "
-              f"{row['loop_instructions']:>6} {row['weights_per_iteration']:>8} {row['instructions_per_weight']:>13}")
+        print(f"{row['instance']:20} {row['layout']:12} {row['bits']:>4} {row['registers']:>5} "
+              f"{row['loop_instructions']:>6} {row['weights_per_iteration']:>8} {row['instructions_per_weight']:>13} "
+              f"{row.get('instructions_per_weight_norm_folded', ''):>12}")
     write_json({"date": date.today().isoformat(), "arch": args.arch, "nvcc": version,
                 "what": "static SASS count of each qmatvec instance's inner decode loop (not a speed)",
                 "rows": rows}, args.out)

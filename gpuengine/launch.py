@@ -79,7 +79,11 @@ class MatvecShape:
 
     @property
     def kernel(self) -> str:
-        return f"qmatvec<{self.rows}, {self.units}, {self.lane}>"
+        return self.instance(norm=False)
+
+    def instance(self, norm: bool) -> str:
+        """The template instance: with norm, the one that folds RMSNorm in (unit a lane only)."""
+        return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {int(norm)}>"
 
     @classmethod
     def from_json(cls, d: dict) -> "MatvecShape":
@@ -96,6 +100,12 @@ QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("
                   align=True)
 QMAT = np.dtype([("y", "u8"), ("bias", "u8"), ("sl", QSLICE, (3,)), ("n", "i4"), ("nslices", "i4"),
                  ("accumulate", "i4"), ("has_bias", "i4"), ("gshift", "i4")], align=True)
+NORM_IN = np.dtype([("w", "u8"), ("eps", "f4"), ("h", "i4"), ("on", "i4")], align=True)
+
+# Decode folds each RMSNorm into the matvec that reads its output (NormIn in matvec.cu) where the linears are
+# `fusable` and the matvec layout is a unit a lane: two launches fewer a layer. Tested on the CPU twin, not
+# yet timed on a GPU, so off.
+FUSE_NORM = False
 
 
 def _ptr(a: Any) -> int:
@@ -123,15 +133,28 @@ def fusable(*lins: DeviceLinear) -> bool:
     return all(m is not None and not m.needs_gather for m in metas) and len({m.k for m in metas}) == 1
 
 
-def _qmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
+def _norm_in(norm: Optional[tuple]) -> np.ndarray:
+    """The kernel's NormIn: (weight (h,) float32, eps) folds RMSNorm in; None leaves x as it is."""
+    a = np.zeros(1, NORM_IN)
+    if norm is not None:
+        w, eps = norm
+        check("norm weight", w, np.float32)
+        if MATVEC.lane != 32:
+            raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
+        a["w"], a["eps"], a["h"], a["on"] = _ptr(w), eps, w.size, 1
+    return a
+
+
+def _qmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple] = None) -> None:
     shape = MATVEC
     if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
         raise LaunchError(f"matvec {shape.kernel} is not compiled")
+    norm_in = _norm_in(norm)                                     # refuses a fold into the quad layout
     if _ptr(x) % 16:
         raise LaunchError("matvec input not 16-byte aligned")
     grid = (math.ceil(n / shape.rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", shape.kernel)(grid, (32 * shape.warps,), (x, _i(glu), *padded))
+    function("matvec", shape.instance(norm is not None))(grid, (32 * shape.warps,), (x, _i(glu), *padded, norm_in))
 
 
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:
@@ -157,9 +180,10 @@ def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumul
     _qmatvec(src, [_qmat(lin, y, bias, accumulate)], n)
 
 
-def matvec_fused(x: Any, jobs: list) -> None:
+def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
     """One launch for up to three packed linears sharing the input x (q, k, v): jobs are (y, lin, bias,
-    accumulate); each y (n,) = W x (+ bias) (+ y). The linears must be `fusable`."""
+    accumulate); each y (n,) = W x (+ bias) (+ y). The linears must be `fusable`. norm = (w, eps): x is
+    first RMS-normalized and weighed by w (ops.rmsnorm), inside the launch."""
     if not 1 <= len(jobs) <= 3 or not fusable(*(lin for _, lin, _, _ in jobs)):
         raise LaunchError(f"{len(jobs)} linears cannot share one matvec launch")
     mats = []
@@ -168,17 +192,21 @@ def matvec_fused(x: Any, jobs: list) -> None:
         if bias is not None:
             check("bias", bias, np.float32, (lin.meta.n,))
         mats.append(_qmat(lin, y, bias, accumulate))
-    _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs))
+    if norm is not None and norm[0].shape != x.shape:
+        raise LaunchError(f"norm weight {tuple(norm[0].shape)} for input {tuple(x.shape)}")
+    _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs), norm=norm)
 
 
-def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any) -> None:
+def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optional[tuple] = None) -> None:
     """y (n,) = silu(gate x) * (up x) in one launch (the MLP's SwiGLU input to down); gate and up `fusable`
-    and of one shape."""
+    and of one shape; norm as matvec_fused's."""
     if not fusable(gate, up) or gate.shape != up.shape:
         raise LaunchError("gate and up cannot share one matvec launch")
     check_matvec(x, y, gate, None)
     check_matvec(x, y, up, None)
-    _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True)
+    if norm is not None and norm[0].shape != x.shape:
+        raise LaunchError(f"norm weight {tuple(norm[0].shape)} for input {tuple(x.shape)}")
+    _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm)
 
 
 # Prefill's dequantization kernel: "slice" (a flat index over the tile, as measured in every GPU run so far)

@@ -209,15 +209,18 @@ class GPUTransformer:
         for i in range(spec.num_layers):
             self._issue(sched.before(i))
             w = self.weights.view(i, sched.slot.get(i, -1))
-            K.rmsnorm(x, w[f"layers.{i}.norm.0"], xn, spec.norm_eps)
-            self._attention(i, w, xn, t)
-            K.rmsnorm(x, w[f"layers.{i}.norm.1"], xn, spec.norm_eps)
-            p = f"layers.{i}.mlp"
+            self._attention(i, w, x, xn, t)
+            p, norm = f"layers.{i}.mlp", (w[f"layers.{i}.norm.1"], spec.norm_eps)
             gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                        # (T, F)
             wg, wu = w[f"{p}.gate"], w[f"{p}.up"]
             if t == 1 and K.fusable(wg, wu) and wg.shape == wu.shape:
-                K.matvec_glu(xn[0], wg, wu, gate[0])                               # silu(gate) * up
+                if self._folds_norm():
+                    K.matvec_glu(x[0], wg, wu, gate[0], norm=norm)                 # silu(gate) * up of rmsnorm(x)
+                else:
+                    K.rmsnorm(x, norm[0], xn, norm[1])
+                    K.matvec_glu(xn[0], wg, wu, gate[0])                           # silu(gate) * up
             else:
+                K.rmsnorm(x, norm[0], xn, norm[1])
                 self._linear(xn, wg, gate)
                 self._linear(xn, wu, up)
                 K.swiglu(gate, up)
@@ -238,14 +241,26 @@ class GPUTransformer:
             else:
                 stream.wait_event(self.events[op.event])
 
-    def _attention(self, i: int, w: dict, xn: Any, t: int) -> None:
+    @staticmethod
+    def _folds_norm() -> bool:
+        """Whether a fusable decode matvec takes the RMSNorm in (launch.FUSE_NORM, unit-a-lane layout)."""
+        return K.FUSE_NORM and K.MATVEC.lane == 32
+
+    def _attention(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
+        """rmsnorm, q / k / v, RoPE and the cache store, attention, o (into x)."""
         spec, st, p = self.spec, self.state, f"layers.{i}.attn"
         d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        norm = (w[f"layers.{i}.norm.0"], spec.norm_eps)
         q, k, v = st["q"][:t], st["k"][:t], st["v"][:t]                           # (T, Hq*D), (T, Hkv*D)
         jobs = [(out, w[f"{p}.{name}"], w.get(f"{p}.{name}.bias")) for name, out in (("q", q), ("k", k), ("v", v))]
-        if t == 1 and K.fusable(*(lin for _, lin, _ in jobs)):
-            K.matvec_fused(xn[0], [(out[0], lin, bias, False) for out, lin, bias in jobs])      # one launch
+        fused = [(out[0], lin, bias, False) for out, lin, bias in jobs]
+        if t == 1 and K.fusable(*(lin for _, lin, _ in jobs)) and self._folds_norm():
+            K.matvec_fused(x[0], fused, norm=norm)                                 # rmsnorm and q, k, v: one launch
+        elif t == 1 and K.fusable(*(lin for _, lin, _ in jobs)):
+            K.rmsnorm(x, norm[0], xn, norm[1])
+            K.matvec_fused(xn[0], fused)                                           # one launch
         else:
+            K.rmsnorm(x, norm[0], xn, norm[1])
             for out, lin, bias in jobs:
                 self._linear(xn, lin, out, bias=bias)
         pos = st["positions"][:t]

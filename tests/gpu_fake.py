@@ -95,16 +95,22 @@ def _matvec(x, y, lin, xp, bias=None, accumulate=False):
     y[...] = y + r if accumulate else r
 
 
-def _matvec_fused(x, jobs):
+def _normed(x, norm):
+    """x, or rmsnorm(x) * w for a folded norm = (w, eps)."""
+    return x if norm is None else ops.rmsnorm(np.asarray(x)[None], np.asarray(norm[0]), norm[1])[0]
+
+
+def _matvec_fused(x, jobs, norm=None):
     if not launch.fusable(*(lin for _, lin, _, _ in jobs)):
         raise launch.LaunchError("not fusable")
     for y, lin, bias, accumulate in jobs:
-        _matvec(x, y, lin, None, bias, accumulate)
+        _matvec(_normed(x, norm), y, lin, None, bias, accumulate)
 
 
-def _matvec_glu(x, gate, up, y):
+def _matvec_glu(x, gate, up, y, norm=None):
     if not launch.fusable(gate, up):
         raise launch.LaunchError("not fusable")
+    x = _normed(x, norm)
     y[...] = ops.silu(dense(gate) @ np.asarray(x)) * (dense(up) @ np.asarray(x))
 
 

@@ -83,16 +83,18 @@ plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.sli
 
 
 def test_qmat_layout_matches_the_compiler():
-    """The structured dtype launch.QMAT that carries a linear to the kernel has the CUDA struct's layout."""
+    """The structured dtypes launch.QMAT (a linear) and launch.NORM_IN (a folded RMSNorm) that the kernel
+    takes by value have the CUDA structs' layouts."""
     import cupy as cp
 
     from gpuengine import launch
     from gpuengine.kernels import function
-    out = cp.zeros(12, dtype=cp.uint64)
+    out = cp.zeros(16, dtype=cp.uint64)
     function("matvec", "qmat_layout")((1,), (1,), (out,))
-    q, s = launch.QMAT, launch.QSLICE
+    q, s, r = launch.QMAT, launch.QSLICE, launch.NORM_IN
     want = [q.itemsize, s.itemsize, *(q.fields[f][1] for f in ("y", "bias", "sl", "n", "nslices", "accumulate", "has_bias")),
-            q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gshift"][1]]
+            q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gshift"][1],
+            r.itemsize, *(r.fields[f][1] for f in ("eps", "h", "on"))]
     assert out.get().tolist() == want
 
 
@@ -147,6 +149,38 @@ def test_fused_matvecs_and_swiglu(option, ns, k, seed, shape, data):
     (g, mg), (u, mu) = matvec_terms(gate, x), matvec_terms(up, x)
     # silu's slope is within [-0.1, 1.1], so the errors of g and u reach the product at most as below
     assert_rows_close(y.get(), ops.silu(g) * u, 1.1 * np.abs(u) * mg + np.abs(ops.silu(g)) * mu)
+
+
+@SETTINGS
+@given(option=plain_options, ns=st.lists(st.integers(1, 300), min_size=1, max_size=3), k=st.integers(1, 40).map(lambda v: 32 * v),
+       scale=st.sampled_from([1e-2, 1.0, 3e3]), seed=st.integers(0, 2**31),
+       instance=st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]), warps=st.sampled_from((1, 2, 4)))
+def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, warps):
+    """matvec_fused and matvec_glu with norm = (w, eps) equal rmsnorm then the matvec (residual-stream
+    scales from 1e-2 to 3e3), and a quad-layout matvec refuses the fold."""
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(k) * scale).astype(np.float32)
+    g = rng.standard_normal(k).astype(np.float32)
+    xn = ops.rmsnorm(x[None], g, 1e-5)[0].astype(np.float64)
+    ts = [quantize(rng.standard_normal((n, k)).astype(np.float32), option) for n in ns]
+    ys = [nan_array(n) for n in ns]
+    with block_shape(instance, warps):
+        launch.matvec_fused(cp.asarray(x), [(y, device_linear(t), None, False) for y, t in zip(ys, ts)],
+                            norm=(cp.asarray(g), 1e-5))
+    for y, t in zip(ys, ts):
+        wx, magnitude = matvec_terms(t, xn)
+        assert_rows_close(y.get(), wx, magnitude)
+    up = quantize(rng.standard_normal((ns[0], k)).astype(np.float32), option)
+    y = nan_array(ns[0])
+    with block_shape(instance, warps):
+        launch.matvec_glu(cp.asarray(x), device_linear(ts[0]), device_linear(up), y, norm=(cp.asarray(g), 1e-5))
+    (gx, mg), (ux, mu) = matvec_terms(ts[0], xn), matvec_terms(up, xn)
+    assert_rows_close(y.get(), ops.silu(gx) * ux, 1.1 * np.abs(ux) * mg + np.abs(ops.silu(gx)) * mu)
+    with block_shape((4, 4, 8), 2), pytest.raises(launch.LaunchError, match="unit-a-lane"):
+        launch.matvec_fused(cp.asarray(x), [(ys[0], device_linear(ts[0]), None, False)], norm=(cp.asarray(g), 1e-5))
 
 
 @SETTINGS

@@ -152,15 +152,21 @@ CONFIG = dict(HF_CONFIG, hidden_size=256, intermediate_size=720, num_hidden_laye
               num_key_value_heads=2, vocab_size=300)
 OPTIONS = {"q": "0.1:5b/0.9:4b g128", "k": "1:8b g32", "v": "1:6b g64", "o": "0.1:4b/0.4:3b/0.5:2b g128",
            "gate": "1:3b g32", "up": "0.2:6b/0.8:3b g128", "down": "1:5b g64"}
+# one slice each, no permutation: q / k / v share a launch, and gate / up (with SwiGLU) another
+FUSABLE = {"q": "1:4b g128", "k": "1:8b g32", "v": "1:6b g64", "o": "1:2b g128", "gate": "1:3b g32", "up": "1:5b g64",
+           "down": "1:4b g128"}
+
+
+def assign(ckpt, options: dict) -> dict:
+    return {n: parse_option(options[n.rsplit(".", 1)[1]]) for n in ckpt.tensors
+            if layer_of(n) >= 0 and n.rsplit(".", 1)[1] in options}
 
 
 @pytest.fixture(scope="module")
 def other(tmp_path_factory):
     root, _ = hf_folder(tmp_path_factory.mktemp("gpu-other") / "hf", CONFIG, random_tensors(CONFIG, seed=7))
     ckpt = load_checkpoint(root)
-    assignment = {n: parse_option(OPTIONS[n.rsplit(".", 1)[1]]) for n in ckpt.tensors
-                  if layer_of(n) >= 0 and n.rsplit(".", 1)[1] in OPTIONS}
-    return ckpt, assignment
+    return ckpt, assign(ckpt, OPTIONS)
 
 
 def models(ckpt, assignment, kv: str, resident=None, ctx: int = 160, chunk: int = 64):
@@ -193,18 +199,30 @@ def test_random_model_decode_path_matches_in_each_cache_format(other, kv, backen
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()     # fp16 / fp8 cache rounding flips drift
 
 
-@pytest.mark.parametrize("instance", [(8, 1, 32, 4), (2, 8, 8, 1)], ids=["unit-a-lane", "quads"])
-def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, backend, monkeypatch):
+@pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True)],
+                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads"])
+def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, fold, backend, monkeypatch):
     """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
-    the default launch.MATVEC, as the benchmark's sweep may pick one."""
+    the default launch.MATVEC, as the benchmark's sweep may pick one; and with RMSNorm folded into the
+    matvecs (launch.FUSE_NORM), which the quad layout ignores."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(*instance))
-    ckpt, assignment = other
-    ref, gpu = models(ckpt, assignment, "fp16", chunk=1)
+    monkeypatch.setattr(launch, "FUSE_NORM", fold)
+    ckpt, _ = other
+    ref, gpu = models(ckpt, assign(ckpt, FUSABLE), "fp16", chunk=1)
+    calls = {"rmsnorm": 0, "matvec_fused": 0, "matvec_glu": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(launch, name), _n=name, **kw):
+            calls[_n] += 1
+            return _f(*args, **kw)
+        monkeypatch.setattr(launch, name, counted)
     ids = list(np.random.default_rng(5).integers(0, CONFIG["vocab_size"], 40))
     want, got = ref.logits(ids), gpu.logits(ids)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    layers, folded = CONFIG["num_hidden_layers"] * len(ids), fold and instance[2] == 32
+    assert calls == {"matvec_fused": layers, "matvec_glu": layers,       # every step, every layer fused
+                     "rmsnorm": len(ids) * (1 if folded else 1 + 2 * CONFIG["num_hidden_layers"])}
 
 
 @pytest.mark.parametrize("kernels", [("slice", "query"), ("rows", "tiled")], ids=["measured", "candidates"])

@@ -24,6 +24,16 @@ struct QMat {
     int n, nslices, accumulate, has_bias, gshift;      // 2^gshift units per scale group
 };
 
+// RMSNorm folded into the matvec (the unit-a-lane layout only): with w non-null, x is the residual stream
+// and the matvec computes W (x / rms(x) * w), as rmsnorm then the matvec would: each block weighs the x it
+// loads by w and sums x^2 on the way (a block reads all of x), then scales its dot products by
+// 1 / sqrt(mean(x^2) + eps). Two launches fewer per layer in decode (launch.FUSE_NORM).
+struct NormIn {
+    const float* w;
+    float eps;
+    int h, on;                                         // h: the input size, the mean's divisor
+};
+
 // The block's threads in groups of four ("quads"): quad q takes units q, q + Q, q + 2Q, ... (Q quads in the
 // block) of each of the block's R rows, and lane g of a quad takes values 8g .. 8g + 7 of the unit, which
 // are exactly BITS bytes at byte g * BITS of the unit's 4 * BITS, inside one or two aligned words. So a
@@ -135,10 +145,10 @@ __device__ __forceinline__ float unit_code(const u32 (&w)[BITS], int i) {   // i
     return __uint_as_float(and_or<((1u << BITS) - 1u) << top, 0x3f800000u>(t));
 }
 
-template <int BITS, int R, int U>
+template <int BITS, int R, int U, bool NORM>
 __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R],
-                                          const float* __restrict__ xs, int u, int step, int gshift,
-                                          float (&acc)[R]) {
+                                          const float* __restrict__ xs, const float* __restrict__ ws, int u,
+                                          int step, int gshift, float (&acc)[R], float& sq) {
     const float scale = (float)(1 << BITS);
     u32 w[U][R][BITS];
     float sc[U][R];
@@ -158,6 +168,18 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
             const float4 a = xv[q];
             xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
         }
+        if constexpr (NORM) {                                 // folded RMSNorm: sum x^2, weigh x by w
+            const float4* wv = reinterpret_cast<const float4*>(ws + (size_t)(u + j * step) * 32);
+            float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                const float4 g = wv[q];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s4[e] = fmaf(xf[4 * q + e], xf[4 * q + e], s4[e]);
+                xf[4 * q] *= g.x; xf[4 * q + 1] *= g.y; xf[4 * q + 2] *= g.z; xf[4 * q + 3] *= g.w;
+            }
+            sq += (s4[0] + s4[1]) + (s4[2] + s4[3]);
+        }
         float part[8];
 #pragma unroll
         for (int q = 0; q < 8; ++q) part[q] = (xf[4 * q] + xf[4 * q + 1]) + (xf[4 * q + 2] + xf[4 * q + 3]);
@@ -175,9 +197,9 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
     }
 }
 
-template <int BITS, int R, int U>
-__device__ __forceinline__ void unit_rows(const QSlice& sl, const float* __restrict__ x, int gshift,
-                                          const int (&rows)[R], float (&acc)[R]) {
+template <int BITS, int R, int U, bool NORM>
+__device__ __forceinline__ void unit_rows(const QSlice& sl, const float* __restrict__ x, const float* __restrict__ nw,
+                                          int gshift, const int (&rows)[R], float (&acc)[R], float& sq) {
     const int step = blockDim.x;
     const u32* wr[R];
     const u16* sr[R];
@@ -187,18 +209,20 @@ __device__ __forceinline__ void unit_rows(const QSlice& sl, const float* __restr
         sr[r] = sl.s + (size_t)rows[r] * sl.groups;
     }
     const float* __restrict__ xs = x + sl.xoff;
+    const float* __restrict__ ws = NORM ? nw + sl.xoff : nullptr;
     int u = threadIdx.x;
-    for (; u + (U - 1) * step < sl.units; u += U * step) unit_step<BITS, R, U>(wr, sr, xs, u, step, gshift, acc);
+    for (; u + (U - 1) * step < sl.units; u += U * step)
+        unit_step<BITS, R, U, NORM>(wr, sr, xs, ws, u, step, gshift, acc, sq);
     if constexpr (U > 1)
-        for (; u < sl.units; u += step) unit_step<BITS, R, 1>(wr, sr, xs, u, step, gshift, acc);
+        for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM>(wr, sr, xs, ws, u, step, gshift, acc, sq);
 }
 
 // One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows).
-template <int BITS, int R, int U, int L>
-__device__ __forceinline__ void slice_dot(const QSlice& sl, const float* __restrict__ x, int gshift,
-                                          const int (&rows)[R], float (&acc)[R]) {
+template <int BITS, int R, int U, int L, int N>
+__device__ __forceinline__ void slice_dot(const QSlice& sl, const float* __restrict__ x, const float* __restrict__ nw,
+                                          int gshift, const int (&rows)[R], float (&acc)[R], float& sq) {
     if constexpr (L == 8) slice_rows<BITS, R, U>(sl, x, gshift, rows, acc);
-    else unit_rows<BITS, R, U>(sl, x, gshift, rows, acc);
+    else unit_rows<BITS, R, U, N != 0>(sl, x, nw, gshift, rows, acc, sq);
 }
 
 // Matrix `which` of the three (or slice s of it) as values: selects on kernel parameters, so the kernel has
@@ -221,16 +245,18 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
 // its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
 // m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
-// together; L: values per lane of a unit (8: quads, 32: a unit per lane).
-template <int R, int U, int L>
-__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
+// together; L: values per lane of a unit (8: quads, 32: a unit per lane). N = 1: RMSNorm folded in (NormIn;
+// L = 32 only): its own instances, so the plain ones keep their registers.
+template <int R, int U, int L, int N>
+__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2, NormIn norm) {
+    static_assert(N == 0 || L == 32, "RMSNorm folds into the unit-a-lane layout only");
     __shared__ float red[2][R * 32];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
     int which = first;
     const int n = QPICK(n);
     if (row0 >= n) return;                                  // the grid spans the largest matrix
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float sum0 = 0.0f, sum1 = 0.0f;
+    float sum0 = 0.0f, sum1 = 0.0f, sq = 0.0f;
 #pragma unroll 1
     for (which = first; which <= first + glu; ++which) {
         int rows[R];
@@ -238,16 +264,19 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 #pragma unroll
         for (int r = 0; r < R; ++r) { rows[r] = min(row0 + r, n - 1); acc[r] = 0.0f; }
         const int nslices = QPICK(nslices), gshift = QPICK(gshift);
+        const float* nw = N ? norm.w : nullptr;
+        float sq_unused = 0.0f;
+        float& sqr = which == first ? sq : sq_unused;     // x^2 summed once, over the first matrix's loads
 #pragma unroll 1
         for (int s = 0; s < nslices; ++s) {
             const QSlice sl = pick_slice(m0, m1, m2, which, s);
             switch (sl.bits) {
-                case 2: slice_dot<2, R, U, L>(sl, x, gshift, rows, acc); break;
-                case 3: slice_dot<3, R, U, L>(sl, x, gshift, rows, acc); break;
-                case 4: slice_dot<4, R, U, L>(sl, x, gshift, rows, acc); break;
-                case 5: slice_dot<5, R, U, L>(sl, x, gshift, rows, acc); break;
-                case 6: slice_dot<6, R, U, L>(sl, x, gshift, rows, acc); break;
-                case 8: slice_dot<8, R, U, L>(sl, x, gshift, rows, acc); break;
+                case 2: slice_dot<2, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
+                case 3: slice_dot<3, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
+                case 4: slice_dot<4, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
+                case 5: slice_dot<5, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
+                case 6: slice_dot<6, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
+                case 8: slice_dot<8, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
             }
         }
         float* rd = red[which - first];
@@ -262,6 +291,19 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
             for (int w = 0; w < (int)(blockDim.x >> 5); ++w) sum += rd[threadIdx.x * 32 + w];
         if (which == first) sum0 = sum; else sum1 = sum;
     }
+    if constexpr (N != 0) {
+        {                                                     // 1 / rms of x, from every thread's x^2
+            __shared__ float sqs[32];
+            const float v = warp_sum(sq);
+            if (lane == 0) sqs[warp] = v;
+            __syncthreads();
+            float total = 0.0f;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sqs[w];
+            const float inv = rsqrtf(total / (float)norm.h + norm.eps);
+            sum0 *= inv;
+            sum1 *= inv;
+        }
+    }
     const int row = row0 + threadIdx.x;
     if (threadIdx.x >= R || row >= n) return;
     if (glu) {
@@ -274,7 +316,8 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     y[row] = QPICK(accumulate) ? y[row] + r : r;
 }
 
-// Sizes and offsets of QMat's fields, for the test that launch.py's structured dtype matches the compiler's.
+// Sizes and offsets of QMat's and NormIn's fields, for the test that launch.py's structured dtypes match the
+// compiler's.
 extern "C" __global__ void qmat_layout(unsigned long long* out) {
     const QMat* p = nullptr;
     out[0] = sizeof(QMat); out[1] = sizeof(QSlice);
@@ -283,6 +326,9 @@ extern "C" __global__ void qmat_layout(unsigned long long* out) {
     out[7] = (unsigned long long)&p->accumulate; out[8] = (unsigned long long)&p->has_bias;
     out[9] = (unsigned long long)&p->sl[0].bits; out[10] = (unsigned long long)&p->sl[0].xoff;
     out[11] = (unsigned long long)&p->gshift;
+    const NormIn* r = nullptr;
+    out[12] = sizeof(NormIn); out[13] = (unsigned long long)&r->eps; out[14] = (unsigned long long)&r->h;
+    out[15] = (unsigned long long)&r->on;
 }
 
 // The same for an unquantized fp16 matrix (n_rows, k) (models run without a plan): lane l reads
@@ -322,12 +368,16 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
-template __global__ void qmatvec<1, 4, 8>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 4, 8>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 8, 8>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 4, 8>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<2, 1, 32>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 1, 32>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<4, 2, 32>(const float*, int, QMat, QMat, QMat);
-template __global__ void qmatvec<8, 1, 32>(const float*, int, QMat, QMat, QMat);
+template __global__ void qmatvec<1, 4, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<2, 4, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<2, 8, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<4, 4, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<2, 1, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<4, 1, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<4, 2, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<8, 1, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<2, 1, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<4, 1, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<4, 2, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
+template __global__ void qmatvec<8, 1, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
 #endif
