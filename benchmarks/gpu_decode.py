@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
-                         "dequant_rows, tiled prefill attention")
+                         "dequant_rows, tiled prefill attention, RMSNorm folded into unit-a-lane matvecs")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -199,9 +199,10 @@ def main(argv=None) -> int:
         best = json.loads(args.matvec_from.read_text())["matvec_best"]
         launch.MATVEC = launch.MatvecShape.from_json(best)
     if args.candidates:
-        engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL = True, "rows", "tiled"
+        engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL, launch.FUSE_NORM = True, "rows", "tiled", True
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
-                "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL}
+                "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL,
+                "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32}
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",

@@ -98,6 +98,25 @@ def main(argv=None) -> int:
     yg = cp.empty(11008, cp.float32)
     us = timed(cp, lambda: launch.matvec_glu(x[:4096], gate[0](), up[0](), yg))
     rows.append({"kernel": "matvec gate+up+swiglu 1:4b g128 2x11008x4096", "us": us, "gb_s": (gate[1] + up[1]) / us / 1e3})
+    # RMSNorm folded into the matvec (the fastest unit-a-lane shape) against rmsnorm then the matvec
+    sweep_32 = [r for r in sweep if r["lane"] == 32]
+    if sweep_32:
+        chosen = launch.MATVEC
+        launch.MATVEC = launch.MatvecShape.from_json(min(sweep_32, key=lambda r: r["total_us"]))
+        nw, xn = cp.ones(4096, cp.float32), cp.empty((1, 4096), cp.float32)
+        x2 = x[:4096].reshape(1, 4096)
+        for label, run in (
+                ("rmsnorm, then fused q,k,v", lambda: (launch.rmsnorm(x2, nw, xn, 1e-5), launch.matvec_fused(
+                    xn[0], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))),
+                ("fused q,k,v with the norm folded in", lambda: launch.matvec_fused(
+                    x[:4096], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)], norm=(nw, 1e-5))),
+                ("rmsnorm, then gate+up+swiglu", lambda: (launch.rmsnorm(x2, nw, xn, 1e-5), launch.matvec_glu(
+                    xn[0], gate[0](), up[0](), yg))),
+                ("gate+up+swiglu with the norm folded in", lambda: launch.matvec_glu(
+                    x[:4096], gate[0](), up[0](), yg, norm=(nw, 1e-5)))):
+            rows.append({"kernel": f"{label} ({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": timed(cp, run),
+                         "gb_s": 0})
+        launch.MATVEC = chosen
     t, hq, hkv, d, ctx = 1, 32, 32, 128, 2048
     for fmt in ("fp16", "q8"):
         f = kv_format(fmt)
