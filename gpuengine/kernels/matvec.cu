@@ -367,17 +367,9 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
     xp[off + j] = j < len ? x[has_perm ? perm[src] : src] : 0.0f;
 }
 
-#ifdef VRAMWISE_NVCC_CHECK
-template __global__ void qmatvec<1, 4, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<2, 4, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<2, 8, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<4, 4, 8, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<2, 1, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<4, 1, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<4, 2, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<8, 1, 32, 0>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<2, 1, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<4, 1, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<4, 2, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
-template __global__ void qmatvec<8, 1, 32, 1>(const float*, int, QMat, QMat, QMat, NormIn);
+#ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
+#define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn);
+QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
+QMATVEC(2, 1, 32, 0) QMATVEC(4, 1, 32, 0) QMATVEC(4, 2, 32, 0) QMATVEC(8, 1, 32, 0)
+QMATVEC(2, 1, 32, 1) QMATVEC(4, 1, 32, 1) QMATVEC(4, 2, 32, 1) QMATVEC(8, 1, 32, 1)
 #endif
