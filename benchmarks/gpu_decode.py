@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
-                         "dequant_rows, tiled prefill attention, RMSNorm folded into unit-a-lane matvecs")
+                         "dequant_rows, tiled prefill attention, GQA decode attention, RMSNorm folded into "
+                         "unit-a-lane matvecs")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -200,8 +201,9 @@ def main(argv=None) -> int:
         launch.MATVEC = launch.MatvecShape.from_json(best)
     if args.candidates:
         engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL, launch.FUSE_NORM = True, "rows", "tiled", True
+        launch.ATTN_DECODE = "gqa"
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
-                "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL,
+                "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
                 "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32}
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below

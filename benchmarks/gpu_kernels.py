@@ -126,12 +126,25 @@ def main(argv=None) -> int:
         partials = cp.empty((hq, ATTN_MAX_SPLITS, d + 2), cp.float32)
         for length in (64, 512, 2048):
             pos = cp.asarray(np.array([length - 1], np.int32))
-            us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, partials))
-            rows.append({"kernel": f"attention {fmt} len {length}", "us": us,
-                         "gb_s": 2 * length * hkv * f.row_bytes(d) / us / 1e3})
+            for kernel in ("split", "gqa"):                 # measured kernel, then the candidate
+                launch.ATTN_DECODE = kernel
+                us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, partials))
+                rows.append({"kernel": f"attention {fmt} len {length}" + (" (gqa)" if kernel == "gqa" else ""),
+                             "us": us, "gb_s": 2 * length * hkv * f.row_bytes(d) / us / 1e3})
+            launch.ATTN_DECODE = "split"
         kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
         rows.append({"kernel": f"rope_store {fmt} (q, k, v of 32 heads)", "gb_s": 0,
                      "us": timed(cp, lambda: launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True))})
+    # decode attention of a GQA model (32 query heads on 8 KV heads, as Llama 3 8B): each kernel
+    cache8 = cp.asarray(rng.integers(0, 120, (ctx, 8, 2 * d), dtype=np.uint8))
+    for length in (512, 2048):
+        pos = cp.asarray(np.array([length - 1], np.int32))
+        for kernel in ("split", "gqa"):
+            launch.ATTN_DECODE = kernel
+            us = timed(cp, lambda: launch.attention("fp16", q, cache8, cache8, pos, out, partials))
+            rows.append({"kernel": f"attention fp16 len {length} 32q/8kv heads" + (" (gqa)" if kernel == "gqa" else ""),
+                         "us": us, "gb_s": 2 * length * 8 * 2 * d / us / 1e3})
+    launch.ATTN_DECODE = "split"
     # prefill's kernels, measured (dequant_slice, per-query attention) against their untimed candidates
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128"):
         w, nbytes = rotation(option, 4096, 4096)

@@ -312,6 +312,12 @@ ATTN_TILE_D, ATTN_TQ = 128, 16     # attention_tiled: largest head dim, queries 
 # Prefill's attention: "query" (a block per query and head, as measured in every GPU run so far) or "tiled"
 # (attention_tiled: K / V tiles shared by 16 queries; tested on the CPU twin, not yet timed on a GPU).
 ATTN_PREFILL = "query"
+# Decode's attention: "split" (`attention`: a block per query head and chunk, as measured) or "gqa"
+# (attention_gqa: a block per KV head and chunk, for all its query heads, a lane per position for the
+# scores; tested on the CPU twin, not yet timed). attention_gqa takes head dims up to 128 (multiples of 4)
+# and up to 8 query heads a KV head; outside that decode uses `attention`.
+ATTN_DECODE = "split"
+GQA_MAX_G = 8
 
 
 def attention_split(t: int, ctx: int) -> tuple[int, int]:
@@ -347,9 +353,14 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
     chunk, nsplit = attention_split(t, ctx)
     if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
         raise LaunchError(f"attention: {partials.size} partial floats for {hq} heads x {nsplit} splits")
-    function("attention", f"attention<{KV_CODES[fmt]}>")(
-        (t * nsplit, hq), (ATTN_THREADS,),
-        (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
+    if t == 1 and ATTN_DECODE == "gqa" and d <= ATTN_TILE_D and d % 4 == 0 and hq // hkv <= GQA_MAX_G:
+        function("attention", f"attention_gqa<{KV_CODES[fmt]}>")(
+            (nsplit, hkv), (ATTN_THREADS,),
+            (q, kc, vc, pos, out, partials, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
+    else:
+        function("attention", f"attention<{KV_CODES[fmt]}>")(
+            (t * nsplit, hq), (ATTN_THREADS,),
+            (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
     if nsplit > 1:
         function("attention", "attention_merge")(
             (t, hq), (ATTN_THREADS,), (partials, pos, out, _i(t), _i(0), _i(hq), _i(d), _i(chunk), _i(nsplit)))

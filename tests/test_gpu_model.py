@@ -225,13 +225,14 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
                      "rmsnorm": len(ids) * (1 if folded else 1 + 2 * CONFIG["num_hidden_layers"])}
 
 
-@pytest.mark.parametrize("kernels", [("slice", "query"), ("rows", "tiled")], ids=["measured", "candidates"])
+@pytest.mark.parametrize("kernels", [("slice", "query", "split"), ("rows", "tiled", "gqa")], ids=["measured", "candidates"])
 def test_random_model_prefill_matches(other, kernels, backend, monkeypatch):
-    """Prefill with the kernels every GPU run measured, and with the untimed candidates (dequant_rows and
-    attention_tiled)."""
+    """Prefill and decode with the kernels every GPU run measured, and with the untimed candidates
+    (dequant_rows, attention_tiled, and attention_gqa for decode)."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "DEQUANT", kernels[0])
     monkeypatch.setattr(launch, "ATTN_PREFILL", kernels[1])
+    monkeypatch.setattr(launch, "ATTN_DECODE", kernels[2])
     ckpt, assignment = other
     ref, gpu = models(ckpt, assignment, "fp16")
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))

@@ -17,7 +17,7 @@ MATVEC_INSTANCES = ((1, 4, 8), (2, 4, 8), (2, 8, 8), (4, 4, 8), (2, 1, 32), (4, 
 
 # Template instantiations per source: the KV-cache kernels take the format code (planner.formats.KV_CODES).
 NAME_EXPRESSIONS = {
-    "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_tiled") for c in KV_CODES.values()),
+    "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_gqa", "attention_tiled") for c in KV_CODES.values()),
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
                     for n in ((0, 1) if lane == 32 else (0,))),
 }

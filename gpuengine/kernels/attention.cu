@@ -190,6 +190,131 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part, const
     }
 }
 
+// Decode (one query) over chunk c of the positions for KV head blockIdx.y and all its G query heads, so the
+// group's K and V rows are read once (GQA). Scores: a warp takes 32 positions at once, a lane each, and
+// works out whole dot products for all G heads (q from shared memory, 4 dims a step), where `attention`
+// sums each position's dot across the warp; online softmax per head over the 32 with one max and one sum
+// reduction. Weighted V: lanes take dims l, l + 32, ..., positions in turn, the weights passed by shuffle.
+// The block's warps then merge per head; with several chunks the block writes `attention`'s partials for
+// attention_merge. Head dim up to 128 and a multiple of 4, G up to 8 (launch.attention falls back to
+// `attention` outside that).
+#define GQA_MAX_G 8
+#define GQA_MAX_D 128
+
+template <int FMT>
+__device__ __forceinline__ void kv_elem4(const u8* __restrict__ row, int e, float (&v)[4]) {
+    if (FMT == 0) {                                   // fp16: one 8-byte load (rows are 2d bytes, d % 4 == 0)
+        const uint2 w = *reinterpret_cast<const uint2*>(row + 2 * e);
+        v[0] = h2f((u16)(w.x & 0xffffu)); v[1] = h2f((u16)(w.x >> 16));
+        v[2] = h2f((u16)(w.y & 0xffffu)); v[3] = h2f((u16)(w.y >> 16));
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = kv_elem<FMT>(row, e + i);
+    }
+}
+
+template <int FMT>
+__global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
+                              const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ part,
+                              int hq, int hkv, int d, int row_bytes, int chunk, int nsplit) {
+    __shared__ __align__(16) float qs[GQA_MAX_G][GQA_MAX_D];
+    __shared__ float wo[ATTN_WARPS][GQA_MAX_G][GQA_MAX_D];
+    __shared__ float wm[ATTN_WARPS][GQA_MAX_G], wl[ATTN_WARPS][GQA_MAX_G];
+    const int c = blockIdx.x, kvh = blockIdx.y, G = hq / hkv, h0 = kvh * G;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int len = pos[0] + 1, p0 = c * chunk, p1 = min(p0 + chunk, len);
+    if (p0 >= len) return;                                  // attention_merge reads only chunks below len
+    for (int i = threadIdx.x; i < G * d; i += blockDim.x) qs[i / d][i % d] = q[(size_t)h0 * d + i];
+    __syncthreads();
+    const float root = sqrtf((float)d);
+    float m[GQA_MAX_G], l[GQA_MAX_G], acc[GQA_MAX_G][GQA_MAX_D / 32];
+#pragma unroll
+    for (int g = 0; g < GQA_MAX_G; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < GQA_MAX_D / 32; ++j) acc[g][j] = 0.0f;
+    }
+    for (int b = p0 + 32 * warp; b < p1; b += 32 * ATTN_WARPS) {
+        const int p = b + lane;
+        const bool in = p < p1;                             // lane 0 always is: b < p1
+        float s[GQA_MAX_G];
+#pragma unroll
+        for (int g = 0; g < GQA_MAX_G; ++g) s[g] = 0.0f;
+        if (in) {
+            const u8* krow = kc + ((size_t)p * hkv + kvh) * row_bytes;
+            for (int e = 0; e < d; e += 4) {
+                float kv[4];
+                kv_elem4<FMT>(krow, e, kv);
+#pragma unroll
+                for (int g = 0; g < GQA_MAX_G; ++g)
+                    if (g < G) {
+                        const float4 a = *reinterpret_cast<const float4*>(&qs[g][e]);
+                        s[g] = fmaf(a.x, kv[0], fmaf(a.y, kv[1], fmaf(a.z, kv[2], fmaf(a.w, kv[3], s[g]))));
+                    }
+            }
+        }
+        float w[GQA_MAX_G];
+#pragma unroll
+        for (int g = 0; g < GQA_MAX_G; ++g) {
+            w[g] = 0.0f;
+            if (g < G) {                                    // G is the block's: every lane takes the branch
+                const float sg = in ? s[g] / root : -INFINITY;
+                const float mn = fmaxf(m[g], warp_max(sg));
+                const float corr = expf(m[g] - mn);
+                w[g] = in ? expf(sg - mn) : 0.0f;
+                l[g] = fmaf(l[g], corr, warp_sum(w[g]));
+#pragma unroll
+                for (int j = 0; j < GQA_MAX_D / 32; ++j) acc[g][j] *= corr;
+                m[g] = mn;
+            }
+        }
+        const int np = min(32, p1 - b);
+        for (int i = 0; i < np; ++i) {
+            const u8* vrow = vc + ((size_t)(b + i) * hkv + kvh) * row_bytes;
+            float v[GQA_MAX_D / 32];
+#pragma unroll
+            for (int j = 0; j < GQA_MAX_D / 32; ++j) v[j] = lane + 32 * j < d ? kv_elem<FMT>(vrow, lane + 32 * j) : 0.0f;
+#pragma unroll
+            for (int g = 0; g < GQA_MAX_G; ++g)
+                if (g < G) {
+                    const float wg = __shfl_sync(FULL_MASK, w[g], i);
+#pragma unroll
+                    for (int j = 0; j < GQA_MAX_D / 32; ++j) acc[g][j] = fmaf(wg, v[j], acc[g][j]);
+                }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < GQA_MAX_G; ++g)
+        if (g < G) {
+            if (lane == 0) { wm[warp][g] = m[g]; wl[warp][g] = l[g]; }
+#pragma unroll
+            for (int j = 0; j < GQA_MAX_D / 32; ++j)
+                if (lane + 32 * j < d) wo[warp][g][lane + 32 * j] = acc[g][j];
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+        const int g = i / d, e = i % d, h = h0 + g;
+        float bm = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) bm = fmaxf(bm, wm[w][g]);   // warp 0 has a position: finite
+        float bl = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float sc = expf(wm[w][g] - bm);           // 0 for a warp without positions
+            bl = fmaf(wl[w][g], sc, bl);
+            o = fmaf(wo[w][g][e], sc, o);
+        }
+        if (nsplit == 1) {
+            out[(size_t)h * d + e] = o / bl;
+        } else {
+            float* dst = part + ((size_t)h * nsplit + c) * (d + 2);
+            dst[e] = o;
+            if (e == 0) { dst[d] = bm; dst[d + 1] = bl; }
+        }
+    }
+}
+
 // Prefill (t queries of one chunk): the same causal attention, tiled. Block (query tile, head) takes
 // ATTN_TQ queries and walks the keys in tiles of ATTN_TK: it decodes each K / V tile into shared memory once
 // for all its queries (where `attention` has every query's block read every key it sees), and keeps the
@@ -302,6 +427,8 @@ template __global__ void attention<0>(const float*, const u8*, const u8*, const 
 template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
+template __global__ void attention_gqa<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int);
+template __global__ void attention_gqa<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int);
 template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
 template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
 #endif
