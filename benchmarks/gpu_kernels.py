@@ -21,6 +21,9 @@ from planner.memory import ATTN_MAX_SPLITS  # noqa: E402
 
 
 COLD_BYTES = 160_000_000          # > 3x the H200's 50 MB L2 (the largest L2 of the cards vramwise knows)
+# Llama-2-7B's decode shapes (tests/test_gpu_benchmarks.py shrinks them to run this script on the CPU twin)
+H, F, HEADS, HEAD_D, CTX = 4096, 11008, 32, 128, 2048
+LENGTHS, PREFILL_T = (64, 512, 2048), 512
 
 
 def timed(cp, fn, reps: int = 30, per_graph: int = 20) -> float:
@@ -67,9 +70,9 @@ def main(argv=None) -> int:
         copies = [views(cp.asarray(image.data), image)["w"] for _ in range(1 + max(1, COLD_BYTES // image.nbytes))]
         return itertools.cycle(copies).__next__, image.nbytes
 
-    x = cp.asarray(rng.standard_normal(11008).astype(np.float32))
-    xp = cp.empty(11008 + 96, cp.float32)
-    shapes = ((4096, 4096), (11008, 4096), (4096, 11008))
+    x = cp.asarray(rng.standard_normal(F).astype(np.float32))
+    xp = cp.empty(F + 96, cp.float32)
+    shapes = ((H, H), (F, H), (H, F))
     sweep = []
     mats = {(n, k): rotation("1:4b g128", n, k) for n, k in shapes}
     outs = {n: cp.empty(n, cp.float32) for n, _ in shapes}
@@ -85,46 +88,46 @@ def main(argv=None) -> int:
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
-        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        for n, k in shapes:
             w, nbytes = rotation(option, n, k)
             y = cp.empty(n, cp.float32)
             us = timed(cp, lambda: launch.matvec(x[:k], y, w(), xp))
             rows.append({"kernel": f"matvec {option} {n}x{k}", "us": us, "gb_s": nbytes / us / 1e3})
-    qkv = [rotation("1:4b g128", 4096, 4096) for _ in range(3)]
-    ys = [cp.empty(4096, cp.float32) for _ in range(3)]
-    us = timed(cp, lambda: launch.matvec_fused(x[:4096], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))
-    rows.append({"kernel": "matvec fused q,k,v 1:4b g128 3x4096x4096", "us": us, "gb_s": sum(b for _, b in qkv) / us / 1e3})
-    gate, up = rotation("1:4b g128", 11008, 4096), rotation("1:4b g128", 11008, 4096)
-    yg = cp.empty(11008, cp.float32)
-    us = timed(cp, lambda: launch.matvec_glu(x[:4096], gate[0](), up[0](), yg))
-    rows.append({"kernel": "matvec gate+up+swiglu 1:4b g128 2x11008x4096", "us": us, "gb_s": (gate[1] + up[1]) / us / 1e3})
+    qkv = [rotation("1:4b g128", H, H) for _ in range(3)]
+    ys = [cp.empty(H, cp.float32) for _ in range(3)]
+    us = timed(cp, lambda: launch.matvec_fused(x[:H], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))
+    rows.append({"kernel": f"matvec fused q,k,v 1:4b g128 3x{H}x{H}", "us": us, "gb_s": sum(b for _, b in qkv) / us / 1e3})
+    gate, up = rotation("1:4b g128", F, H), rotation("1:4b g128", F, H)
+    yg = cp.empty(F, cp.float32)
+    us = timed(cp, lambda: launch.matvec_glu(x[:H], gate[0](), up[0](), yg))
+    rows.append({"kernel": f"matvec gate+up+swiglu 1:4b g128 2x{F}x{H}", "us": us, "gb_s": (gate[1] + up[1]) / us / 1e3})
     # RMSNorm folded into the matvec (the fastest unit-a-lane shape) against rmsnorm then the matvec
     sweep_32 = [r for r in sweep if r["lane"] == 32]
     if sweep_32:
         chosen = launch.MATVEC
         launch.MATVEC = launch.MatvecShape.from_json(min(sweep_32, key=lambda r: r["total_us"]))
-        nw, xn = cp.ones(4096, cp.float32), cp.empty((1, 4096), cp.float32)
-        x2 = x[:4096].reshape(1, 4096)
+        nw, xn = cp.ones(H, cp.float32), cp.empty((1, H), cp.float32)
+        x2 = x[:H].reshape(1, H)
         for label, run in (
                 ("rmsnorm, then fused q,k,v", lambda: (launch.rmsnorm(x2, nw, xn, 1e-5), launch.matvec_fused(
                     xn[0], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))),
                 ("fused q,k,v with the norm folded in", lambda: launch.matvec_fused(
-                    x[:4096], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)], norm=(nw, 1e-5))),
+                    x[:H], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)], norm=(nw, 1e-5))),
                 ("rmsnorm, then gate+up+swiglu", lambda: (launch.rmsnorm(x2, nw, xn, 1e-5), launch.matvec_glu(
                     xn[0], gate[0](), up[0](), yg))),
                 ("gate+up+swiglu with the norm folded in", lambda: launch.matvec_glu(
-                    x[:4096], gate[0](), up[0](), yg, norm=(nw, 1e-5)))):
+                    x[:H], gate[0](), up[0](), yg, norm=(nw, 1e-5)))):
             rows.append({"kernel": f"{label} ({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": timed(cp, run),
                          "gb_s": 0})
         launch.MATVEC = chosen
-    t, hq, hkv, d, ctx = 1, 32, 32, 128, 2048
+    t, hq, hkv, d, ctx = 1, HEADS, HEADS, HEAD_D, CTX
     for fmt in ("fp16", "q8"):
         f = kv_format(fmt)
         cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
         q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
         out = cp.empty((t, hq, d), cp.float32)
         partials = cp.empty((hq, ATTN_MAX_SPLITS, d + 2), cp.float32)
-        for length in (64, 512, 2048):
+        for length in LENGTHS:
             pos = cp.asarray(np.array([length - 1], np.int32))
             for kernel in ("split", "gqa"):                 # measured kernel, then the candidate
                 launch.ATTN_DECODE = kernel
@@ -135,27 +138,28 @@ def main(argv=None) -> int:
         kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
         rows.append({"kernel": f"rope_store {fmt} (q, k, v of 32 heads)", "gb_s": 0,
                      "us": timed(cp, lambda: launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True))})
-    # decode attention of a GQA model (32 query heads on 8 KV heads, as Llama 3 8B): each kernel
-    cache8 = cp.asarray(rng.integers(0, 120, (ctx, 8, 2 * d), dtype=np.uint8))
-    for length in (512, 2048):
+    # decode attention of a GQA model (4 query heads a KV head, as Llama 3 8B's 32 on 8): each kernel
+    gkv = hq // 4
+    cache8 = cp.asarray(rng.integers(0, 120, (ctx, gkv, 2 * d), dtype=np.uint8))
+    for length in LENGTHS[1:]:
         pos = cp.asarray(np.array([length - 1], np.int32))
         for kernel in ("split", "gqa"):
             launch.ATTN_DECODE = kernel
             us = timed(cp, lambda: launch.attention("fp16", q, cache8, cache8, pos, out, partials))
-            rows.append({"kernel": f"attention fp16 len {length} 32q/8kv heads" + (" (gqa)" if kernel == "gqa" else ""),
-                         "us": us, "gb_s": 2 * length * 8 * 2 * d / us / 1e3})
+            rows.append({"kernel": f"attention fp16 len {length} {hq}q/{gkv}kv heads" + (" (gqa)" if kernel == "gqa" else ""),
+                         "us": us, "gb_s": 2 * length * gkv * 2 * d / us / 1e3})
     launch.ATTN_DECODE = "split"
     # prefill's kernels, measured (dequant_slice, per-query attention) against their untimed candidates
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128"):
-        w, nbytes = rotation(option, 4096, 4096)
-        tile = cp.empty((4096, 4096), cp.uint16)
+        w, nbytes = rotation(option, H, H)
+        tile = cp.empty((H, H), cp.uint16)
         for kernel in ("slice", "rows"):
             launch.DEQUANT = kernel
             us = timed(cp, lambda: launch.dequantize(w(), 0, tile))
-            rows.append({"kernel": f"dequantize {kernel} {option} 4096x4096", "us": us,
+            rows.append({"kernel": f"dequantize {kernel} {option} {H}x{H}", "us": us,
                          "gb_s": (nbytes + tile.nbytes) / us / 1e3})
     launch.DEQUANT = "slice"
-    t, f = 512, kv_format("fp16")
+    t, f = PREFILL_T, kv_format("fp16")
     cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
     q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
     out = cp.empty((t, hq, d), cp.float32)
@@ -163,14 +167,14 @@ def main(argv=None) -> int:
     for kernel in ("query", "tiled"):
         launch.ATTN_PREFILL = kernel
         us = timed(cp, lambda: launch.attention("fp16", q, cache, cache, pos, out, partials))
-        rows.append({"kernel": f"attention prefill {kernel} fp16 512 queries", "us": us,
+        rows.append({"kernel": f"attention prefill {kernel} fp16 {t} queries", "us": us,
                      "gb_s": 2 * t * hkv * f.row_bytes(d) / us / 1e3})
     launch.ATTN_PREFILL = "query"
-    h = cp.asarray(rng.standard_normal((1, 4096)).astype(np.float32))
-    hn, wn = cp.empty((1, 4096), cp.float32), cp.ones(4096, cp.float32)
-    rows.append({"kernel": "rmsnorm 4096", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
-    g, u = cp.ones(11008, cp.float32), cp.ones(11008, cp.float32)
-    rows.append({"kernel": "swiglu 11008", "us": timed(cp, lambda: launch.swiglu(g, u)), "gb_s": 0})
+    h = cp.asarray(rng.standard_normal((1, H)).astype(np.float32))
+    hn, wn = cp.empty((1, H), cp.float32), cp.ones(H, cp.float32)
+    rows.append({"kernel": f"rmsnorm {H}", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
+    g, u = cp.ones(F, cp.float32), cp.ones(F, cp.float32)
+    rows.append({"kernel": f"swiglu {F}", "us": timed(cp, lambda: launch.swiglu(g, u)), "gb_s": 0})
     rows.append({"kernel": "empty launch (argmax of 1)", "us": timed(cp, lambda: launch.argmax(g[:1], cp.empty(1, cp.int32))), "gb_s": 0})
     print(f"{device.name()} ({date.today()})")
     for r in rows:

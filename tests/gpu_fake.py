@@ -68,6 +68,7 @@ def fake_cupy() -> tuple[types.ModuleType, types.ModuleType]:
     cp.empty = _poisoned
     cp.zeros = lambda shape, dtype=np.float32: _fake(np.zeros(shape, dtype))
     cp.full = lambda shape, value, dtype=np.float32: _fake(np.full(shape, value, dtype))
+    cp.ones = lambda shape, dtype=np.float32: _fake(np.ones(shape, dtype))
     cp.asarray = lambda a, dtype=None: _fake(np.array(a, dtype))         # a copy, as a host-to-device one
     for name in ("uint8", "uint16", "int32", "uint64", "float32", "float64", "nan", "inf"):
         setattr(cp, name, getattr(np, name))
