@@ -41,3 +41,46 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     # the script leaves the engine's switches as it found them, but for the sweep's pick
     assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:]
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
+
+
+def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypatch):
+    """gpu_decode.py --candidates end to end: each case, the 70B extrapolation, and streaming serial and
+    overlapped, on models of the plans' formats shrunk to a few hundred thousand weights."""
+    import dataclasses
+    import sys
+    import types
+
+    cudaemu.install(monkeypatch)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_decode
+
+    from gpuengine import device, launch
+    from gpuengine import model as engine
+    cp = sys.modules["cupy"]
+    cp.__version__ = "CPU twin"
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 1, free_all_blocks=lambda: None)
+    for module, name in ((engine, "OVERLAP"), (launch, "DEQUANT"), (launch, "ATTN_PREFILL"), (launch, "ATTN_DECODE"),
+                         (launch, "FUSE_NORM"), (launch, "MATVEC")):
+        monkeypatch.setattr(module, name, getattr(module, name))             # restored after the test
+    monkeypatch.setattr(device, "require", lambda: None)
+    monkeypatch.setattr(device, "name", lambda: "CPU twin")
+    monkeypatch.setattr(gpu_decode, "copy_bandwidth", lambda cp: {"device_copy_gb_s": 1e3, "host_to_device_gb_s": 50.0})
+    monkeypatch.setattr(gpu_decode, "PROMPT", 12)
+    monkeypatch.setattr(gpu_decode, "DECODE_AT", 12)
+    make_plan = gpu_decode.make_plan
+
+    def tiny_plan(model, gpu, bpw, ctx, extra=()):
+        plan = make_plan(model, "h100-sxm", bpw, 64, extra)
+        spec = dataclasses.replace(plan.spec, hidden_size=64, intermediate_size=96, num_heads=4,
+                                   num_kv_heads=2 if plan.spec.num_kv_heads < plan.spec.num_heads else 4,
+                                   head_dim=16, vocab_size=64, num_layers=2)
+        return dataclasses.replace(plan, spec=spec)
+    monkeypatch.setattr(gpu_decode, "make_plan", tiny_plan)
+    out = tmp_path / "decode.json"
+    assert gpu_decode.main(["--out", str(out), "--candidates"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": True, "dequant": "rows",
+                             "prefill_attention": "tiled", "decode_attention": "gqa", "norm_folded": False}
+    assert [c["case"] for c in doc["cases"]] == ["SmolLM2-135M 4.0 bpw", "Llama-2-7B shape 4.0 bpw",
+                                                 "Llama-2-7B shape 2.5 bpw"]
+    assert "overlapped" in doc["streaming"] and doc["llama2_70b_2.5bpw"]["decode_tok_s_extrapolated"] > 0
