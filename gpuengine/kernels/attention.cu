@@ -238,9 +238,11 @@ __global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict_
     for (int b = p0 + 32 * warp; b < p1; b += 32 * ATTN_WARPS) {
         const int p = b + lane;
         const bool in = p < p1;                             // lane 0 always is: b < p1
-        float s[GQA_MAX_G];
+        // four partial sums a head (one per dim mod 4), added pairwise: a dot product's rounding stays near
+        // the warp-wide tree of `attention`, which matters where a sharp softmax magnifies score errors
+        float s[GQA_MAX_G], s4[GQA_MAX_G][4];
 #pragma unroll
-        for (int g = 0; g < GQA_MAX_G; ++g) s[g] = 0.0f;
+        for (int g = 0; g < GQA_MAX_G; ++g) s4[g][0] = s4[g][1] = s4[g][2] = s4[g][3] = 0.0f;
         if (in) {
             const u8* krow = kc + ((size_t)p * hkv + kvh) * row_bytes;
             for (int e = 0; e < d; e += 4) {
@@ -250,10 +252,15 @@ __global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict_
                 for (int g = 0; g < GQA_MAX_G; ++g)
                     if (g < G) {
                         const float4 a = *reinterpret_cast<const float4*>(&qs[g][e]);
-                        s[g] = fmaf(a.x, kv[0], fmaf(a.y, kv[1], fmaf(a.z, kv[2], fmaf(a.w, kv[3], s[g]))));
+                        s4[g][0] = fmaf(a.x, kv[0], s4[g][0]);
+                        s4[g][1] = fmaf(a.y, kv[1], s4[g][1]);
+                        s4[g][2] = fmaf(a.z, kv[2], s4[g][2]);
+                        s4[g][3] = fmaf(a.w, kv[3], s4[g][3]);
                     }
             }
         }
+#pragma unroll
+        for (int g = 0; g < GQA_MAX_G; ++g) s[g] = (s4[g][0] + s4[g][1]) + (s4[g][2] + s4[g][3]);
         float w[GQA_MAX_G];
 #pragma unroll
         for (int g = 0; g < GQA_MAX_G; ++g) {
