@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
-                         "dequant_rows, tiled prefill attention, GQA decode attention, RMSNorm folded into "
-                         "unit-a-lane matvecs")
+                         "dequant_rows, tiled prefill attention, GQA decode attention, and with a unit-a-lane "
+                         "matvec, RMSNorm folded in and mixed options' inputs gathered in the kernel")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -201,10 +201,10 @@ def main(argv=None) -> int:
         launch.MATVEC = launch.MatvecShape.from_json(best)
     if args.candidates:
         engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL, launch.FUSE_NORM = True, "rows", "tiled", True
-        launch.ATTN_DECODE = "gqa"
+        launch.ATTN_DECODE, launch.GATHER = "gqa", "kernel"
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
                 "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
-                "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32}
+                "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel()}
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",

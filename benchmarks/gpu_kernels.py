@@ -119,6 +119,15 @@ def main(argv=None) -> int:
                     x[:H], gate[0](), up[0](), yg, norm=(nw, 1e-5)))):
             rows.append({"kernel": f"{label} ({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": timed(cp, run),
                          "gb_s": 0})
+        # a mixed option's input gathered by gather_x before the matvec, or read in place by it
+        mixed, nbytes = rotation("0.1:5b/0.9:4b g128", H, H)
+        ym = cp.empty(H, cp.float32)
+        for gather in ("launch", "kernel"):
+            launch.GATHER = gather
+            us = timed(cp, lambda: launch.matvec(x[:H], ym, mixed(), xp))
+            rows.append({"kernel": f"matvec 0.1:5b/0.9:4b g128 {H}x{H}, gathered by {gather} "
+                                   f"({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": us, "gb_s": nbytes / us / 1e3})
+        launch.GATHER = "launch"
         launch.MATVEC = chosen
     t, hq, hkv, d, ctx = 1, HEADS, HEADS, HEAD_D, CTX
     for fmt in ("fp16", "q8"):

@@ -99,14 +99,15 @@ def width_of(loop: list[str]) -> tuple[int, int] | None:
 def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     rows = []
     for r, u, lane in MATVEC_INSTANCES:
-        mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi0EEvPKfi4QMatS2_S2_6NormIn"
+        mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi0EEvPKfi4QMatS2_S2_6NormIn4XMap"
         m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
         if not m:
             sys.exit(f"error: {mangled} not in the disassembly")
-        folded = None
-        if lane == 32:                                         # the same shape with RMSNorm folded in
-            f = re.search(rf"Function : {mangled.replace('ELi0E', 'ELi1E')}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
-            folded = {w[0]: (w[1], len(loop)) for loop in loops(f.group(1)) if (w := width_of(loop))}
+        variants = {}                                          # the same shape folding RMSNorm in, gathering x
+        for n, label in ((1, "norm_folded"), (2, "gathered")) if lane == 32 else ():
+            other = mangled.replace("ELi0E", f"ELi{n}E")
+            f = re.search(rf"Function : {other}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+            variants[label] = (other, {w[0]: (w[1], len(loop)) for loop in loops(f.group(1)) if (w := width_of(loop))})
         found: dict[int, list[tuple[int, int]]] = {}
         for loop in loops(m.group(1)):
             w = width_of(loop)
@@ -117,9 +118,10 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
             row = {"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
                    "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
                    "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)}
-            if folded and bits in folded:
-                row["instructions_per_weight_norm_folded"] = round(folded[bits][1] / folded[bits][0], 2)
-                row["registers_norm_folded"] = regs.get(mangled.replace("ELi0E", "ELi1E"))
+            for label, (other, found_v) in variants.items():
+                if bits in found_v:
+                    row[f"instructions_per_weight_{label}"] = round(found_v[bits][1] / found_v[bits][0], 2)
+                    row[f"registers_{label}"] = regs.get(other)
             rows.append(row)
     return rows
 
@@ -133,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         sass, regs, version = compile_matvec(args.arch, Path(work))
     rows = analyse(sass, regs)
     print(f"{'instance':20} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13} "
-          f"{'norm folded':>12}")
+          f"{'norm folded':>12} {'gathered':>9}")
     for row in rows:
         print(f"{row['instance']:20} {row['layout']:12} {row['bits']:>4} {row['registers']:>5} "
               f"{row['loop_instructions']:>6} {row['weights_per_iteration']:>8} {row['instructions_per_weight']:>13} "
-              f"{row.get('instructions_per_weight_norm_folded', ''):>12}")
+              f"{row.get('instructions_per_weight_norm_folded', ''):>12} {row.get('instructions_per_weight_gathered', ''):>9}")
     write_json({"date": date.today().isoformat(), "arch": args.arch, "nvcc": version,
                 "what": "static SASS count of each qmatvec instance's inner decode loop (not a speed)",
                 "rows": rows}, args.out)

@@ -58,7 +58,7 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
             raise LaunchError(f"unsupported slice: {s.bits} bits, group {lin.meta.group_size}")
         check("words", w, np.uint32, (n, s.units * s.bits))
         check("scales", sc, np.uint16, (n, s.groups))
-    if lin.meta.needs_gather:
+    if lin.meta.needs_gather and not gathers_in_kernel():
         check("gather buffer", xp, np.float32)
         if xp.size < lin.meta.gathered_len:
             raise LaunchError(f"gather buffer of {xp.size} floats for {lin.meta.gathered_len}")
@@ -81,9 +81,10 @@ class MatvecShape:
     def kernel(self) -> str:
         return self.instance(norm=False)
 
-    def instance(self, norm: bool) -> str:
-        """The template instance: with norm, the one that folds RMSNorm in (unit a lane only)."""
-        return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {int(norm)}>"
+    def instance(self, norm: bool, gather: bool = False) -> str:
+        """The template instance: with norm, the one that folds RMSNorm in; with gather, the one that reads
+        x through a mixed option's slices and permutation (both unit a lane only)."""
+        return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {int(norm) | int(gather) << 1}>"
 
     @classmethod
     def from_json(cls, d: dict) -> "MatvecShape":
@@ -101,11 +102,21 @@ QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("
 QMAT = np.dtype([("y", "u8"), ("bias", "u8"), ("sl", QSLICE, (3,)), ("n", "i4"), ("nslices", "i4"),
                  ("accumulate", "i4"), ("has_bias", "i4"), ("gshift", "i4")], align=True)
 NORM_IN = np.dtype([("w", "u8"), ("eps", "f4"), ("h", "i4"), ("on", "i4")], align=True)
+XMAP = np.dtype([("perm", "u8", (3,)), ("start", "i4", (3, 3)), ("rows", "i4", (3, 3))], align=True)
 
 # Decode folds each RMSNorm into the matvec that reads its output (NormIn in matvec.cu) where the linears are
 # `fusable` and the matvec layout is a unit a lane: two launches fewer a layer. Tested on the CPU twin, not
 # yet timed on a GPU, so off.
 FUSE_NORM = False
+
+# Where a mixed option's input is gathered (permuted, each slice padded to whole units): "launch", by gather_x
+# before each matvec (as measured), or "kernel", read in place by a unit-a-lane matvec (XMap in matvec.cu),
+# which also lets mixed q / k / v and gate / up share launches. Tested on the CPU twin, not yet timed.
+GATHER = "launch"
+
+
+def gathers_in_kernel() -> bool:
+    return GATHER == "kernel" and MATVEC.lane == 32
 
 
 def _ptr(a: Any) -> int:
@@ -128,9 +139,24 @@ def _qmat(lin: DeviceLinear, y: Any, bias: Any = None, accumulate: bool = False)
 
 
 def fusable(*lins: DeviceLinear) -> bool:
-    """Whether packed linears can share one matvec launch: one input size, each reading x as it is."""
+    """Whether packed linears can share one matvec launch: one input size, each reading x as it is or
+    gathering it in the kernel."""
     metas = [lin.meta for lin in lins]
-    return all(m is not None and not m.needs_gather for m in metas) and len({m.k for m in metas}) == 1
+    return (all(m is not None and (gathers_in_kernel() or not m.needs_gather) for m in metas)
+            and len({m.k for m in metas}) == 1)
+
+
+def _xmap(lins: list) -> tuple[np.ndarray, bool]:
+    """The kernel's XMap for matrices 0, 1, 2 = lins, and whether the launch gathers (some linear needs it
+    and the kernel can)."""
+    a = np.zeros(1, XMAP)
+    gather = gathers_in_kernel() and any(lin.meta.needs_gather for lin in lins)
+    if gather:
+        for w, lin in enumerate(lins):
+            a["perm"][0, w] = _ptr(lin.perm) if lin.perm is not None else 0
+            for j, s in enumerate(lin.meta.slices):
+                a["start"][0, w, j], a["rows"][0, w, j] = s.start, s.rows
+    return a, gather
 
 
 def _norm_in(norm: Optional[tuple]) -> np.ndarray:
@@ -145,16 +171,19 @@ def _norm_in(norm: Optional[tuple]) -> np.ndarray:
     return a
 
 
-def _qmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple] = None) -> None:
+def _qmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple] = None,
+             lins: Optional[list] = None) -> None:
     shape = MATVEC
     if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
         raise LaunchError(f"matvec {shape.kernel} is not compiled")
     norm_in = _norm_in(norm)                                     # refuses a fold into the quad layout
+    xmap, gather = _xmap(lins or [])
     if _ptr(x) % 16:
         raise LaunchError("matvec input not 16-byte aligned")
     grid = (math.ceil(n / shape.rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", shape.instance(norm is not None))(grid, (32 * shape.warps,), (x, _i(glu), *padded, norm_in))
+    function("matvec", shape.instance(norm is not None, gather))(
+        grid, (32 * shape.warps,), (x, _i(glu), *padded, norm_in, xmap))
 
 
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:
@@ -170,14 +199,14 @@ def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumul
         return
     m = lin.meta
     src = x
-    if m.needs_gather:
+    if m.needs_gather and not gathers_in_kernel():
         sl = list(m.slices) + [m.slices[0]] * (3 - len(m.slices))
         args = [x, lin.perm if lin.perm is not None else x, _i(lin.perm is not None), xp, _i(len(m.slices))]
         for s in sl:
             args += [_i(s.start), _i(s.rows), _i(s.units * PACK_VALUES), _i(s.xoff)]
         function("matvec", "gather_x")((_blocks(m.gathered_len),), (THREADS,), tuple(args))
         src = xp
-    _qmatvec(src, [_qmat(lin, y, bias, accumulate)], n)
+    _qmatvec(src, [_qmat(lin, y, bias, accumulate)], n, lins=[lin])
 
 
 def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
@@ -194,7 +223,7 @@ def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
         mats.append(_qmat(lin, y, bias, accumulate))
     if norm is not None and norm[0].shape != x.shape:
         raise LaunchError(f"norm weight {tuple(norm[0].shape)} for input {tuple(x.shape)}")
-    _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs), norm=norm)
+    _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs), norm=norm, lins=[lin for _, lin, _, _ in jobs])
 
 
 def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optional[tuple] = None) -> None:
@@ -206,7 +235,7 @@ def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optio
     check_matvec(x, y, up, None)
     if norm is not None and norm[0].shape != x.shape:
         raise LaunchError(f"norm weight {tuple(norm[0].shape)} for input {tuple(x.shape)}")
-    _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm)
+    _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm, lins=[gate, up])
 
 
 # Prefill's dequantization kernel: "slice" (a flat index over the tile, as measured in every GPU run so far)

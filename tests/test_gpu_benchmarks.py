@@ -28,7 +28,7 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     monkeypatch.setattr(gpu_kernels, "timed", lambda cp, fn, **kw: (launched.append(fn()), 1.0)[1])
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
     defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
-    for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE"):     # restored after the test
+    for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE", "GATHER"):     # restored after the test
         monkeypatch.setattr(launch, name, getattr(launch, name))
     out = tmp_path / "kernels.json"
     assert gpu_kernels.main(["--out", str(out)]) == 0
@@ -36,10 +36,11 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     assert len(doc["matvec_block_sweep"]) == 3 * len(MATVEC_INSTANCES)
     names = " | ".join(r["kernel"] for r in doc["kernels"])
     for expected in ("(gqa)", "8q/2kv heads", "dequantize rows", "dequantize slice", "attention prefill tiled",
-                     "attention prefill query", "with the norm folded in", "rmsnorm, then fused q,k,v"):
+                     "attention prefill query", "with the norm folded in", "rmsnorm, then fused q,k,v",
+                     "gathered by launch", "gathered by kernel"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
-    assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:]
+    assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:] and launch.GATHER == "launch"
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
 
@@ -60,7 +61,7 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     cp.__version__ = "CPU twin"
     cp.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 1, free_all_blocks=lambda: None)
     for module, name in ((engine, "OVERLAP"), (launch, "DEQUANT"), (launch, "ATTN_PREFILL"), (launch, "ATTN_DECODE"),
-                         (launch, "FUSE_NORM"), (launch, "MATVEC")):
+                         (launch, "FUSE_NORM"), (launch, "MATVEC"), (launch, "GATHER")):
         monkeypatch.setattr(module, name, getattr(module, name))             # restored after the test
     monkeypatch.setattr(device, "require", lambda: None)
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
@@ -80,7 +81,8 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     assert gpu_decode.main(["--out", str(out), "--candidates"]) == 0
     doc = json.loads(out.read_text())
     assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": True, "dequant": "rows",
-                             "prefill_attention": "tiled", "decode_attention": "gqa", "norm_folded": False}
+                             "prefill_attention": "tiled", "decode_attention": "gqa", "norm_folded": False,
+                             "gather_in_kernel": False}
     assert [c["case"] for c in doc["cases"]] == ["SmolLM2-135M 4.0 bpw", "Llama-2-7B shape 4.0 bpw",
                                                  "Llama-2-7B shape 2.5 bpw"]
     assert "overlapped" in doc["streaming"] and doc["llama2_70b_2.5bpw"]["decode_tok_s_extrapolated"] > 0

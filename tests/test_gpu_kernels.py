@@ -83,18 +83,18 @@ plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.sli
 
 
 def test_qmat_layout_matches_the_compiler():
-    """The structured dtypes launch.QMAT (a linear) and launch.NORM_IN (a folded RMSNorm) that the kernel
-    takes by value have the CUDA structs' layouts."""
+    """The structured dtypes launch.QMAT (a linear), launch.NORM_IN (a folded RMSNorm) and launch.XMAP (an
+    in-kernel gather) that the kernel takes by value have the CUDA structs' layouts."""
     import cupy as cp
 
     from gpuengine import launch
     from gpuengine.kernels import function
-    out = cp.zeros(16, dtype=cp.uint64)
+    out = cp.zeros(19, dtype=cp.uint64)
     function("matvec", "qmat_layout")((1,), (1,), (out,))
-    q, s, r = launch.QMAT, launch.QSLICE, launch.NORM_IN
+    q, s, r, g = launch.QMAT, launch.QSLICE, launch.NORM_IN, launch.XMAP
     want = [q.itemsize, s.itemsize, *(q.fields[f][1] for f in ("y", "bias", "sl", "n", "nslices", "accumulate", "has_bias")),
             q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gshift"][1],
-            r.itemsize, *(r.fields[f][1] for f in ("eps", "h", "on"))]
+            r.itemsize, *(r.fields[f][1] for f in ("eps", "h", "on")), g.itemsize, g.fields["start"][1], g.fields["rows"][1]]
     assert out.get().tolist() == want
 
 
@@ -181,6 +181,46 @@ def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, wa
     assert_rows_close(y.get(), ops.silu(gx) * ux, 1.1 * np.abs(ux) * mg + np.abs(ops.silu(gx)) * mu)
     with block_shape((4, 4, 8), 2), pytest.raises(launch.LaunchError, match="unit-a-lane"):
         launch.matvec_fused(cp.asarray(x), [(ys[0], device_linear(ts[0]), None, False)], norm=(cp.asarray(g), 1e-5))
+
+
+@SETTINGS
+@given(options=st.lists(options, min_size=1, max_size=3), k=st.one_of(st.integers(8, 900), st.integers(1, 28).map(lambda v: 32 * v)),
+       seed=st.integers(0, 2**31), norm=st.booleans(),
+       instance=st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]), warps=st.sampled_from((1, 2, 4)))
+def test_mixed_options_gathered_in_the_kernel(options, k, seed, norm, instance, warps, monkeypatch):
+    """launch.GATHER = "kernel": unit-a-lane matvecs read a mixed option's permuted, padded input in place
+    (no gather_x), alone, as q / k / v of different options in one launch, and as gate / up, with or without
+    the folded RMSNorm."""
+    import cupy as cp
+
+    from gpuengine import launch
+    monkeypatch.setattr(launch, "GATHER", "kernel")
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(k) * 3).astype(np.float32)
+    g = rng.standard_normal(k).astype(np.float32)
+    xn = ops.rmsnorm(x[None], g, 1e-5)[0].astype(np.float64) if norm else x.astype(np.float64)
+    fold = (cp.asarray(g), 1e-5) if norm else None
+    ns = [int(rng.integers(1, 90)) for _ in options]
+    ts = [quantize(rng.standard_normal((n, k)).astype(np.float32), o) for n, o in zip(ns, options)]
+    ys = [nan_array(n) for n in ns]
+    calls, launched = [], launch.function
+    monkeypatch.setattr(launch, "function", lambda module, name: (calls.append(name), launched(module, name))[1])
+    with block_shape(instance, warps):
+        assert launch.fusable(*(device_linear(t) for t in ts))
+        launch.matvec_fused(cp.asarray(x), [(y, device_linear(t), None, False) for y, t in zip(ys, ts)], norm=fold)
+        if not norm:
+            y1 = nan_array(ns[0])
+            launch.matvec(cp.asarray(x), y1, device_linear(ts[0]), None)
+            assert_rows_close(y1.get(), *matvec_terms(ts[0], xn))
+    assert "gather_x" not in calls
+    for y, t in zip(ys, ts):
+        assert_rows_close(y.get(), *matvec_terms(t, xn))
+    up = quantize(rng.standard_normal((ns[0], k)).astype(np.float32), options[-1])
+    y = nan_array(ns[0])
+    with block_shape(instance, warps):
+        launch.matvec_glu(cp.asarray(x), device_linear(ts[0]), device_linear(up), y, norm=fold)
+    (gx, mg), (ux, mu) = matvec_terms(ts[0], xn), matvec_terms(up, xn)
+    assert_rows_close(y.get(), ops.silu(gx) * ux, 1.1 * np.abs(ux) * mg + np.abs(ops.silu(gx)) * mu)
 
 
 @SETTINGS

@@ -225,19 +225,25 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
                      "rmsnorm": len(ids) * (1 if folded else 1 + 2 * CONFIG["num_hidden_layers"])}
 
 
-@pytest.mark.parametrize("kernels", [("slice", "query", "split"), ("rows", "tiled", "gqa")], ids=["measured", "candidates"])
-def test_random_model_prefill_matches(other, kernels, backend, monkeypatch):
-    """Prefill and decode with the kernels every GPU run measured, and with the untimed candidates
-    (dequant_rows, attention_tiled, and attention_gqa for decode)."""
+@pytest.mark.parametrize("candidates", [False, True], ids=["measured", "candidates"])
+def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
+    """Prefill and decode with the kernels every GPU run measured, and with every untimed candidate:
+    dequant_rows, attention_tiled, attention_gqa, and a unit-a-lane matvec that folds the RMSNorms in and
+    reads the mixed options' inputs in place, so q / k / v and gate / up of mixed options share launches."""
     from gpuengine import launch
-    monkeypatch.setattr(launch, "DEQUANT", kernels[0])
-    monkeypatch.setattr(launch, "ATTN_PREFILL", kernels[1])
-    monkeypatch.setattr(launch, "ATTN_DECODE", kernels[2])
+    if candidates:
+        for name, value in dict(DEQUANT="rows", ATTN_PREFILL="tiled", ATTN_DECODE="gqa", GATHER="kernel",
+                                FUSE_NORM=True, MATVEC=launch.MatvecShape(4, 2, 32, 2)).items():
+            monkeypatch.setattr(launch, name, value)
+    launched, function = set(), launch.function
+    monkeypatch.setattr(launch, "function", lambda module, name: (launched.add(name), function(module, name))[1])
     ckpt, assignment = other
     ref, gpu = models(ckpt, assignment, "fp16")
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))
     assert_close(ref.logits(ids), gpu.logits(ids))                    # 3 prefill chunks of 64, 64, 22
     assert_close(decode_rows(ref, ids[:100], 30), decode_rows(gpu, ids[:100], 30))
+    if candidates:                                                    # mixed options fused, no gather launch
+        assert "gather_x" not in launched and {"qmatvec<4, 2, 32, 3>", "attention_gqa<0>"} <= launched
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])

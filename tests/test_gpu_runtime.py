@@ -224,8 +224,9 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     from gpuengine.kernels import NAME_EXPRESSIONS
     from gpuengine.kernels import MATVEC_INSTANCES
     shapes = [launch.MatvecShape(*i, 1) for i in MATVEC_INSTANCES]
-    assert {s.instance(norm) for s in shapes for norm in ((False, True) if s.lane == 32 else (False,))} == \
-        set(NAME_EXPRESSIONS["matvec"])
+    both = (False, True)
+    assert {s.instance(norm, gather) for s in shapes for norm in both for gather in both if s.lane == 32 or
+            not (norm or gather)} == set(NAME_EXPRESSIONS["matvec"])
     assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))

@@ -11,15 +11,15 @@ from importlib import resources
 from planner.formats import KV_CODES
 
 # The packed matvec's compiled shapes, qmatvec<R, U, L, N> (matvec.cu): R rows a block, U units in flight a
-# thread, L values of a unit a lane (8: quads, 32: a unit a lane); each unit-a-lane shape also with N = 1
-# (RMSNorm folded in). launch.MATVEC picks a shape.
+# thread, L values of a unit a lane (8: quads, 32: a unit a lane); each unit-a-lane shape with N = 0 to 3
+# (bit 0: RMSNorm folded in, bit 1: x gathered in the kernel). launch.MATVEC picks a shape.
 MATVEC_INSTANCES = ((1, 4, 8), (2, 4, 8), (2, 8, 8), (4, 4, 8), (2, 1, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32))
 
 # Template instantiations per source: the KV-cache kernels take the format code (planner.formats.KV_CODES).
 NAME_EXPRESSIONS = {
     "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_gqa", "attention_tiled") for c in KV_CODES.values()),
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
-                    for n in ((0, 1) if lane == 32 else (0,))),
+                    for n in ((0, 1, 2, 3) if lane == 32 else (0,))),
 }
 SOURCES = ("matvec", "dequant", "norm", "attention", "sample")
 

@@ -34,6 +34,24 @@ struct NormIn {
     int h, on;                                         // h: the input size, the mean's divisor
 };
 
+// x as each matrix's slices read it, gathered in the kernel (the unit-a-lane layout, launch.GATHER): slice
+// s of matrix m takes x[perm_m[start + j]] (x[start + j] where perm_m is null) as its j-th input, j < rows,
+// and zeros to the end of its last unit: what gather_x writes, read in place, so a mixed option needs no
+// launch before its matvec, and q / k / v (gate / up) of mixed options share one.
+struct XMap {
+    const int* perm[3];
+    int start[3][3], rows[3][3];
+};
+
+// Where a slice's inputs come from, in unit_rows: x and the folded norm's weight at offset xoff of the
+// gathered input (perm unused), or, gathering, at the original indices.
+struct XSrc {
+    const float* x;
+    const float* w;
+    const int* perm;
+    int start, rows;
+};
+
 // The block's threads in groups of four ("quads"): quad q takes units q, q + Q, q + 2Q, ... (Q quads in the
 // block) of each of the block's R rows, and lane g of a quad takes values 8g .. 8g + 7 of the unit, which
 // are exactly BITS bytes at byte g * BITS of the unit's 4 * BITS, inside one or two aligned words. So a
@@ -145,10 +163,9 @@ __device__ __forceinline__ float unit_code(const u32 (&w)[BITS], int i) {   // i
     return __uint_as_float(and_or<((1u << BITS) - 1u) << top, 0x3f800000u>(t));
 }
 
-template <int BITS, int R, int U, bool NORM>
-__device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R],
-                                          const float* __restrict__ xs, const float* __restrict__ ws, int u,
-                                          int step, int gshift, float (&acc)[R], float& sq) {
+template <int BITS, int R, int U, bool NORM, bool GATHER>
+__device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R], const XSrc& src,
+                                          int u, int step, int gshift, float (&acc)[R], float& sq) {
     const float scale = (float)(1 << BITS);
     u32 w[U][R][BITS];
     float sc[U][R];
@@ -161,23 +178,42 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
         }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-        const float4* xv = reinterpret_cast<const float4*>(xs + (size_t)(u + j * step) * 32);
-        float xf[32];
+        float xf[32], gf[32];
+        if constexpr (GATHER) {                               // x (and w) at the inputs' original indices
+            const int base = (u + j * step) * 32;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            const float4 a = xv[q];
-            xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
-        }
-        if constexpr (NORM) {                                 // folded RMSNorm: sum x^2, weigh x by w
-            const float4* wv = reinterpret_cast<const float4*>(ws + (size_t)(u + j * step) * 32);
-            float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int i = 0; i < 32; ++i) {
+                const bool in = base + i < src.rows;
+                const int c = src.start + base + i;
+                const int at = in ? (src.perm != nullptr ? __ldg(src.perm + c) : c) : 0;
+                xf[i] = in ? __ldg(src.x + at) : 0.0f;
+                if constexpr (NORM) gf[i] = in ? __ldg(src.w + at) : 0.0f;
+            }
+        } else {
+            const float4* xv = reinterpret_cast<const float4*>(src.x + (size_t)(u + j * step) * 32);
 #pragma unroll
             for (int q = 0; q < 8; ++q) {
-                const float4 g = wv[q];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s4[e] = fmaf(xf[4 * q + e], xf[4 * q + e], s4[e]);
-                xf[4 * q] *= g.x; xf[4 * q + 1] *= g.y; xf[4 * q + 2] *= g.z; xf[4 * q + 3] *= g.w;
+                const float4 a = xv[q];
+                xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
             }
+            if constexpr (NORM) {
+                const float4* wv = reinterpret_cast<const float4*>(src.w + (size_t)(u + j * step) * 32);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    const float4 g = wv[q];
+                    gf[4 * q] = g.x; gf[4 * q + 1] = g.y; gf[4 * q + 2] = g.z; gf[4 * q + 3] = g.w;
+                }
+            }
+        }
+        if constexpr (NORM) {                                 // folded RMSNorm: sum x^2, weigh x by w
+            float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s4[e] = fmaf(xf[4 * q + e], xf[4 * q + e], s4[e]);
+                    xf[4 * q + e] *= gf[4 * q + e];
+                }
             sq += (s4[0] + s4[1]) + (s4[2] + s4[3]);
         }
         float part[8];
@@ -197,9 +233,9 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
     }
 }
 
-template <int BITS, int R, int U, bool NORM>
-__device__ __forceinline__ void unit_rows(const QSlice& sl, const float* __restrict__ x, const float* __restrict__ nw,
-                                          int gshift, const int (&rows)[R], float (&acc)[R], float& sq) {
+template <int BITS, int R, int U, bool NORM, bool GATHER>
+__device__ __forceinline__ void unit_rows(const QSlice& sl, XSrc src, int gshift, const int (&rows)[R],
+                                          float (&acc)[R], float& sq) {
     const int step = blockDim.x;
     const u32* wr[R];
     const u16* sr[R];
@@ -208,27 +244,36 @@ __device__ __forceinline__ void unit_rows(const QSlice& sl, const float* __restr
         wr[r] = sl.w + (size_t)rows[r] * sl.units * BITS;
         sr[r] = sl.s + (size_t)rows[r] * sl.groups;
     }
-    const float* __restrict__ xs = x + sl.xoff;
-    const float* __restrict__ ws = NORM ? nw + sl.xoff : nullptr;
+    if constexpr (!GATHER) {                                 // the gathered input: this slice's part
+        src.x += sl.xoff;
+        if constexpr (NORM) src.w += sl.xoff;
+    }
     int u = threadIdx.x;
     for (; u + (U - 1) * step < sl.units; u += U * step)
-        unit_step<BITS, R, U, NORM>(wr, sr, xs, ws, u, step, gshift, acc, sq);
+        unit_step<BITS, R, U, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
     if constexpr (U > 1)
-        for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM>(wr, sr, xs, ws, u, step, gshift, acc, sq);
+        for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
 }
 
 // One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows).
 template <int BITS, int R, int U, int L, int N>
-__device__ __forceinline__ void slice_dot(const QSlice& sl, const float* __restrict__ x, const float* __restrict__ nw,
-                                          int gshift, const int (&rows)[R], float (&acc)[R], float& sq) {
-    if constexpr (L == 8) slice_rows<BITS, R, U>(sl, x, gshift, rows, acc);
-    else unit_rows<BITS, R, U, N != 0>(sl, x, nw, gshift, rows, acc, sq);
+__device__ __forceinline__ void slice_dot(const QSlice& sl, const XSrc& src, int gshift, const int (&rows)[R],
+                                          float (&acc)[R], float& sq) {
+    if constexpr (L == 8) slice_rows<BITS, R, U>(sl, src.x, gshift, rows, acc);
+    else unit_rows<BITS, R, U, (N & 1) != 0, (N & 2) != 0>(sl, src, gshift, rows, acc, sq);
 }
 
 // Matrix `which` of the three (or slice s of it) as values: selects on kernel parameters, so the kernel has
 // one copy of the decode loop per bit width rather than one per matrix and slice (and compiles in seconds).
 #define QPICK(f) (which == 0 ? m0.f : which == 1 ? m1.f : m2.f)
 #define QPICK_SLICE(f) (s == 0 ? QPICK(sl[0].f) : s == 1 ? QPICK(sl[1].f) : QPICK(sl[2].f))
+
+__device__ __forceinline__ int pick3x3(const int (&a)[3][3], int which, int s) {   // by selects, as QPICK:
+    int r[3];                                                  // an address into the parameter would copy
+#pragma unroll                                                 // the whole struct to local memory
+    for (int m = 0; m < 3; ++m) r[m] = s == 0 ? a[m][0] : s == 1 ? a[m][1] : a[m][2];
+    return which == 0 ? r[0] : which == 1 ? r[1] : r[2];
+}
 
 __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, const QMat& m2, int which, int s) {
     QSlice r;
@@ -245,11 +290,12 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
 // its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
 // m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
-// together; L: values per lane of a unit (8: quads, 32: a unit per lane). N = 1: RMSNorm folded in (NormIn;
-// L = 32 only): its own instances, so the plain ones keep their registers.
+// together; L: values per lane of a unit (8: quads, 32: a unit per lane). N, L = 32 only: bit 0, RMSNorm
+// folded in (NormIn); bit 1, x gathered in the kernel (XMap). Each N its own instances, so the plain ones
+// keep their registers.
 template <int R, int U, int L, int N>
-__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2, NormIn norm) {
-    static_assert(N == 0 || L == 32, "RMSNorm folds into the unit-a-lane layout only");
+__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2, NormIn norm, XMap map) {
+    static_assert(N == 0 || L == 32, "the fold and the gather are for the unit-a-lane layout only");
     __shared__ float red[2][R * 32];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
     int which = first;
@@ -264,19 +310,24 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 #pragma unroll
         for (int r = 0; r < R; ++r) { rows[r] = min(row0 + r, n - 1); acc[r] = 0.0f; }
         const int nslices = QPICK(nslices), gshift = QPICK(gshift);
-        const float* nw = N ? norm.w : nullptr;
+        XSrc src{x, (N & 1) ? norm.w : nullptr, nullptr, 0, 0};
+        if constexpr ((N & 2) != 0) src.perm = which == 0 ? map.perm[0] : which == 1 ? map.perm[1] : map.perm[2];
         float sq_unused = 0.0f;
         float& sqr = which == first ? sq : sq_unused;     // x^2 summed once, over the first matrix's loads
 #pragma unroll 1
         for (int s = 0; s < nslices; ++s) {
             const QSlice sl = pick_slice(m0, m1, m2, which, s);
+            if constexpr ((N & 2) != 0) {
+                src.start = pick3x3(map.start, which, s);
+                src.rows = pick3x3(map.rows, which, s);
+            }
             switch (sl.bits) {
-                case 2: slice_dot<2, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
-                case 3: slice_dot<3, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
-                case 4: slice_dot<4, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
-                case 5: slice_dot<5, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
-                case 6: slice_dot<6, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
-                case 8: slice_dot<8, R, U, L, N>(sl, x, nw, gshift, rows, acc, sqr); break;
+                case 2: slice_dot<2, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
+                case 3: slice_dot<3, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
+                case 4: slice_dot<4, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
+                case 5: slice_dot<5, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
+                case 6: slice_dot<6, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
+                case 8: slice_dot<8, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
             }
         }
         float* rd = red[which - first];
@@ -291,18 +342,16 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
             for (int w = 0; w < (int)(blockDim.x >> 5); ++w) sum += rd[threadIdx.x * 32 + w];
         if (which == first) sum0 = sum; else sum1 = sum;
     }
-    if constexpr (N != 0) {
-        {                                                     // 1 / rms of x, from every thread's x^2
-            __shared__ float sqs[32];
-            const float v = warp_sum(sq);
-            if (lane == 0) sqs[warp] = v;
-            __syncthreads();
-            float total = 0.0f;
-            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sqs[w];
-            const float inv = rsqrtf(total / (float)norm.h + norm.eps);
-            sum0 *= inv;
-            sum1 *= inv;
-        }
+    if constexpr ((N & 1) != 0) {                          // 1 / rms of x, from every thread's x^2
+        __shared__ float sqs[32];
+        const float v = warp_sum(sq);
+        if (lane == 0) sqs[warp] = v;
+        __syncthreads();
+        float total = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sqs[w];
+        const float inv = rsqrtf(total / (float)norm.h + norm.eps);
+        sum0 *= inv;
+        sum1 *= inv;
     }
     const int row = row0 + threadIdx.x;
     if (threadIdx.x >= R || row >= n) return;
@@ -329,6 +378,8 @@ extern "C" __global__ void qmat_layout(unsigned long long* out) {
     const NormIn* r = nullptr;
     out[12] = sizeof(NormIn); out[13] = (unsigned long long)&r->eps; out[14] = (unsigned long long)&r->h;
     out[15] = (unsigned long long)&r->on;
+    const XMap* g = nullptr;
+    out[16] = sizeof(XMap); out[17] = (unsigned long long)&g->start; out[18] = (unsigned long long)&g->rows;
 }
 
 // The same for an unquantized fp16 matrix (n_rows, k) (models run without a plan): lane l reads
@@ -368,8 +419,8 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 }
 
 #ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
-#define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn);
+#define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn, XMap);
+#define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3)
 QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
-QMATVEC(2, 1, 32, 0) QMATVEC(4, 1, 32, 0) QMATVEC(4, 2, 32, 0) QMATVEC(8, 1, 32, 0)
-QMATVEC(2, 1, 32, 1) QMATVEC(4, 1, 32, 1) QMATVEC(4, 2, 32, 1) QMATVEC(8, 1, 32, 1)
+QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
 #endif
