@@ -37,12 +37,33 @@ class EmulationError(RuntimeError):
     """A kernel misused barriers or shuffles in a way that is undefined on a GPU (cudaemu.h names it)."""
 
 
+PROBE = r"""
+__device__ __forceinline__ float probe_half(float f) { return (float)(_Float16)f; }
+extern "C" __global__ void probe(float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = probe_half((float)threadIdx.x);
+    __syncthreads();
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, s[63 - threadIdx.x], 1);
+}
+"""
+
+
+@lru_cache(maxsize=None)
 def unavailable_reason() -> Optional[str]:
-    """Why the kernels cannot run on this CPU (None when they can)."""
+    """Why the kernels cannot run on this CPU (None when they can): no Linux, no g++, or a g++ that cannot
+    build the header (it needs C++17 and _Float16: GCC 12 on x86-64), found by building a probe kernel."""
     if platform.system() != "Linux":
         return f"CUDA emulation needs Linux (ucontext fibers), not {platform.system()}"
     if shutil.which(CXX) is None:
         return f"no C++ compiler ({CXX}) to build the CUDA kernels for the CPU"
+    try:
+        out = np.zeros(64, np.float32)
+        build("probe", PROBE, ["probe"])["probe"]((1,), (64,), (out,))
+    except (EmulationError, OSError) as exc:
+        first = next((line for line in str(exc).splitlines()[1:] if "error" in line), str(exc).splitlines()[0])
+        return f"{CXX} cannot build the CPU twin of the CUDA kernels: {first.strip()[:200]}"
+    if out.tolist() != [float(63 - (i ^ 1)) for i in range(64)]:
+        return "the CPU twin of the CUDA kernels gives wrong results on this machine"
     return None
 
 
@@ -90,7 +111,7 @@ def build(label: str, source: str, names: list[str]) -> dict[str, "Kernel"]:
         done = subprocess.run([CXX, *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True)
         src.unlink()
         if done.returncode:
-            raise EmulationError(f"g++ failed on {label}:\n{done.stderr[-4000:]}")
+            raise EmulationError(f"{CXX} failed on {label}:\n{done.stderr[-4000:]}")
         os.replace(tmp, so)                        # atomic: a parallel build never loads half a file
     lib = ctypes.CDLL(str(so))
     lib.vw_launch.restype = ctypes.c_int

@@ -141,3 +141,17 @@ def test_the_engine_sources_build_with_every_kernel_they_name():
         assert set(cudaemu.module(name)) == set(cudaemu.kernel_names(name))
     with pytest.raises(cudaemu.EmulationError, match="no kernel"):
         cudaemu.function("norm", "nope")
+
+
+def test_a_compiler_that_cannot_build_the_twin_is_a_skip_reason(monkeypatch, tmp_path):
+    """An old g++ (no _Float16) or a broken one makes the twin's tests skip with the compiler's error, not fail."""
+    bad = tmp_path / "old-g++"
+    bad.write_text("#!/bin/sh\necho \"cudaemu.h:1: error: '_Float16' was not declared\" >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setattr(cudaemu, "CXX", str(bad))
+    cudaemu.unavailable_reason.cache_clear()
+    try:
+        reason = cudaemu.unavailable_reason()
+    finally:
+        cudaemu.unavailable_reason.cache_clear()
+    assert "cannot build the CPU twin" in reason and "_Float16" in reason
