@@ -96,6 +96,14 @@ def width_of(loop: list[str]) -> tuple[int, int] | None:
     return bits, n
 
 
+def main_loop(found: list[tuple[int, int]]) -> tuple[int, int]:
+    """(weights, instructions) of a width's main loop: the most weights an iteration, and of loops with as
+    many, the shortest (the others are the same step bounded for a slice's last unit, or a variant the
+    compiler split off on a runtime condition)."""
+    weights = max(w for w, _ in found)
+    return weights, min(n for w, n in found if w == weights)
+
+
 def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     rows = []
     for r, u, lane in MATVEC_INSTANCES:
@@ -107,14 +115,18 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
         for n, label in ((1, "norm_folded"), (2, "gathered")) if lane == 32 else ():
             other = mangled.replace("ELi0E", f"ELi{n}E")
             f = re.search(rf"Function : {other}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
-            variants[label] = (other, {w[0]: (w[1], len(loop)) for loop in loops(f.group(1)) if (w := width_of(loop))})
+            found_v: dict[int, list[tuple[int, int]]] = {}
+            for loop in loops(f.group(1)):
+                if (w := width_of(loop)):
+                    found_v.setdefault(w[0], []).append((w[1], len(loop)))
+            variants[label] = (other, {bits: main_loop(ls) for bits, ls in found_v.items()})
         found: dict[int, list[tuple[int, int]]] = {}
         for loop in loops(m.group(1)):
             w = width_of(loop)
             if w:
                 found.setdefault(w[0], []).append((w[1], len(loop)))
         for bits, found_loops in sorted(found.items()):
-            weights, n_ins = max(found_loops)                    # a width's main loop: the most weights
+            weights, n_ins = main_loop(found_loops)
             row = {"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
                    "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
                    "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)}

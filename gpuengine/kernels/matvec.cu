@@ -163,7 +163,7 @@ __device__ __forceinline__ float unit_code(const u32 (&w)[BITS], int i) {   // i
     return __uint_as_float(and_or<((1u << BITS) - 1u) << top, 0x3f800000u>(t));
 }
 
-template <int BITS, int R, int U, bool NORM, bool GATHER>
+template <int BITS, int R, int U, bool NORM, bool GATHER, bool BOUND = false>
 __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R], const XSrc& src,
                                           int u, int step, int gshift, float (&acc)[R], float& sq) {
     const float scale = (float)(1 << BITS);
@@ -183,7 +183,7 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
             const int base = (u + j * step) * 32;
 #pragma unroll
             for (int i = 0; i < 32; ++i) {
-                const bool in = base + i < src.rows;
+                const bool in = !BOUND || base + i < src.rows;      // BOUND: the slice's last, partial unit
                 const int c = src.start + base + i;
                 const int at = in ? (src.perm != nullptr ? __ldg(src.perm + c) : c) : 0;
                 xf[i] = in ? __ldg(src.x + at) : 0.0f;
@@ -249,10 +249,14 @@ __device__ __forceinline__ void unit_rows(const QSlice& sl, XSrc src, int gshift
         if constexpr (NORM) src.w += sl.xoff;
     }
     int u = threadIdx.x;
-    for (; u + (U - 1) * step < sl.units; u += U * step)
+    // gathering, the units wholly inside the slice's inputs need no bound (a gathered copy is padded)
+    const int whole = GATHER ? src.rows >> 5 : sl.units;
+    for (; u + (U - 1) * step < whole; u += U * step)
         unit_step<BITS, R, U, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
     if constexpr (U > 1)
-        for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
+        for (; u < whole; u += step) unit_step<BITS, R, 1, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
+    if constexpr (GATHER)
+        for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM, true, true>(wr, sr, src, u, step, gshift, acc, sq);
 }
 
 // One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows).
