@@ -2,8 +2,9 @@
 // dequantization (32-value units of BITS uint32 words, one fp16 scale per group; codes decoded by bit
 // tricks). A mixed option's slices are separate packed arrays, each at its own width: the slice loop is
 // outside the unit loop and the width a template parameter, so the inner loop has no branch and every
-// shift is a constant. x arrives permuted and zero-padded per slice where the option needs it (gather_x),
-// so the codes packed into a slice's last, partial unit multiply zeros. Accumulation in fp32.
+// shift is a constant. x arrives permuted and zero-padded per slice where the option needs it (gather_x; or
+// the unit-a-lane kernel gathers it itself, XMap), so the codes packed into a slice's last, partial unit
+// multiply zeros. Accumulation in fp32.
 //
 // Decode reads every weight byte once, so the layout of the loads decides the speed: a block takes R rows
 // (R a template parameter), its threads split the rows' units (split-K inside the block), and each
@@ -24,10 +25,11 @@ struct QMat {
     int n, nslices, accumulate, has_bias, gshift;      // 2^gshift units per scale group
 };
 
-// RMSNorm folded into the matvec (the unit-a-lane layout only): with w non-null, x is the residual stream
-// and the matvec computes W (x / rms(x) * w), as rmsnorm then the matvec would: each block weighs the x it
-// loads by w and sums x^2 on the way (a block reads all of x), then scales its dot products by
-// 1 / sqrt(mean(x^2) + eps). Two launches fewer per layer in decode (launch.FUSE_NORM).
+// RMSNorm folded into the matvec (the unit-a-lane instances with N's bit 0; `on` says the same to the
+// launcher's layout test): x is the residual stream and the matvec computes W (x / rms(x) * w), as rmsnorm
+// then the matvec would: each block weighs the x it loads by w and sums x^2 on the way (a block reads all of
+// x), then scales its dot products by 1 / sqrt(mean(x^2) + eps). Two launches fewer per layer in decode
+// (launch.FUSE_NORM).
 struct NormIn {
     const float* w;
     float eps;
