@@ -17,11 +17,14 @@ from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
+from planner.roofline import VRAMWISE_CUDA
 from refengine.model import check_supported
 from refengine.stream import layer_of
 
 USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the CPU stand-in turn this off)
-OVERLAP = False            # streamed layers' copies on their own stream (gpuengine.schedule); off until timed on a GPU
+# streamed layers' copies on their own stream (gpuengine.schedule): the planner's model of this engine says
+# whether (planner.roofline.VRAMWISE_CUDA.overlap_streaming), so plans price what runs; off until timed
+OVERLAP = VRAMWISE_CUDA.overlap_streaming
 _DTYPES = {"f32": np.float32, "f16": np.uint16, "i32": np.int32, "u8": np.uint8}   # fp16 as raw bits
 
 

@@ -185,8 +185,9 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
                           overhead_s=eff.token_overhead_s)
         # a prefetching engine overlaps copies with compute; vramwise's copies each layer in stream order
-        # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json)
-        overlap = not streaming
+        # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json) unless its
+        # overlapped schedule is on (then a step is the larger of link and compute, to within one layer)
+        overlap = not streaming or (engine is not None and engine.overlap_streaming)
     gpu_s = None
     if engine is not None:                 # vramwise's own engine runs the plan: its measured model
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)

@@ -51,6 +51,10 @@ class EngineSpeed:
     prefill_compute: float        # share of fp16 peak in prefill FLOPs
     prefill_layer_s: float        # per layer per prefill chunk (tile dequantization, attention, launches)
     fit: str
+    # Whether the engine copies streamed layers beside compute (gpuengine.schedule): the engine's default
+    # (gpuengine.model.OVERLAP) is this, so a plan prices streaming the way the engine runs it. Serial, as
+    # measured (1.08x the link bound); the overlapped schedule is built but not yet timed.
+    overlap_streaming: bool = False
 
 
 # Fit by `python benchmarks/calibrate_engine.py` (output benchmarks/results/engine_calibration.json) to

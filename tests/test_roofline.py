@@ -81,3 +81,27 @@ def test_stream_plans_predict_the_engines_measured_streaming():
                             mode="stream"))
     assert out.layout.mode == "stream"
     assert out.assessment.decode_s == pytest.approx(doc["streaming"]["seconds_per_token"], rel=0.15)
+
+
+def test_overlapped_streaming_is_priced_as_the_engine_would_run_it(monkeypatch):
+    """One switch (VRAMWISE_CUDA.overlap_streaming) sets the engine's schedule and the plan's price: off (as
+    measured), copies add to compute; on, a step costs the larger, as gpuengine.schedule's simulation of
+    the same layers says to within one layer's compute."""
+    import dataclasses
+
+    from gpuengine import model
+    from gpuengine.schedule import step_seconds
+    from planner import budget
+    assert model.OVERLAP is VRAMWISE_CUDA.overlap_streaming is False
+    db = hwdb.load()
+    spec, gpu = db.find_model("llama2-7b"), db.find_gpu("h200")
+    request = Request(spec, gpu, Host(64 * 2**30), ctx=2048, bpw=4.0, mode="stream")
+    serial = make_plan(request).assessment
+    monkeypatch.setitem(budget.ENGINE_SPEED, "nvidia", dataclasses.replace(VRAMWISE_CUDA, overlap_streaming=True))
+    overlapped = make_plan(request).assessment
+    link = overlapped.traffic.link_bytes / (gpu.host_link_gb_s * 1e9)
+    compute = serial.decode_s - link
+    assert overlapped.decode_s == pytest.approx(max(link, compute))
+    n = spec.num_layers
+    simulated = step_seconds(n, range(n), True, {i: link / n for i in range(n)}, {i: compute / n for i in range(n)})
+    assert overlapped.decode_s <= simulated <= overlapped.decode_s + compute / n + 1e-12
