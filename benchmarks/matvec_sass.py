@@ -96,44 +96,39 @@ def width_of(loop: list[str]) -> tuple[int, int] | None:
     return bits, n
 
 
-def main_loop(found: list[tuple[int, int]]) -> tuple[int, int]:
-    """(weights, instructions) of a width's main loop: the most weights an iteration, and of loops with as
-    many, the shortest (the others are the same step bounded for a slice's last unit, or a variant the
-    compiler split off on a runtime condition)."""
-    weights = max(w for w, _ in found)
-    return weights, min(n for w, n in found if w == weights)
+def main_loops(sass: str, mangled: str) -> dict[int, tuple[int, int]]:
+    """bits -> (weights an iteration, instructions) of each width's main loop in one kernel: the most weights
+    an iteration, and of loops with as many, the shortest (the others are the same step bounded for a slice's
+    last unit, or a variant the compiler split off on a runtime condition)."""
+    m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+    if not m:
+        sys.exit(f"error: {mangled} not in the disassembly")
+    found: dict[int, list[tuple[int, int]]] = {}
+    for loop in loops(m.group(1)):
+        if (w := width_of(loop)):
+            found.setdefault(w[0], []).append((w[1], len(loop)))
+    out = {}
+    for bits, found_loops in found.items():
+        weights = max(w for w, _ in found_loops)
+        out[bits] = (weights, min(n for w, n in found_loops if w == weights))
+    return out
 
 
 def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     rows = []
     for r, u, lane in MATVEC_INSTANCES:
         mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi0EEvPKfi4QMatS2_S2_6NormIn4XMap"
-        m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
-        if not m:
-            sys.exit(f"error: {mangled} not in the disassembly")
-        variants = {}                                          # the same shape folding RMSNorm in, gathering x
-        for n, label in ((1, "norm_folded"), (2, "gathered")) if lane == 32 else ():
-            other = mangled.replace("ELi0E", f"ELi{n}E")
-            f = re.search(rf"Function : {other}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
-            found_v: dict[int, list[tuple[int, int]]] = {}
-            for loop in loops(f.group(1)):
-                if (w := width_of(loop)):
-                    found_v.setdefault(w[0], []).append((w[1], len(loop)))
-            variants[label] = (other, {bits: main_loop(ls) for bits, ls in found_v.items()})
-        found: dict[int, list[tuple[int, int]]] = {}
-        for loop in loops(m.group(1)):
-            w = width_of(loop)
-            if w:
-                found.setdefault(w[0], []).append((w[1], len(loop)))
-        for bits, found_loops in sorted(found.items()):
-            weights, n_ins = main_loop(found_loops)
+        variants = {label: mangled.replace("ELi0E", f"ELi{n}E")     # the same shape folding RMSNorm in, gathering x
+                    for n, label in ((1, "norm_folded"), (2, "gathered")) if lane == 32}
+        found_variants = {label: main_loops(sass, name) for label, name in variants.items()}
+        for bits, (weights, n_ins) in sorted(main_loops(sass, mangled).items()):
             row = {"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
                    "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
                    "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)}
-            for label, (other, found_v) in variants.items():
-                if bits in found_v:
-                    row[f"instructions_per_weight_{label}"] = round(found_v[bits][1] / found_v[bits][0], 2)
-                    row[f"registers_{label}"] = regs.get(other)
+            for label, found in found_variants.items():
+                if bits in found:
+                    row[f"instructions_per_weight_{label}"] = round(found[bits][1] / found[bits][0], 2)
+                    row[f"registers_{label}"] = regs.get(variants[label])
             rows.append(row)
     return rows
 
