@@ -101,7 +101,7 @@ QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("
                   align=True)
 QMAT = np.dtype([("y", "u8"), ("bias", "u8"), ("sl", QSLICE, (3,)), ("n", "i4"), ("nslices", "i4"),
                  ("accumulate", "i4"), ("has_bias", "i4"), ("gshift", "i4")], align=True)
-NORM_IN = np.dtype([("w", "u8"), ("eps", "f4"), ("h", "i4"), ("on", "i4")], align=True)
+NORM_IN = np.dtype([("w", "u8"), ("eps", "f4"), ("h", "i4")], align=True)
 XMAP = np.dtype([("perm", "u8", (3,)), ("start", "i4", (3, 3)), ("rows", "i4", (3, 3))], align=True)
 
 # Decode folds each RMSNorm into the matvec that reads its output (NormIn in matvec.cu) where the linears are
@@ -123,16 +123,21 @@ def _ptr(a: Any) -> int:
     return int(getattr(a.data, "ptr", None) or a.ctypes.data)
 
 
+def _gshift(group_size: int) -> int:
+    """log2 of a scale group's packing units: the kernels find a unit's group by a shift."""
+    gunits = group_size // PACK_VALUES
+    if gunits & (gunits - 1):
+        raise LaunchError(f"group size {group_size} is not a power-of-two number of packing units")
+    return gunits.bit_length() - 1
+
+
 def _qmat(lin: DeviceLinear, y: Any, bias: Any = None, accumulate: bool = False) -> np.ndarray:
     """One QMat argument (a (1,) structured array, the form CuPy passes by value)."""
     m = lin.meta
     q = np.zeros(1, QMAT)
     q["y"], q["bias"] = _ptr(y), _ptr(bias) if bias is not None else 0
     q["n"], q["nslices"], q["accumulate"], q["has_bias"] = m.n, len(m.slices), int(accumulate), int(bias is not None)
-    gunits = m.group_size // PACK_VALUES
-    if gunits & (gunits - 1):
-        raise LaunchError(f"group size {m.group_size} is not a power-of-two number of packing units")
-    q["gshift"] = gunits.bit_length() - 1
+    q["gshift"] = _gshift(m.group_size)
     for j, s in enumerate(m.slices):
         q["sl"][0, j] = (_ptr(lin.words[j]), _ptr(lin.scales[j]), s.bits, s.units, s.groups, s.xoff)
     return q
@@ -159,15 +164,15 @@ def _xmap(lins: list) -> tuple[np.ndarray, bool]:
     return a, gather
 
 
-def _norm_in(norm: Optional[tuple]) -> np.ndarray:
-    """The kernel's NormIn: (weight (h,) float32, eps) folds RMSNorm in; None leaves x as it is."""
+def _norm_in(norm: Optional[tuple], x: Any) -> np.ndarray:
+    """The kernel's NormIn: (weight (h,) float32, eps) folds RMSNorm of x in; None leaves x as it is."""
     a = np.zeros(1, NORM_IN)
     if norm is not None:
         w, eps = norm
-        check("norm weight", w, np.float32)
+        check("norm weight", w, np.float32, x.shape)
         if MATVEC.lane != 32:
             raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
-        a["w"], a["eps"], a["h"], a["on"] = _ptr(w), eps, w.size, 1
+        a["w"], a["eps"], a["h"] = _ptr(w), eps, w.size
     return a
 
 
@@ -176,7 +181,7 @@ def _qmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple
     shape = MATVEC
     if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
         raise LaunchError(f"matvec {shape.kernel} is not compiled")
-    norm_in = _norm_in(norm)                                     # refuses a fold into the quad layout
+    norm_in = _norm_in(norm, x)                                  # refuses a fold into the quad layout
     xmap, gather = _xmap(lins or [])
     if _ptr(x) % 16:
         raise LaunchError("matvec input not 16-byte aligned")
@@ -221,8 +226,6 @@ def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
         if bias is not None:
             check("bias", bias, np.float32, (lin.meta.n,))
         mats.append(_qmat(lin, y, bias, accumulate))
-    if norm is not None and norm[0].shape != x.shape:
-        raise LaunchError(f"norm weight {tuple(norm[0].shape)} for input {tuple(x.shape)}")
     _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs), norm=norm, lins=[lin for _, lin, _, _ in jobs])
 
 
@@ -233,8 +236,6 @@ def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optio
         raise LaunchError("gate and up cannot share one matvec launch")
     check_matvec(x, y, gate, None)
     check_matvec(x, y, up, None)
-    if norm is not None and norm[0].shape != x.shape:
-        raise LaunchError(f"norm weight {tuple(norm[0].shape)} for input {tuple(x.shape)}")
     _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm, lins=[gate, up])
 
 
@@ -256,11 +257,8 @@ def dequantize(lin: DeviceLinear, row0: int, tile: Any) -> None:
         common = (lin.words[j], lin.scales[j], perm, _i(lin.perm is not None), tile, _i(row0), _i(nrows), _i(m.k),
                   _i(s.start), _i(s.rows), _i(s.bits), _i(s.units), _i(s.groups))
         if DEQUANT == "rows":
-            gunits = m.group_size // PACK_VALUES
-            if gunits & (gunits - 1):
-                raise LaunchError(f"group size {m.group_size} is not a power-of-two number of packing units")
             grid = (math.ceil(s.rows / THREADS), min(nrows, MAX_BLOCKS))
-            function("dequant", "dequant_rows")(grid, (THREADS,), (*common, _i(gunits.bit_length() - 1)))
+            function("dequant", "dequant_rows")(grid, (THREADS,), (*common, _i(_gshift(m.group_size))))
         else:
             function("dequant", "dequant_slice")((_blocks(nrows * s.rows),), (THREADS,), (*common, _i(m.group_size)))
 

@@ -256,12 +256,13 @@ class GPUTransformer:
         norm = (w[f"layers.{i}.norm.0"], spec.norm_eps)
         q, k, v = st["q"][:t], st["k"][:t], st["v"][:t]                           # (T, Hq*D), (T, Hkv*D)
         jobs = [(out, w[f"{p}.{name}"], w.get(f"{p}.{name}.bias")) for name, out in (("q", q), ("k", k), ("v", v))]
-        fused = [(out[0], lin, bias, False) for out, lin, bias in jobs]
-        if t == 1 and K.fusable(*(lin for _, lin, _ in jobs)) and self._folds_norm():
-            K.matvec_fused(x[0], fused, norm=norm)                                 # rmsnorm and q, k, v: one launch
-        elif t == 1 and K.fusable(*(lin for _, lin, _ in jobs)):
-            K.rmsnorm(x, norm[0], xn, norm[1])
-            K.matvec_fused(xn[0], fused)                                           # one launch
+        if t == 1 and K.fusable(*(lin for _, lin, _ in jobs)):
+            fused = [(out[0], lin, bias, False) for out, lin, bias in jobs]
+            if self._folds_norm():
+                K.matvec_fused(x[0], fused, norm=norm)                             # rmsnorm and q, k, v: one launch
+            else:
+                K.rmsnorm(x, norm[0], xn, norm[1])
+                K.matvec_fused(xn[0], fused)                                       # one launch
         else:
             K.rmsnorm(x, norm[0], xn, norm[1])
             for out, lin, bias in jobs:
