@@ -21,6 +21,7 @@ from refengine.api import Model, _Weights
 from refengine.stream import layer_of
 from refengine.tokenizer import Tokenizer
 from refengine.weights import load_checkpoint
+from test_gpu_kernels import record_kernels
 from test_stream import random_tensors
 from test_weights import HF_CONFIG, hf_folder
 
@@ -235,8 +236,7 @@ def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
         for name, value in dict(DEQUANT="rows", ATTN_PREFILL="tiled", ATTN_DECODE="gqa", GATHER="kernel",
                                 FUSE_NORM=True, MATVEC=launch.MatvecShape(4, 2, 32, 2)).items():
             monkeypatch.setattr(launch, name, value)
-    launched, function = set(), launch.function
-    monkeypatch.setattr(launch, "function", lambda module, name: (launched.add(name), function(module, name))[1])
+    launched = record_kernels(monkeypatch)
     ckpt, assignment = other
     ref, gpu = models(ckpt, assignment, "fp16")
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))

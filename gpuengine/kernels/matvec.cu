@@ -25,15 +25,14 @@ struct QMat {
     int n, nslices, accumulate, has_bias, gshift;      // 2^gshift units per scale group
 };
 
-// RMSNorm folded into the matvec (the unit-a-lane instances with N's bit 0; `on` says the same to the
-// launcher's layout test): x is the residual stream and the matvec computes W (x / rms(x) * w), as rmsnorm
+// RMSNorm folded into the matvec (the unit-a-lane instances with N's bit 0): x is the residual stream and the matvec computes W (x / rms(x) * w), as rmsnorm
 // then the matvec would: each block weighs the x it loads by w and sums x^2 on the way (a block reads all of
 // x), then scales its dot products by 1 / sqrt(mean(x^2) + eps). Two launches fewer per layer in decode
 // (launch.FUSE_NORM).
 struct NormIn {
     const float* w;
     float eps;
-    int h, on;                                         // h: the input size, the mean's divisor
+    int h;                                             // the input size, the mean's divisor
 };
 
 // x as each matrix's slices read it, gathered in the kernel (the unit-a-lane layout, launch.GATHER): slice
@@ -371,8 +370,8 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     y[row] = QPICK(accumulate) ? y[row] + r : r;
 }
 
-// Sizes and offsets of QMat's and NormIn's fields, for the test that launch.py's structured dtypes match the
-// compiler's.
+// Sizes and offsets of QMat's, NormIn's and XMap's fields, for the test that launch.py's structured dtypes
+// match the compiler's.
 extern "C" __global__ void qmat_layout(unsigned long long* out) {
     const QMat* p = nullptr;
     out[0] = sizeof(QMat); out[1] = sizeof(QSlice);
@@ -383,9 +382,8 @@ extern "C" __global__ void qmat_layout(unsigned long long* out) {
     out[11] = (unsigned long long)&p->gshift;
     const NormIn* r = nullptr;
     out[12] = sizeof(NormIn); out[13] = (unsigned long long)&r->eps; out[14] = (unsigned long long)&r->h;
-    out[15] = (unsigned long long)&r->on;
     const XMap* g = nullptr;
-    out[16] = sizeof(XMap); out[17] = (unsigned long long)&g->start; out[18] = (unsigned long long)&g->rows;
+    out[15] = sizeof(XMap); out[16] = (unsigned long long)&g->start; out[17] = (unsigned long long)&g->rows;
 }
 
 // The same for an unquantized fp16 matrix (n_rows, k) (models run without a plan): lane l reads
