@@ -103,6 +103,7 @@ QMAT = np.dtype([("y", "u8"), ("bias", "u8"), ("sl", QSLICE, (3,)), ("n", "i4"),
                  ("accumulate", "i4"), ("has_bias", "i4"), ("gshift", "i4")], align=True)
 NORM_IN = np.dtype([("w", "u8"), ("eps", "f4"), ("h", "i4")], align=True)
 XMAP = np.dtype([("perm", "u8", (3,)), ("start", "i4", (3, 3)), ("rows", "i4", (3, 3))], align=True)
+_NO_NORM, _NO_XMAP = np.zeros(1, NORM_IN), np.zeros(1, XMAP)     # the arguments of a launch without them
 
 # Decode folds each RMSNorm into the matvec that reads its output (NormIn in matvec.cu) where the linears are
 # `fusable` and the matvec layout is a unit a lane: two launches fewer a layer. Tested on the CPU twin, not
@@ -154,25 +155,26 @@ def fusable(*lins: DeviceLinear) -> bool:
 def _xmap(lins: list) -> tuple[np.ndarray, bool]:
     """The kernel's XMap for matrices 0, 1, 2 = lins, and whether the launch gathers (some linear needs it
     and the kernel can)."""
+    if not (gathers_in_kernel() and any(lin.meta.needs_gather for lin in lins)):
+        return _NO_XMAP, False
     a = np.zeros(1, XMAP)
-    gather = gathers_in_kernel() and any(lin.meta.needs_gather for lin in lins)
-    if gather:
-        for w, lin in enumerate(lins):
-            a["perm"][0, w] = _ptr(lin.perm) if lin.perm is not None else 0
-            for j, s in enumerate(lin.meta.slices):
-                a["start"][0, w, j], a["rows"][0, w, j] = s.start, s.rows
-    return a, gather
+    for w, lin in enumerate(lins):
+        a["perm"][0, w] = _ptr(lin.perm) if lin.perm is not None else 0
+        for j, s in enumerate(lin.meta.slices):
+            a["start"][0, w, j], a["rows"][0, w, j] = s.start, s.rows
+    return a, True
 
 
 def _norm_in(norm: Optional[tuple], x: Any) -> np.ndarray:
     """The kernel's NormIn: (weight (h,) float32, eps) folds RMSNorm of x in; None leaves x as it is."""
+    if norm is None:
+        return _NO_NORM
+    w, eps = norm
+    check("norm weight", w, np.float32, x.shape)
+    if MATVEC.lane != 32:
+        raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
     a = np.zeros(1, NORM_IN)
-    if norm is not None:
-        w, eps = norm
-        check("norm weight", w, np.float32, x.shape)
-        if MATVEC.lane != 32:
-            raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
-        a["w"], a["eps"], a["h"] = _ptr(w), eps, w.size
+    a["w"], a["eps"], a["h"] = _ptr(w), eps, w.size
     return a
 
 
