@@ -1,7 +1,7 @@
 // CUDA kernels run on the CPU, for tests without a GPU (tests/cudaemu.py compiles gpuengine/kernels/*.cu
-// with this header in front, by g++). A launch runs its blocks one after another; a block's threads are
-// fibers (ucontext) on one OS thread, each running until it reaches a barrier (__syncthreads, __syncwarp,
-// a warp shuffle) or returns. Between barriers the fibers run in a shuffled order, so a kernel that reads
+// with this header in front, by g++). A launch runs its blocks one after another, in a shuffled order; a
+// block's threads are fibers (ucontext) on one OS thread, each running until it reaches a barrier
+// (__syncthreads, __syncwarp, a warp shuffle) or returns. Between barriers the fibers run in a shuffled order, so a kernel that reads
 // another thread's write without a barrier between gives different results from run to run and fails
 // its test rather than passing by luck of the order. Misuse that is undefined on a GPU stops the launch
 // with a message: a block barrier some threads skip (deadlock), a full-mask shuffle after lanes of the warp
@@ -52,6 +52,7 @@ struct alignas(8) uint2 {
 };
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -62,6 +63,13 @@ inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+// Blocks run one after another, each to its end, so atomics are plain read-modify-writes and fences no-ops:
+// the twin checks what a kernel does with them, not the GPU's memory ordering (that is for the GPU tests).
+template <class T> inline T atomicAdd(T* p, T v) { const T old = *p; *p = old + v; return old; }
+template <class T> inline T atomicExch(T* p, T v) { const T old = *p; *p = v; return old; }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -261,16 +269,25 @@ inline bool launch(dim3 grid, dim3 blk, F&& kernel, std::string& err) {
     gridDim = grid;
     blockDim = blk;
     b.body = std::forward<F>(kernel);
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                blockIdx = {x, y, z};
-                if (!run_block()) {
-                    err = b.error + " (block " + std::to_string(x) + "," + std::to_string(y) + "," +
-                          std::to_string(z) + ")";
-                    return false;
-                }
-            }
+    // Blocks run one at a time, in a shuffled order: a GPU runs them in any order, so a kernel whose
+    // blocks hand work over (the last block to finish merges, by an atomic ticket) must not pass only
+    // because block 0 happened to run first.
+    const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
+    std::vector<unsigned long long> order(total);
+    for (unsigned long long i = 0; i < total; ++i) order[i] = i;
+    for (unsigned long long i = total; i > 1; --i) {
+        b.rng = b.rng * 6364136223846793005ull + 1442695040888963407ull;
+        std::swap(order[i - 1], order[(b.rng >> 33) % i]);
+    }
+    for (unsigned long long i : order) {
+        const unsigned x = (unsigned)(i % grid.x), y = (unsigned)((i / grid.x) % grid.y),
+                       z = (unsigned)(i / ((unsigned long long)grid.x * grid.y));
+        blockIdx = {x, y, z};
+        if (!run_block()) {
+            err = b.error + " (block " + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
+            return false;
+        }
+    }
     return true;
 }
 
