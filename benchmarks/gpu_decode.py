@@ -188,8 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
-                         "dequant_rows, tiled prefill attention, GQA decode attention, and with a unit-a-lane "
-                         "matvec, RMSNorm folded in and mixed options' inputs gathered in the kernel")
+                         "dequant_rows, tiled prefill attention, GQA decode attention with RoPE, cache store and "
+                         "merge in its launch, and with a unit-a-lane matvec, RMSNorm folded in (the final one "
+                         "into the head) and mixed options' inputs gathered in the kernel")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
         launch.MATVEC = launch.MatvecShape.from_json(best)
     if args.candidates:
         engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL, launch.FUSE_NORM = True, "rows", "tiled", True
-        launch.ATTN_DECODE, launch.GATHER = "gqa", "kernel"
+        launch.ATTN_DECODE, launch.GATHER = "step", "kernel"
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
                 "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
                 "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel()}

@@ -130,34 +130,42 @@ def main(argv=None) -> int:
         launch.GATHER = "launch"
         launch.MATVEC = chosen
     t, hq, hkv, d, ctx = 1, HEADS, HEADS, HEAD_D, CTX
-    for fmt in ("fp16", "q8"):
+    q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
+    out = cp.empty((t, hq, d), cp.float32)
+    partials = cp.empty((hq, ATTN_MAX_SPLITS, d + 2), cp.float32)
+
+    def decode_attention(fmt, kv_heads, lengths, label):
+        """A decode step's attention at each length: rope_store then `attention` (+ merge), as measured, then
+        rope_store then attention_gqa (+ merge), then attention_step (all of it, one launch)."""
         f = kv_format(fmt)
-        cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
-        q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
-        out = cp.empty((t, hq, d), cp.float32)
-        partials = cp.empty((hq, ATTN_MAX_SPLITS, d + 2), cp.float32)
-        for length in LENGTHS:
+        cache = cp.asarray(rng.integers(0, 120, (ctx, kv_heads, f.row_bytes(d)), dtype=np.uint8))
+        kx = cp.asarray(rng.standard_normal((1, kv_heads, d)).astype(np.float32))
+        tickets = cp.zeros(kv_heads, cp.int32)
+        for length in lengths:
             pos = cp.asarray(np.array([length - 1], np.int32))
+            gb = 2 * length * kv_heads * f.row_bytes(d) / 1e3
             for kernel in ("split", "gqa"):                 # measured kernel, then the candidate
                 launch.ATTN_DECODE = kernel
                 us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, partials))
-                rows.append({"kernel": f"attention {fmt} len {length}" + (" (gqa)" if kernel == "gqa" else ""),
-                             "us": us, "gb_s": 2 * length * hkv * f.row_bytes(d) / us / 1e3})
+                rows.append({"kernel": f"attention {label} len {length}" + (" (gqa)" if kernel == "gqa" else ""),
+                             "us": us, "gb_s": gb / us})
+                us = timed(cp, lambda: (launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True),
+                                        launch.attention(fmt, q, cache, cache, pos, out, partials)))
+                rows.append({"kernel": f"rope_store + attention {label} len {length}"
+                             + (" (gqa)" if kernel == "gqa" else ""), "us": us, "gb_s": gb / us})
             launch.ATTN_DECODE = "split"
-        kx = cp.asarray(rng.standard_normal((1, hkv, d)).astype(np.float32))
-        rows.append({"kernel": f"rope_store {fmt} (q, k, v of 32 heads)", "gb_s": 0,
+            us = timed(cp, lambda: launch.attention_step(fmt, q, kx, kx, cache, cache, pos, out, partials, tickets,
+                                                         1e4, True))
+            rows.append({"kernel": f"attention step {label} len {length} (rope, store, attention, merge)",
+                         "us": us, "gb_s": gb / us})
+        rows.append({"kernel": f"rope_store {label}", "gb_s": 0,
                      "us": timed(cp, lambda: launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True))})
+
+    for fmt in ("fp16", "q8"):
+        decode_attention(fmt, hkv, LENGTHS, fmt)
     # decode attention of a GQA model (4 query heads a KV head, as Llama 3 8B's 32 on 8): each kernel
     gkv = hq // 4
-    cache8 = cp.asarray(rng.integers(0, 120, (ctx, gkv, 2 * d), dtype=np.uint8))
-    for length in LENGTHS[1:]:
-        pos = cp.asarray(np.array([length - 1], np.int32))
-        for kernel in ("split", "gqa"):
-            launch.ATTN_DECODE = kernel
-            us = timed(cp, lambda: launch.attention("fp16", q, cache8, cache8, pos, out, partials))
-            rows.append({"kernel": f"attention fp16 len {length} {hq}q/{gkv}kv heads" + (" (gqa)" if kernel == "gqa" else ""),
-                         "us": us, "gb_s": 2 * length * gkv * 2 * d / us / 1e3})
-    launch.ATTN_DECODE = "split"
+    decode_attention("fp16", gkv, LENGTHS[1:], f"fp16 {hq}q/{gkv}kv heads")
     # prefill's kernels, measured (dequant_slice, per-query attention) against their untimed candidates
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128"):
         w, nbytes = rotation(option, H, H)

@@ -341,12 +341,24 @@ ATTN_TILE_D, ATTN_TQ = 128, 16     # attention_tiled: largest head dim, queries 
 # Prefill's attention: "query" (a block per query and head, as measured in every GPU run so far) or "tiled"
 # (attention_tiled: K / V tiles shared by 16 queries; tested on the CPU twin, not yet timed on a GPU).
 ATTN_PREFILL = "query"
-# Decode's attention: "split" (`attention`: a block per query head and chunk, as measured) or "gqa"
+# Decode's attention: "split" (`attention`: a block per query head and chunk, as measured), "gqa"
 # (attention_gqa: a block per KV head and chunk, for all its query heads, a lane per position for the
-# scores; tested on the CPU twin, not yet timed). attention_gqa takes head dims up to 128 (multiples of 4)
-# and up to 8 query heads a KV head; outside that decode uses `attention`.
+# scores), or "step" (attention_gqa<FMT, 1>: the same, with RoPE, the cache store and the merge of the
+# chunks inside, so a decode step's attention is one launch where rope_store, attention and
+# attention_merge are three). Both tested on the CPU twin, not yet timed. attention_gqa takes head dims up
+# to 128 (multiples of 4) and up to 8 query heads a KV head; outside that decode uses `attention`.
 ATTN_DECODE = "split"
 GQA_MAX_G = 8
+
+
+def gqa_fits(hq: int, hkv: int, d: int) -> bool:
+    """Whether attention_gqa takes these heads (launch.attention falls back to `attention` where not)."""
+    return d <= ATTN_TILE_D and d % 4 == 0 and hq % hkv == 0 and hq // hkv <= GQA_MAX_G
+
+
+def attends_in_one_step(hq: int, hkv: int, d: int) -> bool:
+    """Whether a decode step's RoPE, cache store and attention run as one launch (attention_step)."""
+    return ATTN_DECODE == "step" and gqa_fits(hq, hkv, d)
 
 
 def attention_split(t: int, ctx: int) -> tuple[int, int]:
@@ -382,10 +394,11 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
     chunk, nsplit = attention_split(t, ctx)
     if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
         raise LaunchError(f"attention: {partials.size} partial floats for {hq} heads x {nsplit} splits")
-    if t == 1 and ATTN_DECODE == "gqa" and d <= ATTN_TILE_D and d % 4 == 0 and hq // hkv <= GQA_MAX_G:
-        function("attention", f"attention_gqa<{KV_CODES[fmt]}>")(
+    if t == 1 and ATTN_DECODE in ("gqa", "step") and gqa_fits(hq, hkv, d):
+        function("attention", f"attention_gqa<{KV_CODES[fmt]}, 0>")(
             (nsplit, hkv), (ATTN_THREADS,),
-            (q, kc, vc, pos, out, partials, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
+            (q, q, q, kc, vc, pos, out, partials, pos, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
+             np.float64(0), _i(0)))
     else:
         function("attention", f"attention<{KV_CODES[fmt]}>")(
             (t * nsplit, hq), (ATTN_THREADS,),
@@ -393,6 +406,37 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
     if nsplit > 1:
         function("attention", "attention_merge")(
             (t, hq), (ATTN_THREADS,), (partials, pos, out, _i(t), _i(0), _i(hq), _i(d), _i(chunk), _i(nsplit)))
+
+
+def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any,
+                   tickets: Any, theta: float, interleaved: bool) -> None:
+    """A decode step's attention in one launch: q (1, hq, d) and k (1, hkv, d) rotated (RoPE at pos (1,), on
+    the device) inside the kernel (q and k stay as they are), k and v (1, hkv, d) stored in the caches kc, vc
+    (ctx, hkv, row bytes) at pos, and out (1, hq, d) = causal attention over positions 0 .. pos: rope_store
+    then attention, as one launch. tickets: planner.memory's attn_tickets (hkv,) int32, zero between launches
+    (the kernel leaves them so)."""
+    t, hq, d = q.shape
+    ctx, hkv, row_bytes = kc.shape
+    check("q", q, np.float32)
+    check("k", k, np.float32, (1, hkv, d))
+    check("v", v, np.float32, (1, hkv, d))
+    check("k cache", kc, np.uint8)
+    check("v cache", vc, np.uint8, kc.shape)
+    check("pos", pos, np.int32, (1,))
+    check("out", out, np.float32, (1, hq, d))
+    check("partials", partials, np.float32)
+    check("tickets", tickets, np.int32)
+    if t != 1 or not gqa_fits(hq, hkv, d):
+        raise LaunchError(f"attention_step: {t} queries of {hq} heads over {hkv} KV heads of dim {d} "
+                          f"(one query, head dim <= {ATTN_TILE_D} and a multiple of 4, <= {GQA_MAX_G} heads a KV head)")
+    chunk, nsplit = attention_split(1, ctx)
+    if partials.size < hq * nsplit * (d + 2) or tickets.size < hkv:
+        raise LaunchError(f"attention_step: {partials.size} partial floats, {tickets.size} tickets for {hq} heads "
+                          f"x {nsplit} splits over {hkv} KV heads")
+    function("attention", f"attention_gqa<{KV_CODES[fmt]}, 1>")(
+        (nsplit, hkv), (ATTN_THREADS,),
+        (q, k, v, kc, vc, pos, out, partials, tickets, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
+         np.float64(theta), _i(interleaved)))
 
 
 def argmax(x: Any, out: Any) -> None:

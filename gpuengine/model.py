@@ -38,6 +38,7 @@ class RunState:
         self.buffers = mem.run_state_buffers(spec, ctx, chunk, logits=True, gemm_staging=True)
         self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers))
         self.arrays = {b.name: cp.empty(b.shape, dtype=_DTYPES[b.dtype]) for b in self.buffers}
+        self.arrays["attn_tickets"].fill(0)         # launch.attention_step counts on zero tickets
 
     @property
     def nbytes(self) -> int:
@@ -230,8 +231,12 @@ class GPUTransformer:
             self._linear(gate, w[f"{p}.down"], x, accumulate=True)
             self._issue(sched.after(i))
         g = self.weights.globals
-        K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
-        self._linear(xn, g["head"], st["logits"][:t])                             # (T, V)
+        head, logits = g["head"], st["logits"][:t]                                 # (T, V)
+        if t == 1 and self._folds_norm() and K.fusable(head):
+            K.matvec_fused(x[0], [(logits[0], head, None, False)], norm=(g["norm.final"], spec.norm_eps))
+        else:
+            K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
+            self._linear(xn, head, logits)
 
     def _issue(self, ops: list[Op]) -> None:
         """Streaming's copies and the events ordering them (gpuengine.schedule), in issue order."""
@@ -270,9 +275,13 @@ class GPUTransformer:
         pos = st["positions"][:t]
         q3, k3, v3 = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
         kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]
-        K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, spec.rope_theta, self.rope_interleaved)
         out = st["attn_out"][:t]                                                   # (T, Hq*D)
-        K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"])
+        if t == 1 and K.attends_in_one_step(hq, hkv, d):                           # RoPE, store, attention
+            K.attention_step(st.kv.name, q3, k3, v3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"],
+                             st["attn_tickets"], spec.rope_theta, self.rope_interleaved)
+        else:
+            K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, spec.rope_theta, self.rope_interleaved)
+            K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"])
         self._linear(out, w[f"{p}.o"], st["x"][:t], accumulate=True)
 
     def _linear(self, x: Any, lin: Any, out: Any, accumulate: bool = False, bias: Any = None) -> None:

@@ -99,6 +99,7 @@ def _kv_layers(spec: ModelSpec, lay: Layout, card: int, streaming: bool) -> list
 
 # The GPU engine's buffers beyond the reference engine's (planner.memory.run_state_buffers, gemm_staging=True).
 GPU_STAGING = ("gemm_in", "dequant_tile", "matvec_in", "sampled")
+ATTENTION_SCRATCH = ("attn_partials", "attn_tickets")
 
 
 def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
@@ -114,9 +115,10 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
         "weights.norm_final": glob["norm.final"] if last else 0,
         "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card, streaming))),
         "compute.activations": sum(v for k, v in by_name.items()
-                                   if k not in ("scores", "attn_partials", "logits", *GPU_STAGING)),
-        # the GPU engine's attention scratch: split-context partial sums (no score matrix; see run_state_buffers)
-        "compute.attention_scores": by_name["attn_partials"],
+                                   if k not in ("scores", *ATTENTION_SCRATCH, "logits", *GPU_STAGING)),
+        # the GPU engine's attention scratch: split-context partial sums and their merge tickets (no score
+        # matrix; see run_state_buffers)
+        "compute.attention_scores": sum(by_name[k] for k in ATTENTION_SCRATCH),
         "compute.gemm_staging": sum(by_name[k] for k in GPU_STAGING),
         "compute.logits": by_name.get("logits", 0),
         "cuda_context": mem.CUDA_CONTEXT_BYTES,

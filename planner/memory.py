@@ -137,7 +137,7 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
     gemm_staging: the GPU engine's buffers instead of the reference engine's. It adds the fp16 activation
     copy and dequantized-weight tile of cuBLAS prefill, the decode matvec's gathered input and the sampled
     token, and its attention needs no score matrix (online softmax) but the partial sums of decode's split
-    context. Logits only where the head runs."""
+    context (and a ticket a KV head for merging them in the same launch). Logits only where the head runs."""
     h, q, kv, f = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
     group = spec.num_heads // spec.num_kv_heads
     out = [Buffer("tokens", (chunk,), "i32"), Buffer("positions", (chunk,), "i32"),
@@ -157,7 +157,9 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
                 # decode's matvec input, permuted and padded to whole packing units per slice
                 Buffer("matvec_in", (widest + MAX_SLICES * PACK_VALUES,), "f32"),
                 Buffer("sampled", (1,), "i32"),                 # the token chosen on the device
-                Buffer("attn_partials", (spec.num_heads, ATTN_MAX_SPLITS, spec.head_dim + 2), "f32")]
+                Buffer("attn_partials", (spec.num_heads, ATTN_MAX_SPLITS, spec.head_dim + 2), "f32"),
+                # a counter a KV head: the last chunk of a one-launch decode attention to finish merges
+                Buffer("attn_tickets", (spec.num_kv_heads,), "i32")]
     if logits:
         out.append(Buffer("logits", (chunk, spec.vocab_size), "f32"))
     return out

@@ -145,6 +145,15 @@ def _attention(fmt, q, kc, vc, pos, out, partials):
     out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos))
 
 
+def _attention_step(fmt, q, k, v, kc, vc, pos, out, partials, tickets, theta, interleaved):
+    launch.check("tickets", tickets, np.int32)
+    if np.any(np.asarray(tickets)):
+        raise launch.LaunchError("attention_step: tickets not zero before the launch")
+    q, k = np.array(q), np.array(k)                     # the kernel rotates copies: q and k stay as they are
+    _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved)
+    _attention(fmt, q, kc, vc, pos, out, partials)
+
+
 def _argmax(x, out):
     out[0] = int(np.argmax(x))
 
@@ -155,7 +164,7 @@ def _penalize(x, seen, p):
 
 LAUNCHERS = {
     "matvec": _matvec, "matvec_fused": _matvec_fused, "matvec_glu": _matvec_glu, "rope_store": _rope_store,
-    "dequantize": _dequantize, "gemm": _gemm, "attention": _attention,
+    "dequantize": _dequantize, "gemm": _gemm, "attention": _attention, "attention_step": _attention_step,
     "argmax": _argmax, "penalize": _penalize,
     "to_half": lambda x, out: out.__setitem__(..., np.asarray(x).astype(np.float16).view(np.uint16)),
     "rmsnorm": lambda x, w, out, eps: out.__setitem__(..., ops.rmsnorm(np.asarray(x), w, eps)),

@@ -425,6 +425,55 @@ def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, 
 
 
 @SETTINGS
+@given(fmt=st.sampled_from(list(KV_FORMATS)), hkv=st.integers(1, 4), group=st.sampled_from([1, 2, 4, 7, 8]),
+       d=st.sampled_from([32, 64, 80, 100, 128]), past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)),
+       interleaved=st.booleans(), seed=st.integers(0, 2**31))
+def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, interleaved, seed):
+    """launch.attention_step, two decode steps in a row: each stores the cache rows rope_store stores (bit for
+    bit), leaves q and k as they were, gives attention over the cache it wrote (the new position included),
+    and leaves every merge ticket at zero for the next launch (the twin runs blocks in a shuffled order, so
+    any block may be the last to finish)."""
+    import cupy as cp
+
+    from gpuengine import launch
+    f = kv_format(fmt)
+    rng = np.random.default_rng(seed)
+    ctx, hq = past + 2 + int(rng.integers(0, 40)), hkv * group
+    caches = np.full((2, ctx, hkv, f.row_bytes(d)), 0xFF, np.uint8)                   # 0xFF from past on
+    for cache in caches[:, :past] if past else ():
+        cache[...] = kv_quantize(f, cache_values(rng, (past, hkv, d), f))
+    kc, vc = cp.asarray(caches[0]), cp.asarray(caches[1])
+    partials = nan_array((hq, ATTN_MAX_SPLITS, d + 2))
+    tickets = cp.zeros(hkv, dtype=cp.int32)
+    for p in (past, past + 1):
+        q = rng.standard_normal((1, hq, d)).astype(np.float32)
+        k, v = cache_values(rng, (1, hkv, d), f), cache_values(rng, (1, hkv, d), f)
+        pos = np.array([p], np.int32)
+        gq, gk, out = cp.asarray(q), cp.asarray(k), nan_array((1, hq, d))
+        launch.attention_step(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), out, partials, tickets, 1e4,
+                              interleaved)
+        assert np.array_equal(gq.get(), q) and np.array_equal(gk.get(), k)
+        assert not tickets.get().any()
+        want_q, _, want_kc, want_vc = rope_store(fmt, q, k, v, pos, ctx, 1e4, interleaved)
+        assert np.array_equal(kc.get()[p], want_kc[p]) and np.array_equal(vc.get()[p], want_vc[p])
+        assert (kc.get()[p + 1:] == 0xFF).all() and (vc.get()[p + 1:] == 0xFF).all()
+        want = ops.attention(want_q.astype(np.float64), kv_dequantize(f, kc.get()[:p + 1], d).astype(np.float64),
+                             kv_dequantize(f, vc.get()[:p + 1], d).astype(np.float64), pos)
+        assert rel(out.get(), want) < 1e-5
+
+
+def test_attention_step_refuses_what_it_cannot_take():
+    import cupy as cp
+
+    from gpuengine import launch
+    q, k = cp.zeros((1, 4, 256), cp.float32), cp.zeros((1, 2, 256), cp.float32)
+    cache = cp.zeros((8, 2, 512), cp.uint8)
+    with pytest.raises(launch.LaunchError, match="head dim <= 128"):
+        launch.attention_step("fp16", q, k, k, cache, cache, cp.zeros(1, cp.int32), cp.zeros((1, 4, 256), cp.float32),
+                              cp.zeros((4, ATTN_MAX_SPLITS, 258), cp.float32), cp.zeros(2, cp.int32), 1e4, True)
+
+
+@SETTINGS
 @given(n=st.integers(1, 70000), seed=st.integers(0, 2**31), ties=st.booleans())
 def test_argmax_and_penalty(n, seed, ties):
     import cupy as cp

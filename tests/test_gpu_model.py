@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from planner import memory as mem
-from planner.formats import parse_option
+from planner.formats import KV_CODES, parse_option
 from refengine.api import Model, _Weights
 from refengine.stream import layer_of
 from refengine.tokenizer import Tokenizer
@@ -200,12 +200,29 @@ def test_random_model_decode_path_matches_in_each_cache_format(other, kv, backen
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()     # fp16 / fp8 cache rounding flips drift
 
 
+@pytest.mark.parametrize("kv", ["fp8", "q4"])
+def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv, backend, monkeypatch):
+    """launch.ATTN_DECODE = "step": every decode step's RoPE, cache store and attention in one launch a
+    layer (the KV heads' merge tickets shared by the layers, each launch leaving them at zero)."""
+    from gpuengine import launch
+    monkeypatch.setattr(launch, "ATTN_DECODE", "step")
+    launched = record_kernels(monkeypatch)
+    ckpt, assignment = other
+    ref, gpu = models(ckpt, assignment, kv, chunk=1)
+    ids = list(np.random.default_rng(8).integers(0, CONFIG["vocab_size"], 60))
+    want, got = ref.logits(ids), gpu.logits(ids)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    assert f"attention_gqa<{KV_CODES[kv]}, 1>" in launched and not {"rope_store", "attention_merge"} & launched
+    assert not gpu.net.state["attn_tickets"].get().any()
+
+
 @pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True)],
                          ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads"])
 def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, fold, backend, monkeypatch):
     """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
     the default launch.MATVEC, as the benchmark's sweep may pick one; and with RMSNorm folded into the
-    matvecs (launch.FUSE_NORM), which the quad layout ignores."""
+    matvecs (launch.FUSE_NORM: every norm, the final one into the head), which the quad layout ignores."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(*instance))
     monkeypatch.setattr(launch, "FUSE_NORM", fold)
@@ -222,18 +239,20 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
     layers, folded = CONFIG["num_hidden_layers"] * len(ids), fold and instance[2] == 32
-    assert calls == {"matvec_fused": layers, "matvec_glu": layers,       # every step, every layer fused
-                     "rmsnorm": len(ids) * (1 if folded else 1 + 2 * CONFIG["num_hidden_layers"])}
+    # every step, every layer fused; folded, the final norm goes into the (packed) head's matvec as well
+    assert calls == {"matvec_fused": layers + (len(ids) if folded else 0), "matvec_glu": layers,
+                     "rmsnorm": 0 if folded else len(ids) * (1 + 2 * CONFIG["num_hidden_layers"])}
 
 
 @pytest.mark.parametrize("candidates", [False, True], ids=["measured", "candidates"])
 def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
     """Prefill and decode with the kernels every GPU run measured, and with every untimed candidate:
-    dequant_rows, attention_tiled, attention_gqa, and a unit-a-lane matvec that folds the RMSNorms in and
+    dequant_rows, attention_tiled, attention_gqa with RoPE, cache store and merge inside (one launch), and a
+    unit-a-lane matvec that folds the RMSNorms in and
     reads the mixed options' inputs in place, so q / k / v and gate / up of mixed options share launches."""
     from gpuengine import launch
     if candidates:
-        for name, value in dict(DEQUANT="rows", ATTN_PREFILL="tiled", ATTN_DECODE="gqa", GATHER="kernel",
+        for name, value in dict(DEQUANT="rows", ATTN_PREFILL="tiled", ATTN_DECODE="step", GATHER="kernel",
                                 FUSE_NORM=True, MATVEC=launch.MatvecShape(4, 2, 32, 2)).items():
             monkeypatch.setattr(launch, name, value)
     launched = record_kernels(monkeypatch)
@@ -242,8 +261,9 @@ def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))
     assert_close(ref.logits(ids), gpu.logits(ids))                    # 3 prefill chunks of 64, 64, 22
     assert_close(decode_rows(ref, ids[:100], 30), decode_rows(gpu, ids[:100], 30))
-    if candidates:                                                    # mixed options fused, no gather launch
-        assert "gather_x" not in launched and {"qmatvec<4, 2, 32, 3>", "attention_gqa<0>"} <= launched
+    if candidates:         # mixed options fused, no gather launch; decode's attention one launch, no merge
+        assert "gather_x" not in launched and {"qmatvec<4, 2, 32, 3>", "attention_gqa<0, 1>"} <= launched
+        assert "attention_merge" not in launched
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])

@@ -66,13 +66,20 @@ __device__ __forceinline__ void store_row(const float* __restrict__ xr, u8* __re
 // Rotary embedding of pair i of a head row v (d values) at position p: frequency theta^(-2i/d) and the angle
 // p * freq, both in double, cos and sin rounded to float (ops.rope_tables). interleaved: pairs (2i, 2i + 1)
 // (llama.cpp's layout of Llama q/k); else (i, i + d/2) (Hugging Face / NeoX).
-__device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, double theta, int interleaved) {
+__device__ __forceinline__ float2 rope_cos_sin(int i, int d, int p, double theta) {
     const double ang = (double)p * pow(theta, -(double)(2 * i) / (double)d);
-    const float c = (float)cos(ang), s = (float)sin(ang);
+    return make_float2((float)cos(ang), (float)sin(ang));
+}
+
+__device__ __forceinline__ void rotate_by(float* v, int i, int d, float2 cs, int interleaved) {
     const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + (d >> 1);
     const float a = v[ia], b = v[ib];
-    v[ia] = a * c - b * s;
-    v[ib] = a * s + b * c;
+    v[ia] = a * cs.x - b * cs.y;
+    v[ib] = a * cs.y + b * cs.x;
+}
+
+__device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, double theta, int interleaved) {
+    rotate_by(v, i, d, rope_cos_sin(i, d, p, theta), interleaved);
 }
 
 // A step's q (t, hq, d), k and v (t, hkv, d) after their matvecs, in one launch: q and k rotated in place
@@ -198,6 +205,14 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part, const
 // The block's warps then merge per head; with several chunks the block writes `attention`'s partials for
 // attention_merge. Head dim up to 128 and a multiple of 4, G up to 8 (launch.attention falls back to
 // `attention` outside that).
+//
+// STEP = 1 is a decode step's whole attention in one launch, where rope_store, attention and attention_merge
+// are three: q (hq, d) and k (hkv, d) arrive unrotated. Every block rotates its group's q in shared memory
+// (RoPE, the cos and sin worked out as rope_store does); the block whose chunk holds the new position
+// rotates k, stores k and v into the caches and reads that position from shared copies of the rows it
+// stored (so no block reads a cache row written in the same launch). With several chunks, each block
+// writes its partials, and the last block of a KV head to finish (an atomic ticket a KV head, `tickets`,
+// zero before the launch) merges them as attention_merge does and sets the ticket back to zero.
 #define GQA_MAX_G 8
 #define GQA_MAX_D 128
 
@@ -213,18 +228,44 @@ __device__ __forceinline__ void kv_elem4(const u8* __restrict__ row, int e, floa
     }
 }
 
-template <int FMT>
-__global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
-                              const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ part,
-                              int hq, int hkv, int d, int row_bytes, int chunk, int nsplit) {
+template <int FMT, int STEP>
+__global__ void attention_gqa(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                              u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos,
+                              float* __restrict__ out, float* __restrict__ part, int* __restrict__ tickets, int hq,
+                              int hkv, int d, int row_bytes, int chunk, int nsplit, double theta, int interleaved) {
     __shared__ __align__(16) float qs[GQA_MAX_G][GQA_MAX_D];
     __shared__ float wo[ATTN_WARPS][GQA_MAX_G][GQA_MAX_D];
     __shared__ float wm[ATTN_WARPS][GQA_MAX_G], wl[ATTN_WARPS][GQA_MAX_G];
+    __shared__ float2 cs[GQA_MAX_D / 2];                           // STEP: each pair's cos and sin
+    __shared__ float knew[GQA_MAX_D];                              // STEP: the new position's k, rotated
+    __shared__ __align__(16) u8 krow_new[2 * GQA_MAX_D], vrow_new[2 * GQA_MAX_D];   // ... and its stored rows
+    __shared__ int merges;
     const int c = blockIdx.x, kvh = blockIdx.y, G = hq / hkv, h0 = kvh * G;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int len = pos[0] + 1, p0 = c * chunk, p1 = min(p0 + chunk, len);
+    const int cur = pos[0], len = cur + 1, p0 = c * chunk, p1 = min(p0 + chunk, len);
     if (p0 >= len) return;                                  // attention_merge reads only chunks below len
+    const bool holds_new = STEP && p1 == len;               // this chunk holds the new position
     for (int i = threadIdx.x; i < G * d; i += blockDim.x) qs[i / d][i % d] = q[(size_t)h0 * d + i];
+    if (STEP) {
+        for (int i = threadIdx.x; i < (d >> 1); i += blockDim.x) cs[i] = rope_cos_sin(i, d, cur, theta);
+        if (holds_new)
+            for (int i = threadIdx.x; i < d; i += blockDim.x) knew[i] = k[(size_t)kvh * d + i];
+        __syncthreads();
+        for (int i = threadIdx.x; i < G * (d >> 1); i += blockDim.x) {
+            const int pair = i % (d >> 1);
+            rotate_by(qs[i / (d >> 1)], pair, d, cs[pair], interleaved);
+        }
+        if (holds_new && warp == 0) {
+            for (int i = lane; i < (d >> 1); i += 32) rotate_by(knew, i, d, cs[i], interleaved);
+            __syncwarp();
+            const size_t at = ((size_t)cur * hkv + kvh) * row_bytes;
+            const float* vnew = v + (size_t)kvh * d;
+            store_row<FMT>(knew, krow_new, d, lane);
+            store_row<FMT>(knew, kc + at, d, lane);
+            store_row<FMT>(vnew, vrow_new, d, lane);
+            store_row<FMT>(vnew, vc + at, d, lane);
+        }
+    }
     __syncthreads();
     const float root = sqrtf((float)d);
     float m[GQA_MAX_G], l[GQA_MAX_G], acc[GQA_MAX_G][GQA_MAX_D / 32];
@@ -244,7 +285,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict_
 #pragma unroll
         for (int g = 0; g < GQA_MAX_G; ++g) s4[g][0] = s4[g][1] = s4[g][2] = s4[g][3] = 0.0f;
         if (in) {
-            const u8* krow = kc + ((size_t)p * hkv + kvh) * row_bytes;
+            const u8* krow = STEP && p == cur ? krow_new : kc + ((size_t)p * hkv + kvh) * row_bytes;
             for (int e = 0; e < d; e += 4) {
                 float kv[4];
                 kv_elem4<FMT>(krow, e, kv);
@@ -278,16 +319,16 @@ __global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict_
         }
         const int np = min(32, p1 - b);
         for (int i = 0; i < np; ++i) {
-            const u8* vrow = vc + ((size_t)(b + i) * hkv + kvh) * row_bytes;
-            float v[GQA_MAX_D / 32];
+            const u8* vrow = STEP && b + i == cur ? vrow_new : vc + ((size_t)(b + i) * hkv + kvh) * row_bytes;
+            float vv[GQA_MAX_D / 32];
 #pragma unroll
-            for (int j = 0; j < GQA_MAX_D / 32; ++j) v[j] = lane + 32 * j < d ? kv_elem<FMT>(vrow, lane + 32 * j) : 0.0f;
+            for (int j = 0; j < GQA_MAX_D / 32; ++j) vv[j] = lane + 32 * j < d ? kv_elem<FMT>(vrow, lane + 32 * j) : 0.0f;
 #pragma unroll
             for (int g = 0; g < GQA_MAX_G; ++g)
                 if (g < G) {
                     const float wg = __shfl_sync(FULL_MASK, w[g], i);
 #pragma unroll
-                    for (int j = 0; j < GQA_MAX_D / 32; ++j) acc[g][j] = fmaf(wg, v[j], acc[g][j]);
+                    for (int j = 0; j < GQA_MAX_D / 32; ++j) acc[g][j] = fmaf(wg, vv[j], acc[g][j]);
                 }
         }
     }
@@ -320,6 +361,30 @@ __global__ void attention_gqa(const float* __restrict__ q, const u8* __restrict_
             if (e == 0) { dst[d] = bm; dst[d + 1] = bl; }
         }
     }
+    if (!STEP || nsplit == 1) return;
+    // the last of the KV head's chunks below len to finish merges: its partial writes, and every other
+    // block's, are visible device-wide before the tickets that count them (fence, then the atomic)
+    const int used = (cur + chunk) / chunk;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) merges = atomicAdd(&tickets[kvh], 1) == used - 1;
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+        const int g = i / d, e = i % d;
+        const float* pr = part + (size_t)(h0 + g) * nsplit * (d + 2);  // read past L1: other blocks wrote it
+        float gm = -INFINITY;
+        for (int cc = 0; cc < used; ++cc) gm = fmaxf(gm, __ldcg(pr + cc * (d + 2) + d));
+        float gl = 0.0f, o = 0.0f;
+        for (int cc = 0; cc < used; ++cc) {
+            const float sc = expf(__ldcg(pr + cc * (d + 2) + d) - gm);
+            gl = fmaf(__ldcg(pr + cc * (d + 2) + d + 1), sc, gl);
+            o = fmaf(__ldcg(pr + cc * (d + 2) + e), sc, o);
+        }
+        out[(size_t)(h0 + g) * d + e] = o / gl;
+    }
+    if (threadIdx.x == 0) tickets[kvh] = 0;                  // for the next launch (the next layer's)
 }
 
 // Prefill (t queries of one chunk): the same causal attention, tiled. Block (query tile, head) takes
@@ -434,8 +499,9 @@ template __global__ void attention<0>(const float*, const u8*, const u8*, const 
 template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
 template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
-template __global__ void attention_gqa<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int);
-template __global__ void attention_gqa<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int);
+template __global__ void attention_gqa<0, 0>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, int);
+template __global__ void attention_gqa<0, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, int);
+template __global__ void attention_gqa<3, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, int);
 template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
 template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
 #endif
