@@ -1,6 +1,7 @@
 """The decode matvec's machine code, counted without a GPU: compiles gpuengine/kernels/matvec.cu with nvcc for
 one architecture (sm_90, the H100 / H200, by default), disassembles it with cuobjdump, and for each compiled
-qmatvec instance and bit width reports the registers and the SASS instructions per weight of its inner loop.
+qmatvec instance and bit width (and each tensor-core tmatvec, 4-bit) reports the registers and the SASS
+instructions per weight of its inner loop.
 
 On the H200 the quad layout's matvec was bound by instruction issue (ncu, GPU_NOTES.md run 8: 7.7
 instructions per weight, schedulers issuing on 56% of cycles), so this static count is the first check of a
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from benchlib import ROOT, write_json
 
-from gpuengine.kernels import MATVEC_INSTANCES, source  # noqa: E402
+from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES, source  # noqa: E402
 
 # the decode's mask of a code in a float's top mantissa bits (matvec.cu's code_float / unit_code): its
 # immediate names the bit width of the loop it appears in, and each occurrence is one decoded weight
@@ -133,6 +134,24 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     return rows
 
 
+def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
+    """tmatvec<T> (4-bit only): its loop over k-blocks, the innermost loop with HMMAs (8 T of them; the loops
+    around it hold two copies, for glu). Each m16n8k16 takes 8 rows x 16 k of weights, 4 a lane, so a lane's
+    weights an iteration are 4 x its HMMAs."""
+    rows = []
+    for tiles in TC_TILES:
+        mangled = f"_Z7tmatvecILi{tiles}EEvPKfi4QMatS2_S2_"
+        m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+        if not m:
+            sys.exit(f"error: {mangled} not in the disassembly")
+        inner = [(sum(op.startswith("HMMA") for op in loop), len(loop)) for loop in loops(m.group(1))]
+        hmma, length = min((h, n) for h, n in inner if h)
+        rows.append({"instance": f"tmatvec<{tiles}>", "layout": "tensor cores", "bits": 4,
+                     "registers": regs.get(mangled), "loop_instructions": length,
+                     "weights_per_iteration": 4 * hmma, "instructions_per_weight": round(length / (4 * hmma), 2)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         sass, regs, version = compile_matvec(args.arch, Path(work))
-    rows = analyse(sass, regs)
+    rows = analyse(sass, regs) + tensor_core_rows(sass, regs)
     print(f"{'instance':20} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13} "
           f"{'norm folded':>12} {'gathered':>9}")
     for row in rows:
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['loop_instructions']:>6} {row['weights_per_iteration']:>8} {row['instructions_per_weight']:>13} "
               f"{row.get('instructions_per_weight_norm_folded', ''):>12} {row.get('instructions_per_weight_gathered', ''):>9}")
     write_json({"date": date.today().isoformat(), "arch": args.arch, "nvcc": version,
-                "what": "static SASS count of each qmatvec instance's inner decode loop (not a speed)",
+                "what": "static SASS count of each qmatvec / tmatvec instance's inner decode loop (not a speed)",
                 "rows": rows}, args.out)
     print(f"wrote {args.out}")
     return 0

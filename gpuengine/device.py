@@ -37,3 +37,10 @@ def require() -> None:
 def name() -> str:
     import cupy
     return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+
+
+@lru_cache(maxsize=1)
+def compute_capability() -> int:
+    """The current device's compute capability as major * 10 + minor (90 for Hopper)."""
+    import cupy
+    return int(cupy.cuda.Device().compute_capability)

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from gpuengine.kernels import MATVEC_INSTANCES, function
+from gpuengine import device
+from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES, function
 from gpuengine.layout import DeviceLinear
 from planner.formats import KV_CODES, PACK_VALUES
 from planner.memory import ATTN_MAX_SPLITS
@@ -96,6 +97,28 @@ class MatvecShape:
 # names every time). The lane-per-unit instances are compiled and tested but were not yet timed on a GPU.
 MATVEC = MatvecShape(rows=4, units=4, lane=8, warps=2)
 
+
+
+@dataclass(frozen=True)
+class TcShape:
+    """A launch of the tensor-core matvec tmatvec<tiles>: `tiles` tiles of 8 rows a warp, `warps` warps a
+    block splitting K."""
+
+    tiles: int
+    warps: int
+
+    @property
+    def kernel(self) -> str:
+        return f"tmatvec<{self.tiles}>"
+
+
+# Decode of 4-bit linears (one slice, scale groups of 128 values, x read as it is) on the tensor
+# cores, x split into two fp16 parts (tmatvec in matvec.cu): None (off: every GPU run so far used the CUDA
+# cores) or a TcShape. Needs sm_80 or later; other linears, and launches folding a norm in, keep `MATVEC`.
+# Tested on the CPU twin, not yet timed on a GPU.
+MATVEC_TC: Optional[TcShape] = None
+TC_MIN_CAPABILITY = 80
+
 # numpy twins of matvec.cu's QSlice / QMat (C layout: align=True), passed to the kernel by value.
 QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("groups", "i4"), ("xoff", "i4")],
                   align=True)
@@ -152,6 +175,25 @@ def fusable(*lins: DeviceLinear) -> bool:
             and len({m.k for m in metas}) == 1)
 
 
+def on_tensor_cores(*lins: DeviceLinear) -> bool:
+    """Whether these linears' decode matvec runs as tmatvec: MATVEC_TC on, a card with the mma it needs, and
+    each linear 4-bit in one slice with 128-value scale groups (a k-block each), x read as it is."""
+    if MATVEC_TC is None or not lins or device.compute_capability() < TC_MIN_CAPABILITY:
+        return False
+    metas = [lin.meta for lin in lins]
+    return all(m is not None and not m.needs_gather and m.slices[0].bits == 4 and m.group_size == 128
+               and m.slices[0].units % 4 == 0 for m in metas) and len({m.k for m in metas}) == 1
+
+
+def _tmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
+    shape = MATVEC_TC
+    if shape.tiles not in TC_TILES or not 1 <= shape.warps <= 32:
+        raise LaunchError(f"tensor-core matvec {shape.kernel} x {shape.warps} warps is not compiled")
+    grid = (math.ceil(n / (8 * shape.tiles)), 1 if glu else len(mats))
+    padded = mats + [mats[0]] * (3 - len(mats))
+    function("matvec", shape.kernel)(grid, (32 * shape.warps,), (x, _i(glu), *padded))
+
+
 def _xmap(lins: list) -> tuple[np.ndarray, bool]:
     """The kernel's XMap for matrices 0, 1, 2 = lins, and whether the launch gathers (some linear needs it
     and the kernel can)."""
@@ -205,6 +247,9 @@ def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumul
         function("matvec", "hmatvec")(grid, block, (x, y, lin.half, b, _i(bias is not None), _i(accumulate), _i(n), _i(k)))
         return
     m = lin.meta
+    if on_tensor_cores(lin):
+        _tmatvec(x, [_qmat(lin, y, bias, accumulate)], n)
+        return
     src = x
     if m.needs_gather and not gathers_in_kernel():
         sl = list(m.slices) + [m.slices[0]] * (3 - len(m.slices))
@@ -228,7 +273,11 @@ def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
         if bias is not None:
             check("bias", bias, np.float32, (lin.meta.n,))
         mats.append(_qmat(lin, y, bias, accumulate))
-    _qmatvec(x, mats, max(lin.meta.n for _, lin, _, _ in jobs), norm=norm, lins=[lin for _, lin, _, _ in jobs])
+    n, lins = max(lin.meta.n for _, lin, _, _ in jobs), [lin for _, lin, _, _ in jobs]
+    if norm is None and on_tensor_cores(*lins):
+        _tmatvec(x, mats, n)
+    else:
+        _qmatvec(x, mats, n, norm=norm, lins=lins)
 
 
 def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optional[tuple] = None) -> None:
@@ -238,7 +287,10 @@ def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optio
         raise LaunchError("gate and up cannot share one matvec launch")
     check_matvec(x, y, gate, None)
     check_matvec(x, y, up, None)
-    _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm, lins=[gate, up])
+    if norm is None and on_tensor_cores(gate, up):
+        _tmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True)
+    else:
+        _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm, lins=[gate, up])
 
 
 # Prefill's dequantization kernel: "slice" (a flat index over the tile, as measured in every GPU run so far)

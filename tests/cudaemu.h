@@ -53,6 +53,8 @@ struct alignas(8) uint2 {
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -158,6 +160,7 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<char*> stacks;
     std::vector<unsigned long long> exchange[2];   // 32 slots per warp, for shuffles, used in turn
+    std::vector<unsigned> fragments[2];            // 6 words a lane (A and B fragments), for mma, in turn
     Context sched;
     int current = 0;
     std::function<void()> body;
@@ -206,6 +209,7 @@ inline bool run_block() {
     const int n = (int)(blockDim.x * blockDim.y * blockDim.z);
     b.fibers.assign(n, Fiber{});
     for (auto& e : b.exchange) e.assign(((n + 31) / 32) * 32, 0);
+    for (auto& e : b.fragments) e.assign(((n + 31) / 32) * 32 * 6, 0);
     for (int i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
         f.tid = {(unsigned)i % blockDim.x, ((unsigned)i / blockDim.x) % blockDim.y,
@@ -323,6 +327,43 @@ inline T exchange(T v, int src) {
     T r = v;
     if (from < (int)b.fibers.size()) std::memcpy(&r, &slots[from], sizeof(T));
     return r;
+}
+
+// mma.sync.m16n8k16.row.col.f32.f16.f16.f32 for the warp (common.cuh's mma16816 gives the fragments): each
+// lane leaves its A and B fragments in the warp's slots, waits for the others as at a shuffle, and sums its
+// own four outputs in fp32, k in order (fp16 products are exact in fp32; the tensor cores' order of
+// addition is their own, so GPU and twin agree to fp32 rounding).
+inline float half_of(unsigned word, int high) {
+    const unsigned short h = (unsigned short)(high ? word >> 16 : word & 0xffffu);
+    _Float16 v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+inline void mma16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&bf)[2]) {
+    Block& b = block();
+    const int me = b.current, base = me & ~31, group = (me & 31) >> 2, t = me & 3;
+    std::vector<unsigned>& slots = b.fragments[b.fibers[me].shuffles++ & 1];
+    for (int i = 0; i < 4; ++i) slots[6 * me + i] = a[i];
+    slots[6 * me + 4] = bf[0];
+    slots[6 * me + 5] = bf[1];
+    wait(AT_WARP, true);
+    auto A = [&](int row, int k) {
+        const int lane = (row & 7) * 4 + ((k & 7) >> 1), reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+        return half_of(slots[6 * (base + lane) + reg], k & 1);
+    };
+    auto B = [&](int k, int col) {
+        const int lane = col * 4 + ((k & 7) >> 1);
+        return half_of(slots[6 * (base + lane) + 4 + (k >= 8 ? 1 : 0)], k & 1);
+    };
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = group + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float s = d[i];
+        for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+        out[i] = s;
+    }
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 }  // namespace emu

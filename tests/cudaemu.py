@@ -172,9 +172,10 @@ def function(module_name: str, kernel: str) -> Kernel:
 def install(monkeypatch: Any) -> None:
     """Run gpuengine's launchers on the emulated kernels for one test, over gpu_fake's CuPy stand-in."""
     import gpu_fake
-    from gpuengine import launch
+    from gpuengine import device, launch
 
     gpu_fake.install_runtime(monkeypatch)
+    monkeypatch.setattr(device, "compute_capability", lambda: 90)       # the twin's mma is sm_80+'s
     monkeypatch.setattr(kernels, "function", function)
     monkeypatch.setattr(launch, "function", function)
     monkeypatch.setattr(launch, "gemm", gpu_fake.LAUNCHERS["gemm"])

@@ -69,8 +69,34 @@ extern "C" __global__ void mixed_barriers(float* out) {
 }
 
 extern "C" __global__ void takes(long long a, double b, float* out) { out[0] = (float)(a + b); }
+
+// The last of the grid's blocks to finish (by an atomic ticket) writes how many blocks ran before it.
+extern "C" __global__ void last_block(int* ticket, int* out) {
+    __shared__ int mine;
+    if (threadIdx.x == 0) mine = atomicAdd(ticket, 1);
+    __syncthreads();
+    if (mine == (int)(gridDim.x - 1) && threadIdx.x == 0) out[0] = mine;
+    if (threadIdx.x == 0) out[1 + mine] = blockIdx.x;         // the order the blocks ran in
+}
+
+// One m16n8k16 tile: A (16 x 16) and B (16 x 8) fp16 bits, row-major, into the lanes' fragments as the PTX
+// ISA lays them out (lane = 4 group + t), D (16 x 8) back the same way.
+extern "C" __global__ void mma_tile(const unsigned short* A, const unsigned short* B, float* D) {
+    const int g = threadIdx.x >> 2, t = threadIdx.x & 3;
+    const unsigned a[4] = {A[g * 16 + 2 * t] | (unsigned)A[g * 16 + 2 * t + 1] << 16,
+                           A[(g + 8) * 16 + 2 * t] | (unsigned)A[(g + 8) * 16 + 2 * t + 1] << 16,
+                           A[g * 16 + 2 * t + 8] | (unsigned)A[g * 16 + 2 * t + 9] << 16,
+                           A[(g + 8) * 16 + 2 * t + 8] | (unsigned)A[(g + 8) * 16 + 2 * t + 9] << 16};
+    const unsigned b[2] = {B[2 * t * 8 + g] | (unsigned)B[(2 * t + 1) * 8 + g] << 16,
+                           B[(2 * t + 8) * 8 + g] | (unsigned)B[(2 * t + 9) * 8 + g] << 16};
+    float d[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    emu::mma16816(d, a, b);
+    D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2]; D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
 """
-NAMES = ["ids", "reduce", "shuffles", "racy", "fixed", "shuffle_after_exit", "mixed_barriers", "takes"]
+NAMES = ["ids", "reduce", "shuffles", "racy", "fixed", "shuffle_after_exit", "mixed_barriers", "takes", "last_block",
+         "mma_tile"]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +160,30 @@ def test_arguments_are_checked_against_the_parameters(k):
         k["takes"]((1,), (1,), (2, np.float64(0.5), out))
     with pytest.raises(cudaemu.EmulationError, match="launch of grid"):
         k["takes"]((1,), (2048,), (np.int64(2), np.float64(0.5), out))
+
+
+def test_blocks_run_in_a_shuffled_order_and_atomics_count_them(k):
+    """A GPU runs blocks in any order: the twin shuffles them, so the last block to take a ticket is not
+    always the last in grid order."""
+    orders = []
+    for _ in range(3):
+        ticket, out = np.zeros(1, np.int32), np.full(65, -1, np.int32)
+        k["last_block"]((64,), (32,), (ticket, out))
+        assert ticket[0] == 64 and out[0] == 63 and sorted(out[1:]) == list(range(64))
+        orders.append(out[1:].tolist())
+    assert orders[0] != list(range(64)) and len({tuple(o) for o in orders}) > 1
+
+
+def test_mma_follows_the_ptx_fragment_layout(k):
+    """D = A B + C for one m16n8k16 tile, fragments as the PTX ISA gives them (C = 1): fp16 products are exact
+    in fp32, so the sums agree to fp32 rounding."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((16, 16)).astype(np.float16)
+    b = rng.standard_normal((16, 8)).astype(np.float16)
+    d = np.zeros((16, 8), np.float32)
+    k["mma_tile"]((1,), (32,), (a.view(np.uint16).copy(), b.view(np.uint16).copy(), d))
+    want = a.astype(np.float64) @ b.astype(np.float64) + 1.0
+    assert np.abs(d - want).max() < 1e-5
 
 
 def test_the_engine_sources_build_with_every_kernel_they_name():

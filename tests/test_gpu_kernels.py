@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuengine.kernels import MATVEC_INSTANCES
-from planner.formats import HEAD_OPTION, KV_FORMATS, OPTIONS, kv_format
+from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
+from planner.formats import HEAD_OPTION, KV_FORMATS, OPTIONS, kv_format, parse_option
 from planner.memory import ATTN_MAX_SPLITS
 from refengine import ops
 from refengine.quant import dequantize, kv_dequantize, kv_quantize, quantize
@@ -324,6 +324,82 @@ def test_rope(t, heads, d, start, theta, interleaved, seed):
     got = rope_store("fp16", x, kv, kv, pos, start + t, theta, interleaved)[0]
     cos, sin = ops.rope_tables(pos, d, theta)
     assert rel(got, ops.rope(x.copy(), cos, sin, interleaved)) < 1e-6
+
+
+@contextmanager
+def tensor_cores(tiles, warps):
+    """Decode matvecs of 4-bit linears launched as tmatvec<tiles> with `warps` warps a block."""
+    from gpuengine import launch
+    saved = launch.MATVEC_TC
+    launch.MATVEC_TC = launch.TcShape(tiles, warps)
+    try:
+        yield
+    finally:
+        launch.MATVEC_TC = saved
+
+
+@SETTINGS
+@given(ns=st.lists(st.integers(1, 300), min_size=1, max_size=3), kb=st.one_of(st.integers(1, 6), st.integers(15, 40)),
+       scale=st.sampled_from([1e-3, 1.0, 3e3, 1e6]), tiles=st.sampled_from(TC_TILES), warps=st.sampled_from((1, 2, 4, 8)),
+       seed=st.integers(0, 2**31), data=st.data())
+def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, seed, data, monkeypatch):
+    """tmatvec (4-bit, groups of 128): one linear, up to three in one launch (each with or without bias
+    and accumulation), and gate / up with SwiGLU, within the fp32 kernels' row bound, with x of any scale
+    (1e6 is past fp16's range: the kernel scales x by a power of two first) and k past one staging pass
+    (2048 values)."""
+    import cupy as cp
+
+    from gpuengine import launch
+    launched = record_kernels(monkeypatch)
+    rng = np.random.default_rng(seed)
+    k = 128 * kb
+    option = parse_option("1:4b g128")
+    x = (rng.standard_normal(k) * scale * np.exp(rng.uniform(-4, 0, k))).astype(np.float32)   # 2 decades a value
+    ts = [quantize(rng.standard_normal((n, k)).astype(np.float32), option) for n in ns]
+    jobs, wants = [], []
+    for t, n in zip(ts, ns):
+        bias, accumulate = data.draw(st.booleans()), data.draw(st.booleans())
+        y0, b = (rng.standard_normal(n) * scale).astype(np.float32), (rng.standard_normal(n) * scale).astype(np.float32)
+        jobs.append((cp.asarray(y0.copy()) if accumulate else nan_array(n), device_linear(t), cp.asarray(b) if bias else None, accumulate))
+        wx, magnitude = matvec_terms(t, x, b if bias else 0, y0 if accumulate else 0)
+        wants.append((wx + (b if bias else 0) + (y0 if accumulate else 0), magnitude))
+    with tensor_cores(tiles, warps):
+        if len(jobs) == 1:
+            y, lin, b, accumulate = jobs[0]
+            launch.matvec(cp.asarray(x), y, lin, None, b, accumulate)
+        else:
+            launch.matvec_fused(cp.asarray(x), jobs)
+        gate, up = ts[0], quantize(rng.standard_normal((ns[0], k)).astype(np.float32), option)
+        yg = nan_array(ns[0])
+        launch.matvec_glu(cp.asarray(x), device_linear(gate), device_linear(up), yg)
+    assert launched == {f"tmatvec<{tiles}>"}
+    for (y, *_), (want, magnitude) in zip(jobs, wants):
+        assert_rows_close(y.get(), want, magnitude)
+    (g, mg), (u, mu) = matvec_terms(gate, x), matvec_terms(up, x)
+    with np.errstate(over="ignore"):                          # silu of a large negative: exp overflows to 0
+        assert_rows_close(yg.get(), ops.silu(g) * u, 1.1 * np.abs(u) * mg + np.abs(ops.silu(g)) * mu)
+
+
+def test_tensor_cores_take_only_what_tmatvec_decodes(monkeypatch):
+    """Other widths, mixed options, 32- and 64-value groups, a folded norm, or a card before sm_80 keep the
+    CUDA-core matvec."""
+    import cupy as cp
+
+    from gpuengine import device, launch
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal(256).astype(np.float32))
+    lin = {o: device_linear(quantize(rng.standard_normal((16, 256)).astype(np.float32), parse_option(o)))
+           for o in ("1:4b g128", "1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128")}
+    with tensor_cores(2, 2):
+        assert launch.on_tensor_cores(lin["1:4b g128"])
+        assert not any(launch.on_tensor_cores(lin[o]) for o in ("1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128"))
+        assert not launch.on_tensor_cores(lin["1:4b g128"], lin["1:5b g128"])
+        launched = record_kernels(monkeypatch)
+        launch.matvec_glu(x, lin["1:4b g128"], lin["1:4b g128"], nan_array(16), norm=(cp.ones(256, cp.float32), 1e-5)) \
+            if launch.MATVEC.lane == 32 else None
+        assert not any(name.startswith("tmatvec") for name in launched)
+        monkeypatch.setattr(device, "compute_capability", lambda: 75)
+        assert not launch.on_tensor_cores(lin["1:4b g128"])
 
 
 @SETTINGS

@@ -217,6 +217,22 @@ def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv
     assert not gpu.net.state["attn_tickets"].get().any()
 
 
+def test_random_model_decode_path_matches_on_tensor_cores(other, backend, monkeypatch):
+    """launch.MATVEC_TC: the decode step's 4-bit linears on whole 128-value blocks of input (fused q / k / v,
+    gate / up with SwiGLU, o) through tmatvec; down (720 inputs) and the 6-bit head keep the CUDA-core
+    matvec."""
+    from gpuengine import launch
+    monkeypatch.setattr(launch, "MATVEC_TC", launch.TcShape(2, 4))
+    launched = record_kernels(monkeypatch)
+    ckpt, _ = other
+    ref, gpu = models(ckpt, assign(ckpt, dict.fromkeys(FUSABLE, "1:4b g128")), "fp16", chunk=1)
+    ids = list(np.random.default_rng(9).integers(0, CONFIG["vocab_size"], 40))
+    want, got = ref.logits(ids), gpu.logits(ids)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    assert "tmatvec<2>" in launched and [n for n in launched if n.startswith("qmatvec")] == [launch.MATVEC.kernel]
+
+
 @pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True)],
                          ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads"])
 def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, fold, backend, monkeypatch):

@@ -41,6 +41,47 @@ __device__ __forceinline__ u32 and_or(u32 a) {
 #endif
 }
 
+// Pairs of fp16 values in one register (f16x2, the lower-indexed value in the low half): d = a - b and
+// d = a * b + c, each rounded to fp16 (the tensor-core matvec uses them only where the result is exact).
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+#ifdef VRAMWISE_CUDA_EMU
+    return (u32)f2h(h2f((u16)a) - h2f((u16)b)) | ((u32)f2h(h2f((u16)(a >> 16)) - h2f((u16)(b >> 16))) << 16);
+#else
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#endif
+}
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+#ifdef VRAMWISE_CUDA_EMU
+    return (u32)f2h(fmaf(h2f((u16)a), h2f((u16)b), h2f((u16)c)))
+           | ((u32)f2h(fmaf(h2f((u16)(a >> 16)), h2f((u16)(b >> 16)), h2f((u16)(c >> 16)))) << 16);
+#else
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+#endif
+}
+
+// d += A B on the tensor cores, one warp together (every lane must call it): A 16 x 16 and B 16 x 8 fp16,
+// d 16 x 8 fp32, in the fragments of the PTX ISA's mma.m16n8k16 (lane l = 4 * group + t): a[0] holds
+// A[group][2t, 2t + 1], a[1] A[group + 8][2t, 2t + 1], a[2] and a[3] the same at columns 2t + 8, 2t + 9;
+// b[0] holds B[2t, 2t + 1][group], b[1] B[2t + 8, 2t + 9][group]; d[0], d[1] are D[group][2t, 2t + 1] and
+// d[2], d[3] D[group + 8][2t, 2t + 1]. sm_80 and later (the launcher checks; older cards trap).
+__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#if defined(VRAMWISE_CUDA_EMU)
+    emu::mma16816(d, a, b);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}
+
 // float8 e4m3fn -> float: bias 7, no infinities, NaN only at S.1111.111; subnormals m * 2^-9.
 __device__ __forceinline__ float e4m3_to_f(u32 b) {
     const u32 e = (b >> 3) & 15u, m = b & 7u;

@@ -370,6 +370,155 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     y[row] = QPICK(accumulate) ? y[row] + r : r;
 }
 
+// Tensor-core decode (launch.MATVEC_TC, a candidate): 4-bit slices with scale groups of 128 values, x read
+// as it is (no gather). Keeps fp32-class accuracy: the codes minus 8 are exact in fp16 and so are their
+// products with fp16 values in the tensor cores' fp32 sums, and x goes in as two fp16 parts, xh = fp16(x)
+// in A's rows 0-7 and xl = fp16(x - xh) in rows 8-15 (a matvec needs one row of A's 16), about 22 bits of
+// x where fp32 has 24. x is first scaled by a power of two that puts max |x| in [2^13, 2^14), so neither
+// part overflows fp16 or loses bits to its subnormals; the sums are scaled back, exactly.
+//
+// Layout: a warp takes T tiles of 8 rows and the block's warps split K in k-blocks of 128 values (4 units,
+// one scale group). Lane l = 4 g + t loads unit 4 i + t of row g of each tile, whole (one 16-byte load),
+// and decodes it to 16 f16x2 registers, the B fragments of the 8 16-k slices of k-block i: word j gives
+// slices 2j and 2j + 1 (nibbles 0 and 4 by one mask-and-or into 1024 + q, then minus 1032; nibbles 1 and 5
+// as 1024 + 16 q, then times 1/16 minus 72; w >> 8 the same for nibbles 2, 6 and 3, 7: 9 instructions for
+// 8 values, as Marlin decodes). So slot c of slice s (c = 2t, 2t + 1, 2t + 8, 2t + 9 for p = 0..3) holds
+// value 8 (s / 2) + 2 (s % 2) + {0, 4, 1, 5}[p] of lane t's unit; the block stages x in shared memory in
+// that order, TC_KC values a pass, each (k-block, slice, t) as the lane's whole A fragment (one 16-byte
+// load). D's rows 0-7 then hold the xh sums and rows 8-15 the xl sums of every lane's columns 2t, 2t + 1,
+// so each lane ends with whole sums: each k-block's 8 mma start from zero and the group scales of rows
+// 2t, 2t + 1 weigh them in fp32. The warps' partial sums meet in shared memory; glu, bias and accumulate
+// as qmatvec.
+#define TC_KC 2048
+
+// The fields of one matrix tmatvec reads (picked from the parameters by value, as QPICK does).
+struct TcMat {
+    const u32* w;
+    const u16* s;
+    int n, units, groups, gshift;
+};
+
+__device__ __forceinline__ TcMat tc_pick(const QMat& m0, const QMat& m1, const QMat& m2, int which) {
+    return TcMat{QPICK(sl[0].w), QPICK(sl[0].s), QPICK(n), QPICK(sl[0].units), QPICK(sl[0].groups), QPICK(gshift)};
+}
+
+// One matrix's k-blocks of this pass, warp w taking a contiguous run of them: acc[tau][j] += the scaled dot
+// of row 8 tau + 2t + j. Lane l loads the scale of its own B row (g) and takes those of rows 2t, 2t + 1 from
+// lanes 8t and 8t + 4 (one load a tile, not two); groups are one k-block (128 values), so the words' and
+// scales' addresses step by a constant.
+template <int T>
+__device__ __forceinline__ void tc_rows(const TcMat m, const uint4 (*xs)[8][4], int c0, int kbs, int row0,
+                                        float (&acc)[T][2]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3, per = (kbs + warps - 1) / warps;
+    const int kb0 = warp * per, kb1 = min(kbs, kb0 + per);
+    const uint4* wr[T];
+    const u16* sr[T];
+#pragma unroll
+    for (int tau = 0; tau < T; ++tau) {
+        const size_t row = (size_t)min(row0 + 8 * tau + g, m.n - 1);
+        wr[tau] = reinterpret_cast<const uint4*>(m.w + row * m.units * 4) + c0 / 32 + kb0 * 4 + t;
+        sr[tau] = m.s + row * m.groups + c0 / 128 + kb0;
+    }
+    for (int kb = kb0; kb < kb1; ++kb) {
+        u32 a[8][4];
+#pragma unroll
+        for (int sl = 0; sl < 8; ++sl) {
+            const uint4 f = xs[kb][sl][t];
+            a[sl][0] = f.x; a[sl][1] = f.y; a[sl][2] = f.z; a[sl][3] = f.w;
+        }
+#pragma unroll
+        for (int tau = 0; tau < T; ++tau) {
+            const uint4 q = __ldg(wr[tau]);
+            const float sg = h2f(__ldg(sr[tau]));
+            wr[tau] += 4;
+            sr[tau] += 1;
+            const u32 words[4] = {q.x, q.y, q.z, q.w};
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 w8 = words[j] >> 8;
+                const u32 b0[2] = {hsub2(and_or<0x000f000fu, 0x64006400u>(words[j]), 0x64086408u),
+                                   hfma2(and_or<0x00f000f0u, 0x64006400u>(words[j]), 0x2c002c00u, 0xd480d480u)};
+                const u32 b1[2] = {hsub2(and_or<0x000f000fu, 0x64006400u>(w8), 0x64086408u),
+                                   hfma2(and_or<0x00f000f0u, 0x64006400u>(w8), 0x2c002c00u, 0xd480d480u)};
+                mma16816(d, a[2 * j], b0);
+                mma16816(d, a[2 * j + 1], b1);
+            }
+            acc[tau][0] = fmaf(__shfl_sync(FULL_MASK, sg, 8 * t), d[0] + d[2], acc[tau][0]);
+            acc[tau][1] = fmaf(__shfl_sync(FULL_MASK, sg, 8 * t + 4), d[1] + d[3], acc[tau][1]);
+        }
+    }
+}
+
+template <int T>
+__global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
+    __shared__ uint4 xs[TC_KC / 128][8][4];                 // [k-block][slice][t]: (xh, xl) at k 2t.., 2t + 8..
+    __shared__ float red[2][8 * T][33];
+    const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * 8 * T;
+    int which = first;
+    const int n = QPICK(n), k = QPICK(sl[0].units) * 32;  // every matrix of a launch has the same k
+    if (row0 >= n) return;                                  // the grid spans the largest matrix
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float mx = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) mx = fmaxf(mx, fabsf(x[i]));
+    mx = block_reduce(mx, true);
+    int ex = 0;
+    frexpf(mx, &ex);                                        // mx = f 2^ex, f in [0.5, 1)
+    const int e = mx > 0.0f ? min(14 - ex, 120) : 0;
+    const float up = ldexpf(1.0f, e), down = ldexpf(1.0f, -e);
+    float acc[2][T][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int tau = 0; tau < T; ++tau) acc[m][tau][0] = acc[m][tau][1] = 0.0f;
+    const TcMat mf = tc_pick(m0, m1, m2, first), mu = tc_pick(m0, m1, m2, 1);
+    for (int c0 = 0; c0 < k; c0 += TC_KC) {
+        const int kbs = min(TC_KC, k - c0) / 128;
+        __syncthreads();                                    // the previous pass's fragments are used
+        for (int i = threadIdx.x; i < kbs * 32; i += blockDim.x) {
+            const int kb = i >> 5, sl = (i >> 2) & 7, tt = i & 3;
+            const float* xv = x + c0 + (kb * 4 + tt) * 32 + 8 * (sl >> 1) + 2 * (sl & 1);
+            const float v[4] = {xv[0] * up, xv[4] * up, xv[1] * up, xv[5] * up};   // slots 2t, 2t + 1, 2t + 8, 2t + 9
+            u32 hi[4], lo[4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const u16 h = f2h(v[p]);
+                hi[p] = h;
+                lo[p] = f2h(v[p] - h2f(h));
+            }
+            xs[kb][sl][tt] = make_uint4(hi[0] | (hi[1] << 16), lo[0] | (lo[1] << 16), hi[2] | (hi[3] << 16),
+                                        lo[2] | (lo[3] << 16));
+        }
+        __syncthreads();
+        tc_rows<T>(mf, xs, c0, kbs, row0, acc[0]);
+        if (glu) tc_rows<T>(mu, xs, c0, kbs, row0, acc[1]);
+    }
+    const int g = lane >> 2, t = lane & 3;
+    if (g == 0)
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int tau = 0; tau < T; ++tau)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) red[m][8 * tau + 2 * t + j][warp] = acc[m][tau][j];
+    __syncthreads();
+    const int r = threadIdx.x, row = row0 + r;
+    if (r >= 8 * T || row >= n) return;
+    float sum[2] = {0.0f, 0.0f};
+    for (int m = 0; m <= glu; ++m)
+        for (int wp = 0; wp < warps; ++wp) sum[m] += red[m][r][wp];
+    sum[0] *= down;
+    sum[1] *= down;
+    if (glu) {
+        m0.y[row] = sum[0] / (1.0f + expf(-sum[0])) * sum[1];
+        return;
+    }
+    const float v = sum[0] + (QPICK(has_bias) ? QPICK(bias)[row] : 0.0f);
+    float* y = QPICK(y);
+    y[row] = QPICK(accumulate) ? y[row] + v : v;
+}
+
 // Sizes and offsets of QMat's, NormIn's and XMap's fields, for the test that launch.py's structured dtypes
 // match the compiler's.
 extern "C" __global__ void qmat_layout(unsigned long long* out) {
@@ -427,4 +576,7 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 #define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3)
 QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
 QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
+template __global__ void tmatvec<1>(const float*, int, QMat, QMat, QMat);
+template __global__ void tmatvec<2>(const float*, int, QMat, QMat, QMat);
+template __global__ void tmatvec<4>(const float*, int, QMat, QMat, QMat);
 #endif
