@@ -17,8 +17,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_device.txt"
 python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" \
     | tee -a "$OUT/gpu_device.txt"
-timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 150 -m gpu ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py} 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -60
+# NO_TESTS=1 skips them (a second call that only benchmarks, where one call would pass the 10-minute limit)
+if [ -z "${NO_TESTS:-}" ]; then
+    timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 150 -m gpu ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py} 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -60
+fi
 # per-kernel times and the matvec block-shape sweep; the decode benchmark then runs with the shape it chose
 timeout "${KERNELS_S:-150}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
 TUNED=""
@@ -28,9 +31,16 @@ if [ -n "${BASELINE:-}" ]; then
     timeout 120 python3 benchmarks/gpu_decode.py --quick --out "$OUT/gpu_decode_baseline.json" 2>&1 \
         | tee "$OUT/gpu_decode_baseline.log" | tail -8
 fi
-# CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention)
+# CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention, the one-launch
+# decode attention, with a unit-a-lane shape the fold and the in-kernel gather)
 timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED \
     ${CANDIDATES:+--candidates} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25
+# CANDIDATES=1 also: the same candidates with 4-bit linears on the tensor cores (tmatvec, the sweep's shape),
+# quick (SmolLM2 and the 7B shape): beside gpu_decode.json, what the tensor cores add
+if [ -n "${CANDIDATES:-}" ] && [ -f "$OUT/gpu_kernels.json" ]; then
+    timeout "${TC_S:-120}" python3 benchmarks/gpu_decode.py --quick --candidates --out "$OUT/gpu_decode_tc.json" \
+        $TUNED --tensor-cores-from "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_decode_tc.log" | tail -8
+fi
 # ncu's view of the chosen matvec (skipped where ncu is absent)
 if [ -n "${NCU:-}" ] && command -v ncu > /dev/null && [ -f "$OUT/gpu_kernels.json" ]; then
     timeout 90 ncu --clock-control none -k regex:qmatvec -s 2 -c 1 --section SpeedOfLight --section Occupancy \

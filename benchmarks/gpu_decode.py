@@ -186,6 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode.json")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 and the 7B shape at 4.0 bpw only")
     ap.add_argument("--matvec-from", type=Path, help="gpu_kernels.py's JSON: use the matvec block shape it chose")
+    ap.add_argument("--tensor-cores-from", type=Path,
+                    help="gpu_kernels.py's JSON: decode 4-bit linears on the tensor cores (tmatvec) with the shape "
+                         "its sweep chose")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
                          "dequant_rows, tiled prefill attention, GQA decode attention with RoPE, cache store and "
@@ -200,12 +203,18 @@ def main(argv=None) -> int:
     if args.matvec_from:
         best = json.loads(args.matvec_from.read_text())["matvec_best"]
         launch.MATVEC = launch.MatvecShape.from_json(best)
+    if args.tensor_cores_from:
+        best = json.loads(args.tensor_cores_from.read_text()).get("tensor_core_best")
+        if best is None:
+            sys.exit(f"error: {args.tensor_cores_from} has no tensor-core sweep (a card before sm_80?)")
+        launch.MATVEC_TC = launch.TcShape(best["tiles"], best["warps"])
     if args.candidates:
         engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL, launch.FUSE_NORM = True, "rows", "tiled", True
         launch.ATTN_DECODE, launch.GATHER = "step", "kernel"
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
                 "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
-                "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel()}
+                "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel(),
+                "tensor_cores": dataclasses.asdict(launch.MATVEC_TC) if launch.MATVEC_TC else None}
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",

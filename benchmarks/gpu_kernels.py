@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import cupy as cp
 
     from gpuengine import device, launch
-    from gpuengine.kernels import MATVEC_INSTANCES
+    from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
     from gpuengine.layout import build_image, views
     rng = np.random.default_rng(0)
     rows = []
@@ -87,6 +87,24 @@ def main(argv=None) -> int:
     best = min(sweep, key=lambda r: r["total_us"])
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
+    # the tensor-core candidate (tmatvec, sm_80+) on the same 4-bit shapes
+    tc_sweep = []
+    if device.compute_capability() >= launch.TC_MIN_CAPABILITY:
+        for tiles in TC_TILES:
+            for warps in (2, 4, 8):
+                launch.MATVEC_TC = launch.TcShape(tiles, warps)
+                us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
+                      for n, k in shapes}
+                tc_sweep.append({**asdict(launch.MATVEC_TC), "us": us, "total_us": sum(us.values())})
+                print(f"matvec 1:4b g128, {launch.MATVEC_TC.kernel} x {warps} warps: "
+                      + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
+        tc_best = min(tc_sweep, key=lambda r: r["total_us"])
+        launch.MATVEC_TC = launch.TcShape(tc_best["tiles"], tc_best["warps"])
+        for n, k in shapes:                                  # beside the rows below: GB/s of the same weights
+            us = timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
+            rows.append({"kernel": f"matvec 1:4b g128 {n}x{k} (tensor cores, {launch.MATVEC_TC.kernel} x "
+                                   f"{launch.MATVEC_TC.warps})", "us": us, "gb_s": mats[n, k][1] / us / 1e3})
+        launch.MATVEC_TC = None
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
         for n, k in shapes:
             w, nbytes = rotation(option, n, k)
@@ -95,12 +113,18 @@ def main(argv=None) -> int:
             rows.append({"kernel": f"matvec {option} {n}x{k}", "us": us, "gb_s": nbytes / us / 1e3})
     qkv = [rotation("1:4b g128", H, H) for _ in range(3)]
     ys = [cp.empty(H, cp.float32) for _ in range(3)]
-    us = timed(cp, lambda: launch.matvec_fused(x[:H], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))
-    rows.append({"kernel": f"matvec fused q,k,v 1:4b g128 3x{H}x{H}", "us": us, "gb_s": sum(b for _, b in qkv) / us / 1e3})
     gate, up = rotation("1:4b g128", F, H), rotation("1:4b g128", F, H)
     yg = cp.empty(F, cp.float32)
-    us = timed(cp, lambda: launch.matvec_glu(x[:H], gate[0](), up[0](), yg))
-    rows.append({"kernel": f"matvec gate+up+swiglu 1:4b g128 2x{F}x{H}", "us": us, "gb_s": (gate[1] + up[1]) / us / 1e3})
+    for tc in [None] + ([launch.TcShape(tc_best["tiles"], tc_best["warps"])] if tc_sweep else []):
+        launch.MATVEC_TC = tc
+        label = f" (tensor cores, {tc.kernel} x {tc.warps})" if tc else ""
+        us = timed(cp, lambda: launch.matvec_fused(x[:H], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))
+        rows.append({"kernel": f"matvec fused q,k,v 1:4b g128 3x{H}x{H}{label}", "us": us,
+                     "gb_s": sum(b for _, b in qkv) / us / 1e3})
+        us = timed(cp, lambda: launch.matvec_glu(x[:H], gate[0](), up[0](), yg))
+        rows.append({"kernel": f"matvec gate+up+swiglu 1:4b g128 2x{F}x{H}{label}", "us": us,
+                     "gb_s": (gate[1] + up[1]) / us / 1e3})
+    launch.MATVEC_TC = None
     # RMSNorm folded into the matvec (the fastest unit-a-lane shape) against rmsnorm then the matvec
     sweep_32 = [r for r in sweep if r["lane"] == 32]
     if sweep_32:
@@ -197,7 +221,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['kernel']:45} {r['us']:9.1f} us {r['gb_s']:8.0f} GB/s")
     write_json({"device": device.name(), "date": date.today().isoformat(), "matvec_block_sweep": sweep,
-                "matvec_best": asdict(launch.MATVEC), "kernels": rows}, args.out)
+                "matvec_best": asdict(launch.MATVEC), "tensor_core_sweep": tc_sweep,
+                "tensor_core_best": {k: tc_best[k] for k in ("tiles", "warps")} if tc_sweep else None,
+                "kernels": rows}, args.out)
     return 0
 
 

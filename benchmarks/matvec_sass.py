@@ -138,17 +138,24 @@ def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
     """tmatvec<T> (4-bit only): its loop over k-blocks, the innermost loop with HMMAs (8 T of them; the loops
     around it hold two copies, for glu). Each m16n8k16 takes 8 rows x 16 k of weights, 4 a lane, so a lane's
     weights an iteration are 4 x its HMMAs."""
-    rows = []
-    for tiles in TC_TILES:
-        mangled = f"_Z7tmatvecILi{tiles}EEvPKfi4QMatS2_S2_"
+    def inner_loop(mangled: str) -> tuple[int, int]:
         m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
         if not m:
             sys.exit(f"error: {mangled} not in the disassembly")
         inner = [(sum(op.startswith("HMMA") for op in loop), len(loop)) for loop in loops(m.group(1))]
-        hmma, length = min((h, n) for h, n in inner if h)
+        return min((h, n) for h, n in inner if h)
+
+    rows = []
+    for tiles in TC_TILES:
+        mangled = f"_Z7tmatvecILi{tiles}ELi0EEvPKfi4QMatS2_S2_6NormIn"
+        hmma, length = inner_loop(mangled)
+        folded = mangled.replace("ELi0E", "ELi1E")
+        hmma_n, length_n = inner_loop(folded)
         rows.append({"instance": f"tmatvec<{tiles}>", "layout": "tensor cores", "bits": 4,
                      "registers": regs.get(mangled), "loop_instructions": length,
-                     "weights_per_iteration": 4 * hmma, "instructions_per_weight": round(length / (4 * hmma), 2)})
+                     "weights_per_iteration": 4 * hmma, "instructions_per_weight": round(length / (4 * hmma), 2),
+                     "instructions_per_weight_norm_folded": round(length_n / (4 * hmma_n), 2),
+                     "registers_norm_folded": regs.get(folded)})
     return rows
 
 

@@ -109,12 +109,17 @@ class TcShape:
 
     @property
     def kernel(self) -> str:
-        return f"tmatvec<{self.tiles}>"
+        return self.instance(norm=False)
+
+    def instance(self, norm: bool) -> str:
+        """The template instance: with norm, the one that folds RMSNorm in."""
+        return f"tmatvec<{self.tiles}, {int(norm)}>"
 
 
 # Decode of 4-bit linears (one slice, scale groups of 128 values, x read as it is) on the tensor
 # cores, x split into two fp16 parts (tmatvec in matvec.cu): None (off: every GPU run so far used the CUDA
-# cores) or a TcShape. Needs sm_80 or later; other linears, and launches folding a norm in, keep `MATVEC`.
+# cores) or a TcShape. Needs sm_80 or later; other linears keep `MATVEC`. Folds RMSNorm in as the unit-a-lane
+# layout does (FUSE_NORM).
 # Tested on the CPU twin, not yet timed on a GPU.
 MATVEC_TC: Optional[TcShape] = None
 TC_MIN_CAPABILITY = 80
@@ -185,13 +190,20 @@ def on_tensor_cores(*lins: DeviceLinear) -> bool:
                and m.slices[0].units % 4 == 0 for m in metas) and len({m.k for m in metas}) == 1
 
 
-def _tmatvec(x: Any, mats: list, n: int, glu: bool = False) -> None:
+def folds_norm(*lins: DeviceLinear) -> bool:
+    """Whether a decode matvec of these (fusable) linears takes the RMSNorm before it in (launch.FUSE_NORM):
+    the unit-a-lane layout and the tensor-core matvec can, the quads cannot."""
+    return FUSE_NORM and (MATVEC.lane == 32 or on_tensor_cores(*lins))
+
+
+def _tmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple] = None) -> None:
     shape = MATVEC_TC
     if shape.tiles not in TC_TILES or not 1 <= shape.warps <= 32:
         raise LaunchError(f"tensor-core matvec {shape.kernel} x {shape.warps} warps is not compiled")
     grid = (math.ceil(n / (8 * shape.tiles)), 1 if glu else len(mats))
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", shape.kernel)(grid, (32 * shape.warps,), (x, _i(glu), *padded))
+    function("matvec", shape.instance(norm is not None))(
+        grid, (32 * shape.warps,), (x, _i(glu), *padded, _norm_in(norm, x, tensor_cores=True)))
 
 
 def _xmap(lins: list) -> tuple[np.ndarray, bool]:
@@ -207,13 +219,13 @@ def _xmap(lins: list) -> tuple[np.ndarray, bool]:
     return a, True
 
 
-def _norm_in(norm: Optional[tuple], x: Any) -> np.ndarray:
+def _norm_in(norm: Optional[tuple], x: Any, tensor_cores: bool = False) -> np.ndarray:
     """The kernel's NormIn: (weight (h,) float32, eps) folds RMSNorm of x in; None leaves x as it is."""
     if norm is None:
         return _NO_NORM
     w, eps = norm
     check("norm weight", w, np.float32, x.shape)
-    if MATVEC.lane != 32:
+    if MATVEC.lane != 32 and not tensor_cores:
         raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
     a = np.zeros(1, NORM_IN)
     a["w"], a["eps"], a["h"] = _ptr(w), eps, w.size
@@ -274,8 +286,8 @@ def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
             check("bias", bias, np.float32, (lin.meta.n,))
         mats.append(_qmat(lin, y, bias, accumulate))
     n, lins = max(lin.meta.n for _, lin, _, _ in jobs), [lin for _, lin, _, _ in jobs]
-    if norm is None and on_tensor_cores(*lins):
-        _tmatvec(x, mats, n)
+    if on_tensor_cores(*lins):
+        _tmatvec(x, mats, n, norm=norm)
     else:
         _qmatvec(x, mats, n, norm=norm, lins=lins)
 
@@ -287,8 +299,8 @@ def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optio
         raise LaunchError("gate and up cannot share one matvec launch")
     check_matvec(x, y, gate, None)
     check_matvec(x, y, up, None)
-    if norm is None and on_tensor_cores(gate, up):
-        _tmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True)
+    if on_tensor_cores(gate, up):
+        _tmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm)
     else:
         _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm, lins=[gate, up])
 

@@ -218,7 +218,7 @@ class GPUTransformer:
             gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                        # (T, F)
             wg, wu = w[f"{p}.gate"], w[f"{p}.up"]
             if t == 1 and K.fusable(wg, wu) and wg.shape == wu.shape:
-                if self._folds_norm():
+                if K.folds_norm(wg, wu):
                     K.matvec_glu(x[0], wg, wu, gate[0], norm=norm)                 # silu(gate) * up of rmsnorm(x)
                 else:
                     K.rmsnorm(x, norm[0], xn, norm[1])
@@ -232,7 +232,7 @@ class GPUTransformer:
             self._issue(sched.after(i))
         g = self.weights.globals
         head, logits = g["head"], st["logits"][:t]                                 # (T, V)
-        if t == 1 and self._folds_norm() and K.fusable(head):
+        if t == 1 and K.fusable(head) and K.folds_norm(head):
             K.matvec_fused(x[0], [(logits[0], head, None, False)], norm=(g["norm.final"], spec.norm_eps))
         else:
             K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
@@ -249,10 +249,6 @@ class GPUTransformer:
             else:
                 stream.wait_event(self.events[op.event])
 
-    @staticmethod
-    def _folds_norm() -> bool:
-        """Whether a fusable decode matvec takes the RMSNorm in (launch.FUSE_NORM, unit-a-lane layout)."""
-        return K.FUSE_NORM and K.MATVEC.lane == 32
 
     def _attention(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
         """rmsnorm, q / k / v, RoPE and the cache store, attention, o (into x)."""
@@ -263,7 +259,7 @@ class GPUTransformer:
         jobs = [(out, w[f"{p}.{name}"], w.get(f"{p}.{name}.bias")) for name, out in (("q", q), ("k", k), ("v", v))]
         if t == 1 and K.fusable(*(lin for _, lin, _ in jobs)):
             fused = [(out[0], lin, bias, False) for out, lin, bias in jobs]
-            if self._folds_norm():
+            if K.folds_norm(*(lin for _, lin, _, _ in fused)):
                 K.matvec_fused(x[0], fused, norm=norm)                             # rmsnorm and q, k, v: one launch
             else:
                 K.rmsnorm(x, norm[0], xn, norm[1])

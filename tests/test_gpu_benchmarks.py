@@ -21,7 +21,7 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     import gpu_kernels
 
     from gpuengine import device, launch
-    from gpuengine.kernels import MATVEC_INSTANCES
+    from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
     for name, value in dict(H=64, F=96, HEADS=8, HEAD_D=32, CTX=64, LENGTHS=(8, 32, 64), PREFILL_T=24,
                             COLD_BYTES=1).items():
         monkeypatch.setattr(gpu_kernels, name, value)
@@ -29,20 +29,24 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     monkeypatch.setattr(gpu_kernels, "timed", lambda cp, fn, **kw: (launched.append(fn()), 1.0)[1])
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
     defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
-    for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE", "GATHER"):     # restored after the test
+    for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE", "GATHER", "MATVEC_TC"):   # restored after
         monkeypatch.setattr(launch, name, getattr(launch, name))
     out = tmp_path / "kernels.json"
     assert gpu_kernels.main(["--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert len(doc["matvec_block_sweep"]) == 3 * len(MATVEC_INSTANCES)
+    assert len(doc["matvec_block_sweep"]) == 3 * len(MATVEC_INSTANCES) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
+    assert doc["tensor_core_best"]["tiles"] in TC_TILES
     names = " | ".join(r["kernel"] for r in doc["kernels"])
     for expected in ("(gqa)", "8q/2kv heads", "dequantize rows", "dequantize slice", "attention prefill tiled",
                      "attention prefill query", "with the norm folded in", "rmsnorm, then fused q,k,v",
                      "gathered by launch", "gathered by kernel", "rope_store + attention fp16 len 64 (gqa)",
-                     "attention step fp16 len 64", "attention step q8 len 8", "attention step fp16 8q/2kv heads len 64"):
+                     "attention step fp16 len 64", "attention step q8 len 8", "attention step fp16 8q/2kv heads len 64",
+                     "matvec 1:4b g128 64x64 (tensor cores", "matvec fused q,k,v 1:4b g128 3x64x64 (tensor cores",
+                     "matvec gate+up+swiglu 1:4b g128 2x96x64 (tensor cores"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
     assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:] and launch.GATHER == "launch"
+    assert launch.MATVEC_TC is None
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
 
@@ -84,8 +88,14 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     doc = json.loads(out.read_text())
     assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": True, "dequant": "rows",
                              "prefill_attention": "tiled", "decode_attention": "step", "norm_folded": False,
-                             "gather_in_kernel": False}
+                             "gather_in_kernel": False, "tensor_cores": None}
     assert [c["case"] for c in doc["cases"]] == ["SmolLM2-135M 4.0 bpw", "Llama-2-7B shape 4.0 bpw",
                                                  "Llama-2-7B shape 2.5 bpw"]
+    # the tensor-core matvec, with the shape a gpu_kernels.py sweep chose
+    kernels = tmp_path / "kernels.json"
+    kernels.write_text(json.dumps({"tensor_core_best": {"tiles": 2, "warps": 4}}))
+    monkeypatch.setattr(launch, "MATVEC_TC", None)
+    assert gpu_decode.main(["--out", str(tmp_path / "tc.json"), "--quick", "--tensor-cores-from", str(kernels)]) == 0
+    assert json.loads((tmp_path / "tc.json").read_text())["engine"]["tensor_cores"] == {"tiles": 2, "warps": 4}
     # the 70B figure is a slope between two timed runs: on the twin, beside other work, it can come out any sign
     assert "overlapped" in doc["streaming"] and math.isfinite(doc["llama2_70b_2.5bpw"]["decode_tok_s_extrapolated"])

@@ -341,12 +341,12 @@ def tensor_cores(tiles, warps):
 @SETTINGS
 @given(ns=st.lists(st.integers(1, 300), min_size=1, max_size=3), kb=st.one_of(st.integers(1, 6), st.integers(15, 40)),
        scale=st.sampled_from([1e-3, 1.0, 3e3, 1e6]), tiles=st.sampled_from(TC_TILES), warps=st.sampled_from((1, 2, 4, 8)),
-       seed=st.integers(0, 2**31), data=st.data())
-def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, seed, data, monkeypatch):
+       norm=st.booleans(), seed=st.integers(0, 2**31), data=st.data())
+def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, norm, seed, data, monkeypatch):
     """tmatvec (4-bit, groups of 128): one linear, up to three in one launch (each with or without bias
     and accumulation), and gate / up with SwiGLU, within the fp32 kernels' row bound, with x of any scale
     (1e6 is past fp16's range: the kernel scales x by a power of two first) and k past one staging pass
-    (2048 values)."""
+    (2048 values); and with RMSNorm folded in (the reference: ops.rmsnorm of x, then the product)."""
     import cupy as cp
 
     from gpuengine import launch
@@ -355,49 +355,54 @@ def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, see
     k = 128 * kb
     option = parse_option("1:4b g128")
     x = (rng.standard_normal(k) * scale * np.exp(rng.uniform(-4, 0, k))).astype(np.float32)   # 2 decades a value
+    nw = (rng.standard_normal(k) * 2).astype(np.float32)
+    folded = (cp.asarray(nw), 1e-5) if norm else None
+    xin = ops.rmsnorm(x[None], nw, 1e-5)[0] if norm else x   # what the matvecs multiply
     ts = [quantize(rng.standard_normal((n, k)).astype(np.float32), option) for n in ns]
     jobs, wants = [], []
     for t, n in zip(ts, ns):
         bias, accumulate = data.draw(st.booleans()), data.draw(st.booleans())
         y0, b = (rng.standard_normal(n) * scale).astype(np.float32), (rng.standard_normal(n) * scale).astype(np.float32)
         jobs.append((cp.asarray(y0.copy()) if accumulate else nan_array(n), device_linear(t), cp.asarray(b) if bias else None, accumulate))
-        wx, magnitude = matvec_terms(t, x, b if bias else 0, y0 if accumulate else 0)
+        wx, magnitude = matvec_terms(t, xin, b if bias else 0, y0 if accumulate else 0)
         wants.append((wx + (b if bias else 0) + (y0 if accumulate else 0), magnitude))
     with tensor_cores(tiles, warps):
-        if len(jobs) == 1:
+        if len(jobs) == 1 and not norm:
             y, lin, b, accumulate = jobs[0]
             launch.matvec(cp.asarray(x), y, lin, None, b, accumulate)
         else:
-            launch.matvec_fused(cp.asarray(x), jobs)
+            launch.matvec_fused(cp.asarray(x), jobs, norm=folded)
         gate, up = ts[0], quantize(rng.standard_normal((ns[0], k)).astype(np.float32), option)
         yg = nan_array(ns[0])
-        launch.matvec_glu(cp.asarray(x), device_linear(gate), device_linear(up), yg)
-    assert launched == {f"tmatvec<{tiles}>"}
+        launch.matvec_glu(cp.asarray(x), device_linear(gate), device_linear(up), yg, norm=folded)
+    assert launched == {f"tmatvec<{tiles}, {int(norm)}>"}
     for (y, *_), (want, magnitude) in zip(jobs, wants):
         assert_rows_close(y.get(), want, magnitude)
-    (g, mg), (u, mu) = matvec_terms(gate, x), matvec_terms(up, x)
+    (g, mg), (u, mu) = matvec_terms(gate, xin), matvec_terms(up, xin)
     with np.errstate(over="ignore"):                          # silu of a large negative: exp overflows to 0
         assert_rows_close(yg.get(), ops.silu(g) * u, 1.1 * np.abs(u) * mg + np.abs(ops.silu(g)) * mu)
 
 
 def test_tensor_cores_take_only_what_tmatvec_decodes(monkeypatch):
-    """Other widths, mixed options, 32- and 64-value groups, a folded norm, or a card before sm_80 keep the
-    CUDA-core matvec."""
+    """Other widths, mixed options, 32- and 64-value groups, or a card before sm_80 keep the CUDA-core matvec;
+    the tensor cores fold a norm in even where the CUDA-core layout (quads) could not."""
     import cupy as cp
 
     from gpuengine import device, launch
     rng = np.random.default_rng(0)
-    x = cp.asarray(rng.standard_normal(256).astype(np.float32))
     lin = {o: device_linear(quantize(rng.standard_normal((16, 256)).astype(np.float32), parse_option(o)))
            for o in ("1:4b g128", "1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128")}
+    monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(4, 4, 8, 2))           # quads: no fold of their own
+    monkeypatch.setattr(launch, "FUSE_NORM", True)
+    assert not launch.folds_norm(lin["1:4b g128"])
     with tensor_cores(2, 2):
-        assert launch.on_tensor_cores(lin["1:4b g128"])
+        assert launch.on_tensor_cores(lin["1:4b g128"]) and launch.folds_norm(lin["1:4b g128"])
         assert not any(launch.on_tensor_cores(lin[o]) for o in ("1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128"))
         assert not launch.on_tensor_cores(lin["1:4b g128"], lin["1:5b g128"])
-        launched = record_kernels(monkeypatch)
-        launch.matvec_glu(x, lin["1:4b g128"], lin["1:4b g128"], nan_array(16), norm=(cp.ones(256, cp.float32), 1e-5)) \
-            if launch.MATVEC.lane == 32 else None
-        assert not any(name.startswith("tmatvec") for name in launched)
+        assert not launch.folds_norm(lin["1:5b g128"])
+        with pytest.raises(launch.LaunchError, match="folds into the unit-a-lane matvec only"):
+            launch.matvec_fused(cp.zeros(256, cp.float32), [(nan_array(16), lin["1:5b g128"], None, False)],
+                                norm=(cp.ones(256, cp.float32), 1e-5))
         monkeypatch.setattr(device, "compute_capability", lambda: 75)
         assert not launch.on_tensor_cores(lin["1:4b g128"])
 

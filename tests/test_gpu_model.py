@@ -217,12 +217,14 @@ def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv
     assert not gpu.net.state["attn_tickets"].get().any()
 
 
-def test_random_model_decode_path_matches_on_tensor_cores(other, backend, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "norm-folded"])
+def test_random_model_decode_path_matches_on_tensor_cores(other, fold, backend, monkeypatch):
     """launch.MATVEC_TC: the decode step's 4-bit linears on whole 128-value blocks of input (fused q / k / v,
-    gate / up with SwiGLU, o) through tmatvec; down (720 inputs) and the 6-bit head keep the CUDA-core
-    matvec."""
+    gate / up with SwiGLU, o) through tmatvec, with the RMSNorms folded in or not (FUSE_NORM; the quads
+    cannot fold, the tensor cores can); down (720 inputs) and the 6-bit head keep the CUDA-core matvec."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC_TC", launch.TcShape(2, 4))
+    monkeypatch.setattr(launch, "FUSE_NORM", fold)
     launched = record_kernels(monkeypatch)
     ckpt, _ = other
     ref, gpu = models(ckpt, assign(ckpt, dict.fromkeys(FUSABLE, "1:4b g128")), "fp16", chunk=1)
@@ -230,7 +232,9 @@ def test_random_model_decode_path_matches_on_tensor_cores(other, backend, monkey
     want, got = ref.logits(ids), gpu.logits(ids)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
-    assert "tmatvec<2>" in launched and [n for n in launched if n.startswith("qmatvec")] == [launch.MATVEC.kernel]
+    assert {"tmatvec<2, 0>", f"tmatvec<2, {int(fold)}>"} <= launched
+    assert [n for n in launched if n.startswith("qmatvec")] == [launch.MATVEC.kernel]
+    assert ("rmsnorm" in launched) == (not fold or launch.MATVEC.lane != 32)    # the head's norm, with quads
 
 
 @pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True)],

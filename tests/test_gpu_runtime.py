@@ -222,11 +222,12 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     instances NVRTC compiles, and the structured argument holds the linear's arrays and slice table."""
     from gpuengine import launch
     from gpuengine.kernels import NAME_EXPRESSIONS
-    from gpuengine.kernels import MATVEC_INSTANCES
+    from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
     shapes = [launch.MatvecShape(*i, 1) for i in MATVEC_INSTANCES]
     both = (False, True)
     assert {s.instance(norm, gather) for s in shapes for norm in both for gather in both if s.lane == 32 or
-            not (norm or gather)} == set(NAME_EXPRESSIONS["matvec"])
+            not (norm or gather)} | {launch.TcShape(t, 1).instance(norm) for t in TC_TILES for norm in both} \
+        == set(NAME_EXPRESSIONS["matvec"])
     assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))

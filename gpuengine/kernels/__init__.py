@@ -15,7 +15,8 @@ from planner.formats import KV_CODES
 # (bit 0: RMSNorm folded in, bit 1: x gathered in the kernel). launch.MATVEC picks a shape.
 MATVEC_INSTANCES = ((1, 4, 8), (2, 4, 8), (2, 8, 8), (4, 4, 8), (2, 1, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32))
 
-# The tensor-core matvec's compiled tiles of 8 rows a warp, tmatvec<T> (matvec.cu; launch.MATVEC_TC).
+# The tensor-core matvec's compiled tiles of 8 rows a warp, tmatvec<T, N> (matvec.cu; launch.MATVEC_TC), each
+# plain (N = 0) and folding RMSNorm in (N = 1).
 TC_TILES = (1, 2, 4)
 
 # Template instantiations per source: the KV-cache kernels take the format code (planner.formats.KV_CODES);
@@ -24,7 +25,7 @@ NAME_EXPRESSIONS = {
     "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_tiled") for c in KV_CODES.values())
     + tuple(f"attention_gqa<{c}, {step}>" for c in KV_CODES.values() for step in (0, 1)),
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
-                    for n in ((0, 1, 2, 3) if lane == 32 else (0,))) + tuple(f"tmatvec<{t}>" for t in TC_TILES),
+                    for n in ((0, 1, 2, 3) if lane == 32 else (0,))) + tuple(f"tmatvec<{t}, {n}>" for t in TC_TILES for n in (0, 1)),
 }
 SOURCES = ("matvec", "dequant", "norm", "attention", "sample")
 

@@ -388,7 +388,8 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 // load). D's rows 0-7 then hold the xh sums and rows 8-15 the xl sums of every lane's columns 2t, 2t + 1,
 // so each lane ends with whole sums: each k-block's 8 mma start from zero and the group scales of rows
 // 2t, 2t + 1 weigh them in fp32. The warps' partial sums meet in shared memory; glu, bias and accumulate
-// as qmatvec.
+// as qmatvec, and N = 1 folds RMSNorm in as qmatvec's N bit 0 does (x weighed by w where it is staged, the
+// sums by 1 / rms of x).
 #define TC_KC 2048
 
 // The fields of one matrix tmatvec reads (picked from the parameters by value, as QPICK does).
@@ -451,8 +452,8 @@ __device__ __forceinline__ void tc_rows(const TcMat m, const uint4 (*xs)[8][4], 
     }
 }
 
-template <int T>
-__global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2) {
+template <int T, int N>
+__global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2, NormIn norm) {
     __shared__ uint4 xs[TC_KC / 128][8][4];                 // [k-block][slice][t]: (xh, xl) at k 2t.., 2t + 8..
     __shared__ float red[2][8 * T][33];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * 8 * T;
@@ -460,9 +461,13 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     const int n = QPICK(n), k = QPICK(sl[0].units) * 32;  // every matrix of a launch has the same k
     if (row0 >= n) return;                                  // the grid spans the largest matrix
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    float mx = 0.0f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) mx = fmaxf(mx, fabsf(x[i]));
+    float mx = 0.0f, sq = 0.0f;                            // N: x weighed by the norm's w, and sum x^2
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        mx = fmaxf(mx, fabsf(N ? x[i] * norm.w[i] : x[i]));
+        if (N) sq = fmaf(x[i], x[i], sq);
+    }
     mx = block_reduce(mx, true);
+    const float inv = N ? rsqrtf(block_reduce(sq, false) / (float)norm.h + norm.eps) : 1.0f;
     int ex = 0;
     frexpf(mx, &ex);                                        // mx = f 2^ex, f in [0.5, 1)
     const int e = mx > 0.0f ? min(14 - ex, 120) : 0;
@@ -478,8 +483,10 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
         __syncthreads();                                    // the previous pass's fragments are used
         for (int i = threadIdx.x; i < kbs * 32; i += blockDim.x) {
             const int kb = i >> 5, sl = (i >> 2) & 7, tt = i & 3;
-            const float* xv = x + c0 + (kb * 4 + tt) * 32 + 8 * (sl >> 1) + 2 * (sl & 1);
-            const float v[4] = {xv[0] * up, xv[4] * up, xv[1] * up, xv[5] * up};   // slots 2t, 2t + 1, 2t + 8, 2t + 9
+            const int at = c0 + (kb * 4 + tt) * 32 + 8 * (sl >> 1) + 2 * (sl & 1), off[4] = {0, 4, 1, 5};
+            float v[4];                                     // slots 2t, 2t + 1, 2t + 8, 2t + 9
+#pragma unroll
+            for (int p = 0; p < 4; ++p) v[p] = (N ? x[at + off[p]] * norm.w[at + off[p]] : x[at + off[p]]) * up;
             u32 hi[4], lo[4];
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
@@ -508,8 +515,8 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     float sum[2] = {0.0f, 0.0f};
     for (int m = 0; m <= glu; ++m)
         for (int wp = 0; wp < warps; ++wp) sum[m] += red[m][r][wp];
-    sum[0] *= down;
-    sum[1] *= down;
+    sum[0] *= down * inv;
+    sum[1] *= down * inv;
     if (glu) {
         m0.y[row] = sum[0] / (1.0f + expf(-sum[0])) * sum[1];
         return;
@@ -576,7 +583,6 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 #define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3)
 QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
 QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
-template __global__ void tmatvec<1>(const float*, int, QMat, QMat, QMat);
-template __global__ void tmatvec<2>(const float*, int, QMat, QMat, QMat);
-template __global__ void tmatvec<4>(const float*, int, QMat, QMat, QMat);
+#define TMATVEC(T, N) template __global__ void tmatvec<T, N>(const float*, int, QMat, QMat, QMat, NormIn);
+TMATVEC(1, 0) TMATVEC(2, 0) TMATVEC(4, 0) TMATVEC(1, 1) TMATVEC(2, 1) TMATVEC(4, 1)
 #endif
