@@ -100,10 +100,18 @@ def main(argv=None) -> int:
                       + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
         tc_best = min(tc_sweep, key=lambda r: r["total_us"])
         launch.MATVEC_TC = launch.TcShape(tc_best["tiles"], tc_best["warps"])
+        tc_label = f"(tensor cores, {launch.MATVEC_TC.kernel} x {launch.MATVEC_TC.warps})"
         for n, k in shapes:                                  # beside the rows below: GB/s of the same weights
             us = timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
-            rows.append({"kernel": f"matvec 1:4b g128 {n}x{k} (tensor cores, {launch.MATVEC_TC.kernel} x "
-                                   f"{launch.MATVEC_TC.warps})", "us": us, "gb_s": mats[n, k][1] / us / 1e3})
+            rows.append({"kernel": f"matvec 1:4b g128 {n}x{k} {tc_label}", "us": us, "gb_s": mats[n, k][1] / us / 1e3})
+        for option in ("1:2b g128", "1:8b g128"):          # the other widths tmatvec takes, both ways
+            w, nbytes = rotation(option, H, H)
+            for tc in (None, launch.MATVEC_TC):
+                saved, launch.MATVEC_TC = launch.MATVEC_TC, tc
+                us = timed(cp, lambda: launch.matvec(x[:H], outs[H], w(), xp))
+                rows.append({"kernel": f"matvec {option} {H}x{H}" + (f" {tc_label}" if tc else ""), "us": us,
+                             "gb_s": nbytes / us / 1e3})
+                launch.MATVEC_TC = saved
         launch.MATVEC_TC = None
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128", "0.5:3b/0.5:2b g128", "1:2b g128", "1:8b g32"):
         for n, k in shapes:

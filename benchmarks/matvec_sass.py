@@ -1,7 +1,7 @@
 """The decode matvec's machine code, counted without a GPU: compiles gpuengine/kernels/matvec.cu with nvcc for
 one architecture (sm_90, the H100 / H200, by default), disassembles it with cuobjdump, and for each compiled
-qmatvec instance and bit width (and each tensor-core tmatvec, 4-bit) reports the registers and the SASS
-instructions per weight of its inner loop.
+qmatvec and tensor-core tmatvec instance and bit width reports the registers and the SASS instructions per
+weight of its inner loop.
 
 On the H200 the quad layout's matvec was bound by instruction issue (ncu, GPU_NOTES.md run 8: 7.7
 instructions per weight, schedulers issuing on 56% of cycles), so this static count is the first check of a
@@ -134,28 +134,40 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     return rows
 
 
+# tmatvec's decode takes each width's offset off its codes by an HADD2 of a constant: the width of a loop
+TC_OFFSETS = {"-1026": 2, "-1032": 4, "-1152": 8}
+
+
 def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
-    """tmatvec<T> (4-bit only): its loop over k-blocks, the innermost loop with HMMAs (8 T of them; the loops
-    around it hold two copies, for glu). Each m16n8k16 takes 8 rows x 16 k of weights, 4 a lane, so a lane's
+    """tmatvec<T, N>: for each width, its loop over k-blocks (the innermost loops with HMMAs; each width's
+    is told by its offset constant). Each m16n8k16 takes 8 rows x 16 k of weights, 4 a lane, so a lane's
     weights an iteration are 4 x its HMMAs."""
-    def inner_loop(mangled: str) -> tuple[int, int]:
+    def inner_loops(mangled: str) -> dict[int, tuple[int, int]]:
         m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
         if not m:
             sys.exit(f"error: {mangled} not in the disassembly")
-        inner = [(sum(op.startswith("HMMA") for op in loop), len(loop)) for loop in loops(m.group(1))]
-        return min((h, n) for h, n in inner if h)
+        found: dict[int, tuple[int, int]] = {}
+        for loop in loops(m.group(1)):
+            hmma = sum(op.startswith("HMMA") for op in loop)
+            widths = {bits for op in loop if op.startswith("HADD2") for imm, bits in TC_OFFSETS.items() if imm in op}
+            if hmma and len(widths) == 1:
+                bits = widths.pop()
+                found[bits] = min(found.get(bits, (hmma, len(loop))), (hmma, len(loop)))
+        return found
 
     rows = []
     for tiles in TC_TILES:
         mangled = f"_Z7tmatvecILi{tiles}ELi0EEvPKfi4QMatS2_S2_6NormIn"
-        hmma, length = inner_loop(mangled)
         folded = mangled.replace("ELi0E", "ELi1E")
-        hmma_n, length_n = inner_loop(folded)
-        rows.append({"instance": f"tmatvec<{tiles}>", "layout": "tensor cores", "bits": 4,
-                     "registers": regs.get(mangled), "loop_instructions": length,
-                     "weights_per_iteration": 4 * hmma, "instructions_per_weight": round(length / (4 * hmma), 2),
-                     "instructions_per_weight_norm_folded": round(length_n / (4 * hmma_n), 2),
-                     "registers_norm_folded": regs.get(folded)})
+        plain, norm = inner_loops(mangled), inner_loops(folded)
+        for bits, (hmma, length) in sorted(plain.items()):
+            row = {"instance": f"tmatvec<{tiles}>", "layout": "tensor cores", "bits": bits,
+                   "registers": regs.get(mangled), "loop_instructions": length, "weights_per_iteration": 4 * hmma,
+                   "instructions_per_weight": round(length / (4 * hmma), 2)}
+            if bits in norm:
+                row["instructions_per_weight_norm_folded"] = round(norm[bits][1] / (4 * norm[bits][0]), 2)
+                row["registers_norm_folded"] = regs.get(folded)
+            rows.append(row)
     return rows
 
 

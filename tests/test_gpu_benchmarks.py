@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import cudaemu
+from test_gpu_kernels import record_kernels
 
 pytestmark = pytest.mark.cudaemu
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -22,10 +23,10 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
 
     from gpuengine import device, launch
     from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
-    for name, value in dict(H=64, F=96, HEADS=8, HEAD_D=32, CTX=64, LENGTHS=(8, 32, 64), PREFILL_T=24,
+    for name, value in dict(H=128, F=256, HEADS=8, HEAD_D=32, CTX=64, LENGTHS=(8, 32, 64), PREFILL_T=24,
                             COLD_BYTES=1).items():
         monkeypatch.setattr(gpu_kernels, name, value)
-    launched = []
+    launched, kernels = [], record_kernels(monkeypatch)
     monkeypatch.setattr(gpu_kernels, "timed", lambda cp, fn, **kw: (launched.append(fn()), 1.0)[1])
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
     defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
@@ -41,12 +42,14 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
                      "attention prefill query", "with the norm folded in", "rmsnorm, then fused q,k,v",
                      "gathered by launch", "gathered by kernel", "rope_store + attention fp16 len 64 (gqa)",
                      "attention step fp16 len 64", "attention step q8 len 8", "attention step fp16 8q/2kv heads len 64",
-                     "matvec 1:4b g128 64x64 (tensor cores", "matvec fused q,k,v 1:4b g128 3x64x64 (tensor cores",
-                     "matvec gate+up+swiglu 1:4b g128 2x96x64 (tensor cores"):
+                     "matvec 1:4b g128 128x128 (tensor cores", "matvec fused q,k,v 1:4b g128 3x128x128 (tensor cores",
+                     "matvec gate+up+swiglu 1:4b g128 2x256x128 (tensor cores", "matvec 1:2b g128 128x128 (tensor cores",
+                     "matvec 1:8b g128 128x128 (tensor cores"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
     assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:] and launch.GATHER == "launch"
     assert launch.MATVEC_TC is None
+    assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and "attention_gqa<0, 1>" in kernels
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
 

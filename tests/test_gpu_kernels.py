@@ -341,9 +341,9 @@ def tensor_cores(tiles, warps):
 @SETTINGS
 @given(ns=st.lists(st.integers(1, 300), min_size=1, max_size=3), kb=st.one_of(st.integers(1, 6), st.integers(15, 40)),
        scale=st.sampled_from([1e-3, 1.0, 3e3, 1e6]), tiles=st.sampled_from(TC_TILES), warps=st.sampled_from((1, 2, 4, 8)),
-       norm=st.booleans(), seed=st.integers(0, 2**31), data=st.data())
-def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, norm, seed, data, monkeypatch):
-    """tmatvec (4-bit, groups of 128): one linear, up to three in one launch (each with or without bias
+       bits=st.sampled_from((2, 4, 8)), norm=st.booleans(), seed=st.integers(0, 2**31), data=st.data())
+def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, bits, norm, seed, data, monkeypatch):
+    """tmatvec (2, 4 or 8 bits, groups of 128): one linear, up to three in one launch (each with or without bias
     and accumulation), and gate / up with SwiGLU, within the fp32 kernels' row bound, with x of any scale
     (1e6 is past fp16's range: the kernel scales x by a power of two first) and k past one staging pass
     (2048 values); and with RMSNorm folded in (the reference: ops.rmsnorm of x, then the product)."""
@@ -353,7 +353,7 @@ def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, nor
     launched = record_kernels(monkeypatch)
     rng = np.random.default_rng(seed)
     k = 128 * kb
-    option = parse_option("1:4b g128")
+    option = parse_option(f"1:{bits}b g128")
     x = (rng.standard_normal(k) * scale * np.exp(rng.uniform(-4, 0, k))).astype(np.float32)   # 2 decades a value
     nw = (rng.standard_normal(k) * 2).astype(np.float32)
     folded = (cp.asarray(nw), 1e-5) if norm else None
@@ -384,19 +384,22 @@ def test_tensor_core_matvec_keeps_fp32_accuracy(ns, kb, scale, tiles, warps, nor
 
 
 def test_tensor_cores_take_only_what_tmatvec_decodes(monkeypatch):
-    """Other widths, mixed options, 32- and 64-value groups, or a card before sm_80 keep the CUDA-core matvec;
-    the tensor cores fold a norm in even where the CUDA-core layout (quads) could not."""
+    """Other widths, mixed options, 32- and 64-value groups, linears of two widths in one launch, or a card
+    before sm_80 keep the CUDA-core matvec; the tensor cores fold a norm in even where the CUDA-core layout
+    (quads) could not."""
     import cupy as cp
 
     from gpuengine import device, launch
     rng = np.random.default_rng(0)
     lin = {o: device_linear(quantize(rng.standard_normal((16, 256)).astype(np.float32), parse_option(o)))
-           for o in ("1:4b g128", "1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128")}
+           for o in ("1:4b g128", "1:2b g128", "1:8b g128", "1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128")}
     monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(4, 4, 8, 2))           # quads: no fold of their own
     monkeypatch.setattr(launch, "FUSE_NORM", True)
     assert not launch.folds_norm(lin["1:4b g128"])
     with tensor_cores(2, 2):
         assert launch.on_tensor_cores(lin["1:4b g128"]) and launch.folds_norm(lin["1:4b g128"])
+        assert launch.on_tensor_cores(lin["1:2b g128"], lin["1:2b g128"]) and launch.on_tensor_cores(lin["1:8b g128"])
+        assert not launch.on_tensor_cores(lin["1:4b g128"], lin["1:8b g128"])
         assert not any(launch.on_tensor_cores(lin[o]) for o in ("1:5b g128", "1:4b g32", "0.5:4b/0.5:3b g128"))
         assert not launch.on_tensor_cores(lin["1:4b g128"], lin["1:5b g128"])
         assert not launch.folds_norm(lin["1:5b g128"])

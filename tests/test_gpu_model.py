@@ -217,9 +217,14 @@ def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv
     assert not gpu.net.state["attn_tickets"].get().any()
 
 
-@pytest.mark.parametrize("fold", [False, True], ids=["plain", "norm-folded"])
-def test_random_model_decode_path_matches_on_tensor_cores(other, fold, backend, monkeypatch):
-    """launch.MATVEC_TC: the decode step's 4-bit linears on whole 128-value blocks of input (fused q / k / v,
+TC_WIDTHS = {"4-bit": dict.fromkeys(FUSABLE, "1:4b g128"),
+             "2/4/8-bit": dict(q="1:2b g128", k="1:2b g128", v="1:2b g128", o="1:4b g128", gate="1:8b g128",
+                               up="1:8b g128", down="1:4b g128")}
+
+
+@pytest.mark.parametrize("widths, fold", [("4-bit", False), ("4-bit", True), ("2/4/8-bit", True)])
+def test_random_model_decode_path_matches_on_tensor_cores(other, widths, fold, backend, monkeypatch):
+    """launch.MATVEC_TC: the decode step's 2/4/8-bit linears on whole 128-value blocks of input (fused q / k / v,
     gate / up with SwiGLU, o) through tmatvec, with the RMSNorms folded in or not (FUSE_NORM; the quads
     cannot fold, the tensor cores can); down (720 inputs) and the 6-bit head keep the CUDA-core matvec."""
     from gpuengine import launch
@@ -227,7 +232,7 @@ def test_random_model_decode_path_matches_on_tensor_cores(other, fold, backend, 
     monkeypatch.setattr(launch, "FUSE_NORM", fold)
     launched = record_kernels(monkeypatch)
     ckpt, _ = other
-    ref, gpu = models(ckpt, assign(ckpt, dict.fromkeys(FUSABLE, "1:4b g128")), "fp16", chunk=1)
+    ref, gpu = models(ckpt, assign(ckpt, TC_WIDTHS[widths]), "fp16", chunk=1)
     ids = list(np.random.default_rng(9).integers(0, CONFIG["vocab_size"], 40))
     want, got = ref.logits(ids), gpu.logits(ids)
     assert np.isfinite(got).all()

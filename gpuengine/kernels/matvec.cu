@@ -370,26 +370,24 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     y[row] = QPICK(accumulate) ? y[row] + r : r;
 }
 
-// Tensor-core decode (launch.MATVEC_TC, a candidate): 4-bit slices with scale groups of 128 values, x read
-// as it is (no gather). Keeps fp32-class accuracy: the codes minus 8 are exact in fp16 and so are their
-// products with fp16 values in the tensor cores' fp32 sums, and x goes in as two fp16 parts, xh = fp16(x)
-// in A's rows 0-7 and xl = fp16(x - xh) in rows 8-15 (a matvec needs one row of A's 16), about 22 bits of
-// x where fp32 has 24. x is first scaled by a power of two that puts max |x| in [2^13, 2^14), so neither
-// part overflows fp16 or loses bits to its subnormals; the sums are scaled back, exactly.
+// Tensor-core decode (launch.MATVEC_TC, a candidate): 2-, 4- and 8-bit slices with scale groups of 128
+// values, x read as it is (no gather). Keeps fp32-class accuracy: the codes minus their offset are exact in
+// fp16 and so are their products with fp16 values in the tensor cores' fp32 sums, and x goes in as two fp16
+// parts, xh = fp16(x) in A's rows 0-7 and xl = fp16(x - xh) in rows 8-15 (a matvec needs one row of A's
+// 16), about 22 bits of x where fp32 has 24. x is first scaled by a power of two that puts max |x| in
+// [2^13, 2^14), so neither part overflows fp16 or loses bits to its subnormals; the sums are scaled back,
+// exactly.
 //
 // Layout: a warp takes T tiles of 8 rows and the block's warps split K in k-blocks of 128 values (4 units,
-// one scale group). Lane l = 4 g + t loads unit 4 i + t of row g of each tile, whole (one 16-byte load),
-// and decodes it to 16 f16x2 registers, the B fragments of the 8 16-k slices of k-block i: word j gives
-// slices 2j and 2j + 1 (nibbles 0 and 4 by one mask-and-or into 1024 + q, then minus 1032; nibbles 1 and 5
-// as 1024 + 16 q, then times 1/16 minus 72; w >> 8 the same for nibbles 2, 6 and 3, 7: 9 instructions for
-// 8 values, as Marlin decodes). So slot c of slice s (c = 2t, 2t + 1, 2t + 8, 2t + 9 for p = 0..3) holds
-// value 8 (s / 2) + 2 (s % 2) + {0, 4, 1, 5}[p] of lane t's unit; the block stages x in shared memory in
-// that order, TC_KC values a pass, each (k-block, slice, t) as the lane's whole A fragment (one 16-byte
-// load). D's rows 0-7 then hold the xh sums and rows 8-15 the xl sums of every lane's columns 2t, 2t + 1,
-// so each lane ends with whole sums: each k-block's 8 mma start from zero and the group scales of rows
-// 2t, 2t + 1 weigh them in fp32. The warps' partial sums meet in shared memory; glu, bias and accumulate
-// as qmatvec, and N = 1 folds RMSNorm in as qmatvec's N bit 0 does (x weighed by w where it is staged, the
-// sums by 1 / rms of x).
+// one scale group). Lane l = 4 g + t loads unit 4 i + t of row g of each tile, whole (vector loads), and
+// decodes it to 16 f16x2 registers, the B fragments of the 8 16-k slices of k-block i (tc_decode: at 4 bits
+// 9 instructions for 8 values, as Marlin decodes). tc_value says which of the unit's values each slot
+// holds; the block stages x in shared memory in that order, TC_KC values a pass, each (k-block, slice, t)
+// as the lane's whole A fragment (one 16-byte load). D's rows 0-7 then hold the xh sums and rows 8-15 the
+// xl sums of every lane's columns 2t, 2t + 1, so each lane ends with whole sums: each k-block's 8 mma start
+// from zero and the group scales of rows 2t, 2t + 1 weigh them in fp32. The warps' partial sums meet in
+// shared memory; glu, bias and accumulate as qmatvec, and N = 1 folds RMSNorm in as qmatvec's N bit 0 does
+// (x weighed by w where it is staged, the sums by 1 / rms of x).
 #define TC_KC 2048
 
 // The fields of one matrix tmatvec reads (picked from the parameters by value, as QPICK does).
@@ -403,22 +401,77 @@ __device__ __forceinline__ TcMat tc_pick(const QMat& m0, const QMat& m1, const Q
     return TcMat{QPICK(sl[0].w), QPICK(sl[0].s), QPICK(n), QPICK(sl[0].units), QPICK(sl[0].groups), QPICK(gshift)};
 }
 
+// A unit of BITS-bit codes (its BITS words at p) as exact fp16 halves of code - 2^(BITS-1), in the B fragments
+// of its 8 slices: b[s][0] holds the values at slots 2t, 2t + 1 of slice s, b[s][1] those at 2t + 8, 2t + 9.
+// A mask-and-or puts two codes 16 bits apart into the mantissas of 1024 + c (or 1024 + 4^k c), then one
+// HSUB2 or HFMA2 takes the offset off, exactly. Which value lands where is tc_value's map.
+template <int K>                                            // 2-bit codes k of each byte pair, 4^k c + 1024
+__device__ __forceinline__ u32 tc_two(u32 w) {
+    const u32 h = and_or<0x00030003u << (2 * K), 0x64006400u>(w);
+    if (K == 0) return hsub2(h, 0x64026402u);                         // - 1026
+    if (K == 1) return hfma2(h, 0x34003400u, 0xdc08dc08u);            // / 4 - 258
+    if (K == 2) return hfma2(h, 0x2c002c00u, 0xd420d420u);            // / 16 - 66
+    return hfma2(h, 0x24002400u, 0xcc80cc80u);                        // / 64 - 18
+}
+
+template <int BITS>
+__device__ __forceinline__ void tc_decode(const u32* __restrict__ p, u32 (&b)[8][2]) {
+    if constexpr (BITS == 4) {                              // word j: slices 2j, 2j + 1
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+        const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 w = words[j], w8 = w >> 8;
+            b[2 * j][0] = hsub2(and_or<0x000f000fu, 0x64006400u>(w), 0x64086408u);                  // - 1032
+            b[2 * j][1] = hfma2(and_or<0x00f000f0u, 0x64006400u>(w), 0x2c002c00u, 0xd480d480u);      // / 16 - 72
+            b[2 * j + 1][0] = hsub2(and_or<0x000f000fu, 0x64006400u>(w8), 0x64086408u);
+            b[2 * j + 1][1] = hfma2(and_or<0x00f000f0u, 0x64006400u>(w8), 0x2c002c00u, 0xd480d480u);
+        }
+    } else if constexpr (BITS == 8) {                       // word j: slice j
+        const uint4 q0 = __ldg(reinterpret_cast<const uint4*>(p)), q1 = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+        const u32 words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            b[j][0] = hsub2(and_or<0x00ff00ffu, 0x64006400u>(words[j]), 0x64806480u);              // - 1152
+            b[j][1] = hsub2(and_or<0x00ff00ffu, 0x64006400u>(words[j] >> 8), 0x64806480u);
+        }
+    } else {                                                // 2 bits, word j: slices 4j .. 4j + 3
+        const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+        const u32 words[2] = {q.x, q.y};
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const u32 w = words[j], w8 = w >> 8;
+            b[4 * j][0] = tc_two<0>(w); b[4 * j][1] = tc_two<1>(w);
+            b[4 * j + 1][0] = tc_two<2>(w); b[4 * j + 1][1] = tc_two<3>(w);
+            b[4 * j + 2][0] = tc_two<0>(w8); b[4 * j + 2][1] = tc_two<1>(w8);
+            b[4 * j + 3][0] = tc_two<2>(w8); b[4 * j + 3][1] = tc_two<3>(w8);
+        }
+    }
+}
+
+// The value (0..31 of a unit) tc_decode puts at slot p of slice s (p = 0..3: slots 2t, 2t + 1, 2t + 8, 2t + 9).
+__device__ __forceinline__ int tc_value(int bits, int s, int p) {
+    if (bits == 4) return 8 * (s >> 1) + 2 * (s & 1) + (p >> 1) + 4 * (p & 1);      // +0, 4, 1, 5
+    if (bits == 8) return 4 * s + (p >> 1) + 2 * (p & 1);                            // +0, 2, 1, 3
+    return 16 * (s >> 2) + 2 * (s & 3) + (p >> 1) + 8 * (p & 1);                     // +0, 8, 1, 9
+}
+
 // One matrix's k-blocks of this pass, warp w taking a contiguous run of them: acc[tau][j] += the scaled dot
 // of row 8 tau + 2t + j. Lane l loads the scale of its own B row (g) and takes those of rows 2t, 2t + 1 from
 // lanes 8t and 8t + 4 (one load a tile, not two); groups are one k-block (128 values), so the words' and
 // scales' addresses step by a constant.
-template <int T>
+template <int T, int BITS>
 __device__ __forceinline__ void tc_rows(const TcMat m, const uint4 (*xs)[8][4], int c0, int kbs, int row0,
                                         float (&acc)[T][2]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3, per = (kbs + warps - 1) / warps;
     const int kb0 = warp * per, kb1 = min(kbs, kb0 + per);
-    const uint4* wr[T];
+    const u32* wr[T];
     const u16* sr[T];
 #pragma unroll
     for (int tau = 0; tau < T; ++tau) {
         const size_t row = (size_t)min(row0 + 8 * tau + g, m.n - 1);
-        wr[tau] = reinterpret_cast<const uint4*>(m.w + row * m.units * 4) + c0 / 32 + kb0 * 4 + t;
+        wr[tau] = m.w + (row * m.units + c0 / 32 + kb0 * 4 + t) * BITS;
         sr[tau] = m.s + row * m.groups + c0 / 128 + kb0;
     }
     for (int kb = kb0; kb < kb1; ++kb) {
@@ -430,26 +483,27 @@ __device__ __forceinline__ void tc_rows(const TcMat m, const uint4 (*xs)[8][4], 
         }
 #pragma unroll
         for (int tau = 0; tau < T; ++tau) {
-            const uint4 q = __ldg(wr[tau]);
+            u32 b[8][2];
+            tc_decode<BITS>(wr[tau], b);
             const float sg = h2f(__ldg(sr[tau]));
-            wr[tau] += 4;
+            wr[tau] += 4 * BITS;
             sr[tau] += 1;
-            const u32 words[4] = {q.x, q.y, q.z, q.w};
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 w8 = words[j] >> 8;
-                const u32 b0[2] = {hsub2(and_or<0x000f000fu, 0x64006400u>(words[j]), 0x64086408u),
-                                   hfma2(and_or<0x00f000f0u, 0x64006400u>(words[j]), 0x2c002c00u, 0xd480d480u)};
-                const u32 b1[2] = {hsub2(and_or<0x000f000fu, 0x64006400u>(w8), 0x64086408u),
-                                   hfma2(and_or<0x00f000f0u, 0x64006400u>(w8), 0x2c002c00u, 0xd480d480u)};
-                mma16816(d, a[2 * j], b0);
-                mma16816(d, a[2 * j + 1], b1);
-            }
+            for (int sl = 0; sl < 8; ++sl) mma16816(d, a[sl], b[sl]);
             acc[tau][0] = fmaf(__shfl_sync(FULL_MASK, sg, 8 * t), d[0] + d[2], acc[tau][0]);
             acc[tau][1] = fmaf(__shfl_sync(FULL_MASK, sg, 8 * t + 4), d[1] + d[3], acc[tau][1]);
         }
     }
+}
+
+// One matrix's pass at its width (every matrix of a launch has one width: the launcher checks).
+template <int T>
+__device__ __forceinline__ void tc_rows_any(int bits, const TcMat m, const uint4 (*xs)[8][4], int c0, int kbs,
+                                            int row0, float (&acc)[T][2]) {
+    if (bits == 4) tc_rows<T, 4>(m, xs, c0, kbs, row0, acc);
+    else if (bits == 8) tc_rows<T, 8>(m, xs, c0, kbs, row0, acc);
+    else tc_rows<T, 2>(m, xs, c0, kbs, row0, acc);
 }
 
 template <int T, int N>
@@ -458,7 +512,7 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     __shared__ float red[2][8 * T][33];
     const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * 8 * T;
     int which = first;
-    const int n = QPICK(n), k = QPICK(sl[0].units) * 32;  // every matrix of a launch has the same k
+    const int n = QPICK(n), k = QPICK(sl[0].units) * 32, bits = QPICK(sl[0].bits);   // one k, one width
     if (row0 >= n) return;                                  // the grid spans the largest matrix
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float mx = 0.0f, sq = 0.0f;                            // N: x weighed by the norm's w, and sum x^2
@@ -483,10 +537,13 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
         __syncthreads();                                    // the previous pass's fragments are used
         for (int i = threadIdx.x; i < kbs * 32; i += blockDim.x) {
             const int kb = i >> 5, sl = (i >> 2) & 7, tt = i & 3;
-            const int at = c0 + (kb * 4 + tt) * 32 + 8 * (sl >> 1) + 2 * (sl & 1), off[4] = {0, 4, 1, 5};
+            const int at = c0 + (kb * 4 + tt) * 32;
             float v[4];                                     // slots 2t, 2t + 1, 2t + 8, 2t + 9
 #pragma unroll
-            for (int p = 0; p < 4; ++p) v[p] = (N ? x[at + off[p]] * norm.w[at + off[p]] : x[at + off[p]]) * up;
+            for (int p = 0; p < 4; ++p) {
+                const int i = at + tc_value(bits, sl, p);
+                v[p] = (N ? x[i] * norm.w[i] : x[i]) * up;
+            }
             u32 hi[4], lo[4];
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
@@ -498,8 +555,8 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
                                         lo[2] | (lo[3] << 16));
         }
         __syncthreads();
-        tc_rows<T>(mf, xs, c0, kbs, row0, acc[0]);
-        if (glu) tc_rows<T>(mu, xs, c0, kbs, row0, acc[1]);
+        tc_rows_any<T>(bits, mf, xs, c0, kbs, row0, acc[0]);
+        if (glu) tc_rows_any<T>(bits, mu, xs, c0, kbs, row0, acc[1]);
     }
     const int g = lane >> 2, t = lane & 3;
     if (g == 0)
