@@ -134,8 +134,9 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     return rows
 
 
-# tmatvec's decode takes each width's offset off its codes by an HADD2 of a constant: the width of a loop
-TC_OFFSETS = {"-1026": 2, "-1032": 4, "-1152": 8}
+# tmatvec's decode takes each width's offset off its codes by an HADD2 or HFMA2 of a constant (tc_decode,
+# TcPair): the width of a loop
+TC_OFFSETS = {"-1026": 2, "-1028": 3, "-1032": 4, "-1040": 5, "-1056": 6, "-1152": 8}
 
 
 def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
@@ -149,7 +150,8 @@ def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
         found: dict[int, tuple[int, int]] = {}
         for loop in loops(m.group(1)):
             hmma = sum(op.startswith("HMMA") for op in loop)
-            widths = {bits for op in loop if op.startswith("HADD2") for imm, bits in TC_OFFSETS.items() if imm in op}
+            widths = {bits for op in loop if op.startswith(("HADD2", "HFMA2")) for imm, bits in TC_OFFSETS.items()
+                      if imm in op}
             if hmma and len(widths) == 1:
                 bits = widths.pop()
                 found[bits] = min(found.get(bits, (hmma, len(loop))), (hmma, len(loop)))

@@ -116,14 +116,14 @@ class TcShape:
         return f"tmatvec<{self.tiles}, {int(norm)}>"
 
 
-# Decode of 2-, 4- and 8-bit linears (one slice, scale groups of 128 values, x read as it is) on the tensor
+# Decode of linears of one slice (any width), scale groups of 128 values and x read as it is, on the tensor
 # cores, x split into two fp16 parts (tmatvec in matvec.cu): None (off: every GPU run so far used the CUDA
 # cores) or a TcShape. Needs sm_80 or later; other linears keep `MATVEC`. Folds RMSNorm in as the unit-a-lane
 # layout does (FUSE_NORM).
 # Tested on the CPU twin, not yet timed on a GPU.
 MATVEC_TC: Optional[TcShape] = None
 TC_MIN_CAPABILITY = 80
-TC_BITS = (2, 4, 8)                # the widths whose codes pair into halves by one mask (tc_decode)
+TC_BITS = (2, 3, 4, 5, 6, 8)       # tc_decode's widths: every width of the registry
 
 # numpy twins of matvec.cu's QSlice / QMat (C layout: align=True), passed to the kernel by value.
 QSLICE = np.dtype([("w", "u8"), ("s", "u8"), ("bits", "i4"), ("units", "i4"), ("groups", "i4"), ("xoff", "i4")],
@@ -183,8 +183,8 @@ def fusable(*lins: DeviceLinear) -> bool:
 
 def on_tensor_cores(*lins: DeviceLinear) -> bool:
     """Whether these linears' decode matvec runs as tmatvec: MATVEC_TC on, a card with the mma it needs, and
-    the linears of one width (2, 4 or 8 bits) in one slice with 128-value scale groups (a k-block each), x read
-    as it is."""
+    the linears of one width, each in one slice with 128-value scale groups (a k-block each), x read as it
+    is."""
     if MATVEC_TC is None or not lins or device.compute_capability() < TC_MIN_CAPABILITY:
         return False
     metas = [lin.meta for lin in lins]

@@ -218,15 +218,16 @@ def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv
 
 
 TC_WIDTHS = {"4-bit": dict.fromkeys(FUSABLE, "1:4b g128"),
-             "2/4/8-bit": dict(q="1:2b g128", k="1:2b g128", v="1:2b g128", o="1:4b g128", gate="1:8b g128",
-                               up="1:8b g128", down="1:4b g128")}
+             "3/5/6-bit": dict(q="1:3b g128", k="1:3b g128", v="1:3b g128", o="1:6b g128", gate="1:5b g128",
+                               up="1:5b g128", down="1:8b g128")}
 
 
-@pytest.mark.parametrize("widths, fold", [("4-bit", False), ("4-bit", True), ("2/4/8-bit", True)])
+@pytest.mark.parametrize("widths, fold", [("4-bit", False), ("4-bit", True), ("3/5/6-bit", True)])
 def test_random_model_decode_path_matches_on_tensor_cores(other, widths, fold, backend, monkeypatch):
-    """launch.MATVEC_TC: the decode step's 2/4/8-bit linears on whole 128-value blocks of input (fused q / k / v,
+    """launch.MATVEC_TC: the decode step's linears of 128-value groups on whole 128-value blocks of input (fused q / k / v,
     gate / up with SwiGLU, o) through tmatvec, with the RMSNorms folded in or not (FUSE_NORM; the quads
-    cannot fold, the tensor cores can); down (720 inputs) and the 6-bit head keep the CUDA-core matvec."""
+    cannot fold, the tensor cores can), and the 6-bit head (with the final norm); down (720 inputs, not whole
+    128-value blocks) keeps the CUDA-core matvec."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC_TC", launch.TcShape(2, 4))
     monkeypatch.setattr(launch, "FUSE_NORM", fold)
@@ -239,7 +240,7 @@ def test_random_model_decode_path_matches_on_tensor_cores(other, widths, fold, b
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
     assert {"tmatvec<2, 0>", f"tmatvec<2, {int(fold)}>"} <= launched
     assert [n for n in launched if n.startswith("qmatvec")] == [launch.MATVEC.kernel]
-    assert ("rmsnorm" in launched) == (not fold or launch.MATVEC.lane != 32)    # the head's norm, with quads
+    assert ("rmsnorm" in launched) == (not fold)       # folded, every norm: the 6-bit head is on the tensor cores
 
 
 @pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True)],

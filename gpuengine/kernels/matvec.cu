@@ -370,8 +370,8 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     y[row] = QPICK(accumulate) ? y[row] + r : r;
 }
 
-// Tensor-core decode (launch.MATVEC_TC, a candidate): 2-, 4- and 8-bit slices with scale groups of 128
-// values, x read as it is (no gather). Keeps fp32-class accuracy: the codes minus their offset are exact in
+// Tensor-core decode (launch.MATVEC_TC, a candidate): slices of every width (2 to 8 bits) with scale groups
+// of 128 values, x read as it is (no gather). Keeps fp32-class accuracy: the codes minus their offset are exact in
 // fp16 and so are their products with fp16 values in the tensor cores' fp32 sums, and x goes in as two fp16
 // parts, xh = fp16(x) in A's rows 0-7 and xl = fp16(x - xh) in rows 8-15 (a matvec needs one row of A's
 // 16), about 22 bits of x where fp32 has 24. x is first scaled by a power of two that puts max |x| in
@@ -381,7 +381,7 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 // Layout: a warp takes T tiles of 8 rows and the block's warps split K in k-blocks of 128 values (4 units,
 // one scale group). Lane l = 4 g + t loads unit 4 i + t of row g of each tile, whole (vector loads), and
 // decodes it to 16 f16x2 registers, the B fragments of the 8 16-k slices of k-block i (tc_decode: at 4 bits
-// 9 instructions for 8 values, as Marlin decodes). tc_value says which of the unit's values each slot
+// 9 instructions for 8 values, as Marlin decodes; 3, 5 and 6 bits about 3 for 2). tc_value says which of the unit's values each slot
 // holds; the block stages x in shared memory in that order, TC_KC values a pass, each (k-block, slice, t)
 // as the lane's whole A fragment (one 16-byte load). D's rows 0-7 then hold the xh sums and rows 8-15 the
 // xl sums of every lane's columns 2t, 2t + 1, so each lane ends with whole sums: each k-block's 8 mma start
@@ -414,6 +414,42 @@ __device__ __forceinline__ u32 tc_two(u32 w) {
     return hfma2(h, 0x24002400u, 0xcc80cc80u);                        // / 64 - 18
 }
 
+// 3, 5 and 6 bits: no two codes sit exactly 16 bits apart, but values i and j = i + d do within a few bits
+// of it (d = 4 for 3 and 5 bits, 2 for 6: blocks of 2d values, i the first d of each). One window of the
+// unit's bits (a shift, or a funnel shift across two words) puts code i at bit s0 and code j at bit 16 + s1
+// (s0, s1 <= 10 - BITS), one mask-and-or makes them 1024 + 2^s c, and one HFMA2 scales each half by 2^-s and
+// takes 1024 2^-s + 2^(BITS-1) off, exactly: pair q fills b[q / 2][q % 2].
+template <int BITS, int Q>
+struct TcPair {
+    static constexpr int d = BITS == 6 ? 2 : 4, i = (Q / d) * 2 * d + Q % d, j = i + d;
+    static constexpr int D = BITS * d - 16, s0 = D < 0 ? -D : 0, s1 = s0 + D, k = BITS * i - s0;
+    static constexpr u32 code = (1u << BITS) - 1u, mask = (code << s0) | (code << (16 + s1));
+    static constexpr u32 scale = ((15u - s0) << 10) | ((15u - s1) << 26);                   // 2^-s0, 2^-s1
+    static constexpr u32 neg = (0x8000u | ((25u - s0) << 10) | (1u << (BITS - 1 + s0)))
+                               | ((0x8000u | ((25u - s1) << 10) | (1u << (BITS - 1 + s1))) << 16);
+};
+
+template <int BITS, int K>                                  // the unit's bits K .. K + 31 (K < 0: shifted up)
+__device__ __forceinline__ u32 tc_window(const u32 (&w)[BITS]) {
+    if constexpr (K < 0) return w[0] << -K;
+    else if constexpr ((K & 31) == 0) return w[K >> 5];
+    else if constexpr ((K >> 5) + 1 < BITS) return __funnelshift_r(w[K >> 5], w[(K >> 5) + 1], K & 31);
+    else return w[K >> 5] >> (K & 31);
+}
+
+template <int BITS, int Q>
+struct TcPairs {
+    static __device__ __forceinline__ void decode(const u32 (&w)[BITS], u32 (&b)[8][2]) {
+        using P = TcPair<BITS, Q>;
+        b[Q >> 1][Q & 1] = hfma2(and_or<P::mask, 0x64006400u>(tc_window<BITS, P::k>(w)), P::scale, P::neg);
+        TcPairs<BITS, Q + 1>::decode(w, b);
+    }
+};
+template <int BITS>
+struct TcPairs<BITS, 16> {
+    static __device__ __forceinline__ void decode(const u32 (&)[BITS], u32 (&)[8][2]) {}
+};
+
 template <int BITS>
 __device__ __forceinline__ void tc_decode(const u32* __restrict__ p, u32 (&b)[8][2]) {
     if constexpr (BITS == 4) {                              // word j: slices 2j, 2j + 1
@@ -435,6 +471,10 @@ __device__ __forceinline__ void tc_decode(const u32* __restrict__ p, u32 (&b)[8]
             b[j][0] = hsub2(and_or<0x00ff00ffu, 0x64006400u>(words[j]), 0x64806480u);              // - 1152
             b[j][1] = hsub2(and_or<0x00ff00ffu, 0x64006400u>(words[j] >> 8), 0x64806480u);
         }
+    } else if constexpr (BITS == 3 || BITS == 5 || BITS == 6) {
+        u32 w[BITS];
+        load_unit<BITS>(p, w);
+        TcPairs<BITS, 0>::decode(w, b);
     } else {                                                // 2 bits, word j: slices 4j .. 4j + 3
         const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
         const u32 words[2] = {q.x, q.y};
@@ -453,7 +493,9 @@ __device__ __forceinline__ void tc_decode(const u32* __restrict__ p, u32 (&b)[8]
 __device__ __forceinline__ int tc_value(int bits, int s, int p) {
     if (bits == 4) return 8 * (s >> 1) + 2 * (s & 1) + (p >> 1) + 4 * (p & 1);      // +0, 4, 1, 5
     if (bits == 8) return 4 * s + (p >> 1) + 2 * (p & 1);                            // +0, 2, 1, 3
-    return 16 * (s >> 2) + 2 * (s & 3) + (p >> 1) + 8 * (p & 1);                     // +0, 8, 1, 9
+    if (bits == 2) return 16 * (s >> 2) + 2 * (s & 3) + (p >> 1) + 8 * (p & 1);      // +0, 8, 1, 9
+    const int d = bits == 6 ? 2 : 4, q = 2 * s + (p >> 1);                           // TcPair q's i or j
+    return (q / d) * 2 * d + q % d + (p & 1) * d;
 }
 
 // One matrix's k-blocks of this pass, warp w taking a contiguous run of them: acc[tau][j] += the scaled dot
@@ -501,9 +543,14 @@ __device__ __forceinline__ void tc_rows(const TcMat m, const uint4 (*xs)[8][4], 
 template <int T>
 __device__ __forceinline__ void tc_rows_any(int bits, const TcMat m, const uint4 (*xs)[8][4], int c0, int kbs,
                                             int row0, float (&acc)[T][2]) {
-    if (bits == 4) tc_rows<T, 4>(m, xs, c0, kbs, row0, acc);
-    else if (bits == 8) tc_rows<T, 8>(m, xs, c0, kbs, row0, acc);
-    else tc_rows<T, 2>(m, xs, c0, kbs, row0, acc);
+    switch (bits) {
+        case 2: tc_rows<T, 2>(m, xs, c0, kbs, row0, acc); break;
+        case 3: tc_rows<T, 3>(m, xs, c0, kbs, row0, acc); break;
+        case 4: tc_rows<T, 4>(m, xs, c0, kbs, row0, acc); break;
+        case 5: tc_rows<T, 5>(m, xs, c0, kbs, row0, acc); break;
+        case 6: tc_rows<T, 6>(m, xs, c0, kbs, row0, acc); break;
+        default: tc_rows<T, 8>(m, xs, c0, kbs, row0, acc); break;
+    }
 }
 
 template <int T, int N>
