@@ -22,8 +22,10 @@ if [ -z "${NO_TESTS:-}" ]; then
     timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 150 -m gpu ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py} 2>&1 \
         | tee "$OUT/gpu_tests.log" | tail -60
 fi
+# NO_BENCH=1 stops here (a first call of two: the tests alone)
+[ -n "${NO_BENCH:-}" ] && exit 0
 # per-kernel times and the matvec block-shape sweep; the decode benchmark then runs with the shape it chose
-timeout "${KERNELS_S:-150}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
+timeout "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
 TUNED=""
 [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
 # BASELINE=1: the engine's defaults too (SmolLM2 and the 7B shape), for a card with no earlier run to compare
@@ -35,7 +37,7 @@ fi
 # decode attention, with a unit-a-lane shape the fold and the in-kernel gather)
 timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED \
     ${CANDIDATES:+--candidates} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25
-# CANDIDATES=1 also: the same candidates with 4-bit linears on the tensor cores (tmatvec, the sweep's shape),
+# CANDIDATES=1 also: the same candidates with linears on the tensor cores (tmatvec, the sweep's shape),
 # quick (SmolLM2 and the 7B shape): beside gpu_decode.json, what the tensor cores add
 if [ -n "${CANDIDATES:-}" ] && [ -f "$OUT/gpu_kernels.json" ]; then
     timeout "${TC_S:-120}" python3 benchmarks/gpu_decode.py --quick --candidates --out "$OUT/gpu_decode_tc.json" \
