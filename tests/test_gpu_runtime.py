@@ -240,3 +240,38 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     for j, s in enumerate(lin.meta.slices):
         assert tuple(q["sl"][j]) == (lin.words[j].ctypes.data, lin.scales[j].ctypes.data, s.bits, s.units, s.groups, s.xoff)
     assert launch.fusable(lin) is False                     # a mixed option gathers its permuted input
+
+
+def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
+    """kernels.function compiles a source with the template instances of the asked kernel's family: the default
+    quads never wait for the unit-a-lane or tensor-core instances (gpuengine.kernels.family)."""
+    import sys
+    import types
+
+    from gpuengine import kernels
+    built = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.names = set(name_expressions)
+            built.append(self.names)
+
+        def get_function(self, name):
+            assert name in self.names or "<" not in name, f"{name} not instantiated"
+            return name
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+    kernels.module.cache_clear()
+    kernels.function.cache_clear()
+    try:
+        for name in ("qmatvec<4, 4, 8, 0>", "qmatvec<4, 1, 32, 1>", "tmatvec<2, 0>", "hmatvec"):
+            assert kernels.function("matvec", name) == name
+        kernels.function("attention", "attention<0>")
+    finally:
+        kernels.module.cache_clear()
+        kernels.function.cache_clear()
+    quads, lane, tensor, plain, attention = built
+    assert all(", 8, 0>" in n for n in quads) and len(quads) == 4
+    assert all(", 32, " in n for n in lane) and all(n.startswith("tmatvec") for n in tensor) and not plain
+    assert set(kernels.NAME_EXPRESSIONS["matvec"]) == quads | lane | tensor
+    assert attention == set(kernels.NAME_EXPRESSIONS["attention"])

@@ -38,13 +38,27 @@ def source(name: str) -> str:
     return f'#line 1 "common.cuh"\n{common}\n#line 1 "{name}.cu"\n{body}'
 
 
+def family(module_name: str, kernel: str) -> str:
+    """Which compile of a source holds a kernel. matvec.cu's template instances come in three families, each
+    compiled on first use only: the quads (the default), the unit-a-lane shapes and the tensor-core matvec.
+    Instantiating all of them took nvcc 49 s for sm_90 on a 2-core VM; the quads alone 3.2 s, the tensor-core
+    matvec 6.1 s (a run needs one family)."""
+    if module_name != "matvec" or "<" not in kernel:
+        return ""
+    if kernel.startswith("tmatvec"):
+        return "tensor"
+    return "lane" if ", 32," in kernel else "quads"
+
+
 @lru_cache(maxsize=None)
-def module(name: str):
+def module(name: str, fam: str = ""):
+    """One source compiled with the template instances of one family (its extern "C" kernels always)."""
     import cupy
 
-    return cupy.RawModule(code=source(name), options=("--std=c++17",), name_expressions=NAME_EXPRESSIONS.get(name, ()))
+    names = tuple(e for e in NAME_EXPRESSIONS.get(name, ()) if family(name, e) in (fam, ""))
+    return cupy.RawModule(code=source(name), options=("--std=c++17",), name_expressions=names)
 
 
 @lru_cache(maxsize=None)
 def function(module_name: str, kernel: str):
-    return module(module_name).get_function(kernel)
+    return module(module_name, family(module_name, kernel)).get_function(kernel)
