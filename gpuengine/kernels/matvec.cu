@@ -291,6 +291,19 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
     return r;
 }
 
+// A block's result for one row: y[row] of matrix `which` from its dot product (+ bias, + y where it
+// accumulates), or with glu, m0.y[row] = silu(gate . x) * (up . x). qmatvec's and tmatvec's epilogue.
+__device__ __forceinline__ void qmat_store(const QMat& m0, const QMat& m1, const QMat& m2, int which, int glu,
+                                           int row, float dot, float up) {
+    if (glu) {
+        m0.y[row] = dot / (1.0f + expf(-dot)) * up;
+        return;
+    }
+    const float r = dot + (QPICK(has_bias) ? QPICK(bias)[row] : 0.0f);
+    float* y = QPICK(y);
+    y[row] = QPICK(accumulate) ? y[row] + r : r;
+}
+
 // y_m[n] = (accumulate ? y_m[n] : 0) + (has_bias ? bias_m[n] : 0) + W_m[n] . x for matrix m = blockIdx.y of
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
 // its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
@@ -360,14 +373,7 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     }
     const int row = row0 + threadIdx.x;
     if (threadIdx.x >= R || row >= n) return;
-    if (glu) {
-        m0.y[row] = sum0 / (1.0f + expf(-sum0)) * sum1;
-        return;
-    }
-    which = first;
-    const float r = sum0 + (QPICK(has_bias) ? QPICK(bias)[row] : 0.0f);
-    float* y = QPICK(y);
-    y[row] = QPICK(accumulate) ? y[row] + r : r;
+    qmat_store(m0, m1, m2, first, glu, row, sum0, sum1);
 }
 
 // Tensor-core decode (launch.MATVEC_TC, a candidate): slices of every width (2 to 8 bits) with scale groups
@@ -619,15 +625,7 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     float sum[2] = {0.0f, 0.0f};
     for (int m = 0; m <= glu; ++m)
         for (int wp = 0; wp < warps; ++wp) sum[m] += red[m][r][wp];
-    sum[0] *= down * inv;
-    sum[1] *= down * inv;
-    if (glu) {
-        m0.y[row] = sum[0] / (1.0f + expf(-sum[0])) * sum[1];
-        return;
-    }
-    const float v = sum[0] + (QPICK(has_bias) ? QPICK(bias)[row] : 0.0f);
-    float* y = QPICK(y);
-    y[row] = QPICK(accumulate) ? y[row] + v : v;
+    qmat_store(m0, m1, m2, first, glu, row, sum[0] * down * inv, sum[1] * down * inv);
 }
 
 // Sizes and offsets of QMat's, NormIn's and XMap's fields, for the test that launch.py's structured dtypes
