@@ -76,14 +76,18 @@ def main(argv=None) -> int:
     sweep = []
     mats = {(n, k): rotation("1:4b g128", n, k) for n, k in shapes}
     outs = {n: cp.empty(n, cp.float32) for n, _ in shapes}
+
+    def sweep_point(shape) -> dict:
+        """The 4-bit matvec of each shape with the launch as it is set now, as a sweep record of `shape`."""
+        us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp)) for n, k in shapes}
+        print(f"matvec 1:4b g128, {shape.kernel} x {shape.warps} warps: "
+              + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
+        return {**asdict(shape), "us": us, "total_us": sum(us.values())}
+
     for instance in MATVEC_INSTANCES:
         for warps in (1, 2, 4):
-            launch.MATVEC = shape = launch.MatvecShape(*instance, warps)
-            us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
-                  for n, k in shapes}
-            sweep.append({**asdict(shape), "us": us, "total_us": sum(us.values())})
-            print(f"matvec 1:4b g128, {shape.kernel} x {warps} warps: "
-                  + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
+            launch.MATVEC = launch.MatvecShape(*instance, warps)
+            sweep.append(sweep_point(launch.MATVEC))
     best = min(sweep, key=lambda r: r["total_us"])
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
@@ -93,11 +97,7 @@ def main(argv=None) -> int:
         for tiles in TC_TILES:
             for warps in (2, 4, 8):
                 launch.MATVEC_TC = launch.TcShape(tiles, warps)
-                us = {f"{n}x{k}": timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
-                      for n, k in shapes}
-                tc_sweep.append({**asdict(launch.MATVEC_TC), "us": us, "total_us": sum(us.values())})
-                print(f"matvec 1:4b g128, {launch.MATVEC_TC.kernel} x {warps} warps: "
-                      + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
+                tc_sweep.append(sweep_point(launch.MATVEC_TC))
         tc_best = min(tc_sweep, key=lambda r: r["total_us"])
         launch.MATVEC_TC = launch.TcShape(tc_best["tiles"], tc_best["warps"])
         tc_label = f"(tensor cores, {launch.MATVEC_TC.kernel} x {launch.MATVEC_TC.warps})"

@@ -98,7 +98,6 @@ class MatvecShape:
 MATVEC = MatvecShape(rows=4, units=4, lane=8, warps=2)
 
 
-
 @dataclass(frozen=True)
 class TcShape:
     """A launch of the tensor-core matvec tmatvec<tiles>: `tiles` tiles of 8 rows a warp, `warps` warps a
@@ -438,17 +437,23 @@ def attention_split(t: int, ctx: int) -> tuple[int, int]:
     return chunk, math.ceil(ctx / chunk)
 
 
-def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any) -> None:
-    """out (t, hq, d) = causal attention of q (t, hq, d) over the caches (ctx, hkv, row bytes) at positions
-    pos (t,); partials: planner.memory's attn_partials (hq, ATTN_MAX_SPLITS, d + 2) float32."""
+def _check_attention(q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any) -> None:
+    """The arguments attention and attention_step share: q (t, hq, d), caches, positions, output, partials."""
     t, hq, d = q.shape
-    ctx, hkv, row_bytes = kc.shape
     check("q", q, np.float32)
     check("k cache", kc, np.uint8)
     check("v cache", vc, np.uint8, kc.shape)
     check("pos", pos, np.int32, (t,))
     check("out", out, np.float32, (t, hq, d))
     check("partials", partials, np.float32)
+
+
+def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any) -> None:
+    """out (t, hq, d) = causal attention of q (t, hq, d) over the caches (ctx, hkv, row bytes) at positions
+    pos (t,); partials: planner.memory's attn_partials (hq, ATTN_MAX_SPLITS, d + 2) float32."""
+    t, hq, d = q.shape
+    ctx, hkv, row_bytes = kc.shape
+    _check_attention(q, kc, vc, pos, out, partials)
     if d > ATTN_MAX_D:
         raise LaunchError(f"attention: head dim {d} above the kernel's {ATTN_MAX_D}")
     if hq % hkv:
@@ -484,14 +489,9 @@ def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any,
     (the kernel leaves them so)."""
     t, hq, d = q.shape
     ctx, hkv, row_bytes = kc.shape
-    check("q", q, np.float32)
+    _check_attention(q, kc, vc, pos, out, partials)
     check("k", k, np.float32, (1, hkv, d))
     check("v", v, np.float32, (1, hkv, d))
-    check("k cache", kc, np.uint8)
-    check("v cache", vc, np.uint8, kc.shape)
-    check("pos", pos, np.int32, (1,))
-    check("out", out, np.float32, (1, hq, d))
-    check("partials", partials, np.float32)
     check("tickets", tickets, np.int32)
     if t != 1 or not gqa_fits(hq, hkv, d):
         raise LaunchError(f"attention_step: {t} queries of {hq} heads over {hkv} KV heads of dim {d} "

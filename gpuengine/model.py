@@ -249,7 +249,6 @@ class GPUTransformer:
             else:
                 stream.wait_event(self.events[op.event])
 
-
     def _attention(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
         """rmsnorm, q / k / v, RoPE and the cache store, attention, o (into x)."""
         spec, st, p = self.spec, self.state, f"layers.{i}.attn"

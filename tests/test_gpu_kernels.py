@@ -75,15 +75,21 @@ options = st.sampled_from((*OPTIONS, HEAD_OPTION))
 
 
 @contextmanager
-def block_shape(instance, warps):
-    """The matvec launched as one compiled instance (rows, units, lane) with `warps` warps a block."""
+def launch_setting(name, value):
+    """gpuengine.launch.<name> = value for a block (hypothesis examples cannot use the monkeypatch fixture)."""
     from gpuengine import launch
-    saved = launch.MATVEC
-    launch.MATVEC = launch.MatvecShape(*instance, warps)
+    saved = getattr(launch, name)
+    setattr(launch, name, value)
     try:
         yield
     finally:
-        launch.MATVEC = saved
+        setattr(launch, name, saved)
+
+
+def block_shape(instance, warps):
+    """The matvec launched as one compiled instance (rows, units, lane) with `warps` warps a block."""
+    from gpuengine import launch
+    return launch_setting("MATVEC", launch.MatvecShape(*instance, warps))
 
 
 block_shapes = st.tuples(st.sampled_from(MATVEC_INSTANCES), st.sampled_from((1, 2, 4, 8)))
@@ -326,16 +332,10 @@ def test_rope(t, heads, d, start, theta, interleaved, seed):
     assert rel(got, ops.rope(x.copy(), cos, sin, interleaved)) < 1e-6
 
 
-@contextmanager
 def tensor_cores(tiles, warps):
-    """Decode matvecs of 4-bit linears launched as tmatvec<tiles> with `warps` warps a block."""
+    """Decode matvecs the tensor cores take launched as tmatvec<tiles> with `warps` warps a block."""
     from gpuengine import launch
-    saved = launch.MATVEC_TC
-    launch.MATVEC_TC = launch.TcShape(tiles, warps)
-    try:
-        yield
-    finally:
-        launch.MATVEC_TC = saved
+    return launch_setting("MATVEC_TC", launch.TcShape(tiles, warps))
 
 
 @SETTINGS
