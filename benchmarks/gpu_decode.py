@@ -180,6 +180,17 @@ def planned_engine_bytes(plan) -> int:
     return _planned_engine_bytes(plan, "gpu")
 
 
+def sweep_choice(path: Path, key: str, what: str) -> dict:
+    """The shape a gpu_kernels.py JSON chose (`key`), or exit with one line saying why there is none."""
+    try:
+        best = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: cannot read {path}: {exc} (write it with benchmarks/gpu_kernels.py --out)")
+    if not best:
+        sys.exit(f"error: {path} has no {what} sweep ({key}); run benchmarks/gpu_kernels.py on this card")
+    return best
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", default="auto", help="GPU the plans are made for (default auto: this one)")
@@ -201,12 +212,9 @@ def main(argv=None) -> int:
     from gpuengine import model as engine
     device.require()
     if args.matvec_from:
-        best = json.loads(args.matvec_from.read_text())["matvec_best"]
-        launch.MATVEC = launch.MatvecShape.from_json(best)
+        launch.MATVEC = launch.MatvecShape.from_json(sweep_choice(args.matvec_from, "matvec_best", "matvec"))
     if args.tensor_cores_from:
-        best = json.loads(args.tensor_cores_from.read_text()).get("tensor_core_best")
-        if best is None:
-            sys.exit(f"error: {args.tensor_cores_from} has no tensor-core sweep (a card before sm_80?)")
+        best = sweep_choice(args.tensor_cores_from, "tensor_core_best", "tensor-core")
         launch.MATVEC_TC = launch.TcShape(best["tiles"], best["warps"])
     if args.candidates:
         engine.OVERLAP, launch.DEQUANT, launch.ATTN_PREFILL, launch.FUSE_NORM = True, "rows", "tiled", True

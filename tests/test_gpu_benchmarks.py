@@ -96,6 +96,11 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
                                                  "Llama-2-7B shape 2.5 bpw"]
     # the tensor-core matvec, with the shape a gpu_kernels.py sweep chose
     kernels = tmp_path / "kernels.json"
+    kernels.write_text(json.dumps({"tensor_core_best": None}))                # a card before sm_80
+    with pytest.raises(SystemExit, match="has no tensor-core sweep"):
+        gpu_decode.main(["--out", str(tmp_path / "tc.json"), "--quick", "--tensor-cores-from", str(kernels)])
+    with pytest.raises(SystemExit, match="cannot read"):
+        gpu_decode.main(["--quick", "--tensor-cores-from", str(tmp_path / "missing.json")])
     kernels.write_text(json.dumps({"tensor_core_best": {"tiles": 2, "warps": 4}}))
     monkeypatch.setattr(launch, "MATVEC_TC", None)
     assert gpu_decode.main(["--out", str(tmp_path / "tc.json"), "--quick", "--tensor-cores-from", str(kernels)]) == 0
