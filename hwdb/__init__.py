@@ -30,7 +30,13 @@ class Database:
     files: tuple[str, ...]
 
     def find_gpu(self, name: str) -> GPUSpec:
-        return _find(self.gpus, name, "GPU", "vramwise gpus")
+        try:
+            return _find(self.gpus, name, "GPU", "vramwise gpus")
+        except HwdbError:
+            hit = _sized_gpu(self.gpus, name)
+            if hit is None:
+                raise
+            return hit
 
     def find_model(self, name: str) -> ModelSpec:
         return _find(self.models, name, "model", "vramwise models")
@@ -55,6 +61,31 @@ def _find(table: Mapping[str, Any], name: str, kind: str, listing: str) -> Any:
     ids = list(dict.fromkeys(by_key[c] for c in close))[:4]
     hint = f"closest: {', '.join(ids)}" if ids else f"see `{listing}`"
     raise HwdbError(f"unknown {kind} {name!r} ({hint}; or add it with --hwdb FILE)")
+
+
+_SIZE = re.compile(r"[\s,(]*(\d+(?:\.\d+)?)\s*GB\s*\)?\s*$", re.IGNORECASE)
+_VENDOR = re.compile(r"^\s*(nvidia|amd|intel|apple)\s+", re.IGNORECASE)
+
+
+def _sized_gpu(table: Mapping[str, GPUSpec], name: str) -> Optional[GPUSpec]:
+    """A name as benchmark tables and shops write it: the vendor's name, maybe without 'NVIDIA' / 'AMD', then
+    the memory size ('NVIDIA GeForce RTX 3090 24GB', 'RTX 2080 (8 GB)'). The size must agree with the entry's
+    memory (within 6%, in GB or GiB) and pick one entry; a size that disagrees is an error naming the card
+    that matched, so an 8 GB RTX 3060 is never planned as the 12 GB one."""
+    size = _SIZE.search(name)
+    base = name[:size.start()] if size else name
+    keys = {normalize(base), normalize(_VENDOR.sub("", base))} - {""}
+    named = [g for g in table.values() if keys & {normalize(n) for n in _names(g)}]
+    if not named or size is None:
+        return named[0] if len(named) == 1 else None
+    gb = float(size.group(1))
+    fits = [g for g in named if any(abs(g.memory_bytes / unit - gb) <= 0.06 * gb for unit in (1e9, 2**30))]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        have = ", ".join(f"{g.id} has {g.memory_bytes / 2**30:.0f} GiB" for g in named)
+        raise HwdbError(f"unknown GPU {name!r}: {have}, not {gb:g} GB (add that card with --hwdb FILE)")
+    return None
 
 
 def _read_tables(path: Path, data: Any) -> dict[str, dict[str, Any]]:

@@ -63,6 +63,22 @@ def test_unknown_name_lists_closest():
         DB.find_gpu("rtx4091")
 
 
+@pytest.mark.parametrize("name,gpu_id", [
+    ("NVIDIA GeForce RTX 3090 24GB", "rtx3090"), ("NVIDIA GeForce RTX 3080 10GB", "rtx3080-10gb"),
+    ("NVIDIA GeForce RTX 2080 (8 GB)", "rtx2080"), ("NVIDIA RTX 6000 Ada 48GB", "rtx6000-ada"),
+    ("rtx 4090 24 GB", "rtx4090"), ("NVIDIA H100 PCIe 80GB", "h100-pcie"), ("AMD Radeon RX 7900 XTX", "rx7900xtx")])
+def test_names_with_a_memory_size_find_the_card_of_that_size(name, gpu_id):
+    # as benchmark tables write them: the vendor's name (maybe without 'NVIDIA'), then the memory
+    assert DB.find_gpu(name).id == gpu_id
+
+
+def test_a_memory_size_that_disagrees_is_refused_not_rounded_to_another_card():
+    with pytest.raises(HwdbError, match=r"'RTX 3060 8GB': rtx3060-12gb has 12 GiB, not 8 GB"):
+        DB.find_gpu("RTX 3060 8GB")
+    with pytest.raises(HwdbError, match=r"unknown GPU 'NVIDIA A100-SXM4-80GB \(power-limited"):
+        DB.find_gpu("NVIDIA A100-SXM4-80GB (power-limited to 330 W)")     # only a size may follow the name
+
+
 def test_user_file_adds_and_overrides(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("gpus:\n  rtx4090:\n    memory_bytes: 1000000000\n  mycard:\n    name: My Card\n    vendor: nvidia\n"
