@@ -29,8 +29,13 @@ class GPUSpec:
     source: str                      # where the figures come from
     aliases: tuple[str, ...] = ()    # other names: "rtx4090", "4090", the name nvidia-smi prints
     notes: str = ""
+    # Rated boost clock (NVIDIA, AMD; Intel's graphics clock), MHz. None where the vendor publishes none
+    # (Apple). Decode's fixed costs (kernel latencies a layer) scale with it (planner.roofline).
+    boost_clock_mhz: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.boost_clock_mhz is not None and self.boost_clock_mhz <= 0:
+            raise ValueError("field 'boost_clock_mhz' must be positive")
         for name in ("memory_bytes", "bandwidth_gb_s", "fp16_tflops", "host_link_gb_s", "sm_count"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"field '{name}' must be positive")

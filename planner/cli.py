@@ -231,13 +231,16 @@ def _gpus(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"id": g.id, "name": g.name, "memory_bytes": g.memory_bytes, "bandwidth_gb_s": g.bandwidth_gb_s,
                            "fp16_tflops": g.fp16_tflops, "int8_tops": g.int8_tops, "host_link_gb_s": g.host_link_gb_s,
+                           "sm_count": g.sm_count, "boost_clock_mhz": g.boost_clock_mhz,
                            "architecture": g.architecture, "compute_capability": g.compute_capability,
                            "aliases": list(g.aliases), "source": g.source} for g in rows], indent=1))
         return 0
     from planner import render
-    render.table(f"{len(rows)} GPUs", ("id", "name", "memory", "GB/s", "fp16 TF", "int8 TOPS", "host link"),
+    render.table(f"{len(rows)} GPUs", ("id", "name", "memory", "GB/s", "fp16 TF", "int8 TOPS", "boost MHz",
+                                          "host link"),
                  [(g.id, g.name, fmt_bytes(g.memory_bytes), f"{g.bandwidth_gb_s:g}", f"{g.fp16_tflops:g}",
-                   f"{g.int8_tops:g}", f"{g.host_link} ({g.host_link_gb_s:g} GB/s)") for g in rows])
+                   f"{g.int8_tops:g}", f"{g.boost_clock_mhz:g}" if g.boost_clock_mhz else "-",
+                   f"{g.host_link} ({g.host_link_gb_s:g} GB/s)") for g in rows])
     return 0
 
 

@@ -1,7 +1,10 @@
 """The GPU and model databases: coverage, units, exact parameter counts, strict loading."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 import hwdb
 from hwdb import HwdbError
@@ -142,3 +145,14 @@ def test_cli_malformed_hwdb_exits_2(tmp_path, capsys):
     assert main(["plan", "--gpu", "rtx4090", "--model", "llama2-7b", "--hwdb", str(f), "-o", str(tmp_path / "p.yaml")]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "malformed YAML" in err and "Traceback" not in err
+
+
+def test_boost_clocks_are_the_sourced_ones():
+    """hwdb's clocks (decode's fixed costs are priced in cycles) agree with their source record; Apple has none."""
+    clocks = yaml.safe_load((Path(hwdb.__file__).resolve().parents[1] / "benchmarks/published/gpu_clocks.yaml")
+                            .read_text())["clocks"]
+    assert set(clocks) == set(DB.gpus)
+    for gpu in DB.gpus.values():
+        want = None if gpu.vendor == "apple" else clocks[gpu.id]["boost_clock_mhz"]
+        assert gpu.boost_clock_mhz == want, gpu.id
+        assert clocks[gpu.id]["source"], gpu.id
