@@ -165,12 +165,13 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     from_disk = 0 if in_ram else host_weights - max(room, 0)
 
     eff = EFFICIENCY[gpu.vendor]
+    overhead_s = eff.decode_overhead_s(gpu, spec.num_layers)
     pos = min(lay.prompt_tokens, lay.ctx)
     gpu_layers_read = sum(read_bytes[i] for i in on_gpu)
     vram = gpu_layers_read + glob["head"] + glob["norm.final"] + len(on_gpu) * pos * kv_token
     hidden = spec.hidden_size * 4
     if lay.mode == "gpu":
-        traffic = Traffic(vram_bytes=vram, link_bytes=hidden * 2 * (gpu_count - 1), overhead_s=eff.token_overhead_s)
+        traffic = Traffic(vram_bytes=vram, link_bytes=hidden * 2 * (gpu_count - 1), overhead_s=overhead_s)
         overlap = False
     elif lay.mode == "offload" and not streaming:
         cpu_read = sum(read_bytes[i] for i in off) + len(off) * pos * kv_token
@@ -179,13 +180,13 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         # instead pins what fits and reads only the rest)
         disk = 0 if in_ram else cpu_read
         traffic = Traffic(vram_bytes=vram, link_bytes=2 * hidden, cpu_bytes=cpu_read - disk,
-                          disk_bytes=disk, overhead_s=eff.token_overhead_s)
+                          disk_bytes=disk, overhead_s=overhead_s)
         overlap = False
     else:                                   # streamed layers: all (stream), or the host ones (offload)
         streamed = sum(layer_bytes[i] for i in off)
         vram = sum(read_bytes) + glob["head"] + glob["norm.final"] + spec.num_layers * pos * kv_token
         traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
-                          overhead_s=eff.token_overhead_s)
+                          overhead_s=overhead_s)
         # a prefetching engine overlaps copies with compute; vramwise's copies each layer in stream order
         # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json) unless its
         # overlapped schedule is on (then a step is the larger of link and compute, to within one layer)
@@ -195,8 +196,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
         weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
-        gpu_s = engine_decode_seconds(engine, weights, values, len(computed) * pos * kv_token, len(computed),
-                                      gpu.bandwidth_gb_s, gpu.sm_count)
+        gpu_s = engine_decode_seconds(engine, weights, values, len(computed) * pos * kv_token, len(computed), gpu)
     decode = decode_seconds(traffic, eff, gpu.bandwidth_gb_s, gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
 
@@ -207,7 +207,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
         # pipelined cards run their layers one after another, so one card's peak sets the pace
         if engine is not None:
-            t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu.fp16_tflops)
+            t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu)
         else:
             t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0

@@ -109,8 +109,9 @@ def _efficiency_doc(gpu: GPUSpec) -> dict:
     if engine is not None:
         return {"engine": "vramwise CUDA", **dataclasses.asdict(engine), "calibration": engine.fit}
     eff = EFFICIENCY[gpu.vendor]
-    return {"decode_bandwidth": eff.decode_bandwidth, "token_overhead_s": eff.token_overhead_s,
-            "prefill_compute": eff.prefill_compute, "calibration": eff.fit}
+    return {"decode_bandwidth": eff.decode_bandwidth, "layer_cycles": eff.layer_cycles,
+            "layer_overhead_s": float(f"{eff.layer_seconds(gpu):.4g}"), "prefill_compute": eff.prefill_compute,
+            "calibration": eff.fit}
 
 
 def write_plan(doc: dict, path: str | os.PathLike) -> None:

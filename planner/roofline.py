@@ -1,7 +1,7 @@
 """Speed predictions: decode is bound by bytes moved per token, prefill by tensor throughput.
 
   decode s/token = sum over tiers (VRAM, host link, CPU RAM, disk) of bytes / (efficiency x peak)
-                   + a fixed per-token overhead (kernel launches, synchronization, sampling)
+                   + layers x a fixed cost per layer in GPU clock cycles (kernel launches and latencies)
   prefill s/chunk = max(GEMM FLOPs / (efficiency x fp16 peak), weight bytes / (efficiency x bandwidth))
 
 The efficiency factors are fit by benchmarks/calibrate_speed.py to published llama.cpp runs
@@ -12,6 +12,10 @@ vendor. Plans for vramwise's own CUDA engine (an NVIDIA card) use its measured m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hwdb import GPUSpec
 
 
 @dataclass(frozen=True)
@@ -19,19 +23,37 @@ class Efficiency:
     """How close an engine gets to a device's peaks; each field says how it was measured."""
 
     decode_bandwidth: float       # share of peak memory bandwidth while streaming weights in decode
-    token_overhead_s: float       # fixed seconds per decoded token
+    layer_cycles: float           # fixed GPU clock cycles per decoded layer (kernel launches and latencies)
     prefill_compute: float        # share of dense fp16 tensor peak in prefill GEMMs
     fit: str                      # the data and residual of the fit
+    reference_clock_mhz: float    # the clock taken for a card with none in hwdb (Apple): the fit took it too
+
+    def layer_seconds(self, gpu: "GPUSpec") -> float:
+        """Fixed seconds a decoded layer costs on this card: the fitted cycles at its rated boost clock."""
+        return self.layer_cycles / ((gpu.boost_clock_mhz or self.reference_clock_mhz) * 1e6)
+
+    def decode_overhead_s(self, gpu: "GPUSpec", layers: int) -> float:
+        """Fixed seconds per decoded token of a model with this many layers."""
+        return layers * self.layer_seconds(gpu)
 
 
 # Fit by `python benchmarks/calibrate_speed.py` (output: benchmarks/results/calibration.json) on
-# llama.cpp llama-bench runs of Llama 2 7B (Q4_0 / Q8_0 / F16), tg128 and pp512. Prefill efficiency
-# is relative to the fp16 (fp32-accumulate) peak; llama.cpp's int8 MMQ kernels can exceed it.
+# llama.cpp llama-bench runs of Llama 2 7B (Q4_0 / Q8_0 / F16), tg128 and pp512:
+#   seconds per token = bytes read / (decode_bandwidth x peak bandwidth) + layers x layer_cycles / boost clock.
+# The fixed part is counted in clock cycles a layer: on published runs it explains why cards with fast memory
+# and slow clocks (A100 at 1,410 MHz) fall furthest short of their bandwidth, and why a 70B model (80 layers)
+# pays more than a 7B one (32), where a fixed time per token did not (benchmarks/validate_published.py: held-out
+# rows). Prefill efficiency is relative to the fp16 (fp32-accumulate) peak; llama.cpp's int8 MMQ kernels can
+# exceed it.
 EFFICIENCY = {
-    "nvidia": Efficiency(0.842, 0.00094, 0.978, "6 CUDA GPUs (RTX 3090-5090); decode median |err| 1.4%, max 10%"),
-    "apple": Efficiency(0.919, 0.00591, 0.694, "Metal, 79 decode / 27 prefill rows (M1-M4); median |err| 3.2% / 3.3%"),
-    "amd": Efficiency(0.869, 0.00094, 0.405, "one row (RX 7900 XTX, Vulkan); overhead borrowed from NVIDIA"),
-    "intel": Efficiency(0.842, 0.00094, 0.978, "no published rows matched hwdb: NVIDIA's factors"),
+    "nvidia": Efficiency(0.903, 106000, 0.971, "llama-bench, 10 CUDA cards (Tesla P40 to RTX 5090, A100, RTX PRO 6000); "
+                         "decode median |err| 3.5%, max 23%", 2429.5),
+    "apple": Efficiency(0.920, 185000, 0.694, "Metal, 79 decode / 27 prefill rows (M1-M4); median |err| 3.3% / 3.3%; "
+                        "no clocks: 185 us a layer", 1000.0),
+    "amd": Efficiency(0.950, 167000, 0.329, "ROCm and Vulkan, 6 rows (RX 7900 XTX, RX 9070 / 9070 XT, W7900, R9700); "
+                      "bandwidth held at the 95% cap; decode median |err| 14%, max 49%", 2510.0),
+    "intel": Efficiency(0.543, 106000, 0.090, "Vulkan, 2 rows (Arc A770, B580), cycles borrowed from NVIDIA; "
+                        "decode |err| 14% and 36%", 2385.0),
 }
 
 
@@ -51,6 +73,10 @@ class EngineSpeed:
     prefill_compute: float        # share of fp16 peak in prefill FLOPs
     prefill_layer_s: float        # per layer per prefill chunk (tile dequantization, attention, launches)
     fit: str
+    # The rated boost clock of the card the fit was measured on. On another card the decode rate per SM and the
+    # fixed costs scale with its own boost clock (both are instruction issue and latency, counted in cycles);
+    # a card with no clock in hwdb is taken at this one.
+    clock_mhz: float = 1980.0
     # Whether the engine copies streamed layers beside compute (gpuengine.schedule): the engine's default
     # (gpuengine.model.OVERLAP) is this, so a plan prices streaming the way the engine runs it. Serial, as
     # measured (1.08x the link bound); the overlapped schedule is built but not yet timed.
@@ -64,8 +90,9 @@ class EngineSpeed:
 # (1,198 GB/s) over 4,800; the decode rate and overheads: least squares over SmolLM2-135M, the Llama-2-7B
 # shape at 4.0 and 2.5 bpw and the Llama-2-70B shape built with 10 and 20 layers, decoding at 512 positions
 # (the per-token cost came out negative, so it is 0: the head is in the weights term); prefill: solved on
-# the 7B shape and SmolLM2 at 512 tokens. Other NVIDIA cards: the H200's rate per SM (their clocks differ
-# by up to ~30%: a stated uncertainty).
+# the 7B shape and SmolLM2 at 512 tokens. Other NVIDIA cards: the H200's rate per SM and fixed costs,
+# scaled by their rated boost clock over the H200's 1,980 MHz (EngineSpeed.clock_mhz; not measured on another
+# card: their sustained clocks may sit above or below the rated boost).
 VRAMWISE_CUDA = EngineSpeed(
     values_per_s_per_sm=2.24e+10, weight_bandwidth=0.8572, kv_bandwidth=0.2496,
     layer_overhead_s=4.668e-05, token_overhead_s=0, prefill_compute=0.1210,
@@ -78,17 +105,22 @@ VRAMWISE_CUDA = EngineSpeed(
 ENGINE_SPEED = {"nvidia": VRAMWISE_CUDA}
 
 
+def _clock_ratio(e: EngineSpeed, gpu: "GPUSpec") -> float:
+    return (gpu.boost_clock_mhz or e.clock_mhz) / e.clock_mhz
+
+
 def engine_decode_seconds(e: EngineSpeed, weight_bytes: float, weight_values: float, kv_bytes: float,
-                          layers: int, bandwidth_gb_s: float, sm_count: int) -> float:
+                          layers: int, gpu: "GPUSpec") -> float:
     """Device seconds of one decoded token on vramwise's CUDA engine (link and host time apart)."""
-    bw = bandwidth_gb_s * 1e9
-    matvec = max(weight_bytes / (e.weight_bandwidth * bw), weight_values / (e.values_per_s_per_sm * sm_count))
-    return matvec + kv_bytes / (e.kv_bandwidth * bw) + layers * e.layer_overhead_s + e.token_overhead_s
+    bw, clock = gpu.bandwidth_gb_s * 1e9, _clock_ratio(e, gpu)
+    matvec = max(weight_bytes / (e.weight_bandwidth * bw),
+                 weight_values / (e.values_per_s_per_sm * gpu.sm_count * clock))
+    return matvec + kv_bytes / (e.kv_bandwidth * bw) + (layers * e.layer_overhead_s + e.token_overhead_s) / clock
 
 
-def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, tflops: float) -> float:
+def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUSpec") -> float:
     """Device seconds of one prefill chunk on vramwise's CUDA engine."""
-    return flops / (e.prefill_compute * tflops * 1e12) + layers * e.prefill_layer_s
+    return flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / _clock_ratio(e, gpu)
 
 
 # Host side. Copies over PCIe run at hwdb's practical host_link_gb_s (already ~80% of the link).

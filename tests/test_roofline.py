@@ -20,7 +20,8 @@ def test_efficiency_factors_are_the_calibrated_ones():
     for vendor, row in fit.items():
         eff = EFFICIENCY[vendor]
         assert eff.decode_bandwidth == pytest.approx(row["decode_bandwidth"], abs=1e-3)
-        assert eff.token_overhead_s == pytest.approx(row["token_overhead_s"], abs=1e-5)
+        assert eff.layer_cycles == pytest.approx(row["layer_cycles"], rel=2e-3)
+        assert eff.reference_clock_mhz == pytest.approx(row["reference_clock_mhz"])
         if row["prefill_compute"] is not None:
             assert eff.prefill_compute == pytest.approx(row["prefill_compute"], abs=1e-3)
 
@@ -105,3 +106,50 @@ def test_overlapped_streaming_is_priced_as_the_engine_would_run_it(monkeypatch):
     n = spec.num_layers
     simulated = step_seconds(n, range(n), True, {i: link / n for i in range(n)}, {i: compute / n for i in range(n)})
     assert overlapped.decode_s <= simulated <= overlapped.decode_s + compute / n + 1e-12
+
+
+def test_fixed_costs_are_cycles_a_layer_at_the_cards_clock():
+    """Decode's fixed cost (published-run factors and vramwise's engine alike) is cycles a layer: half the clock
+    doubles it, twice the layers double it, and a card with no clock in hwdb is priced at the reference clock."""
+    import dataclasses
+
+    from planner.roofline import engine_decode_seconds
+    db = hwdb.load()
+    eff, a100 = EFFICIENCY["nvidia"], db.find_gpu("a100-80gb-sxm")
+    slow = dataclasses.replace(a100, boost_clock_mhz=a100.boost_clock_mhz / 2)
+    assert eff.decode_overhead_s(slow, 32) == pytest.approx(2 * eff.decode_overhead_s(a100, 32))
+    assert eff.decode_overhead_s(a100, 80) == pytest.approx(2.5 * eff.decode_overhead_s(a100, 32))
+    assert eff.decode_overhead_s(dataclasses.replace(a100, boost_clock_mhz=None), 1) == pytest.approx(
+        eff.layer_cycles / (eff.reference_clock_mhz * 1e6))
+    h200 = db.find_gpu("h200")
+    assert h200.boost_clock_mhz == VRAMWISE_CUDA.clock_mhz          # the card the engine was measured on
+    args = (3.5e9, 6.7e9, 1e8, 32)
+    fast = dataclasses.replace(h200, boost_clock_mhz=2 * h200.boost_clock_mhz)
+    fixed = 32 * VRAMWISE_CUDA.layer_overhead_s
+    kv = 1e8 / (VRAMWISE_CUDA.kv_bandwidth * h200.bandwidth_gb_s * 1e9)
+    decode_bound = 6.7e9 / (VRAMWISE_CUDA.values_per_s_per_sm * h200.sm_count)
+    assert engine_decode_seconds(VRAMWISE_CUDA, *args, h200) == pytest.approx(decode_bound + kv + fixed)
+    assert engine_decode_seconds(VRAMWISE_CUDA, *args, fast) == pytest.approx(
+        max(decode_bound / 2, 3.5e9 / (VRAMWISE_CUDA.weight_bandwidth * h200.bandwidth_gb_s * 1e9)) + kv + fixed / 2)
+
+
+def test_recent_published_runs_it_was_not_fit_to_are_predicted_within_15_percent():
+    """benchmarks/validate_published.py's held-out rows from llama.cpp builds of 2025 on (other models than the
+    fit's Llama 2 7B, partial offload) and ExLlamaV2's EXL2 rows: each within 15% of what was published."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import published_rows
+    from calibrate_speed import in_fit
+    from validate_published import predict
+    checked = 0
+    for row in published_rows.load():
+        m = row.m
+        recent = m["engine"] == "llama.cpp" and any(y in str(m.get("engine_version")) for y in ("2025", "2026"))
+        if row.skip or not row.decode or in_fit(row) or not (recent or m["weights_format"].startswith("exl2")):
+            continue
+        tps, why = predict(row)
+        if tps is None:
+            continue
+        assert tps == pytest.approx(m["tokens_per_s"], rel=0.15), m["id"]
+        checked += 1
+    assert checked >= 15

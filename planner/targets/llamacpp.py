@@ -141,9 +141,22 @@ def _decode_s(req: TargetRequest, lay: _Layout) -> float:
             cpu_read += nbytes
     eff = EFFICIENCY[req.gpu.vendor]
     traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read, link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
-                      overhead_s=eff.token_overhead_s)
+                      overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
     return decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
                           req.host.disk_gb_s)
+
+
+def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None) -> float:
+    """Seconds per token llama.cpp is predicted to take for a file type with the last `gpu_layers` repeating
+    layers on the GPU(s) (all, and the head, when None), split evenly across req.gpu_count cards, whether or
+    not it fits: the settings of a published run, not a plan (benchmarks/validate_published.py)."""
+    spec = req.model
+    n = spec.num_layers
+    k = n if gpu_layers is None else max(0, min(gpu_layers, n))
+    bounds = [n - k + round(k * c / req.gpu_count) for c in range(req.gpu_count + 1)]
+    split = tuple(zip(bounds, bounds[1:]))
+    types = gguf.tensor_types(spec, ftype, ftype.startswith("IQ"))
+    return _decode_s(req, _Layout(spec, types, N_UBATCH, "fp16", split, k == n, frozenset()))
 
 
 def _avg_bpw(spec, types) -> float:

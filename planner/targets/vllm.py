@@ -163,7 +163,7 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
     eff = EFFICIENCY[req.gpu.vendor]
     read = sum(items["weights"] for items, _, _ in cards[::tp])       # stages run one after another
     traffic = Traffic(vram_bytes=read, link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers),
-                      overhead_s=eff.token_overhead_s * pp)
+                      overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
     decode = decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
                             req.host.disk_gb_s)
     settings = {"weights": fmt, "dtype": "float16" if _no_bf16(req) else "auto", "max_model_len": ctx,
