@@ -55,6 +55,9 @@ def _gpu(db: hwdb.Database, m: dict) -> tuple[Optional[GPUSpec], str]:
     try:
         gpu = db.find_gpu(name)
     except hwdb.HwdbError:
+        same_chip = _apple_chip(db, name)
+        if same_chip is not None:
+            return same_chip, ""
         if m.get("source_bandwidth_gbs") and m["backend"] == "metal":
             # Apple's tables list each chip's bandwidth and GPU cores; nothing else of the card is used here
             gpu = GPUSpec(id="published", name=name, vendor="apple", architecture="Apple GPU",
@@ -67,6 +70,18 @@ def _gpu(db: hwdb.Database, m: dict) -> tuple[Optional[GPUSpec], str]:
     if m["backend"] not in NATIVE_BACKENDS[gpu.vendor]:
         return None, f"{m['backend']} backend on an {gpu.vendor} card"
     return gpu, ""
+
+
+def _apple_chip(db: hwdb.Database, name: str) -> Optional[GPUSpec]:
+    """'Apple M3 Max 40-Core GPU 64GB' as hwdb's entry for the same chip and GPU core count with another memory
+    size: Apple gives one memory bandwidth per chip and core count (M3 Max 40-core: 400 GB/s with 48 to 128 GB),
+    and nothing else of the card is used here."""
+    hit = re.match(r"Apple (M\d(?: Pro| Max| Ultra)?) \(?(\d+)-core GPU", name, re.IGNORECASE)
+    if not hit:
+        return None
+    prefix = f"apple {hit.group(1).lower()} ({hit.group(2)}-core gpu"
+    same = [g for g in db.gpus.values() if g.vendor == "apple" and g.name.lower().startswith(prefix)]
+    return same[0] if len(same) == 1 else None
 
 
 def _model(db: hwdb.Database, name: str) -> Optional[ModelSpec]:
