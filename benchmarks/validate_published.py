@@ -19,6 +19,7 @@ Usage: python benchmarks/validate_published.py
 """
 from __future__ import annotations
 
+import datetime
 import re
 import statistics
 import sys
@@ -129,7 +130,8 @@ def main() -> None:
     for r in skipped:
         reasons[r["why"]] = reasons.get(r["why"], 0) + 1
     print("skipped:", ", ".join(f"{why} ({n})" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
-    benchlib.write_json({"what": "planner speed models against published decode runs", "summary": groups,
+    benchlib.write_json({"what": "planner speed models against published decode runs",
+                         "date": datetime.date.today().isoformat(), "summary": groups,
                          "rows": done, "skipped": skipped}, RESULT)
 
 

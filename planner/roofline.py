@@ -44,7 +44,9 @@ class Efficiency:
 # and slow clocks (A100 at 1,410 MHz) fall furthest short of their bandwidth, and why a 70B model (80 layers)
 # pays more than a 7B one (32), where a fixed time per token did not (benchmarks/validate_published.py: held-out
 # rows). Prefill efficiency is relative to the fp16 (fp32-accumulate) peak; llama.cpp's int8 MMQ kernels can
-# exceed it.
+# exceed it on GeForce cards, whose fp32-accumulate rate is half their tensor rate, and reach far less of it on
+# full-rate cards (A100: 21%, RTX PRO 6000: 40-44%; calibration.json). NVIDIA's figure prices nothing: plans for
+# NVIDIA cards use vramwise's engine model below, and the other targets predict decode only.
 EFFICIENCY = {
     "nvidia": Efficiency(0.903, 106000, 0.971, "llama-bench, 10 CUDA cards (Tesla P40 to RTX 5090, A100, RTX PRO 6000); "
                          "decode median |err| 3.5%, max 23%", 2429.5),
