@@ -84,7 +84,8 @@ def _sized_gpu(table: Mapping[str, GPUSpec], name: str) -> Optional[GPUSpec]:
         return fits[0]
     if not fits:
         have = ", ".join(f"{g.id} has {g.memory_bytes / 2**30:.0f} GiB" for g in named)
-        raise HwdbError(f"unknown GPU {name!r}: {have}, not {gb:g} GB (add that card with --hwdb FILE)")
+        raise HwdbError(f"unknown GPU {name!r}: {have}, not {gb:g} GB (if only the memory differs, pass "
+                        f"--gpu {named[0].id} --vram SIZE; else add the card with --hwdb FILE)")
     return None
 
 
