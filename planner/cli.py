@@ -56,6 +56,8 @@ def _build_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bandwidth", help="memory bandwidth, e.g. 448GB/s (with --vram for a custom card)")
     p.add_argument("--tflops", type=_positive_float, help="dense fp16 TFLOP/s of a custom card")
     p.add_argument("--host-link", help=f"host->device copy rate of a custom card (default {DEFAULT_HOST_LINK_GB_S:g}GB/s)")
+    p.add_argument("--vendor", choices=["nvidia", "amd", "apple", "intel"],
+                   help="maker of a custom card (default nvidia): sets the speed factors and, for apple, unified memory")
     p.add_argument("--ctx", type=_positive_int, help="context length (default: native, capped at 4096)")
     p.add_argument("--kv", choices=[*KV_FORMATS, "auto"],
                    help="KV cache format (default fp16; offload/stream plans may step down to q8/q4 to fit)")
@@ -132,13 +134,21 @@ def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, 
             raise UnitError("name a card with --gpu NAME (or --gpu auto), or describe one with --vram and --bandwidth")
     if gpu is None:
         vram, bw = parse_bytes(args.vram), parse_rate_gb_s(args.bandwidth)
+        vendor = args.vendor or "nvidia"
         tflops = args.tflops or round(bw * _median_ratio(db), 1)
-        link = parse_rate_gb_s(args.host_link) if args.host_link else DEFAULT_HOST_LINK_GB_S
+        if vendor == "apple":               # one memory: the GPU reads the host's weights at its own bandwidth
+            link_name, link = "unified memory", bw
+        else:
+            link_name = "PCIe (assumed)"
+            link = parse_rate_gb_s(args.host_link) if args.host_link else DEFAULT_HOST_LINK_GB_S
         source = ("command line" + ("" if args.tflops else "; fp16 TFLOP/s estimated from bandwidth (hwdb median)")
                   + "; SMs estimated from TFLOP/s (hwdb median)")
-        gpu = GPUSpec("custom", f"custom GPU ({fmt_bytes(vram)}, {bw:g} GB/s)", "nvidia", "unknown", "0.0", vram,
-                      "unknown", bw, tflops, 0.0, _median_sms(db, tflops), "PCIe (assumed)", link, True, source)
+        gpu = GPUSpec("custom", f"custom GPU ({fmt_bytes(vram)}, {bw:g} GB/s)", vendor, "unknown", "0.0", vram,
+                      "unknown", bw, tflops, 0.0, _median_sms(db, tflops), link_name, link, True, source)
     else:
+        if args.vendor:
+            raise UnitError(f"--vendor describes a custom card (with --vram and --bandwidth); {gpu.id} is "
+                            f"{gpu.vendor}'s, from the database")
         changes = {}
         if args.vram and args.gpu != "auto":
             changes["memory_bytes"] = parse_bytes(args.vram)

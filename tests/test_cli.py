@@ -22,6 +22,8 @@ def run(capsys, *args):
     (["plan", "--gpu", "rtx4090", "--model", "llama9-7b"], "unknown model 'llama9-7b'"),
     (["plan", "--vram", "eight", "--bandwidth", "448", "--model", "llama2-7b"], "'eight' is not a size"),
     (["plan", "--model", "llama2-7b"], "name a card with --gpu"),
+    (["plan", "--gpu", "rtx4090", "--vendor", "amd", "--model", "llama2-7b"], "--vendor describes a custom card"),
+    (["plan", "--gpu", "RTX 3060 8GB", "--model", "llama2-7b"], "rtx3060-12gb has 12 GiB, not 8 GB"),
     (["plan", "--gpu", "rtx4090", "--model", "./missing.json"], "config file not found"),
     (["plan", "--gpu", "rtx4090", "--model", "llama2-7b", "--measurement", "/nonexistent.yaml"], "cannot read file"),
 ])
@@ -48,6 +50,19 @@ def test_gpu_auto_uses_nvidia_smi(capsys, tmp_path, monkeypatch):
     code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "llama2-70b", "--json", "-o", str(tmp_path / "p.yaml"))
     doc = json.loads(out)
     assert code == 0 and doc["gpu"]["id"] == "rtx4090" and doc["gpu"]["count"] == 2
+
+
+def test_a_custom_apple_chip_plans_with_unified_memory_and_apples_factors(capsys, tmp_path):
+    from planner.roofline import EFFICIENCY
+    args = ("plan", "--vram", "10GiB", "--bandwidth", "100GB/s", "--model", "llama3-8b", "--json")
+    code, out, _ = run(capsys, *args, "--vendor", "apple", "-o", str(tmp_path / "a.yaml"))
+    apple = json.loads(out)
+    card = apple["gpu"]["spec"]
+    assert code == 0 and card["vendor"] == "apple" and card["host_link"] == "unified memory"
+    assert card["host_link_gb_s"] == 100
+    assert apple["predicted"]["efficiency"]["layer_cycles"] == EFFICIENCY["apple"].layer_cycles
+    code, out, _ = run(capsys, *args, "-o", str(tmp_path / "n.yaml"))
+    assert code == 0 and json.loads(out)["gpu"]["spec"]["vendor"] == "nvidia"        # the default, as before
 
 
 def test_plan_json_matches_the_file(capsys, tmp_path):
