@@ -64,7 +64,11 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
             return None, f"GGUF type {m['weights_format']!r} not modelled"
         if "cpu-moe" in str(m.get("gpu_layers") or ""):
             return None, "MoE experts on the CPU"
-        return 1 / decode_seconds_for(req, ftype, _ngl(row)), ""
+        ngl = _ngl(row)
+        weights = sum(gguf.file_bytes(row.model, gguf.tensor_types(row.model, ftype)).values())
+        if ngl is None and weights > row.gpu.memory_bytes * m["gpu_count"]:
+            return None, "weights larger than the card's memory (the run spilled)"
+        return 1 / decode_seconds_for(req, ftype, ngl), ""
     if m["engine"] == "exllamav2":
         bpw = re.fullmatch(r"exl2-([\d.]+)bpw", m["weights_format"])
         if not bpw:

@@ -67,6 +67,14 @@ _SIZE = re.compile(r"[\s,(]*(\d+(?:\.\d+)?)\s*GB\s*\)?\s*$", re.IGNORECASE)
 _VENDOR = re.compile(r"^\s*(nvidia|amd|intel|apple)\s+", re.IGNORECASE)
 
 
+def _size(gpu: GPUSpec) -> float:
+    """The memory size a name gives for this card: its own, or for an Apple chip the RAM, of which its
+    memory_bytes (macOS's GPU working-set limit) is 2/3 on machines of 32 GB and less, else 3/4."""
+    if gpu.vendor != "apple":
+        return gpu.memory_bytes
+    return gpu.memory_bytes * 3 / 2 if gpu.memory_bytes * 3 / 2 <= 33 * 2**30 else gpu.memory_bytes * 4 / 3
+
+
 def _sized_gpu(table: Mapping[str, GPUSpec], name: str) -> Optional[GPUSpec]:
     """A name as benchmark tables and shops write it: the vendor's name, maybe without 'NVIDIA' / 'AMD', then
     the memory size ('NVIDIA GeForce RTX 3090 24GB', 'RTX 2080 (8 GB)'). The size must agree with the entry's
@@ -79,11 +87,12 @@ def _sized_gpu(table: Mapping[str, GPUSpec], name: str) -> Optional[GPUSpec]:
     if not named or size is None:
         return named[0] if len(named) == 1 else None
     gb = float(size.group(1))
-    fits = [g for g in named if any(abs(g.memory_bytes / unit - gb) <= 0.06 * gb for unit in (1e9, 2**30))]
+    fits = [g for g in named if any(abs(_size(g) / unit - gb) <= 0.06 * gb for unit in (1e9, 2**30))]
     if len(fits) == 1:
         return fits[0]
     if not fits:
-        have = ", ".join(f"{g.id} has {g.memory_bytes / 2**30:.0f} GiB" for g in named)
+        have = ", ".join(f"{g.id} has {_size(g) / 2**30:.0f} GiB" + (" of RAM" if g.vendor == "apple" else "")
+                         for g in named)
         raise HwdbError(f"unknown GPU {name!r}: {have}, not {gb:g} GB (if only the memory differs, pass "
                         f"--gpu {named[0].id} --vram SIZE; else add the card with --hwdb FILE)")
     return None

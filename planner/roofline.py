@@ -50,8 +50,8 @@ class Efficiency:
 EFFICIENCY = {
     "nvidia": Efficiency(0.903, 106000, 0.971, "llama-bench, 10 CUDA cards (Tesla P40 to RTX 5090, A100, RTX PRO 6000); "
                          "decode median |err| 3.5%, max 23%", 2429.5),
-    "apple": Efficiency(0.920, 185000, 0.694, "Metal, 79 decode / 27 prefill rows (M1-M4); median |err| 3.3% / 3.3%; "
-                        "no clocks: 185 us a layer", 1000.0),
+    "apple": Efficiency(0.922, 187000, 0.694, "Metal, 77 decode / 65 prefill rows (M1-M4); median |err| 3.3% / 3.1%; "
+                        "no clocks: 187 us a layer", 1000.0),
     "amd": Efficiency(0.950, 167000, 0.329, "ROCm and Vulkan, 6 rows (RX 7900 XTX, RX 9070 / 9070 XT, W7900, R9700); "
                       "bandwidth held at the 95% cap; decode median |err| 14%, max 49%", 2510.0),
     "intel": Efficiency(0.543, 106000, 0.090, "Vulkan, 2 rows (Arc A770, B580), cycles borrowed from NVIDIA; "
