@@ -131,8 +131,9 @@ def architecture_digest(spec: ModelSpec) -> str:
 
 # Hugging Face `model_type` -> the quirks its config.json does not spell out.
 _HF_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {}, "mistral": {}, "mixtral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {},
+    "llama": {}, "mistral": {}, "mixtral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {}, "qwen3_moe": {},
     "gemma": {"tie_embeddings": True}, "gemma2": {"tie_embeddings": True, "norms_per_layer": 4},
+    "gemma3_text": {"tie_embeddings": True, "norms_per_layer": 4}, "gemma3": {"tie_embeddings": True, "norms_per_layer": 4},
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
 }
@@ -150,6 +151,8 @@ def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
     family = cfg.get("model_type")
+    if family == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model
     if family not in _HF_FAMILIES:
         raise ModelSourceError(f"{name}: model_type {family!r} is not supported "
                                f"(supported: {', '.join(sorted(_HF_FAMILIES))})")
@@ -165,7 +168,7 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         max_context=_first(cfg, "max_position_embeddings", default=2048),
         head_dim=cfg.get("head_dim") or 0, rope_theta=float(cfg.get("rope_theta") or 10000.0),
         norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
-        num_experts=cfg.get("num_local_experts") or 0,
+        num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
         sliding_window=cfg.get("sliding_window") or 0, source=f"config.json ({name})")
     if family == "falcon":
@@ -175,6 +178,11 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
                 args["num_kv_heads"] = heads
             elif args["num_kv_heads"] == heads:
                 args["num_kv_heads"] = 1
+    if family == "qwen3_moe":                  # intermediate_size is a dense layer's; the experts are narrower
+        args["intermediate_size"] = _first(cfg, "moe_intermediate_size")
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise ModelSourceError(f"{name}: Qwen3-MoE with dense layers among the expert ones (mlp_only_layers, "
+                                   f"decoder_sparse_step) is not supported")
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)
@@ -184,7 +192,8 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         raise ModelSourceError(f"{name}: {exc}") from None
 
 
-_GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma2": {"norms_per_layer": 4},
+_GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe": {}, "gemma2": {"norms_per_layer": 4},
+               "gemma3": {"norms_per_layer": 4},
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True}}
 
@@ -225,7 +234,7 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
     args: dict[str, Any] = dict(
         id=path.stem.lower(), name=str(meta("general.name", path.stem)), family=arch,
         hidden_size=int(meta(f"{arch}.embedding_length")),
-        intermediate_size=int(meta(f"{arch}.feed_forward_length")),
+        intermediate_size=int(meta(f"{arch}.expert_feed_forward_length", 0) or meta(f"{arch}.feed_forward_length")),
         num_layers=int(meta(f"{arch}.block_count")), num_heads=heads,
         num_kv_heads=int(meta(f"{arch}.attention.head_count_kv", heads)), vocab_size=int(vocab),
         max_context=int(meta(f"{arch}.context_length", 2048)),

@@ -99,6 +99,26 @@ def test_hf_config_json(capsys, tmp_path):
     assert code == 0 and json.loads(out)["model"]["params"] == 494032768      # Qwen2.5-0.5B, as published
 
 
+def test_hf_config_json_of_newer_families(tmp_path):
+    """Qwen3-MoE: the experts' width is moe_intermediate_size and their count num_experts (Qwen3-30B-A3B's
+    config.json: 30.5B parameters, 3.3B active, per its model card); Gemma 3: an image-text config plans its
+    text_config, with Gemma's four norms a layer and tied embeddings."""
+    from planner.spec import active_param_count, param_count, spec_from_hf_config
+    moe = spec_from_hf_config({"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                               "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                               "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                               "num_experts_per_tok": 8, "vocab_size": 151936, "max_position_embeddings": 40960,
+                               "tie_word_embeddings": False}, "Qwen3-30B-A3B")
+    assert moe.num_experts == 128 and moe.intermediate_size == 768
+    assert param_count(moe) == pytest.approx(30.5e9, rel=0.005)
+    assert active_param_count(moe) == pytest.approx(3.3e9, rel=0.03)
+    gemma = spec_from_hf_config({"model_type": "gemma3", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208, "max_position_embeddings": 131072,
+        "sliding_window": 1024}}, "gemma-3-4b-it")
+    assert (gemma.family, gemma.norms_per_layer, gemma.tie_embeddings, gemma.head_dim) == ("gemma3", 4, True, 256)
+
+
 def test_gguf_metadata(capsys, tmp_path):
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "tiny.gguf"
