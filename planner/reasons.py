@@ -73,6 +73,24 @@ def explain_gpu(req: "Request", out: "Outcome", ladder: list[int], kvs: list[str
         verdict = "lower" if alt["expected_error"] < out.expected_error else "higher"
         out.decisions.append(("hint", "--kv q8", f"would give {alt['avg_bpw']:.2f} bpw at {verdict} total expected "
                                                 f"error ({alt['expected_error']:.3f} vs {out.expected_error:.3f})"))
+    explain_engine(req, out)
+
+
+def explain_engine(req: "Request", out: "Outcome") -> None:
+    """A plan for an architecture `vramwise run` cannot run yet says so, and what llama.cpp would make of it."""
+    from planner.spec import engine_gaps
+    from planner.targets import TargetError, TargetRequest, plan_target
+    gaps = engine_gaps(req.model)
+    if not gaps:
+        return
+    try:
+        alt = plan_target("llama.cpp", TargetRequest(req.model, req.gpu, req.host, gpu_count=req.gpu_count, ctx=req.ctx))
+        there = f"; `--target llama.cpp` plans it for llama.cpp ({fmt_rate(1 / alt.decode_s)} predicted)"
+    except TargetError:
+        there = ""
+    out.decisions.append(("engine", "not yet", f"`vramwise run` does not run this architecture yet "
+                                               f"({', '.join(gaps)}): the speeds price vramwise's engine as if it "
+                                               f"did{there}"))
 
 
 def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: float, items) -> None:
@@ -104,3 +122,4 @@ def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: floa
                                                  f"{fmt_bytes(4 * mem.GiB)} for the OS): read from disk at "
                                                  f"{req.host.disk_gb_s:g} GB/s each token (--ram / --disk-bandwidth)"))
     out.decisions += _common(req, out, [lay.ctx], [lay.kv.name], items)
+    explain_engine(req, out)

@@ -116,6 +116,22 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
     return tuple(t for t in tensors(spec) if t.quantized)
 
 
+# What vramwise's engines (the reference engine and the CUDA engine) run today: Llama-family decoders, whose
+# checkpoints' tensors their name tables know exactly. refengine.model.check_supported refuses the other
+# fields; other families are refused when their weights load (an unknown tensor: Qwen3's per-head q/k norms).
+ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
+               "fused_qkv": False, "fused_gate_up": False}
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def engine_gaps(spec: ModelSpec) -> list[str]:
+    """Why `vramwise run` cannot run this architecture yet ([] if it can)."""
+    gaps = [f"{field}={getattr(spec, field)!r}" for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
+    if spec.family not in ENGINE_FAMILIES:
+        gaps.insert(0, f"family {spec.family}")
+    return gaps
+
+
 def architecture_digest(spec: ModelSpec) -> str:
     """A short hash of the fields that shape the tensors: plans made for another shape are refused."""
     import hashlib

@@ -12,13 +12,13 @@ import numpy as np
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
+from planner.spec import ENGINE_RUNS
 from refengine import ops
 from refengine.kernels_attention import decode_attention
 from refengine.packed import linear
 from refengine.quant import kv_dequantize, kv_quantize
 
-SUPPORTED = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
-             "fused_qkv": False, "fused_gate_up": False}
+SUPPORTED = ENGINE_RUNS         # the fields this engine runs (planner.spec, where plans read them too)
 
 
 class UnsupportedModel(ValueError):

@@ -158,3 +158,27 @@ def test_moe_decode_reads_only_routed_experts():
     out = plan("mixtral-8x7b", "a100-80gb-sxm")
     assert out.assessment.traffic.vram_bytes < 0.45 * out.assessment.items["weights.layers"]
     assert spec.experts_per_token == 2 and spec.num_experts == 8
+
+
+def test_a_plan_says_when_vramwise_run_cannot_run_the_architecture_yet():
+    """MoE, Gemma's four norms, Qwen3's q/k norms: the plan prices the CUDA engine but says `vramwise run` refuses
+    the model, and what llama.cpp would make of it; Llama-family plans say nothing."""
+    for model, gap in (("qwen3-30b-a3b", "num_experts=128"), ("gemma3-27b", "norms_per_layer=4"),
+                       ("qwen3-8b", "family qwen3"), ("phi-4", "fused_qkv=True")):
+        out = plan(model, "rtx4090")
+        (why,) = [w for what, choice, w in out.decisions if what == "engine"]
+        assert gap in why and "--target llama.cpp" in why and "tok/s predicted" in why
+    for model in ("llama2-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m"):
+        assert not [d for d in plan(model, "rtx4090").decisions if d[0] == "engine"]
+
+
+def test_the_planner_and_the_engines_agree_on_what_runs():
+    from planner.spec import engine_gaps
+    from refengine.model import UnsupportedModel, check_supported
+    for spec in DB.models.values():
+        try:
+            check_supported(spec)
+            refused = False
+        except UnsupportedModel:
+            refused = True
+        assert refused <= bool(engine_gaps(spec)), spec.id      # the engine refuses only what the plan flags
