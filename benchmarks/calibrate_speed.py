@@ -51,7 +51,7 @@ def in_fit(row: published_rows.Row) -> bool:
     m = row.m
     return (not row.skip and m["engine"] == "llama.cpp" and m["model"] == "Llama 2 7B"
             and m["test"] in ("tg128", "pp512") and m["weights_format"] in GGUF_BPW
-            and not (m["weights_bytes"] or 0) > row.gpu.memory_bytes * m["gpu_count"])    # a run that spilled
+            and not published_rows.spilled(row, m["weights_bytes"] or 0))
 
 
 def _rows(db: hwdb.Database) -> list[dict]:

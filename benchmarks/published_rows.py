@@ -6,7 +6,6 @@ in each.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,5 +107,7 @@ def load(db: Optional[hwdb.Database] = None) -> list[Row]:
     return rows
 
 
-def with_skip(row: Row, why: str) -> Row:
-    return dataclasses.replace(row, skip=why)
+def spilled(row: Row, weights_bytes: float) -> bool:
+    """Whether the run's weights exceed its cards' memory: it spilled (swapped, or the driver paged), so it measures
+    something no plan would choose. The fit and the validation both leave such rows out."""
+    return weights_bytes > row.gpu.memory_bytes * row.m["gpu_count"]

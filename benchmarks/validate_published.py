@@ -65,8 +65,8 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
         if "cpu-moe" in str(m.get("gpu_layers") or ""):
             return None, "MoE experts on the CPU"
         ngl = _ngl(row)
-        weights = sum(gguf.file_bytes(row.model, gguf.tensor_types(row.model, ftype)).values())
-        if ngl is None and weights > row.gpu.memory_bytes * m["gpu_count"]:
+        weights = sum(gguf.file_bytes(row.model, gguf.tensor_types(row.model, ftype, ftype.startswith("IQ"))).values())
+        if ngl is None and published_rows.spilled(row, weights):
             return None, "weights larger than the card's memory (the run spilled)"
         return 1 / decode_seconds_for(req, ftype, ngl), ""
     if m["engine"] == "exllamav2":

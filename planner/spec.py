@@ -124,9 +124,14 @@ ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_exp
 ENGINE_FAMILIES = ("llama", "mistral", "qwen2")
 
 
+def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
+    """The fields of this spec the engines do not run, each with the value they do run."""
+    return [(field, want) for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
+
+
 def engine_gaps(spec: ModelSpec) -> list[str]:
     """Why `vramwise run` cannot run this architecture yet ([] if it can)."""
-    gaps = [f"{field}={getattr(spec, field)!r}" for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
+    gaps = [f"{field}={getattr(spec, field)!r}" for field, _ in unsupported_fields(spec)]
     if spec.family not in ENGINE_FAMILIES:
         gaps.insert(0, f"family {spec.family}")
     return gaps

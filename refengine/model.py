@@ -12,13 +12,11 @@ import numpy as np
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
-from planner.spec import ENGINE_RUNS
+from planner.spec import unsupported_fields
 from refengine import ops
 from refengine.kernels_attention import decode_attention
 from refengine.packed import linear
 from refengine.quant import kv_dequantize, kv_quantize
-
-SUPPORTED = ENGINE_RUNS         # the fields this engine runs (planner.spec, where plans read them too)
 
 
 class UnsupportedModel(ValueError):
@@ -26,10 +24,11 @@ class UnsupportedModel(ValueError):
 
 
 def check_supported(spec: ModelSpec) -> None:
-    for field, want in SUPPORTED.items():
-        if getattr(spec, field) != want:
-            raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
-                                   f"engine yet (it runs Llama-family models: {field}={want!r})")
+    gaps = unsupported_fields(spec)          # planner.spec holds the fields: plans read them too
+    if gaps:
+        field, want = gaps[0]
+        raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
+                               f"engine yet (it runs Llama-family models: {field}={want!r})")
 
 
 class RunState:
