@@ -137,6 +137,9 @@ def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, 
         vendor = args.vendor or "nvidia"
         tflops = args.tflops or round(bw * _median_ratio(db), 1)
         if vendor == "apple":               # one memory: the GPU reads the host's weights at its own bandwidth
+            if args.host_link:
+                raise UnitError("--host-link does not apply to --vendor apple: its GPU reads host memory directly, "
+                                "at --bandwidth")
             link_name, link = "unified memory", bw
         else:
             link_name = "PCIe (assumed)"

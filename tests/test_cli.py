@@ -23,6 +23,8 @@ def run(capsys, *args):
     (["plan", "--vram", "eight", "--bandwidth", "448", "--model", "llama2-7b"], "'eight' is not a size"),
     (["plan", "--model", "llama2-7b"], "name a card with --gpu"),
     (["plan", "--gpu", "rtx4090", "--vendor", "amd", "--model", "llama2-7b"], "--vendor describes a custom card"),
+    (["plan", "--vram", "8GiB", "--bandwidth", "100GB/s", "--vendor", "apple", "--host-link", "25GB/s", "--model",
+      "llama2-7b"], "--host-link does not apply to --vendor apple"),
     (["plan", "--gpu", "RTX 3060 8GB", "--model", "llama2-7b"], "rtx3060-12gb has 12 GiB, not 8 GB"),
     (["plan", "--gpu", "rtx4090", "--model", "./missing.json"], "config file not found"),
     (["plan", "--gpu", "rtx4090", "--model", "llama2-7b", "--measurement", "/nonexistent.yaml"], "cannot read file"),
