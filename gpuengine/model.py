@@ -143,7 +143,7 @@ class GPUTransformer:
         import cupy as cp
         import cupyx
 
-        check_supported(spec)
+        check_supported(spec, ctx)
         self.spec, self.ctx = spec, ctx
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved

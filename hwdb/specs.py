@@ -70,7 +70,11 @@ class ModelSpec:
     fused_gate_up: bool = False      # checkpoint stores gate and up as one tensor (Phi-3)
     num_experts: int = 0             # MoE: experts per layer (0: dense)
     experts_per_token: int = 0       # MoE: experts active per token
-    sliding_window: int = 0          # informational: the cache is planned for the full context
+    sliding_window: int = 0          # attention window of the sliding layers, tokens (0: every layer global)
+    # With sliding_window: the last layer of every N attends globally, the others slide (Gemma 2: 2, Gemma 3: 6,
+    # as Gemma 3's config.json names it); 0: every layer slides (Mistral 7B v0.1). Engines differ in whether
+    # they shrink a sliding layer's cache to its window (planner.targets.llamacpp, .vllm).
+    sliding_window_pattern: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5           # RMSNorm / LayerNorm epsilon
     published_params: int = 0        # the published total, checked against our count
@@ -91,6 +95,13 @@ class ModelSpec:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError("field 'experts_per_token' must be in 1..num_experts for an MoE model")
+        if self.sliding_window < 0 or self.sliding_window_pattern < 0:
+            raise ValueError("fields 'sliding_window' and 'sliding_window_pattern' must not be negative")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether this layer attends over a sliding window rather than the whole context."""
+        n = self.sliding_window_pattern
+        return self.sliding_window > 0 and (n == 0 or (layer + 1) % n != 0)
 
     @property
     def is_moe(self) -> bool:

@@ -129,12 +129,21 @@ def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
     return [(field, want) for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
 
 
-def engine_gaps(spec: ModelSpec) -> list[str]:
-    """Why `vramwise run` cannot run this architecture yet ([] if it can)."""
+def window_gap(spec: ModelSpec, ctx: int | None) -> str | None:
+    """The engines attend over every cached position: a context past a sliding window (Mistral 7B v0.1's 4096)
+    would compute attention the model was not trained for. None where the context stays inside the window."""
+    if ctx is None or not any(spec.is_sliding(i) for i in range(spec.num_layers)) or ctx <= spec.sliding_window:
+        return None
+    return f"sliding_window={spec.sliding_window} below the context {ctx}"
+
+
+def engine_gaps(spec: ModelSpec, ctx: int | None = None) -> list[str]:
+    """Why `vramwise run` cannot run this architecture (at this context) yet ([] if it can)."""
     gaps = [f"{field}={getattr(spec, field)!r}" for field, _ in unsupported_fields(spec)]
     if spec.family not in ENGINE_FAMILIES:
         gaps.insert(0, f"family {spec.family}")
-    return gaps
+    window = window_gap(spec, ctx)
+    return gaps + [window] if window else gaps
 
 
 def architecture_digest(spec: ModelSpec) -> str:
@@ -169,6 +178,36 @@ def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
     return default
 
 
+# Where a config.json names no layer pattern: Gemma 2 alternates (the modeling code's `layer_idx % 2`), Gemma 3
+# defaults to Gemma3TextConfig's sliding_window_pattern of 6.
+_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}
+
+
+def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
+    """sliding_window and sliding_window_pattern from a config.json (ModelSpec's meaning of each)."""
+    window = cfg.get("sliding_window") or 0
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ModelSourceError(f"{name}: sliding_window {window!r} is not a token count")
+    if not window or cfg.get("use_sliding_window") is False:       # Qwen2/Qwen3 state a window they do not use
+        return {"sliding_window": 0, "sliding_window_pattern": 0}
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and types:
+        slides = [t == "sliding_attention" for t in types]
+        if not any(slides):
+            return {"sliding_window": 0, "sliding_window_pattern": 0}
+        if all(slides):
+            return {"sliding_window": window, "sliding_window_pattern": 0}
+        for n in range(2, len(slides) + 1):
+            if all(s == bool((i + 1) % n) for i, s in enumerate(slides)):
+                return {"sliding_window": window, "sliding_window_pattern": n}
+        raise ModelSourceError(f"{name}: layer_types mixes sliding and full attention in an order vramwise cannot "
+                               f"plan (it plans the last of every N layers global)")
+    pattern = cfg.get("sliding_window_pattern", _SLIDING_PATTERN.get(family, 0))
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 0:
+        raise ModelSourceError(f"{name}: sliding_window_pattern {pattern!r} is not a layer count")
+    return {"sliding_window": window, "sliding_window_pattern": pattern}
+
+
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
     family = cfg.get("model_type")
@@ -191,7 +230,7 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
         num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
-        sliding_window=cfg.get("sliding_window") or 0, source=f"config.json ({name})")
+        source=f"config.json ({name})", **_sliding(cfg, family, name))
     if family == "falcon":
         if not cfg.get("new_decoder_architecture", False):
             quirks.update(norms_per_layer=1)     # parallel attention with one shared layernorm
@@ -267,6 +306,9 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
         source=f"GGUF metadata ({path.name})")
+    if arch in _SLIDING_PATTERN:        # llama.cpp's own layer pattern for these architectures (load_hparams)
+        args.update(sliding_window=int(meta(f"{arch}.attention.sliding_window", 0)),
+                    sliding_window_pattern=_SLIDING_PATTERN[arch])
     blocks = {int(t.name.split(".")[1]) for t in reader.tensors
               if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
     # corrupt metadata: refuse before anything is sized per layer (a file of metadata alone has no blocks)

@@ -12,7 +12,7 @@ import numpy as np
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
-from planner.spec import unsupported_fields
+from planner.spec import unsupported_fields, window_gap
 from refengine import ops
 from refengine.kernels_attention import decode_attention
 from refengine.packed import linear
@@ -23,12 +23,16 @@ class UnsupportedModel(ValueError):
     """An architecture the reference engine does not run yet."""
 
 
-def check_supported(spec: ModelSpec) -> None:
+def check_supported(spec: ModelSpec, ctx: int | None = None) -> None:
     gaps = unsupported_fields(spec)          # planner.spec holds the fields: plans read them too
     if gaps:
         field, want = gaps[0]
         raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
                                f"engine yet (it runs Llama-family models: {field}={want!r})")
+    if window_gap(spec, ctx):
+        raise UnsupportedModel(f"{spec.name}: a {ctx}-token context passes its {spec.sliding_window}-token sliding "
+                               f"window, which the engines do not implement yet (they attend over every position); "
+                               f"plan --ctx {spec.sliding_window} or less")
 
 
 class RunState:
@@ -54,7 +58,7 @@ class Transformer:
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], ctx: int, kv_name: str = "fp16",
                  chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True):
-        check_supported(spec)
+        check_supported(spec, ctx)
         self.spec, self.w, self.ctx = spec, weights, ctx
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved

@@ -119,6 +119,48 @@ def test_hf_config_json_of_newer_families(tmp_path):
         "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208, "max_position_embeddings": 131072,
         "sliding_window": 1024}}, "gemma-3-4b-it")
     assert (gemma.family, gemma.norms_per_layer, gemma.tie_embeddings, gemma.head_dim) == ("gemma3", 4, True, 256)
+    assert (gemma.sliding_window, gemma.sliding_window_pattern) == (1024, 6)       # Gemma3TextConfig's default
+
+
+# The layer pattern of sliding-window attention, from each way a config.json states it
+BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 12, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("extra, window, pattern", [
+    ({"model_type": "gemma2", "sliding_window": 4096}, 4096, 2),                 # the modeling code alternates
+    ({"model_type": "gemma3_text", "sliding_window": 512, "sliding_window_pattern": 4}, 512, 4),
+    ({"model_type": "gemma3_text", "sliding_window": 512,
+      "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2}, 512, 6),
+    ({"model_type": "mistral", "sliding_window": 4096}, 4096, 0),               # Mistral 7B v0.1: every layer
+    ({"model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False}, 0, 0),   # stated, unused
+    ({"model_type": "qwen3", "sliding_window": None}, 0, 0),
+    ({"model_type": "gemma3_text", "sliding_window": 512, "layer_types": ["full_attention"] * 12}, 0, 0),
+])
+def test_sliding_window_from_config(extra, window, pattern):
+    from planner.spec import spec_from_hf_config
+    spec = spec_from_hf_config({**BASE, **extra}, "m")
+    assert (spec.sliding_window, spec.sliding_window_pattern) == (window, pattern)
+    slides = [spec.is_sliding(i) for i in range(spec.num_layers)]
+    if "layer_types" in extra:
+        assert slides == [t == "sliding_attention" for t in extra["layer_types"]]
+    assert sum(slides) == (0 if not window else 12 if not pattern else 12 - 12 // pattern)
+
+
+@pytest.mark.parametrize("extra", [
+    {"layer_types": ["sliding_attention", "full_attention", "full_attention"] * 4},   # not the last of every N
+    {"sliding_window": -1}, {"sliding_window_pattern": "six"}])
+def test_sliding_window_config_errors(extra):
+    from planner.spec import ModelSourceError, spec_from_hf_config
+    with pytest.raises(ModelSourceError, match="^m: .*(sliding|layer_types)"):
+        spec_from_hf_config({**BASE, "model_type": "gemma3_text", "sliding_window": 512, **extra}, "m")
+
+
+def test_database_gemmas_slide_as_published(db):
+    """Gemma 2 alternates local and global layers; Gemma 3 has 5 local to 1 global (model cards)."""
+    for model, local in (("gemma2-9b", 21), ("gemma2-27b", 23), ("gemma3-27b", 52), ("gemma3-4b", 29)):
+        spec = db.find_model(model)
+        assert sum(spec.is_sliding(i) for i in range(spec.num_layers)) == local, model
 
 
 def test_gguf_metadata(capsys, tmp_path):

@@ -176,9 +176,24 @@ def test_the_planner_and_the_engines_agree_on_what_runs():
     from planner.spec import engine_gaps
     from refengine.model import UnsupportedModel, check_supported
     for spec in DB.models.values():
-        try:
-            check_supported(spec)
-            refused = False
-        except UnsupportedModel:
-            refused = True
-        assert refused <= bool(engine_gaps(spec)), spec.id      # the engine refuses only what the plan flags
+        for ctx in (None, 4096, spec.max_context):
+            try:
+                check_supported(spec, ctx)
+                refused = False
+            except UnsupportedModel:
+                refused = True
+            assert refused <= bool(engine_gaps(spec, ctx)), spec.id   # the engine refuses only what the plan flags
+
+
+def test_a_context_past_a_sliding_window_is_flagged_not_run():
+    """The engines attend over every cached position: Mistral 7B v0.1 (every layer a 4096-token window) runs up to
+    its window, and a plan for more says `vramwise run` will refuse it."""
+    from refengine.model import UnsupportedModel, check_supported
+    spec = DB.find_model("mistral-7b")
+    check_supported(spec, 4096)
+    with pytest.raises(UnsupportedModel, match="8192-token context passes its 4096-token sliding window"):
+        check_supported(spec, 8192)
+    out = plan("mistral-7b", "rtx4090", ctx=8192)
+    (why,) = [w for what, choice, w in out.decisions if what == "engine"]
+    assert "sliding_window=4096 below the context 8192" in why
+    assert not [d for d in plan("mistral-7b", "rtx4090", ctx=4096).decisions if d[0] == "engine"]

@@ -110,7 +110,7 @@ def _req(db, model, gpu, cards=1, nodes=1, vram=None, **kw):
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(target=st.sampled_from(["llama.cpp", "exllamav2", "vllm"]),
-       model=st.sampled_from(["llama2-7b", "mistral-7b", "qwen2.5-1.5b", "mixtral-8x7b"]),
+       model=st.sampled_from(["llama2-7b", "mistral-7b", "qwen2.5-1.5b", "mixtral-8x7b", "gemma3-27b"]),
        gib=st.integers(6, 96), cards=st.sampled_from([1, 2]), ctx=st.sampled_from([None, 2048, 8192]))
 def test_a_target_plan_never_exceeds_its_budget(db, target, model, gib, cards, ctx):
     req = _req(db, model, "rtx4090", cards, vram=gib << 30, ctx=ctx)
@@ -133,6 +133,26 @@ def test_llamacpp_offloads_moe_experts_to_the_cpu(db):
 def test_llamacpp_partial_offload_of_a_dense_model(db):
     out = plan_target("llama.cpp", _req(db, "llama2-70b", "rtx4060"))
     assert out.mode == "offload" and 0 < out.settings["n_gpu_layers"] < 80
+
+
+def test_llamacpp_sliding_window_layers_keep_the_window(db):
+    """llama.cpp's iSWA cache (llama-kv-cache-iswa.cpp): Gemma 3's 52 local layers of 62 keep
+    min(n_ctx, 1024 + n_ubatch) cells rounded up to 256, its 10 global layers n_ctx; Mistral 7B v0.1 runs as the
+    llama architecture, which has no SWA cache, so its 4096-token window keeps every cell."""
+    gemma, mistral = db.find_model("gemma3-27b"), db.find_model("mistral-7b")
+    cells = llamacpp.kv_cells(gemma, 32768)
+    assert cells.count(1536) == 52 and cells.count(32768) == 10 and cells[5] == cells[11] == 32768
+    assert set(llamacpp.kv_cells(gemma, 1000)) == {1000, 1024}              # padded after the min, as llama.cpp
+    assert set(llamacpp.kv_cells(mistral, 32768)) == {32768}
+    row = mem.kv_bytes_per_token(gemma, KV_FORMATS["fp16"])
+    out = plan_target("llama.cpp", _req(db, "gemma3-27b", "rtx4090", ctx=32768))
+    assert out.mode == "gpu" and out.items["kv_cache"] == (10 * 32768 + 52 * 1536) * row
+    # offloaded: the layers on the CPU keep their own caches there, and the two parts add up to the whole
+    part = plan_target("llama.cpp", _req(db, "gemma3-27b", "rtx4060", ctx=32768))
+    assert part.mode == "offload" and part.host["kv_cache.cpu_layers"] > 0
+    assert part.items["kv_cache"] + part.host["kv_cache.cpu_layers"] == (10 * 32768 + 52 * 1536) * row
+    assert "52 of 62 layers attend over a 1024-token sliding window" in dict(
+        (w, y) for w, _, y in out.decisions)["kv_cache"]
 
 
 def test_llamacpp_quantized_v_uses_flash_attention(db):

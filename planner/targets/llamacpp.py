@@ -7,7 +7,10 @@ Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, s
     expert tensors in host memory (an -ot override to the CPU buffer);
   - KV cache: n_ctx cells x resident layers x (K row + V row); rows are whole ggml blocks, so q8_0 takes
     34 bytes and q4_0 18 bytes per 32 values (planner.formats' q8/q4). No padding of the cell count since
-    ggml-org/llama.cpp#16812 (earlier builds padded n_ctx to 256 with flash attention, 32 without);
+    ggml-org/llama.cpp#16812 (earlier builds padded n_ctx to 256 with flash attention, 32 without).
+    Architectures with interleaved sliding-window attention (SWA_FAMILIES) get two caches
+    (src/llama-kv-cache-iswa.cpp, since ggml-org/llama.cpp#13194; not with --swa-full): the global layers
+    keep n_ctx cells, the sliding ones min(n_ctx, n_swa + n_ubatch) rounded up to 256 (kv_cells);
   - compute buffer: what llama_context reserves for the worst-case graph (n_ubatch=512 tokens over all
     n_ctx cells, logits for every token): the largest set of fp32 tensors alive at once, since ggml-alloc
     reuses a tensor's memory after its last consumer (compute_buffer_bytes: the attention mask, the
@@ -34,6 +37,11 @@ KQ_MASK_PAD = 64                         # ggml GGML_KQ_MASK_PAD: the mask's tok
 # best first; each is a llama-quantize type name. F16 is offered only through --bpw 16.
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M",
           "IQ3_XS", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+# Architectures whose sliding-window layers llama.cpp gives a cache of the window's size (load_hparams sets their
+# swa_type). Mistral 7B v0.1 runs as the llama architecture, which has none, and Phi-3's is disabled: both keep
+# n_ctx cells in every layer.
+SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
+SWA_CELL_PAD = 256                       # the SWA cache's cell count is padded to 256 (ggml-org/llama.cpp#17037)
 OFFLOAD_FTYPE = "Q4_K_M"                 # the common 4-bit choice when the model must be split with the CPU
 KV_TYPES = {"fp16": "f16", "q8": "q8_0", "q4": "q4_0"}
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -49,6 +57,22 @@ class _Layout:
         self.spec, self.types, self.ctx, self.kv = spec, types, ctx, kv
         self.gpu_layers, self.head_on_gpu, self.cpu_expert_layers = gpu_layers, head_on_gpu, cpu_expert_layers
         self.tensor_bytes = gguf.file_bytes(spec, types)
+        self.kv_layer = kv_layer_bytes(spec, ctx, kv)
+
+
+def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
+    """Cells of each layer's cache: n_ctx, or on a sliding-window layer of an SWA_FAMILIES model the SWA cache's
+    min(n_ctx, n_swa + n_ubatch) rounded up to 256 (one sequence, llama.cpp's default; --swa-full is not planned)."""
+    if spec.family not in SWA_FAMILIES or not spec.sliding_window:
+        return [ctx] * spec.num_layers
+    swa = -(-min(ctx, spec.sliding_window + n_ubatch) // SWA_CELL_PAD) * SWA_CELL_PAD
+    return [swa if spec.is_sliding(i) else ctx for i in range(spec.num_layers)]
+
+
+def kv_layer_bytes(spec, ctx: int, kv: str) -> list[int]:
+    """Bytes of each layer's K and V cache at n_ctx = ctx in the cache type kv (fp16, q8 or q4)."""
+    row = mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
+    return [cells * row for cells in kv_cells(spec, ctx)]
 
 
 def _layer_bytes(lay: _Layout, experts: bool) -> list[int]:
@@ -76,7 +100,8 @@ def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_
     n = min(ctx, n_ubatch)
     h, q = spec.hidden_size, spec.q_dim
     n_pad = -(-n // KQ_MASK_PAD) * KQ_MASK_PAD
-    mask = ctx * n_pad * (4 + 2 if flash_attn else 4)
+    masked = sorted(set(kv_cells(spec, ctx, n_ubatch)))     # a mask per cache: the sliding layers' has its own
+    mask = sum(masked) * n_pad * (4 + 2 if flash_attn else 4)
     scores = 0 if flash_attn else ctx * n * spec.num_heads * 4
     attention = mask + scores + n * (2 * h + 2 * q) * 4
     k = max(1, spec.experts_per_token)
@@ -92,7 +117,7 @@ def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -
     norm = sum(lay.tensor_bytes[t.name] for t in gguf.gguf_tensors(lay.spec) if t.layer < 0 and t.category == "other")
     on_head = last and lay.head_on_gpu
     return {"weights.layers": sum(layer_bytes[a:b]), "weights.output": head + norm if on_head else 0,
-            "kv_cache": (b - a) * lay.ctx * mem.kv_bytes_per_token(lay.spec, KV_FORMATS[lay.kv]),
+            "kv_cache": sum(lay.kv_layer[a:b]),
             "compute_buffer": compute_buffer_bytes(lay.spec, lay.ctx, True, on_head),
             "cuda_context": mem.CUDA_CONTEXT_BYTES, "cublas_workspace": mem.cublas_workspace_bytes(req.gpu),
             "fit_margin": FIT_TARGET_BYTES, "reserve": _reserve(req) if card == 0 else 0}
@@ -106,15 +131,14 @@ def _place(req: TargetRequest, spec, types, ctx, kv, cpu_expert_layers=frozenset
     """Fill the cards from the last layer backwards (as -ngl does); None if not even one layer fits."""
     n, cards = spec.num_layers, req.gpu_count
     probe = _Layout(spec, types, ctx, kv, tuple((0, 0) for _ in range(cards)), True, cpu_expert_layers)
-    layer_bytes = _layer_bytes(probe, experts=False)
-    kv_layer = ctx * mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
+    layer_bytes = [w + c for w, c in zip(_layer_bytes(probe, experts=False), probe.kv_layer)]
     budgets = [req.gpu.memory_bytes] * cards
     top = n if max_layers is None else max_layers
     for k in range(top, 0, -1):
         head_on_gpu = k == n
         fixed = [sum(_card(req, _Layout(spec, types, ctx, kv, tuple((0, 0) for _ in range(cards)), head_on_gpu,
                                         cpu_expert_layers), c, layer_bytes).values()) for c in range(cards)]
-        split = contiguous_split(layer_bytes[n - k:], fixed, budgets, kv_layer)
+        split = contiguous_split(layer_bytes[n - k:], fixed, budgets, 0)
         if split is not None:
             split = tuple((a + n - k, b + n - k) for a, b in split)
             return _Layout(spec, types, ctx, kv, split, head_on_gpu, cpu_expert_layers)
@@ -247,6 +271,16 @@ def _offload(req: TargetRequest, ftypes: list[str]) -> Outcome:
     return _outcome(req, lay, ftype, {}, "offload", why)
 
 
+def _swa_why(spec, ctx: int) -> str:
+    cells = kv_cells(spec, ctx)
+    if min(cells) == ctx:
+        return ""
+    n = sum(c < ctx for c in cells)
+    return (f"; {n} of {spec.num_layers} layers attend over a {spec.sliding_window}-token sliding window and keep "
+            f"{min(cells)} cells (the window and one {N_UBATCH}-token micro-batch, padded to {SWA_CELL_PAD}), the "
+            f"others all {ctx}")
+
+
 def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode: str, why: str) -> Outcome:
     spec = lay.spec
     layer_bytes = _layer_bytes(lay, experts=False)
@@ -254,11 +288,11 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     n_gpu = sum(b - a for a, b in lay.gpu_layers)
     ngl = n_gpu + 1 if lay.head_on_gpu else n_gpu
     kv_tok = mem.kv_bytes_per_token(spec, KV_FORMATS[lay.kv])
-    cpu_layers = spec.num_layers - n_gpu
+    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
     all_layers = _layer_bytes(lay, experts=True)
     host = {"weights.token_embd": lay.tensor_bytes["token_embd"],
             "weights.cpu_layers": sum(all_layers) - sum(sum(layer_bytes[a:b]) for a, b in lay.gpu_layers),
-            "kv_cache.cpu_layers": cpu_layers * lay.ctx * kv_tok}
+            "kv_cache.cpu_layers": sum(c for i, c in enumerate(lay.kv_layer) if i not in on_gpu)}
     total_file = sum(lay.tensor_bytes.values()) + gguf.metadata_bytes(spec)
     kv_name = KV_TYPES[lay.kv]
     settings = {"ftype": ftype, "imatrix": ftype.startswith("IQ"), "tensor_types": dict(overrides),
@@ -282,7 +316,8 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
         decisions.append(("imatrix", "yes", "IQ types are tuned with an importance matrix (llama-imatrix)"))
     decisions += [("context", str(lay.ctx), "as asked (--ctx)" if req.ctx else "the model's native context, capped at 4096"),
                   ("kv_cache", kv_name, f"{kv_tok} bytes per token per layer; quantized V needs "
-                                        f"flash attention (-fa on, used always: it also shrinks the compute buffer)"),
+                                        f"flash attention (-fa on, used always: it also shrinks the compute buffer)"
+                                        + _swa_why(spec, lay.ctx)),
                   ("n_gpu_layers", str(ngl), f"{n_gpu} of {spec.num_layers} layers" +
                    (" and the output head (-ngl beyond the layer count)" if lay.head_on_gpu else "; head on the CPU")),
                   ("fit_margin", fmt_bytes(FIT_TARGET_BYTES), "llama.cpp's --fit default keeps 1024 MiB free per device")]
