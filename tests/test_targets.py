@@ -26,7 +26,7 @@ def predict(fig: dict, db) -> float:
         nbytes = sum(gguf.file_bytes(spec, gguf.tensor_types(spec, fig["ftype"], fig["imatrix"])).values())
         return 8 * nbytes / param_count(spec) if kind == "gguf_bpw" else nbytes / 2**30
     if kind == "llamacpp_kv_mib":
-        return fig["ctx"] * spec.num_layers * mem.kv_bytes_per_token(spec, KV_FORMATS[fig["kv"]]) / 2**20
+        return sum(llamacpp.kv_layer_bytes(spec, fig["ctx"], fig["kv"])) / 2**20
     if kind == "llamacpp_compute_mib":
         return llamacpp.compute_buffer_bytes(spec, fig["ctx"], fig["flash_attn"], True) / 2**20
     if kind == "vllm_weights_gib":
@@ -137,12 +137,14 @@ def test_llamacpp_partial_offload_of_a_dense_model(db):
 
 def test_llamacpp_sliding_window_layers_keep_the_window(db):
     """llama.cpp's iSWA cache (llama-kv-cache-iswa.cpp): Gemma 3's 52 local layers of 62 keep
-    min(n_ctx, 1024 + n_ubatch) cells rounded up to 256, its 10 global layers n_ctx; Mistral 7B v0.1 runs as the
-    llama architecture, which has no SWA cache, so its 4096-token window keeps every cell."""
+    min(n_ctx, 1024 + n_ubatch) cells rounded up to 256, its 10 global layers n_ctx (also rounded up to 256);
+    Mistral 7B v0.1 runs as the llama architecture, which has no SWA cache, so its 4096-token window keeps every
+    cell."""
     gemma, mistral = db.find_model("gemma3-27b"), db.find_model("mistral-7b")
     cells = llamacpp.kv_cells(gemma, 32768)
     assert cells.count(1536) == 52 and cells.count(32768) == 10 and cells[5] == cells[11] == 32768
-    assert set(llamacpp.kv_cells(gemma, 1000)) == {1000, 1024}              # padded after the min, as llama.cpp
+    assert set(llamacpp.kv_cells(gemma, 5000)) == {5120, 1536}      # n_ctx padded to 256 (ggml-org/llama.cpp#17046)
+    assert set(llamacpp.kv_cells(gemma, 1000)) == {1024}             # the window's cache is never larger than n_ctx's
     assert set(llamacpp.kv_cells(mistral, 32768)) == {32768}
     row = mem.kv_bytes_per_token(gemma, KV_FORMATS["fp16"])
     out = plan_target("llama.cpp", _req(db, "gemma3-27b", "rtx4090", ctx=32768))
@@ -153,6 +155,50 @@ def test_llamacpp_sliding_window_layers_keep_the_window(db):
     assert part.items["kv_cache"] + part.host["kv_cache.cpu_layers"] == (10 * 32768 + 52 * 1536) * row
     assert "52 of 62 layers attend over a 1024-token sliding window" in dict(
         (w, y) for w, _, y in out.decisions)["kv_cache"]
+
+
+def test_vllm_hybrid_kv_groups_match_a_published_gemma3_log(db):
+    """vLLM V1's hybrid KV cache manager on google/gemma-3-4b-it (ovg-project/kvcached#215, an A100, 2025-11-13):
+    'Add 1 padding layers', 'GPU KV cache size: 317,136 tokens' (blocks // 7 groups x 16) and 'Maximum concurrency
+    for 3,072 tokens per request: 102.78x' (blocks / blocks a request takes). 34 layers, 5 global: groups of 5, one
+    global and six sliding (30 slots for 29 layers); a 3072-token request takes 192 blocks in the global group and
+    ceil(min(1023 + 2048, 3072) / 16) + 1 = 193 in each sliding one, 1350 in all, and 138,753 blocks give both
+    logged figures."""
+    g = vllm.KVGroups(db.find_model("gemma3-4b"), (0, 34), 1, 2, 2048)
+    assert (g.group, g.full_groups, g.sliding_groups) == (5, 1, 6) and g.group * g.sliding_groups - 29 == 1
+    assert g.blocks_for(3072) == 1350
+    blocks = 138_753
+    assert blocks // 7 * 16 == 317_136 and round(blocks / g.blocks_for(3072), 2) == 102.78
+    # a model without sliding layers: one group of every layer, a block per 16 tokens
+    llama = vllm.KVGroups(db.find_model("llama3-8b"), (0, 32), 1, 2, 2048)
+    assert (llama.group, llama.sliding_groups, llama.blocks_for(4097), llama.max_tokens(100)) == (32, 0, 257, 1600)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=st.sampled_from(["gemma3-27b", "gemma2-9b", "gemma3-1b", "mistral-7b"]),
+       blocks=st.integers(0, 200_000), batched=st.sampled_from([2048, 8192]))
+def test_vllm_max_tokens_is_the_longest_request_the_blocks_hold(db, model, blocks, batched):
+    spec = db.find_model(model)
+    g = vllm.KVGroups(spec, (0, spec.num_layers), 1, 2, batched)
+    n = g.max_tokens(blocks)
+    assert n % vllm.BLOCK_SIZE == 0 and g.blocks_for(n) <= blocks < g.blocks_for(n + vllm.BLOCK_SIZE)
+
+
+def test_vllm_plans_gemma3_with_the_hybrid_manager(db):
+    """A 32K-token Gemma 3 27B request on one H100: the sliding layers' groups keep a window each, so the cache
+    the plan holds is far below 62 layers x 32768 tokens, and still takes the request."""
+    out = plan_target("vllm", _req(db, "gemma3-27b", "H100 SXM", ctx=32768))
+    spec = db.find_model("gemma3-27b")
+    g = vllm.KVGroups(spec, (0, 62), 1, 2, out.settings["max_num_batched_tokens"])
+    assert g.max_tokens(out.settings["gpu_blocks"]) >= 32768
+    assert out.items["kv_cache"] == out.settings["gpu_blocks"] * g.block
+    assert "hybrid KV cache manager" in dict((w, y) for w, _, y in out.decisions)["kv_cache"]
+
+
+@pytest.mark.parametrize("model", ["qwen3-8b", "qwen3-30b-a3b", "gemma3-27b", "falcon-180b"])
+def test_exllamav2_refuses_families_its_version_does_not_load(db, model):
+    with pytest.raises(TargetError, match="ExLlamaV2 0.2.8 does not load .*--target llama.cpp or vllm"):
+        plan_target("exllamav2", _req(db, model, "h100 sxm"))
 
 
 def test_llamacpp_quantized_v_uses_flash_attention(db):

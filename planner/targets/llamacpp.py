@@ -6,8 +6,8 @@ Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, s
     the GPU(s), and the output head too when N exceeds the layer count. --cpu-moe / --n-cpu-moe keep
     expert tensors in host memory (an -ot override to the CPU buffer);
   - KV cache: n_ctx cells x resident layers x (K row + V row); rows are whole ggml blocks, so q8_0 takes
-    34 bytes and q4_0 18 bytes per 32 values (planner.formats' q8/q4). No padding of the cell count since
-    ggml-org/llama.cpp#16812 (earlier builds padded n_ctx to 256 with flash attention, 32 without).
+    34 bytes and q4_0 18 bytes per 32 values (planner.formats' q8/q4). llama_context rounds n_ctx up to a
+    multiple of 256 (ggml-org/llama.cpp#17046, November 2025, restoring the padding #16812 had removed).
     Architectures with interleaved sliding-window attention (SWA_FAMILIES) get two caches
     (src/llama-kv-cache-iswa.cpp, since ggml-org/llama.cpp#13194; not with --swa-full): the global layers
     keep n_ctx cells, the sliding ones min(n_ctx, n_swa + n_ubatch) rounded up to 256 (kv_cells);
@@ -41,7 +41,7 @@ LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_
 # swa_type). Mistral 7B v0.1 runs as the llama architecture, which has none, and Phi-3's is disabled: both keep
 # n_ctx cells in every layer.
 SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
-SWA_CELL_PAD = 256                       # the SWA cache's cell count is padded to 256 (ggml-org/llama.cpp#17037)
+CELL_PAD = 256                           # n_ctx and the SWA cache's cells are padded to 256 (ggml-org/llama.cpp#17046)
 OFFLOAD_FTYPE = "Q4_K_M"                 # the common 4-bit choice when the model must be split with the CPU
 KV_TYPES = {"fp16": "f16", "q8": "q8_0", "q4": "q4_0"}
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -60,13 +60,20 @@ class _Layout:
         self.kv_layer = kv_layer_bytes(spec, ctx, kv)
 
 
+def _pad(n: int) -> int:
+    return -(-n // CELL_PAD) * CELL_PAD
+
+
 def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
-    """Cells of each layer's cache: n_ctx, or on a sliding-window layer of an SWA_FAMILIES model the SWA cache's
-    min(n_ctx, n_swa + n_ubatch) rounded up to 256 (one sequence, llama.cpp's default; --swa-full is not planned)."""
+    """Cells of each layer's cache for -c ctx: n_ctx rounded up to 256, or on a sliding-window layer of an
+    SWA_FAMILIES model the SWA cache's min(n_ctx, n_swa + n_ubatch) rounded up to 256 (one sequence, as llama-cli
+    and llama-bench run; llama-server's default of 4 slots sharing one cache gives the SWA cache 4 windows, and
+    --swa-full all n_ctx cells: neither is planned)."""
+    base = _pad(ctx)
     if spec.family not in SWA_FAMILIES or not spec.sliding_window:
-        return [ctx] * spec.num_layers
-    swa = -(-min(ctx, spec.sliding_window + n_ubatch) // SWA_CELL_PAD) * SWA_CELL_PAD
-    return [swa if spec.is_sliding(i) else ctx for i in range(spec.num_layers)]
+        return [base] * spec.num_layers
+    swa = _pad(min(base, spec.sliding_window + n_ubatch))
+    return [swa if spec.is_sliding(i) else base for i in range(spec.num_layers)]
 
 
 def kv_layer_bytes(spec, ctx: int, kv: str) -> list[int]:
@@ -100,9 +107,9 @@ def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_
     n = min(ctx, n_ubatch)
     h, q = spec.hidden_size, spec.q_dim
     n_pad = -(-n // KQ_MASK_PAD) * KQ_MASK_PAD
-    masked = sorted(set(kv_cells(spec, ctx, n_ubatch)))     # a mask per cache: the sliding layers' has its own
-    mask = sum(masked) * n_pad * (4 + 2 if flash_attn else 4)
-    scores = 0 if flash_attn else ctx * n * spec.num_heads * 4
+    cells = kv_cells(spec, ctx, n_ubatch)
+    mask = sum(set(cells)) * n_pad * (4 + 2 if flash_attn else 4)   # a mask per cache: the sliding layers' too
+    scores = 0 if flash_attn else max(cells) * n * spec.num_heads * 4
     attention = mask + scores + n * (2 * h + 2 * q) * 4
     k = max(1, spec.experts_per_token)
     ffn = mask + n * k * 3 * spec.intermediate_size * 4 + n * 2 * h * 4 + (n * k * h * 4 if spec.is_moe else 0)
@@ -273,12 +280,12 @@ def _offload(req: TargetRequest, ftypes: list[str]) -> Outcome:
 
 def _swa_why(spec, ctx: int) -> str:
     cells = kv_cells(spec, ctx)
-    if min(cells) == ctx:
+    if min(cells) == max(cells):
         return ""
-    n = sum(c < ctx for c in cells)
+    n = sum(c < max(cells) for c in cells)
     return (f"; {n} of {spec.num_layers} layers attend over a {spec.sliding_window}-token sliding window and keep "
-            f"{min(cells)} cells (the window and one {N_UBATCH}-token micro-batch, padded to {SWA_CELL_PAD}), the "
-            f"others all {ctx}")
+            f"{min(cells)} cells (the window and one {N_UBATCH}-token micro-batch, padded to {CELL_PAD}), the "
+            f"others all {max(cells)}")
 
 
 def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode: str, why: str) -> Outcome:
