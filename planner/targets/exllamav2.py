@@ -11,7 +11,8 @@ Accounting as ExLlamaV2 does it (turboderp/exllamav2, described, not copied):
   - the embedding stays in system RAM (fp16); norms are fp16 on the GPU.
   - cache (exllamav2/cache.py): FP16 2 bytes per value; Q8/Q6/Q4 store K and V at 8/8, 8/4, 4/4 bits
     plus one fp16 scale per 32 values, and one fp16 K+V layer-sized buffer per device to (de)quantize into;
-    a quantized cache's length is rounded up to whole 512-value blocks.
+    a quantized cache's length is rounded up to whole 512-value blocks. Every layer's cache holds the whole
+    sequence: Gemma 2's sliding-window layers apply their window in flash attention, not in the cache.
   - scratch: fp32 activations of one 2048-token input chunk (ExLlamaV2's max_input_len) without attention
     scores (flash attention), CUDA context and the 2% allocator margin as for vramwise's engine.
 """
@@ -113,8 +114,17 @@ def _fit(req: TargetRequest, ctx: int, mode: str):
     return None
 
 
+# Model families ExLlamaV2 0.2.8 loads (exllamav2/architecture.py: LlamaForCausalLM, the default, MistralForCausalLM,
+# MixtralForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM). Gemma 3 (dev branch
+# 2025-03-15, turboderp/exllamav2#749) and Qwen3 (2025-04-29, #781) came after it; Falcon never did.
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma2")
+
+
 def plan(req: TargetRequest) -> Outcome:
     spec = req.model
+    if spec.family not in FAMILIES:
+        raise TargetError(f"ExLlamaV2 0.2.8 does not load {spec.name} (family {spec.family}; it loads "
+                          f"{', '.join(FAMILIES)}); use --target llama.cpp or vllm")
     if req.kv not in (None, "auto") and req.kv not in KV_TO_MODE:
         raise TargetError(f"ExLlamaV2 has no {req.kv} cache; use --kv fp16, q8 or q4 (or auto: FP16/Q8/Q6/Q4)")
     modes = [KV_TO_MODE[req.kv]] if req.kv in KV_TO_MODE else list(CACHE_MODES)

@@ -8,6 +8,11 @@ PyTorch's allocator; the rest
 becomes KV cache in blocks of --block-size (16) tokens:
     block bytes = 16 x layers on this GPU x 2 (K, V) x KV heads per TP rank x head_dim x dtype bytes
     blocks = floor(KV memory / block bytes), the minimum over all workers.
+Models with sliding-window layers among global ones (Gemma 2, Gemma 3) go through V1's hybrid KV cache
+manager, on by default on CUDA and ROCm (vllm/v1/core/kv_cache_utils.py, 0.10-era): layers are grouped by
+type, groups of min(sliding, global layers) layers (the last padded), a block holds one page of each of a
+group's layers, and a request of L tokens takes ceil(L / 16) blocks in each global group but only
+ceil(min(window - 1 + max_num_batched_tokens, L) / 16) + 1 in each sliding one (SlidingWindowSpec).
 KV heads are split over the tensor-parallel ranks (replicated when TP exceeds them); pipeline stages
 hold contiguous layers, the embedding on the first and the head on the last (vocab-parallel over TP).
 Across nodes vLLM documents Ray: one `ray start --head`, `ray start --address` on the others, then
@@ -42,6 +47,38 @@ FORMATS = {
     "awq": (4, 2.5, "AWQ 4-bit checkpoint: int4 + fp16 scale and 4-bit zero per group of 128 (--quantization awq)"),
 }
 BITS_TO_FORMAT = ((16, "bf16"), (8, "fp8"), (4, "awq"))
+# Families whose config.json sliding window vLLM gives its own KV groups. Others with a window (Mistral 7B v0.1)
+# are priced as global attention: more cache than vLLM may hold, never less.
+SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
+
+
+class KVGroups:
+    """How one worker's layers share vLLM's block pool: block bytes and the blocks a request of L tokens takes."""
+
+    def __init__(self, spec, stage: tuple[int, int], tp: int, kv_dtype_bytes: int, batched_tokens: int):
+        a, b = stage
+        sliding = sum(spec.is_sliding(i) for i in range(a, b)) if spec.family in SWA_FAMILIES else 0
+        full = b - a - sliding
+        self.window = spec.sliding_window + batched_tokens - 1      # SlidingWindowSpec's tokens a request keeps
+        if sliding and full:
+            self.group = min(sliding, full)
+            self.full_groups, self.sliding_groups = -(-full // self.group), -(-sliding // self.group)
+        else:                                  # one group of every layer (a sliding-only stage is priced as global)
+            self.group, self.full_groups, self.sliding_groups = b - a, 1, 0
+        self.block = block_bytes(spec, self.group, tp, kv_dtype_bytes)
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks one request of `tokens` tokens holds."""
+        swa = -(-min(self.window, tokens) // BLOCK_SIZE) + 1 if tokens else 0
+        return self.full_groups * -(-tokens // BLOCK_SIZE) + self.sliding_groups * swa
+
+    def max_tokens(self, blocks: int) -> int:
+        """The longest request `blocks` blocks hold (a multiple of the block size)."""
+        lo, hi = 0, blocks * BLOCK_SIZE
+        while lo < hi:
+            mid = (lo + hi + BLOCK_SIZE) // (2 * BLOCK_SIZE) * BLOCK_SIZE
+            lo, hi = (mid, hi) if self.blocks_for(mid) <= blocks else (lo, mid - BLOCK_SIZE)
+        return lo
 
 
 def _stages(n_layers: int, pp: int) -> list[tuple[int, int]]:
@@ -113,20 +150,21 @@ def _price(req: TargetRequest, fmt: str, kv_bytes: int):
     spec, tp, pp = req.model, req.gpu_count, req.nodes
     util = _utilization(req)
     tokens = BATCHED_TOKENS_LARGE if req.gpu.memory_bytes >= LARGE_CARD_BYTES else BATCHED_TOKENS
-    cards, blocks = [], []
+    cards, blocks, capacity = [], [], []
     for s, stage in enumerate(_stages(spec.num_layers, pp)):
         items = stage_items(spec, fmt, tp, pp, s, tokens)
         free = kv_memory_bytes(req.gpu.memory_bytes, util, items)
-        bb = block_bytes(spec, stage[1] - stage[0], tp, kv_bytes)
-        blocks.append(max(0, free) // bb)
-        cards += [(items, bb, stage)] * tp
+        groups = KVGroups(spec, stage, tp, kv_bytes, tokens)
+        blocks.append(max(0, free) // groups.block)
+        cards += [(items, groups.block, stage)] * tp
+        capacity.append(groups)
     n_blocks = min(blocks)
     per_gpu = []
     for items, bb, _ in cards:
         card = dict(items, kv_cache=n_blocks * bb)
         card["unused"] = req.gpu.memory_bytes - sum(card.values())   # the (1 - utilization) vLLM leaves alone
         per_gpu.append(card)
-    return util, tokens, n_blocks, per_gpu, cards
+    return util, tokens, n_blocks, per_gpu, cards, min(g.max_tokens(n_blocks) for g in capacity), capacity[0]
 
 
 def plan(req: TargetRequest) -> Outcome:
@@ -147,18 +185,17 @@ def plan(req: TargetRequest) -> Outcome:
                           f"and --bpw {req.bpw:g}")
     tried = []
     for fmt in fmts:
-        util, tokens, n_blocks, per_gpu, cards = _price(req, fmt, kv_bytes)
-        capacity = n_blocks * BLOCK_SIZE
+        util, tokens, n_blocks, per_gpu, cards, capacity, groups = _price(req, fmt, kv_bytes)
         need = want if req.ctx else min(want, 4096)
         tried.append(f"{fmt}: {capacity} tokens")
         if capacity >= need:
             ctx = want if capacity >= want or req.ctx else max(need, capacity // 1024 * 1024)
-            return _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried)
+            return _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried, groups)
     raise TargetError(f"{spec.name} leaves no room for a {want if req.ctx else min(want, 4096)}-token KV cache on "
                       f"{tp * pp} x {req.gpu.name} with vLLM ({'; '.join(tried)}); add --gpus or --nodes, or lower --ctx")
 
 
-def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried) -> Outcome:
+def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried, groups) -> Outcome:
     spec, tp, pp = req.model, req.gpu_count, req.nodes
     eff = EFFICIENCY[req.gpu.vendor]
     read = sum(items["weights"] for items, _, _ in cards[::tp])       # stages run one after another
@@ -179,14 +216,23 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
                                            f"tensor parallel over the {tp} cards" if tp > 1 else "one GPU"),
         ("gpu_memory_utilization", f"{util:.2f}", "vLLM's default 0.90" if util == DEFAULT_UTILIZATION else
          "lowered so the desktop reserve stays free"),
-        ("kv_cache", f"{n_blocks} blocks", f"{n_blocks * BLOCK_SIZE} tokens of {kv_name} cache "
-                                          f"(block {BLOCK_SIZE} tokens, {fmt_bytes(cards[0][1])} per block per GPU)"),
+        ("kv_cache", f"{n_blocks} blocks", _kv_why(spec, n_blocks, kv_name, cards[0][1], groups)),
         ("max_model_len", str(ctx), "as asked (--ctx)" if req.ctx else "the model's native context" if ctx == spec.max_context
          else "the native context does not fit the KV cache; the largest multiple of 1024 that does"),
         ("max_num_batched_tokens", str(tokens), "the profiling batch vLLM's activation peak is measured with")]
     weights = {"format": fmt, "bytes": sum(items["weights"] for items, _, _ in cards),
                "avg_bpw": FORMATS[fmt][0] + 8 * FORMATS[fmt][1] / GROUP}
     return Outcome("vllm", "gpu", settings, per_gpu, {}, ctx, kv_name, kv_tok, weights, decode, decisions)
+
+
+def _kv_why(spec, n_blocks: int, kv_name: str, block: int, groups: KVGroups) -> str:
+    per = f"block {BLOCK_SIZE} tokens, {fmt_bytes(block)} per block per GPU"
+    if not groups.sliding_groups:
+        return f"{n_blocks * BLOCK_SIZE} tokens of {kv_name} cache ({per})"
+    return (f"{kv_name} cache for one request of up to {groups.max_tokens(n_blocks)} tokens ({per}): the hybrid KV "
+            f"cache manager groups the layers {groups.group} a group, {groups.full_groups} global and "
+            f"{groups.sliding_groups} sliding, and a sliding group keeps only the {spec.sliding_window}-token window "
+            f"plus a {groups.window - spec.sliding_window + 1}-token batch")
 
 
 def _no_bf16(req: TargetRequest) -> bool:
