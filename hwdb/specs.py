@@ -66,6 +66,8 @@ class ModelSpec:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"   # layernorm carries a bias vector too
     norms_per_layer: int = 2         # Gemma 2 has 4 (pre and post attention and MLP)
     qkv_bias: bool = False           # Qwen2 has biases on q, k and v
+    extra_bias: bool = False         # gpt-oss: o, the router and every expert linear carry biases too
+    attn_sinks: bool = False         # gpt-oss: one learned attention-sink logit per head and layer
     fused_qkv: bool = False          # checkpoint stores q, k, v as one tensor (Phi-3, Falcon)
     fused_gate_up: bool = False      # checkpoint stores gate and up as one tensor (Phi-3)
     num_experts: int = 0             # MoE: experts per layer (0: dense)

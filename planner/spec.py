@@ -55,7 +55,12 @@ def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
                Tensor(f"{p}.v", i, "v", (kv, h), True)]
         bias = [Tensor(f"{p}.{n}.bias", i, "bias", (d,), False) for n, d in (("q", q), ("k", kv), ("v", kv))]
     out.append(Tensor(f"{p}.o", i, "o", (h, q), True))
-    return out + (bias if spec.qkv_bias else [])
+    out += bias if spec.qkv_bias else []
+    if spec.extra_bias:
+        out.append(Tensor(f"{p}.o.bias", i, "bias", (h,), False))
+    if spec.attn_sinks:
+        out.append(Tensor(f"{p}.sinks", i, "bias", (spec.num_heads,), False))
+    return out
 
 
 def _mlp(spec: ModelSpec, i: int, prefix: str, read_fraction: float = 1.0) -> list[Tensor]:
@@ -66,13 +71,18 @@ def _mlp(spec: ModelSpec, i: int, prefix: str, read_fraction: float = 1.0) -> li
         shapes = [("gate_up", (2 * f, h)), ("down", (h, f))]
     else:
         shapes = [("gate", (f, h)), ("up", (f, h)), ("down", (h, f))]
-    return [Tensor(f"{prefix}.{n}", i, n, s, True, read_fraction) for n, s in shapes]
+    out = [Tensor(f"{prefix}.{n}", i, n, s, True, read_fraction) for n, s in shapes]
+    if spec.extra_bias and spec.is_moe:
+        out += [Tensor(f"{prefix}.{n}.bias", i, "bias", s[:1], False, read_fraction) for n, s in shapes]
+    return out
 
 
 def _layer(spec: ModelSpec, i: int) -> list[Tensor]:
     out = _attention(spec, i)
     if spec.is_moe:
         out.append(Tensor(f"layers.{i}.moe.router", i, "router", (spec.num_experts, spec.hidden_size), False))
+        if spec.extra_bias:
+            out.append(Tensor(f"layers.{i}.moe.router.bias", i, "bias", (spec.num_experts,), False))
         share = spec.experts_per_token / spec.num_experts
         for e in range(spec.num_experts):
             out += _mlp(spec, i, f"layers.{i}.moe.{e}", share)
@@ -120,7 +130,7 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 # checkpoints' tensors their name tables know exactly. refengine.model.check_supported refuses the other
 # fields; other families are refused when their weights load (an unknown tensor: Qwen3's per-head q/k norms).
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
-               "fused_qkv": False, "fused_gate_up": False}
+               "fused_qkv": False, "fused_gate_up": False, "extra_bias": False, "attn_sinks": False}
 ENGINE_FAMILIES = ("llama", "mistral", "qwen2")
 
 
@@ -153,7 +163,9 @@ def architecture_digest(spec: ModelSpec) -> str:
     keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "vocab_size", "tie_embeddings", "mlp", "norm", "norms_per_layer", "qkv_bias", "fused_qkv",
             "fused_gate_up", "num_experts", "experts_per_token")
-    text = json.dumps({k: getattr(spec, k) for k in keys}, sort_keys=True)
+    fields = {k: getattr(spec, k) for k in keys}
+    fields.update({k: True for k in ("extra_bias", "attn_sinks") if getattr(spec, k)})   # older digests unchanged
+    text = json.dumps(fields, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -166,6 +178,7 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3_text": {"tie_embeddings": True, "norms_per_layer": 4}, "gemma3": {"tie_embeddings": True, "norms_per_layer": 4},
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
+    "gpt_oss": {"qkv_bias": True, "extra_bias": True, "attn_sinks": True},
 }
 
 
@@ -180,7 +193,7 @@ def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
 
 # Where a config.json names no layer pattern: Gemma 2 alternates (the modeling code's `layer_idx % 2`), Gemma 3
 # defaults to Gemma3TextConfig's sliding_window_pattern of 6.
-_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}
+_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2, "gpt-oss": 2}
 
 
 def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
@@ -255,7 +268,8 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
 _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe": {}, "gemma2": {"norms_per_layer": 4},
                "gemma3": {"norms_per_layer": 4},
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
-               "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True}}
+               "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True},
+               "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True}}
 
 
 def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:

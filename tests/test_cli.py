@@ -147,6 +147,22 @@ def test_sliding_window_from_config(extra, window, pattern):
     assert sum(slides) == (0 if not window else 12 if not pattern else 12 - 12 // pattern)
 
 
+def test_gpt_oss_config_json_counts_every_bias_and_sink(db):
+    """openai/gpt-oss-20b's config.json: biases on q, k, v, o, the router and every expert linear, a sink per
+    head, sliding layers first; the count is the database entry's, which rounds to llama.cpp's 20.91 B."""
+    from planner.spec import param_count, spec_from_hf_config
+    cfg = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24,
+           "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
+           "num_experts_per_tok": 4, "vocab_size": 201088, "max_position_embeddings": 131072, "sliding_window": 128,
+           "layer_types": ["sliding_attention", "full_attention"] * 12, "attention_bias": True,
+           "tie_word_embeddings": False, "rope_theta": 150000, "rms_norm_eps": 1e-5}
+    spec = spec_from_hf_config(cfg, "gpt-oss-20b")
+    assert (spec.family, spec.qkv_bias, spec.extra_bias, spec.attn_sinks) == ("gpt_oss", True, True, True)
+    assert (spec.sliding_window, spec.sliding_window_pattern, spec.is_sliding(0), spec.is_sliding(1)) == (128, 2, True, False)
+    assert param_count(spec) == 20_914_757_184 == param_count(db.find_model("gpt-oss-20b"))
+    assert round(param_count(spec) / 1e9, 2) == 20.91
+
+
 @pytest.mark.parametrize("extra", [
     {"layer_types": ["sliding_attention", "full_attention", "full_attention"] * 4},   # not the last of every N
     {"sliding_window": -1}, {"sliding_window_pattern": "six"}])

@@ -195,7 +195,25 @@ def test_vllm_plans_gemma3_with_the_hybrid_manager(db):
     assert "hybrid KV cache manager" in dict((w, y) for w, _, y in out.decisions)["kv_cache"]
 
 
-@pytest.mark.parametrize("model", ["qwen3-8b", "qwen3-30b-a3b", "gemma3-27b", "falcon-180b"])
+def test_gpt_oss_plans_its_native_mxfp4(db):
+    """llama.cpp plans gpt-oss in the MXFP4_MOE files it ships as (experts MXFP4, the rest Q8_0), with the 128-token
+    sliding layers' 768-cell cache (ggml-org/llama.cpp#17609's log at -c 4096), and offloads 120B's experts to host
+    RAM on a 24 GB card; vLLM serves the MXFP4 checkpoint and prices decode on the 4 routed experts of 32."""
+    spec = db.find_model("gpt-oss-20b")
+    assert llamacpp.kv_cells(spec, 4096).count(768) == 12
+    out = plan_target("llama.cpp", _req(db, "gpt-oss-20b", "rtx4090"))
+    assert out.mode == "gpu" and out.settings["ftype"] == "MXFP4_MOE"
+    assert out.weights["bytes_by_type"].keys() == {"MXFP4", "Q8_0", "F32"}
+    big = plan_target("llama.cpp", _req(db, "gpt-oss-120b", "rtx4090"))
+    assert big.mode == "offload" and big.settings["n_cpu_moe"] > 0
+    v = plan_target("vllm", _req(db, "gpt-oss-20b", "H100 SXM"))
+    assert v.settings["weights"] == "mxfp4" and 4.5 < v.weights["avg_bpw"] < 4.8     # 4.25 experts, 16 attention
+    all_experts = vllm._weights_per_gpu(spec, "mxfp4", 1, (0, 24), True, True)
+    routed = vllm._weights_per_gpu(spec, "mxfp4", 1, (0, 24), True, True, active=True)
+    assert 12e9 < all_experts < 15e9 and routed < all_experts / 3       # embedding: one row a token
+
+
+@pytest.mark.parametrize("model", ["qwen3-8b", "qwen3-30b-a3b", "gemma3-27b", "falcon-180b", "gpt-oss-20b"])
 def test_exllamav2_refuses_families_its_version_does_not_load(db, model):
     with pytest.raises(TargetError, match="ExLlamaV2 0.2.8 does not load .*--target llama.cpp or vllm"):
         plan_target("exllamav2", _req(db, model, "h100 sxm"))

@@ -26,6 +26,7 @@ GGML_TYPES: dict[str, tuple[int, int]] = {
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
     "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82),
     "IQ3_XXS": (256, 98), "IQ3_S": (256, 110), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
+    "MXFP4": (32, 17),                   # an E8M0 scale and 32 4-bit E2M1 values (gpt-oss's experts)
 }
 
 # llama-quantize file types -> base tensor type (llama_model_quantize_impl's switch)
@@ -36,6 +37,7 @@ FTYPES: dict[str, str] = {
     "IQ3_M": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_XXS", "Q2_K": "Q2_K",
     "Q2_K_S": "Q2_K", "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS",
     "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S",
+    "MXFP4_MOE": "Q8_0",                 # experts MXFP4, every other weight Q8_0 (the gpt-oss files' type)
 }
 # the low-bit mixes that need an importance matrix (llama-quantize refuses them without one)
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M"})
@@ -90,8 +92,9 @@ def gguf_tensors(spec: ModelSpec) -> tuple[GGUFTensor, ...]:
     merged: dict[tuple[int, str], list] = {}
     for t in tensors(spec):
         cat = _kind_to_category(t.kind)
-        if ".moe." in t.name and t.kind in ("gate", "up", "down"):
-            key = (t.layer, cat)
+        parts = t.name.split(".")
+        if ".moe." in t.name and (t.kind in ("gate", "up", "down") or parts[-1] == "bias" and parts[-3].isdigit()):
+            key = (t.layer, cat if t.kind != "bias" else _kind_to_category(parts[-2]) + "_bias")
             if key not in merged:
                 merged[key] = [t, 0]
                 out.append(key)          # placeholder, replaced below in order
@@ -103,6 +106,10 @@ def gguf_tensors(spec: ModelSpec) -> tuple[GGUFTensor, ...]:
     for item in out:
         if isinstance(item, tuple):
             t, numel = merged[item]
+            if item[1].endswith("_bias"):            # gpt-oss: the experts' biases, one 2-D F32 tensor a projection
+                cat = item[1][:-5]
+                result.append(GGUFTensor(f"blk.{t.layer}.{cat}_exps.bias", t.layer, cat, t.shape[-1], numel, False, True))
+                continue
             result.append(GGUFTensor(f"blk.{t.layer}.{item[1]}_exps", t.layer, item[1], t.shape[-1], numel, True, True))
         else:
             result.append(item)
@@ -118,6 +125,8 @@ def _mixed_type(spec: ModelSpec, ftype: str, t: GGUFTensor, base: str, i_v: int,
     gqa, experts, n = spec.num_heads // spec.num_kv_heads, spec.num_experts, spec.num_layers
     big70 = n == 80 and spec.family in ("llama", "qwen2")       # llama.cpp's LLM_TYPE_70B
     cat, i = t.category, t.layer
+    if ftype == "MXFP4_MOE":                   # llama-quantize: "MoE tensors -> MXFP4, other tensors -> Q8_0"
+        return "MXFP4" if t.expert else "Q8_0"
     if cat == "output" or (cat == "token_embd" and spec.tie_embeddings):
         if spec.family == "falcon" or t.ncols % GGML_TYPES[base][0]:
             return "Q8_0"

@@ -40,8 +40,10 @@ LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_
 # Architectures whose sliding-window layers llama.cpp gives a cache of the window's size (load_hparams sets their
 # swa_type). Mistral 7B v0.1 runs as the llama architecture, which has none, and Phi-3's is disabled: both keep
 # n_ctx cells in every layer.
-SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
+SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text", "gpt_oss")
 CELL_PAD = 256                           # n_ctx and the SWA cache's cells are padded to 256 (ggml-org/llama.cpp#17046)
+# Models whose files come in one type: gpt-oss ships MXFP4 experts, and its GGUFs keep them (MXFP4_MOE)
+NATIVE_FTYPES = {"gpt_oss": ("MXFP4_MOE",)}
 OFFLOAD_FTYPE = "Q4_K_M"                 # the common 4-bit choice when the model must be split with the CPU
 KV_TYPES = {"fp16": "f16", "q8": "q8_0", "q4": "q4_0"}
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -196,7 +198,8 @@ def _avg_bpw(spec, types) -> float:
 
 
 def _ftypes(req: TargetRequest) -> list[str]:
-    ladder = ("F16",) + LADDER if req.bpw is not None and req.bpw >= 16 else LADDER
+    ladder = NATIVE_FTYPES.get(req.model.family) or (
+        ("F16",) + LADDER if req.bpw is not None and req.bpw >= 16 else LADDER)
     out = []
     for f in ladder:
         bpw = _avg_bpw(req.model, gguf.tensor_types(req.model, f, f.startswith("IQ")))

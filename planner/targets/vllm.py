@@ -45,8 +45,12 @@ FORMATS = {
     "bf16": (16, 0.0, "the checkpoint's 16-bit weights (--dtype auto)"),
     "fp8": (8, 0.0, "FP8 weights quantized at load (--quantization fp8; per-tensor scales)"),
     "awq": (4, 2.5, "AWQ 4-bit checkpoint: int4 + fp16 scale and 4-bit zero per group of 128 (--quantization awq)"),
+    # the experts at MXFP4's 4.25 bits (an 8-bit scale per 32 values), every other weight bf16
+    "mxfp4": (16, 0.0, "the checkpoint as shipped: MXFP4 experts (4.25 bits), bf16 attention, router and head"),
 }
 BITS_TO_FORMAT = ((16, "bf16"), (8, "fp8"), (4, "awq"))
+NATIVE_FORMATS = {"gpt_oss": "mxfp4"}          # served in the format the checkpoint ships in
+MXFP4_EXPERT_BITS = 4.25
 # Families whose config.json sliding window vLLM gives its own KV groups. Others with a window (Mistral 7B v0.1)
 # are priced as global attention: more cache than vLLM may hold, never less.
 SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
@@ -93,18 +97,27 @@ def _stages(n_layers: int, pp: int) -> list[tuple[int, int]]:
     return out
 
 
-def _weights_per_gpu(spec, fmt: str, tp: int, stage: tuple[int, int], first: bool, last: bool) -> int:
+def _weights_per_gpu(spec, fmt: str, tp: int, stage: tuple[int, int], first: bool, last: bool,
+                     active: bool = False) -> int:
+    """One GPU's weight bytes; active: only what a decoded token reads (an MoE layer's routed experts)."""
     bits, per_group, _ = FORMATS[fmt]
     a, b = stage
     total = 0.0
     for t in tensors(spec):
-        if t.kind == "embed":
+        if t.kind == "embed":                  # a token reads one row of it, unless it is also the head
+            if active:
+                total += t.numel * 2 if last and spec.tie_embeddings else 0
+                continue
             total += t.numel * 2 if first else 0
             total += t.numel * 2 if last and spec.tie_embeddings and not first else 0
         elif t.kind == "head":
             total += t.numel * 2 if last else 0
         elif a <= t.layer < b:
-            total += t.numel * bits / 8 + t.numel / GROUP * per_group if t.quantized else t.numel * 2
+            share = t.read_fraction if active else 1.0
+            if fmt == "mxfp4" and t.quantized and t.read_fraction < 1:     # an expert's linear
+                total += t.numel * MXFP4_EXPERT_BITS / 8 * share
+            else:
+                total += (t.numel * bits / 8 + t.numel / GROUP * per_group if t.quantized else t.numel * 2) * share
         elif t.kind == "norm" and t.layer < 0 and last:
             total += t.numel * 2
     return math.ceil(total / tp)
@@ -180,6 +193,8 @@ def plan(req: TargetRequest) -> Outcome:
     want = req.ctx or spec.max_context
     bits = [b for b, _ in BITS_TO_FORMAT if req.bpw is None or b <= req.bpw]
     fmts = [f for b, f in BITS_TO_FORMAT if b in bits and b >= req.min_bpw]
+    if spec.family in NATIVE_FORMATS:
+        fmts = [NATIVE_FORMATS[spec.family]]
     if not fmts:
         raise TargetError(f"vLLM serves 16-, 8- and 4-bit weights; nothing lies within --min-bpw {req.min_bpw:g} "
                           f"and --bpw {req.bpw:g}")
@@ -198,7 +213,8 @@ def plan(req: TargetRequest) -> Outcome:
 def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried, groups) -> Outcome:
     spec, tp, pp = req.model, req.gpu_count, req.nodes
     eff = EFFICIENCY[req.gpu.vendor]
-    read = sum(items["weights"] for items, _, _ in cards[::tp])       # stages run one after another
+    stages = _stages(spec.num_layers, pp)                              # stages run one after another
+    read = sum(_weights_per_gpu(spec, fmt, tp, st, i == 0, i == pp - 1, active=True) for i, st in enumerate(stages))
     traffic = Traffic(vram_bytes=read, link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers),
                       overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
     decode = decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
@@ -221,8 +237,18 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
          else "the native context does not fit the KV cache; the largest multiple of 1024 that does"),
         ("max_num_batched_tokens", str(tokens), "the profiling batch vLLM's activation peak is measured with")]
     weights = {"format": fmt, "bytes": sum(items["weights"] for items, _, _ in cards),
-               "avg_bpw": FORMATS[fmt][0] + 8 * FORMATS[fmt][1] / GROUP}
+               "avg_bpw": _avg_bpw(spec, fmt)}
     return Outcome("vllm", "gpu", settings, per_gpu, {}, ctx, kv_name, kv_tok, weights, decode, decisions)
+
+
+def _avg_bpw(spec, fmt: str) -> float:
+    """Bits per weight over the quantized linears (for mxfp4: the experts' 4.25 and the rest's 16, weighted)."""
+    bits, per_group, _ = FORMATS[fmt]
+    if fmt != "mxfp4":
+        return bits + 8 * per_group / GROUP
+    lin = [t for t in tensors(spec) if t.quantized]
+    return round(sum(t.numel * (MXFP4_EXPERT_BITS if t.read_fraction < 1 else 16) for t in lin)
+                 / sum(t.numel for t in lin), 4)
 
 
 def _kv_why(spec, n_blocks: int, kv_name: str, block: int, groups: KVGroups) -> str:
