@@ -77,7 +77,7 @@ def _vllm(doc: dict, s: dict) -> list[str]:
              "--tensor-parallel-size", str(s["tensor_parallel_size"]),
              "--pipeline-parallel-size", str(s["pipeline_parallel_size"]),
              "--max-num-batched-tokens", str(s["max_num_batched_tokens"]), "--max-num-seqs", str(s["max_num_seqs"])]
-    if s["weights"] != "bf16":
+    if s["weights"] not in ("bf16", "mxfp4"):     # an MXFP4 checkpoint names its quantization in its config.json
         serve += ["--quantization", s["weights"]]
     if s["dtype"] != "auto":
         serve += ["--dtype", s["dtype"]]

@@ -68,6 +68,17 @@ def test_vllm_multinode_export_uses_ray(tmp_path, capsys):
     _check_documented(lines, "vllm")
 
 
+def test_gpt_oss_exports_its_shipped_formats(tmp_path, capsys):
+    """gpt-oss: llama.cpp's MXFP4_MOE type and the checkpoint itself for vLLM, whose config.json names its MXFP4
+    quantization (no --quantization flag to get wrong)."""
+    lines = _export(capsys, _plan(tmp_path, "--gpu", "rtx4090", "--model", "gpt-oss-20b", "--target", "llama.cpp"))
+    assert any(ln.startswith("llama-quantize") and ln.endswith("MXFP4_MOE") for ln in lines)
+    _check_documented(lines, "llama.cpp")
+    lines = _export(capsys, _plan(tmp_path, "--gpu", "h100-sxm", "--model", "gpt-oss-20b", "--target", "vllm"))
+    assert lines[-1].startswith("vllm serve openai/gpt-oss-20b ") and "--quantization" not in lines[-1]
+    _check_documented(lines, "vllm")
+
+
 def test_exllamav2_export(tmp_path, capsys):
     path = _plan(tmp_path, "--gpu", "rtx4090", "--model", "llama2-70b", "--target", "exllamav2")
     lines = _export(capsys, path)
