@@ -106,7 +106,8 @@ def main() -> None:
             continue
         year = re.search(r"\b(20[12]\d)\b", base["version"])
         done.append({**base, "group": "fit" if in_fit(row) else "held-out", "hwdb_gpu": row.gpu.id,
-                     "year": int(year.group(1)) if year else None,
+                     "year": int(year.group(1)) if year else None, "moe": row.model.is_moe,
+                     **({"outlier": m["outlier"]} if m.get("outlier") else {}),
                      "published_tps": m["tokens_per_s"], "predicted_tps": round(pred, 2),
                      "err": round(pred / m["tokens_per_s"] - 1, 4)})
     groups = {}
@@ -116,6 +117,8 @@ def main() -> None:
                         and (r["year"] or 0) >= 2025),
                        ("held-out llama.cpp 2023-24", lambda r: r["group"] == "held-out" and r["engine"] == "llama.cpp"
                         and r["year"] in (2023, 2024)),
+                       ("held-out llama.cpp MoE", lambda r: r["group"] == "held-out" and r["engine"] == "llama.cpp"
+                        and r["moe"]),
                        ("held-out exllamav2", lambda r: r["group"] == "held-out" and r["engine"] == "exllamav2")):
         groups[name] = _summary([r["err"] for r in done if keep(r)])
 
