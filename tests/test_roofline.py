@@ -147,7 +147,8 @@ def test_recent_published_runs_it_was_not_fit_to_are_predicted_within_15_percent
         m = row.m
         recent = m["engine"] == "llama.cpp" and any(y in str(m.get("engine_version")) for y in ("2025", "2026"))
         outlier = m.get("outlier")                   # a row other measurements contradict: reported, not required
-        if row.skip or not row.decode or in_fit(row) or not (recent or m["weights_format"].startswith("exl2")) or outlier:
+        wanted = recent or m["weights_format"].startswith("exl2")
+        if row.skip or not row.decode or in_fit(row) or not wanted or outlier:
             continue
         tps, why = predict(row)
         if tps is None:

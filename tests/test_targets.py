@@ -206,6 +206,8 @@ def test_gpt_oss_plans_its_native_mxfp4(db):
     assert out.weights["bytes_by_type"].keys() == {"MXFP4", "Q8_0", "F32"}
     big = plan_target("llama.cpp", _req(db, "gpt-oss-120b", "rtx4090"))
     assert big.mode == "offload" and big.settings["n_cpu_moe"] > 0
+    g = vllm.KVGroups(spec, (0, 24), 1, 2, 8192)                     # vLLM: 12 global and 12 sliding layers
+    assert (g.group, g.full_groups, g.sliding_groups) == (12, 1, 1)
     v = plan_target("vllm", _req(db, "gpt-oss-20b", "H100 SXM"))
     assert v.settings["weights"] == "mxfp4" and 4.5 < v.weights["avg_bpw"] < 4.8     # 4.25 experts, 16 attention
     all_experts = vllm._weights_per_gpu(spec, "mxfp4", 1, (0, 24), True, True)

@@ -108,7 +108,8 @@ def gguf_tensors(spec: ModelSpec) -> tuple[GGUFTensor, ...]:
             t, numel = merged[item]
             if item[1].endswith("_bias"):            # gpt-oss: the experts' biases, one 2-D F32 tensor a projection
                 cat = item[1][:-5]
-                result.append(GGUFTensor(f"blk.{t.layer}.{cat}_exps.bias", t.layer, cat, t.shape[-1], numel, False, True))
+                name = f"blk.{t.layer}.{cat}_exps.bias"
+                result.append(GGUFTensor(name, t.layer, cat, t.shape[-1], numel, False, True))
                 continue
             result.append(GGUFTensor(f"blk.{t.layer}.{item[1]}_exps", t.layer, item[1], t.shape[-1], numel, True, True))
         else:

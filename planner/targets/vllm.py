@@ -8,7 +8,7 @@ PyTorch's allocator; the rest
 becomes KV cache in blocks of --block-size (16) tokens:
     block bytes = 16 x layers on this GPU x 2 (K, V) x KV heads per TP rank x head_dim x dtype bytes
     blocks = floor(KV memory / block bytes), the minimum over all workers.
-Models with sliding-window layers among global ones (Gemma 2, Gemma 3) go through V1's hybrid KV cache
+Models with sliding-window layers among global ones (Gemma 2, Gemma 3, gpt-oss) go through V1's hybrid KV cache
 manager, on by default on CUDA and ROCm (vllm/v1/core/kv_cache_utils.py, 0.10-era): layers are grouped by
 type, groups of min(sliding, global layers) layers (the last padded), a block holds one page of each of a
 group's layers, and a request of L tokens takes ceil(L / 16) blocks in each global group but only
@@ -53,7 +53,7 @@ NATIVE_FORMATS = {"gpt_oss": "mxfp4"}          # served in the format the checkp
 MXFP4_EXPERT_BITS = 4.25
 # Families whose config.json sliding window vLLM gives its own KV groups. Others with a window (Mistral 7B v0.1)
 # are priced as global attention: more cache than vLLM may hold, never less.
-SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
+SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text", "gpt_oss")
 
 
 class KVGroups:
