@@ -221,6 +221,23 @@ def test_exllamav2_refuses_families_its_version_does_not_load(db, model):
         plan_target("exllamav2", _req(db, model, "h100 sxm"))
 
 
+def test_llamacpp_weights_beyond_ram_come_from_disk(db):
+    """llama.cpp memory-maps the GGUF: host-side weights beyond RAM (less the OS's share) are read from disk. Dense
+    layers, scanned in order, miss the page cache entirely; experts, picked by the router, hit it in proportion."""
+    def plan(model, gpu, ram):
+        req = dataclasses.replace(_req(db, model, gpu), host=Host(ram))
+        out = plan_target("llama.cpp", req)
+        return out, dict((w, y) for w, _, y in out.decisions).get("storage", "")
+    roomy, why = plan("gpt-oss-120b", "rtx4090", 128 << 30)
+    tight, tight_why = plan("gpt-oss-120b", "rtx4090", 32 << 30)
+    assert not why and "come from disk" in tight_why and tight.decode_s > 2 * roomy.decode_s
+    weights = tight.host["weights.token_embd"] + tight.host["weights.cpu_layers"]
+    share = 1 - ((32 << 30) - llamacpp.HOST_OS_RESERVE_BYTES - tight.host["kv_cache.cpu_layers"]) / weights
+    assert f"{share:.0%} of the CPU's weight reads" in tight_why
+    _, dense_why = plan("llama2-70b", "rtx4060", 16 << 30)
+    assert "100% of the CPU's weight reads come from disk" in dense_why
+
+
 def test_llamacpp_quantized_v_uses_flash_attention(db):
     out = plan_target("llama.cpp", _req(db, "llama3.1-8b", "rtx4060", kv="q4"))
     assert out.settings["cache_type_v"] == "q4_0" and out.settings["flash_attn"] == "on"

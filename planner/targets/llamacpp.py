@@ -22,7 +22,7 @@ Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, s
 from __future__ import annotations
 
 from planner import memory as mem
-from planner.budget import contiguous_split
+from planner.budget import HOST_OS_RESERVE_BYTES, contiguous_split
 from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
@@ -154,6 +154,29 @@ def _place(req: TargetRequest, spec, types, ctx, kv, cpu_expert_layers=frozenset
     return None
 
 
+def _host_bytes(lay: _Layout) -> tuple[int, int]:
+    """Host memory of a layout: (weights llama.cpp memory-maps there, everything else: the CPU layers' cache)."""
+    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
+    gpu_side = _layer_bytes(lay, experts=False)
+    weights = lay.tensor_bytes["token_embd"] + sum(_layer_bytes(lay, experts=True)) - sum(gpu_side[i] for i in on_gpu)
+    return weights, sum(c for i, c in enumerate(lay.kv_layer) if i not in on_gpu)
+
+
+def _disk_share(req: TargetRequest, lay: _Layout) -> float:
+    """Share of the CPU's weight reads that come from disk: llama.cpp memory-maps the GGUF, and the page cache holds
+    what RAM leaves (less HOST_OS_RESERVE_BYTES and the CPU layers' cache). Whole layers are read in the same order
+    every token, so once they exceed the cache LRU evicts each page just before it is needed again: all of it comes
+    from disk, as vramwise's own offload model assumes. Experts on the CPU are read as the router picks them; with
+    picks spread evenly over the experts, the cached share of them is hit and the rest read from disk."""
+    weights, other = _host_bytes(lay)
+    room = req.host.ram_bytes - HOST_OS_RESERVE_BYTES - other
+    if weights <= room:
+        return 0.0
+    if lay.cpu_expert_layers:
+        return 1.0 - max(room, 0) / weights
+    return 1.0
+
+
 def _decode_s(req: TargetRequest, lay: _Layout) -> float:
     spec = lay.spec
     on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
@@ -173,7 +196,9 @@ def _decode_s(req: TargetRequest, lay: _Layout) -> float:
         else:
             cpu_read += nbytes
     eff = EFFICIENCY[req.gpu.vendor]
-    traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read, link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
+    disk = cpu_read * _disk_share(req, lay)
+    traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read - disk, disk_bytes=disk,
+                      link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
                       overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
     return decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
                           req.host.disk_gb_s)
@@ -331,6 +356,13 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
                   ("n_gpu_layers", str(ngl), f"{n_gpu} of {spec.num_layers} layers" +
                    (" and the output head (-ngl beyond the layer count)" if lay.head_on_gpu else "; head on the CPU")),
                   ("fit_margin", fmt_bytes(FIT_TARGET_BYTES), "llama.cpp's --fit default keeps 1024 MiB free per device")]
+    share = _disk_share(req, lay)
+    if share:
+        mapped = host["weights.token_embd"] + host["weights.cpu_layers"]
+        decisions.append(("storage", "disk", f"host-side weights ({fmt_bytes(mapped)}) exceed RAM ({fmt_bytes(req.host.ram_bytes)} less "
+                                             f"{fmt_bytes(HOST_OS_RESERVE_BYTES)} for the OS and the CPU layers' cache): "
+                                             f"{share:.0%} of the CPU's weight reads come from disk at "
+                                             f"{req.host.disk_gb_s:g} GB/s (--ram / --disk-bandwidth)"))
     if settings["n_cpu_moe"]:
         decisions.append(("cpu_moe", str(settings["n_cpu_moe"]), "experts of these first layers in host RAM: only "
                                                                  "the routed experts are read per token"))
