@@ -359,8 +359,9 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     share = _disk_share(req, lay)
     if share:
         mapped = host["weights.token_embd"] + host["weights.cpu_layers"]
-        decisions.append(("storage", "disk", f"host-side weights ({fmt_bytes(mapped)}) exceed RAM ({fmt_bytes(req.host.ram_bytes)} less "
-                                             f"{fmt_bytes(HOST_OS_RESERVE_BYTES)} for the OS and the CPU layers' cache): "
+        decisions.append(("storage", "disk", f"host-side weights ({fmt_bytes(mapped)}) exceed RAM "
+                                             f"({fmt_bytes(req.host.ram_bytes)} less {fmt_bytes(HOST_OS_RESERVE_BYTES)} "
+                                             f"for the OS and the CPU layers' cache): "
                                              f"{share:.0%} of the CPU's weight reads come from disk at "
                                              f"{req.host.disk_gb_s:g} GB/s (--ram / --disk-bandwidth)"))
     if settings["n_cpu_moe"]:
