@@ -72,6 +72,17 @@ class ModelSpec:
     fused_gate_up: bool = False      # checkpoint stores gate and up as one tensor (Phi-3)
     num_experts: int = 0             # MoE: experts per layer (0: dense)
     experts_per_token: int = 0       # MoE: experts active per token
+    shared_experts: int = 0          # MoE: always-active experts, one MLP of shared_experts x intermediate_size
+    router_bias: bool = False        # MoE: a bias a router output (DeepSeek's and GLM's e_score_correction_bias)
+    dense_layers: int = 0            # MoE: the first N layers are dense MLPs of dense_intermediate_size
+    dense_intermediate_size: int = 0
+    # Multi-head latent attention (DeepSeek V2/V3): queries through a q_lora_rank bottleneck (0: a plain q),
+    # keys and values through a kv_lora_rank latent, which with rope_head_dim rotary dims is all a token caches.
+    # head_dim is then the query/key head (no-rope dims + rope_head_dim), v_head_dim the value head.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    rope_head_dim: int = 0
+    v_head_dim: int = 0
     sliding_window: int = 0          # attention window of the sliding layers, tokens (0: every layer global)
     # With sliding_window: the last layer of every N attends globally, the others slide (Gemma 2: 2, Gemma 3: 6,
     # as Gemma 3's config.json names it); 0: every layer slides (Mistral 7B v0.1). Engines differ in whether
@@ -97,6 +108,14 @@ class ModelSpec:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError("field 'experts_per_token' must be in 1..num_experts for an MoE model")
+        for name in ("shared_experts", "dense_layers", "dense_intermediate_size", "kv_lora_rank", "q_lora_rank",
+                     "rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"field '{name}' must not be negative")
+        if self.dense_layers and not self.dense_intermediate_size:
+            raise ValueError("field 'dense_intermediate_size' is needed with dense_layers")
+        if self.kv_lora_rank and not (self.rope_head_dim and self.v_head_dim):
+            raise ValueError("fields 'rope_head_dim' and 'v_head_dim' are needed with kv_lora_rank (MLA)")
         if self.sliding_window < 0 or self.sliding_window_pattern < 0:
             raise ValueError("fields 'sliding_window' and 'sliding_window_pattern' must not be negative")
 
@@ -108,6 +127,13 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.dense_layers
 
     @property
     def q_dim(self) -> int:

@@ -120,7 +120,11 @@ def all_weight_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> 
 
 
 def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
-    """Cache bytes one position adds in one layer (K and V)."""
+    """Cache bytes one position adds in one layer (K and V). Multi-head latent attention caches one row: the
+    kv_lora_rank latent and the shared rotary key, from which every head's key and value are computed (llama.cpp
+    since ggml-org/llama.cpp#19067 and vLLM's MLA backends keep only this, V being a view of it)."""
+    if spec.is_mla:
+        return kv.row_bytes(spec.kv_lora_rank + spec.rope_head_dim)
     return 2 * spec.num_kv_heads * kv.row_bytes(spec.head_dim)
 
 
@@ -138,7 +142,8 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
     copy and dequantized-weight tile of cuBLAS prefill, the decode matvec's gathered input and the sampled
     token, and its attention needs no score matrix (online softmax) but the partial sums of decode's split
     context (and a ticket a KV head for merging them in the same launch). Logits only where the head runs."""
-    h, q, kv, f = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
+    h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    f = max(spec.intermediate_size, spec.dense_intermediate_size, spec.shared_experts * spec.intermediate_size)
     group = spec.num_heads // spec.num_kv_heads
     out = [Buffer("tokens", (chunk,), "i32"), Buffer("positions", (chunk,), "i32"),
            Buffer("x", (chunk, h), "f32"), Buffer("xn", (chunk, h), "f32"),

@@ -44,7 +44,27 @@ class Tensor:
         return n
 
 
+def _mla(spec: ModelSpec, i: int) -> list[Tensor]:
+    """Multi-head latent attention (DeepSeek V2/V3): the query through its low-rank bottleneck (q_a, its norm, q_b),
+    the key/value latent and the shared rotary key (kv_a), its norm, the up-projection to every head's no-rope key
+    and value (kv_b), and o."""
+    h, heads, r, lat = spec.hidden_size, spec.num_heads, spec.rope_head_dim, spec.kv_lora_rank
+    p = f"layers.{i}.attn"
+    if spec.q_lora_rank:
+        out = [Tensor(f"{p}.q_a", i, "q_a", (spec.q_lora_rank, h), True),
+               Tensor(f"{p}.q_a_norm", i, "norm", (1, spec.q_lora_rank), False),
+               Tensor(f"{p}.q_b", i, "q", (spec.q_dim, spec.q_lora_rank), True)]
+    else:
+        out = [Tensor(f"{p}.q", i, "q", (spec.q_dim, h), True)]
+    return out + [Tensor(f"{p}.kv_a", i, "kv_a", (lat + r, h), True),
+                  Tensor(f"{p}.kv_a_norm", i, "norm", (1, lat), False),
+                  Tensor(f"{p}.kv_b", i, "kv_b", (heads * (spec.head_dim - r + spec.v_head_dim), lat), True),
+                  Tensor(f"{p}.o", i, "o", (h, heads * spec.v_head_dim), True)]
+
+
 def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
+    if spec.is_mla:
+        return _mla(spec, i)
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
     p = f"layers.{i}.attn"
     if spec.fused_qkv:
@@ -63,8 +83,8 @@ def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
     return out
 
 
-def _mlp(spec: ModelSpec, i: int, prefix: str, read_fraction: float = 1.0) -> list[Tensor]:
-    h, f = spec.hidden_size, spec.intermediate_size
+def _mlp(spec: ModelSpec, i: int, prefix: str, read_fraction: float = 1.0, width: int = 0) -> list[Tensor]:
+    h, f = spec.hidden_size, width or spec.intermediate_size
     if spec.mlp == "plain":
         shapes = [("up", (f, h)), ("down", (h, f))]
     elif spec.fused_gate_up:
@@ -79,15 +99,17 @@ def _mlp(spec: ModelSpec, i: int, prefix: str, read_fraction: float = 1.0) -> li
 
 def _layer(spec: ModelSpec, i: int) -> list[Tensor]:
     out = _attention(spec, i)
-    if spec.is_moe:
+    if spec.is_moe_layer(i):
         out.append(Tensor(f"layers.{i}.moe.router", i, "router", (spec.num_experts, spec.hidden_size), False))
-        if spec.extra_bias:
+        if spec.extra_bias or spec.router_bias:
             out.append(Tensor(f"layers.{i}.moe.router.bias", i, "bias", (spec.num_experts,), False))
         share = spec.experts_per_token / spec.num_experts
         for e in range(spec.num_experts):
             out += _mlp(spec, i, f"layers.{i}.moe.{e}", share)
+        if spec.shared_experts:          # always active, outside the experts llama.cpp's --n-cpu-moe moves
+            out += _mlp(spec, i, f"layers.{i}.shared", 1.0, spec.shared_experts * spec.intermediate_size)
     else:
-        out += _mlp(spec, i, f"layers.{i}.mlp")
+        out += _mlp(spec, i, f"layers.{i}.mlp", 1.0, spec.dense_intermediate_size if spec.is_moe else 0)
     width = 2 if spec.norm == "layernorm" else 1      # layernorm: weight and bias
     out += [Tensor(f"layers.{i}.norm.{n}", i, "norm", (width, spec.hidden_size), False)
             for n in range(spec.norms_per_layer)]
@@ -130,7 +152,8 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 # checkpoints' tensors their name tables know exactly. refengine.model.check_supported refuses the other
 # fields; other families are refused when their weights load (an unknown tensor: Qwen3's per-head q/k norms).
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
-               "fused_qkv": False, "fused_gate_up": False, "extra_bias": False, "attn_sinks": False}
+               "fused_qkv": False, "fused_gate_up": False, "extra_bias": False, "attn_sinks": False,
+               "kv_lora_rank": 0}
 ENGINE_FAMILIES = ("llama", "mistral", "qwen2")
 
 
@@ -164,7 +187,9 @@ def architecture_digest(spec: ModelSpec) -> str:
             "vocab_size", "tie_embeddings", "mlp", "norm", "norms_per_layer", "qkv_bias", "fused_qkv",
             "fused_gate_up", "num_experts", "experts_per_token")
     fields = {k: getattr(spec, k) for k in keys}
-    fields.update({k: True for k in ("extra_bias", "attn_sinks") if getattr(spec, k)})   # older digests unchanged
+    newer = ("extra_bias", "attn_sinks", "shared_experts", "router_bias", "dense_layers", "dense_intermediate_size",
+             "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim")
+    fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
     text = json.dumps(fields, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -179,6 +204,7 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
     "gpt_oss": {"qkv_bias": True, "extra_bias": True, "attn_sinks": True},
+    "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {},
 }
 
 
@@ -221,6 +247,26 @@ def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
     return {"sliding_window": window, "sliding_window_pattern": pattern}
 
 
+def _shared_moe(cfg: dict, family: str, name: str) -> dict[str, Any]:
+    """DeepSeek V2/V3 and GLM-4.5's MoE: routed experts of moe_intermediate_size beside shared ones, after
+    first_k_dense_replace dense layers of intermediate_size; DeepSeek's multi-head latent attention."""
+    if cfg.get("moe_layer_freq", 1) != 1:
+        raise ModelSourceError(f"{name}: moe_layer_freq {cfg['moe_layer_freq']} (MoE every few layers) is not supported")
+    out: dict[str, Any] = dict(
+        num_experts=_first(cfg, "n_routed_experts"), intermediate_size=_first(cfg, "moe_intermediate_size"),
+        dense_intermediate_size=_first(cfg, "intermediate_size"), dense_layers=int(cfg.get("first_k_dense_replace") or 0),
+        shared_experts=int(cfg.get("n_shared_experts") or 0),
+        # the noaux_tc router (DeepSeek V3, GLM-4.5) adds a learned bias, e_score_correction_bias, to its scores
+        router_bias=cfg.get("topk_method") == "noaux_tc" or family == "glm4_moe")
+    if family == "glm4_moe":
+        out["qkv_bias"] = bool(cfg.get("attention_bias", False))
+    else:
+        rope, nope = _first(cfg, "qk_rope_head_dim"), _first(cfg, "qk_nope_head_dim")
+        out.update(kv_lora_rank=_first(cfg, "kv_lora_rank"), q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+                   rope_head_dim=rope, v_head_dim=_first(cfg, "v_head_dim"), head_dim=nope + rope)
+    return out
+
+
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
     family = cfg.get("model_type")
@@ -256,6 +302,8 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise ModelSourceError(f"{name}: Qwen3-MoE with dense layers among the expert ones (mlp_only_layers, "
                                    f"decoder_sparse_step) is not supported")
+    if family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        args.update(_shared_moe(cfg, family, name))
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)

@@ -164,6 +164,30 @@ def test_gpt_oss_config_json_counts_every_bias_and_sink(db):
     assert round(param_count(spec) / 1e9, 2) == 20.91
 
 
+def test_deepseek_and_glm_config_json(db):
+    """DeepSeek-V3's config.json (MLA, 3 dense layers, 256 routed + 1 shared expert, e_score_correction_bias) and
+    GLM-4.5-Air's (1 dense layer, 128 routed + 1 shared, q/k/v biases): the counts of the database entries, 671.03B
+    (README_WEIGHTS.md's 671B main model) and 106.85B (ik_llama.cpp's load log without the MTP layer)."""
+    from planner.spec import param_count, spec_from_hf_config
+    ds = spec_from_hf_config({
+        "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "vocab_size": 129280, "max_position_embeddings": 163840,
+        "tie_word_embeddings": False, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 3,
+        "topk_method": "noaux_tc", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128}, "DeepSeek-V3")
+    assert (ds.is_mla, ds.head_dim, ds.dense_layers, ds.shared_experts, ds.router_bias) == (True, 192, 3, 1, True)
+    assert param_count(ds) == 671_026_419_200 == param_count(db.find_model("deepseek-r1"))
+    glm = spec_from_hf_config({
+        "model_type": "glm4_moe", "hidden_size": 4096, "num_hidden_layers": 46, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151552, "max_position_embeddings": 131072,
+        "tie_word_embeddings": False, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "n_routed_experts": 128, "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "attention_bias": True}, "GLM-4.5-Air")
+    assert param_count(glm) == 106_852_251_264 == param_count(db.find_model("glm-4.5-air"))
+    assert round(param_count(glm) / 1e9, 2) == 106.85
+
+
 @pytest.mark.parametrize("extra", [
     {"layer_types": ["sliding_attention", "full_attention", "full_attention"] * 4},   # not the last of every N
     {"sliding_window": -1}, {"sliding_window_pattern": "six"}])

@@ -18,7 +18,7 @@ REQUIRED_GPUS = ["rtx3060", "rtx3090", "rtx4060", "rtx4090", "rtx5090", "t4", "v
 REQUIRED_MODELS = ["llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b",
                    "llama3.1-405b", "mistral-7b", "mixtral-8x7b", "falcon-180b", "qwen2.5-0.5b", "qwen2.5-72b",
                    "gemma2-9b", "phi3-mini", "tinyllama-1.1b", "smollm2-135m", "qwen3-8b", "qwen3-30b-a3b", "qwen3:235b",
-                   "gemma3-27b", "gemma3-1b", "gpt-oss-20b", "gpt-oss-120b",
+                   "gemma3-27b", "gemma3-1b", "gpt-oss-20b", "gpt-oss-120b", "deepseek-r1", "glm-4.5-air",
                    "mistral-nemo-12b", "phi-4", "Llama 3.3 70B"]
 
 

@@ -215,7 +215,25 @@ def test_gpt_oss_plans_its_native_mxfp4(db):
     assert 12e9 < all_experts < 15e9 and routed < all_experts / 3       # embedding: one row a token
 
 
-@pytest.mark.parametrize("model", ["qwen3-8b", "qwen3-30b-a3b", "gemma3-27b", "falcon-180b", "gpt-oss-20b"])
+def test_deepseek_caches_one_latent_row_and_keeps_its_shared_expert_on_the_gpu(db):
+    """MLA: a token caches the 512-value latent and the 64-value rotary key, one row a layer (llama.cpp's V-less cache
+    since ggml-org/llama.cpp#19067: 2196 MiB at 32768 cells and f16; vLLM's MLA blocks the same, on every TP rank).
+    --n-cpu-moe moves the routed experts only: the shared expert and the dense layers stay on the GPU."""
+    spec = db.find_model("deepseek-r1")
+    assert mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"]) == 576 * 2
+    assert sum(llamacpp.kv_layer_bytes(spec, 32768, "fp16")) == 2196 * 2**20
+    assert vllm.block_bytes(spec, 61, 8, 1) == 16 * 61 * 576
+    cats = {t.name: t for t in gguf.gguf_tensors(spec)}
+    assert not cats["layers.5.shared.gate"].expert and cats["blk.5.ffn_gate_exps"].expert
+    assert cats["layers.5.attn.kv_b.k_b"].ncols == 128 and cats["layers.5.attn.kv_b.v_b"].ncols == 512
+    types = gguf.tensor_types(spec, "Q4_K_M")
+    assert types["layers.5.attn.kv_b.k_b"] in ("Q5_0", "Q8_0")          # rows of 128: no 256-value K-quant block
+    out = plan_target("llama.cpp", _req(db, "deepseek-r1", "rtx4090", bpw=2.5))
+    assert out.mode == "offload" and out.settings["n_cpu_moe"] > 0 and out.items["kv_cache"] < 2**30
+
+
+@pytest.mark.parametrize("model", ["qwen3-8b", "qwen3-30b-a3b", "gemma3-27b", "falcon-180b", "gpt-oss-20b",
+                                   "deepseek-r1", "glm-4.5-air"])
 def test_exllamav2_refuses_families_its_version_does_not_load(db, model):
     with pytest.raises(TargetError, match="ExLlamaV2 0.2.8 does not load .*--target llama.cpp or vllm"):
         plan_target("exllamav2", _req(db, model, "h100 sxm"))

@@ -81,6 +81,7 @@ def type_bytes(ggml_type: str, numel: int, ncols: int) -> int:
 
 def _kind_to_category(kind: str) -> str:
     return {"q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output",
+            "q_a": "attn_q_a", "kv_a": "attn_kv_a_mqa",
             "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down",
             "embed": "token_embd", "head": "output"}.get(kind, "other")
 
@@ -99,6 +100,11 @@ def gguf_tensors(spec: ModelSpec) -> tuple[GGUFTensor, ...]:
                 merged[key] = [t, 0]
                 out.append(key)          # placeholder, replaced below in order
             merged[key][1] += t.numel
+            continue
+        if t.kind == "kv_b":             # MLA: stored as k_b (rows of the no-rope key width) and v_b (of the latent)
+            nope, lat = spec.head_dim - spec.rope_head_dim, spec.kv_lora_rank
+            out += [GGUFTensor(f"{t.name}.k_b", t.layer, "attn_k_b", nope, spec.num_heads * nope * lat, True),
+                    GGUFTensor(f"{t.name}.v_b", t.layer, "attn_v_b", lat, spec.num_heads * spec.v_head_dim * lat, True)]
             continue
         name = "token_embd" if t.kind == "embed" else "output" if t.kind == "head" else t.name
         out.append(GGUFTensor(name, t.layer, cat, t.shape[-1], t.numel, t.quantized or t.kind in ("embed", "head")))

@@ -114,7 +114,8 @@ def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_
     scores = 0 if flash_attn else max(cells) * n * spec.num_heads * 4
     attention = mask + scores + n * (2 * h + 2 * q) * 4
     k = max(1, spec.experts_per_token)
-    ffn = mask + n * k * 3 * spec.intermediate_size * 4 + n * 2 * h * 4 + (n * k * h * 4 if spec.is_moe else 0)
+    width = max(k * spec.intermediate_size + spec.shared_experts * spec.intermediate_size, spec.dense_intermediate_size)
+    ffn = mask + n * 3 * width * 4 + n * 2 * h * 4 + (n * k * h * 4 if spec.is_moe else 0)
     output = n * (spec.vocab_size + h) * 4 if with_logits else 0
     return max(attention, ffn, output)
 

@@ -150,6 +150,8 @@ def stage_items(spec, fmt: str, tp: int, pp: int, stage_index: int, tokens: int)
 
 
 def block_bytes(spec, layers: int, tp: int, kv_dtype_bytes: int) -> int:
+    if spec.is_mla:                        # one latent row a token, the same on every TP rank
+        return BLOCK_SIZE * layers * (spec.kv_lora_rank + spec.rope_head_dim) * kv_dtype_bytes
     kv_heads = max(1, spec.num_kv_heads // tp)
     return BLOCK_SIZE * layers * 2 * kv_heads * spec.head_dim * kv_dtype_bytes
 
@@ -223,7 +225,7 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
                 "gpu_memory_utilization": util, "kv_cache_dtype": kv_name, "tensor_parallel_size": tp,
                 "pipeline_parallel_size": pp, "block_size": BLOCK_SIZE, "max_num_batched_tokens": tokens,
                 "max_num_seqs": MAX_NUM_SEQS, "gpu_blocks": n_blocks, "nodes": pp}
-    kv_tok = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * kv_bytes
+    kv_tok = block_bytes(spec, spec.num_layers, 1, kv_bytes) // BLOCK_SIZE
     decisions = [
         ("weights", fmt, f"{FORMATS[fmt][2]}; the most precise format whose KV cache holds the context "
                          f"({'; '.join(tried)})"),
