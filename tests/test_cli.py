@@ -164,6 +164,31 @@ def test_gpt_oss_config_json_counts_every_bias_and_sink(db):
     assert round(param_count(spec) / 1e9, 2) == 20.91
 
 
+def test_gpt_oss_gguf_metadata(tmp_path):
+    """A gpt-oss GGUF: llama.cpp's own layer pattern (every other layer a window) and window from its metadata,
+    biases on every linear and the sinks from the architecture."""
+    gguf = pytest.importorskip("gguf")
+    from planner.spec import spec_from_gguf
+    path = tmp_path / "gpt-oss.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    for key, value in [("embedding_length", 64), ("feed_forward_length", 64), ("expert_feed_forward_length", 64),
+                       ("block_count", 2), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("context_length", 256), ("expert_count", 4), ("expert_used_count", 2),
+                       ("attention.sliding_window", 16), ("attention.key_length", 16)]:
+        w.add_uint32(f"gpt-oss.{key}", value)
+    w.add_token_list([f"t{i}" for i in range(100)])
+    for name, shape in (("token_embd.weight", (100, 64)), ("blk.0.attn_q.bias", (64,)), ("blk.1.attn_q.bias", (64,)),
+                        ("output.weight", (100, 64))):
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    spec = spec_from_gguf(path)
+    assert (spec.family, spec.qkv_bias, spec.extra_bias, spec.attn_sinks) == ("gpt_oss", True, True, True)
+    assert (spec.sliding_window, spec.sliding_window_pattern, spec.num_experts, spec.head_dim) == (16, 2, 4, 16)
+
+
 def test_deepseek_and_glm_config_json(db):
     """DeepSeek-V3's config.json (MLA, 3 dense layers, 256 routed + 1 shared expert, e_score_correction_bias) and
     GLM-4.5-Air's (1 dense layer, 128 routed + 1 shared, q/k/v biases): the counts of the database entries, 671.03B
