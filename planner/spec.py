@@ -317,7 +317,8 @@ _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe":
                "gemma3": {"norms_per_layer": 4},
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True},
-               "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True}}
+               "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
+               "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}}
 
 
 def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
@@ -368,6 +369,8 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
         source=f"GGUF metadata ({path.name})")
+    if arch in ("deepseek2", "glm4moe"):
+        args.update(_gguf_shared_moe(meta, arch, names, path, args))
     if arch in _SLIDING_PATTERN:        # llama.cpp's own layer pattern for these architectures (load_hparams)
         args.update(sliding_window=int(meta(f"{arch}.attention.sliding_window", 0)),
                     sliding_window_pattern=_SLIDING_PATTERN[arch])
@@ -384,6 +387,31 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         return ModelSpec(**args)
     except (TypeError, ValueError) as exc:
         raise ModelSourceError(f"{path}: {exc}") from None
+
+
+def _gguf_shared_moe(meta: Any, arch: str, names: set[str], path: Path, args: dict) -> dict[str, Any]:
+    """DeepSeek (deepseek2) and GLM-4.5 (glm4moe) GGUFs: leading dense layers, shared experts, and DeepSeek's MLA
+    as llama.cpp's converter writes it (one KV head of key_length = latent + rope; the per-head widths under
+    key_length_mla / value_length_mla). GLM's block_count counts its multi-token-prediction layer, which llama.cpp
+    loads only for drafting: it is left out."""
+    dense = int(meta(f"{arch}.leading_dense_block_count", 0))
+    out: dict[str, Any] = dict(
+        dense_layers=dense, dense_intermediate_size=int(meta(f"{arch}.feed_forward_length")),
+        shared_experts=int(meta(f"{arch}.expert_shared_count", 0)),
+        router_bias=f"blk.{dense}.exp_probs_b.bias" in names,
+        num_layers=args["num_layers"] - int(meta(f"{arch}.nextn_predict_layers", 0)))
+    if arch == "deepseek2":
+        mla = int(meta(f"{arch}.attention.key_length_mla", 0))
+        if not mla:
+            raise ModelSourceError(f"{path}: a DeepSeek GGUF converted before llama.cpp's MLA support (no "
+                                   f"key_length_mla): llama.cpp caches 24576 + 16384 values a layer for it, which "
+                                   f"vramwise does not plan; use a newer conversion or the model's config.json")
+        rope = int(meta(f"{arch}.rope.dimension_count"))
+        out.update(num_kv_heads=args["num_heads"], head_dim=mla, rope_head_dim=rope,
+                   v_head_dim=int(meta(f"{arch}.attention.value_length_mla")),
+                   kv_lora_rank=int(meta(f"{arch}.attention.kv_lora_rank")),
+                   q_lora_rank=int(meta(f"{arch}.attention.q_lora_rank", 0)))
+    return out
 
 
 def resolve_model(arg: str, db: Database) -> ModelSpec:

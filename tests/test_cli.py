@@ -164,29 +164,60 @@ def test_gpt_oss_config_json_counts_every_bias_and_sink(db):
     assert round(param_count(spec) / 1e9, 2) == 20.91
 
 
-def test_gpt_oss_gguf_metadata(tmp_path):
-    """A gpt-oss GGUF: llama.cpp's own layer pattern (every other layer a window) and window from its metadata,
-    biases on every linear and the sinks from the architecture."""
+def _tiny_gguf(path, arch, keys, tensors):
     gguf = pytest.importorskip("gguf")
-    from planner.spec import spec_from_gguf
-    path = tmp_path / "gpt-oss.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt-oss")
-    for key, value in [("embedding_length", 64), ("feed_forward_length", 64), ("expert_feed_forward_length", 64),
-                       ("block_count", 2), ("attention.head_count", 4), ("attention.head_count_kv", 2),
-                       ("context_length", 256), ("expert_count", 4), ("expert_used_count", 2),
-                       ("attention.sliding_window", 16), ("attention.key_length", 16)]:
-        w.add_uint32(f"gpt-oss.{key}", value)
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in keys:
+        w.add_uint32(f"{arch}.{key}", value)
     w.add_token_list([f"t{i}" for i in range(100)])
-    for name, shape in (("token_embd.weight", (100, 64)), ("blk.0.attn_q.bias", (64,)), ("blk.1.attn_q.bias", (64,)),
-                        ("output.weight", (100, 64))):
+    for name, shape in tensors:
         w.add_tensor(name, np.zeros(shape, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    spec = spec_from_gguf(path)
+    return path
+
+
+def test_gpt_oss_gguf_metadata(tmp_path):
+    """A gpt-oss GGUF: llama.cpp's own layer pattern (every other layer a window) and window from its metadata,
+    biases on every linear and the sinks from the architecture."""
+    from planner.spec import spec_from_gguf
+    keys = [("embedding_length", 64), ("feed_forward_length", 64), ("expert_feed_forward_length", 64),
+            ("block_count", 2), ("attention.head_count", 4), ("attention.head_count_kv", 2), ("context_length", 256),
+            ("expert_count", 4), ("expert_used_count", 2), ("attention.sliding_window", 16),
+            ("attention.key_length", 16)]
+    tensors = [("token_embd.weight", (100, 64)), ("blk.0.attn_q.bias", (64,)), ("blk.1.attn_q.bias", (64,)),
+               ("output.weight", (100, 64))]
+    spec = spec_from_gguf(_tiny_gguf(tmp_path / "gpt-oss.gguf", "gpt-oss", keys, tensors))
     assert (spec.family, spec.qkv_bias, spec.extra_bias, spec.attn_sinks) == ("gpt_oss", True, True, True)
     assert (spec.sliding_window, spec.sliding_window_pattern, spec.num_experts, spec.head_dim) == (16, 2, 4, 16)
+
+
+def test_deepseek_and_glm_gguf_metadata(tmp_path):
+    """llama.cpp's deepseek2 GGUF (MLA as its converter writes it: one KV head of latent + rope, the per-head widths
+    under key_length_mla / value_length_mla) and glm4moe (block_count counts the MTP layer, which is left out); a
+    DeepSeek GGUF converted before MLA support is refused in one line."""
+    from planner.spec import ModelSourceError, spec_from_gguf
+    blocks = [(f"blk.{i}.attn_norm.weight", (64,)) for i in range(4)] + [("blk.1.exp_probs_b.bias", (4,)),
+                                                                        ("token_embd.weight", (100, 64)),
+                                                                        ("output.weight", (100, 64))]
+    common = [("embedding_length", 64), ("feed_forward_length", 128), ("expert_feed_forward_length", 32),
+              ("expert_count", 4), ("expert_used_count", 2), ("expert_shared_count", 1),
+              ("leading_dense_block_count", 1), ("attention.head_count", 4), ("context_length", 256)]
+    mla = [("block_count", 3), ("attention.head_count_kv", 1), ("attention.key_length", 24),
+           ("attention.value_length", 16), ("attention.q_lora_rank", 32), ("attention.kv_lora_rank", 16),
+           ("rope.dimension_count", 8)]
+    ds = spec_from_gguf(_tiny_gguf(tmp_path / "ds.gguf", "deepseek2", common + mla + [
+        ("attention.key_length_mla", 24), ("attention.value_length_mla", 16)], blocks))
+    assert (ds.family, ds.is_mla, ds.head_dim, ds.v_head_dim, ds.rope_head_dim, ds.kv_lora_rank) == (
+        "deepseek_v3", True, 24, 16, 8, 16)
+    assert (ds.dense_layers, ds.dense_intermediate_size, ds.shared_experts, ds.router_bias) == (1, 128, 1, True)
+    with pytest.raises(ModelSourceError, match="before llama.cpp's MLA support"):
+        spec_from_gguf(_tiny_gguf(tmp_path / "old.gguf", "deepseek2", common + mla, blocks))
+    glm = spec_from_gguf(_tiny_gguf(tmp_path / "glm.gguf", "glm4moe", common + [
+        ("block_count", 4), ("nextn_predict_layers", 1), ("attention.head_count_kv", 2)], blocks))
+    assert (glm.family, glm.num_layers, glm.is_mla, glm.shared_experts) == ("glm4_moe", 3, False, 1)
 
 
 def test_deepseek_and_glm_config_json(db):
