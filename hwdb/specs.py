@@ -32,10 +32,14 @@ class GPUSpec:
     # Rated boost clock (NVIDIA, AMD; Intel's graphics clock), MHz. None where the vendor publishes none
     # (Apple). Decode's fixed costs (kernel latencies a layer) scale with it (planner.roofline).
     boost_clock_mhz: Optional[float] = None
+    # A device-to-device copy rate someone measured, where the memory delivers far less than its rated bandwidth
+    # (an integrated GPU on shared LPDDR5X): decode is priced at no more than it (planner.roofline).
+    measured_copy_gb_s: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.boost_clock_mhz is not None and self.boost_clock_mhz <= 0:
-            raise ValueError("field 'boost_clock_mhz' must be positive")
+        for name in ("boost_clock_mhz", "measured_copy_gb_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"field '{name}' must be positive")
         for name in ("memory_bytes", "bandwidth_gb_s", "fp16_tflops", "host_link_gb_s", "sm_count"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"field '{name}' must be positive")

@@ -14,7 +14,8 @@ from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
 from planner.formats import KVFormat, QuantOption
 from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, EFFICIENCY, ENGINE_SPEED, Traffic,
-                              decode_seconds, engine_decode_seconds, engine_prefill_seconds, prefill_seconds)
+                              decode_seconds, engine_decode_seconds, engine_prefill_seconds, memory_bandwidth,
+                              prefill_seconds)
 from planner.spec import active_param_count, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.
@@ -197,7 +198,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         gpu_s = engine_decode_seconds(engine, weights, values, len(computed) * pos * kv_token, len(computed), gpu)
-    decode = decode_seconds(traffic, eff, gpu.bandwidth_gb_s, gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
+    decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
 
     # prefill: every chunk reads all device weights once; offloaded and streamed weights cross the

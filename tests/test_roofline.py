@@ -156,3 +156,18 @@ def test_recent_published_runs_it_was_not_fit_to_are_predicted_within_15_percent
         assert tps == pytest.approx(m["tokens_per_s"], rel=0.15), m["id"]
         checked += 1
     assert checked >= 20
+
+
+def test_a_measured_copy_rate_caps_decode_bandwidth():
+    """Strix Halo's iGPU copies at 212 of its rated 256 GB/s (hwdb measured_copy_gb_s): decode reads at most that,
+    where a discrete card is priced at the fitted share of its rated bandwidth. Its published Llama 2 7B runs
+    (ROCm/ROCm#4748, held out of the fit) are then predicted within 15%."""
+    from planner.roofline import memory_bandwidth
+    db = hwdb.load()
+    amd = EFFICIENCY["amd"]
+    strix, xtx = db.find_gpu("Strix Halo"), db.find_gpu("rx7900xtx")
+    assert memory_bandwidth(strix, amd) * amd.decode_bandwidth == pytest.approx(212.0)
+    assert memory_bandwidth(xtx, amd) == xtx.bandwidth_gb_s
+    req = TargetRequest(db.find_model("llama2-7b"), strix, Host(64 * 2**30))
+    from planner.targets.llamacpp import decode_seconds_for
+    assert 1 / decode_seconds_for(req, "Q4_0") == pytest.approx(48.0, rel=0.15)

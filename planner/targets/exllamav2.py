@@ -23,7 +23,7 @@ import math
 from planner import memory as mem
 from planner.budget import contiguous_split
 from planner.optimize import _ctx_ladder
-from planner.roofline import EFFICIENCY, Traffic, decode_seconds
+from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
 from planner.spec import layer_linears, tensors
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.units import fmt_bytes
@@ -157,7 +157,7 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     eff = EFFICIENCY[req.gpu.vendor]
     read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * min(512, ctx) * kv_layer / ctx
     traffic = Traffic(vram_bytes=read, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    decode = decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
+    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
                             req.host.disk_gb_s)
     gpu_split = [round(sum(c.values()) / 1e9, 1) for c in per_gpu] if cards > 1 else []
     settings = {"bpw": bpw, "head_bits": HEAD_BITS, "cache_mode": mode, "max_seq_len": ctx, "gpu_split_gb": gpu_split}

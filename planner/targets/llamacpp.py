@@ -26,7 +26,7 @@ from planner.budget import HOST_OS_RESERVE_BYTES, contiguous_split
 from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
-from planner.roofline import EFFICIENCY, Traffic, decode_seconds
+from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.targets import gguf
 from planner.units import fmt_bytes
@@ -201,7 +201,7 @@ def _decode_s(req: TargetRequest, lay: _Layout) -> float:
     traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read - disk, disk_bytes=disk,
                       link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
                       overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    return decode_seconds(traffic, eff, req.gpu.bandwidth_gb_s, req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
+    return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
                           req.host.disk_gb_s)
 
 
