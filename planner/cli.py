@@ -119,8 +119,12 @@ def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, 
         name, total = found[0]
         count = args.gpus or sum(1 for n, _ in found if n == name)
         try:
-            gpu = dataclasses.replace(db.find_gpu(name), memory_bytes=total)
+            gpu = db.find_gpu(name)
+            gpu = dataclasses.replace(gpu, memory_bytes=total) if total else gpu   # 0: not reported (unified)
         except HwdbError:
+            if not total:
+                raise HwdbError(f"detected '{name}' reports no memory size and is not in the database; describe "
+                                f"it with --vram and --bandwidth instead of --gpu auto, or add it with --hwdb FILE") from None
             if not args.bandwidth:
                 raise HwdbError(f"detected '{name}' ({fmt_bytes(total)}) is not in the database; pass --bandwidth "
                                 f"(and --tflops), or add it with --hwdb FILE") from None

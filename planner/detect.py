@@ -28,12 +28,14 @@ def _nvml() -> list[tuple[str, int]] | None:
 
 
 def parse_nvidia_smi(text: str) -> list[tuple[str, int]]:
-    """'NVIDIA GeForce RTX 4090, 24564' lines (csv,noheader,nounits) -> [(name, bytes)]."""
+    """'NVIDIA GeForce RTX 4090, 24564' lines (csv,noheader,nounits) -> [(name, bytes)]. A GPU on unified memory
+    (the GB10 of a DGX Spark) reports no total ('[N/A]'): it is listed with 0 bytes, meaning not reported."""
     out = []
     for line in text.strip().splitlines():
         name, _, mib = line.rpartition(",")
-        if name.strip() and mib.strip().isdigit():
-            out.append((name.strip(), int(mib) * 1024 * 1024))
+        mib = mib.strip()
+        if name.strip() and (mib.isdigit() or mib.strip("[]") in ("N/A", "Not Supported")):
+            out.append((name.strip(), int(mib) * 1024 * 1024 if mib.isdigit() else 0))
     return out
 
 

@@ -54,6 +54,25 @@ def test_gpu_auto_uses_nvidia_smi(capsys, tmp_path, monkeypatch):
     assert code == 0 and doc["gpu"]["id"] == "rtx4090" and doc["gpu"]["count"] == 2
 
 
+def test_gpu_auto_on_unified_memory_keeps_the_databases_size(capsys, tmp_path, monkeypatch):
+    """nvidia-smi reports no memory total for a DGX Spark's GB10 ('[N/A]'): the card is still found by name and
+    planned with hwdb's size; an unknown card that reports none asks for --vram in one line."""
+    from planner.detect import parse_nvidia_smi
+    assert parse_nvidia_smi("NVIDIA GB10, [N/A]\nNVIDIA GeForce RTX 4090, 24564\n") == [
+        ("NVIDIA GB10", 0), ("NVIDIA GeForce RTX 4090", 24564 * 2**20)]
+    smi = tmp_path / "nvidia-smi"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    smi.write_text("#!/bin/sh\necho 'NVIDIA GB10, [N/A]'\n")
+    smi.chmod(0o755)
+    code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "gpt-oss-20b", "--json", "-o", str(tmp_path / "p.yaml"))
+    doc = json.loads(out)
+    assert code == 0 and doc["gpu"]["id"] == "nvidia-gb10" and doc["gpu"]["memory_bytes"] == 124610 * 2**20
+    smi.write_text("#!/bin/sh\necho 'NVIDIA Future APU, [N/A]'\n")
+    code, _, err = run(capsys, "plan", "--gpu", "auto", "--model", "gpt-oss-20b", "-o", str(tmp_path / "q.yaml"))
+    assert code == 2 and "reports no memory size" in err and "--vram" in err
+
+
 def test_a_custom_apple_chip_plans_with_unified_memory_and_apples_factors(capsys, tmp_path):
     from planner.roofline import EFFICIENCY
     args = ("plan", "--vram", "10GiB", "--bandwidth", "100GB/s", "--model", "llama3-8b", "--json")
