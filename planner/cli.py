@@ -123,8 +123,9 @@ def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, 
             gpu = dataclasses.replace(gpu, memory_bytes=total) if total else gpu   # 0: not reported (unified)
         except HwdbError:
             if not total:
-                raise HwdbError(f"detected '{name}' reports no memory size and is not in the database; describe "
-                                f"it with --vram and --bandwidth instead of --gpu auto, or add it with --hwdb FILE") from None
+                raise HwdbError(f"detected '{name}' reports no memory size and is not in the database; describe it "
+                                f"with --vram and --bandwidth instead of --gpu auto, or add it with "
+                                f"--hwdb FILE") from None
             if not args.bandwidth:
                 raise HwdbError(f"detected '{name}' ({fmt_bytes(total)}) is not in the database; pass --bandwidth "
                                 f"(and --tflops), or add it with --hwdb FILE") from None

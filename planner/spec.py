@@ -254,7 +254,8 @@ def _shared_moe(cfg: dict, family: str, name: str) -> dict[str, Any]:
         raise ModelSourceError(f"{name}: moe_layer_freq {cfg['moe_layer_freq']} (MoE every few layers) is not supported")
     out: dict[str, Any] = dict(
         num_experts=_first(cfg, "n_routed_experts"), intermediate_size=_first(cfg, "moe_intermediate_size"),
-        dense_intermediate_size=_first(cfg, "intermediate_size"), dense_layers=int(cfg.get("first_k_dense_replace") or 0),
+        dense_intermediate_size=_first(cfg, "intermediate_size"),
+        dense_layers=int(cfg.get("first_k_dense_replace") or 0),
         shared_experts=int(cfg.get("n_shared_experts") or 0),
         # the noaux_tc router (DeepSeek V3, GLM-4.5) adds a learned bias, e_score_correction_bias, to its scores
         router_bias=cfg.get("topk_method") == "noaux_tc" or family == "glm4_moe")

@@ -65,7 +65,8 @@ def test_gpu_auto_on_unified_memory_keeps_the_databases_size(capsys, tmp_path, m
     monkeypatch.setitem(sys.modules, "pynvml", None)
     smi.write_text("#!/bin/sh\necho 'NVIDIA GB10, [N/A]'\n")
     smi.chmod(0o755)
-    code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "gpt-oss-20b", "--json", "-o", str(tmp_path / "p.yaml"))
+    code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "gpt-oss-20b", "--json",
+                       "-o", str(tmp_path / "p.yaml"))
     doc = json.loads(out)
     assert code == 0 and doc["gpu"]["id"] == "nvidia-gb10" and doc["gpu"]["memory_bytes"] == 124610 * 2**20
     smi.write_text("#!/bin/sh\necho 'NVIDIA Future APU, [N/A]'\n")

@@ -157,8 +157,8 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     eff = EFFICIENCY[req.gpu.vendor]
     read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * min(512, ctx) * kv_layer / ctx
     traffic = Traffic(vram_bytes=read, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
-                            req.host.disk_gb_s)
+    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
+                            req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
     gpu_split = [round(sum(c.values()) / 1e9, 1) for c in per_gpu] if cards > 1 else []
     settings = {"bpw": bpw, "head_bits": HEAD_BITS, "cache_mode": mode, "max_seq_len": ctx, "gpu_split_gb": gpu_split}
     others = ", ".join(f"{m} {f[0]:.2f}" for m, f in fits.items())

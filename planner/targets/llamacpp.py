@@ -201,8 +201,8 @@ def _decode_s(req: TargetRequest, lay: _Layout) -> float:
     traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read - disk, disk_bytes=disk,
                       link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
                       overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
-                          req.host.disk_gb_s)
+    return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
+                          req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
 
 
 def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None) -> float:

@@ -219,8 +219,8 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
     read = sum(_weights_per_gpu(spec, fmt, tp, st, i == 0, i == pp - 1, active=True) for i, st in enumerate(stages))
     traffic = Traffic(vram_bytes=read, link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers),
                       overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s,
-                            req.host.disk_gb_s)
+    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
+                            req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
     settings = {"weights": fmt, "dtype": "float16" if _no_bf16(req) else "auto", "max_model_len": ctx,
                 "gpu_memory_utilization": util, "kv_cache_dtype": kv_name, "tensor_parallel_size": tp,
                 "pipeline_parallel_size": pp, "block_size": BLOCK_SIZE, "max_num_batched_tokens": tokens,
