@@ -68,7 +68,7 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
         weights = sum(gguf.file_bytes(row.model, gguf.tensor_types(row.model, ftype, ftype.startswith("IQ"))).values())
         if ngl is None and published_rows.spilled(row, weights):
             return None, "weights larger than the card's memory (the run spilled)"
-        return 1 / decode_seconds_for(req, ftype, ngl), ""
+        return 1 / decode_seconds_for(req, ftype, ngl, int(m.get("depth") or 0)), ""
     if m["engine"] == "exllamav2":
         bpw = re.fullmatch(r"exl2-([\d.]+)bpw", m["weights_format"])
         if not bpw:
@@ -100,7 +100,8 @@ def main() -> None:
         pred, why = (None, row.skip) if row.skip else predict(row)
         m = row.m
         base = {"id": m["id"], "engine": m["engine"], "gpu": m["gpu"], "gpu_count": m["gpu_count"],
-                "model": m["model"], "format": m["weights_format"], "version": str(m.get("engine_version", ""))}
+                "model": m["model"], "format": m["weights_format"], "version": str(m.get("engine_version", "")),
+                "depth": int(m.get("depth") or 0)}
         if pred is None:
             skipped.append({**base, "why": why})
             continue

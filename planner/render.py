@@ -79,7 +79,11 @@ def target_plan(doc: dict, path: str) -> None:
     con.print(f"[bold]{doc['model']['name']}[/] on [bold]{cards}[/]{nodes} with [bold]{tgt['engine']}[/] "
               f"{tgt['version']}: mode [bold]{doc['mode']}[/], {doc['weights']['format']}, context "
               f"{doc['context']['length']}, KV {doc['kv_cache']['dtype']}")
-    con.print(f"predicted: decode [bold]{fmt_rate(doc['predicted']['decode_tokens_per_s'])}[/]")
+    p = doc["predicted"]
+    full = p.get("decode_tokens_per_s_full_context")
+    at_end = (f" at the start, {fmt_rate(full)} at the end of a {doc['context']['length']}-token context"
+              if full else "")
+    con.print(f"predicted: decode [bold]{fmt_rate(p['decode_tokens_per_s'])}[/]{at_end}")
     con.print(_decisions(doc["decisions"]))
     con.print(_memory(doc["memory"]))
     host = doc["memory"]["host"]["items"]

@@ -239,6 +239,20 @@ def test_exllamav2_refuses_families_its_version_does_not_load(db, model):
         plan_target("exllamav2", _req(db, model, "h100 sxm"))
 
 
+def test_llamacpp_decode_at_the_end_of_the_context_reads_the_cache_too(db):
+    """A token deep into the context also reads every cached position (a sliding layer only its window): Llama 3.1
+    8B at 65536 tokens is about half as fast as at the start, Gemma 3 27B at 32768 loses far less (52 of its 62
+    layers read a 1024-token window). Published: gpt-oss 120B on a DGX Spark, 59.02 tok/s at depth 0 and 41.35
+    at 32768 (llama.cpp benches/dgx-spark.md); vramwise predicts 61.9 and 47.4 (benchmarks/validate_published.py)."""
+    llama = plan_target("llama.cpp", _req(db, "llama3.1-8b", "rtx4090", ctx=65536))
+    gemma = plan_target("llama.cpp", _req(db, "gemma3-27b", "rtx4090", ctx=32768))
+    assert 0.4 < llama.decode_s / llama.decode_full_s < 0.6
+    assert 0.8 < gemma.decode_s / gemma.decode_full_s < 0.95
+    spark = TargetRequest(db.find_model("gpt-oss-120b"), db.find_gpu("DGX Spark"), HOST, 1, 1)
+    start, deep = (1 / llamacpp.decode_seconds_for(spark, "MXFP4_MOE", None, d) for d in (0, 32768))
+    assert start == pytest.approx(59.02, rel=0.15) and deep == pytest.approx(41.35, rel=0.15)
+
+
 def test_llamacpp_weights_beyond_ram_come_from_disk(db):
     """llama.cpp memory-maps the GGUF: host-side weights beyond RAM (less the OS's share) are read from disk. Dense
     layers, scanned in order, miss the page cache entirely; experts, picked by the router, hit it in proportion."""

@@ -60,6 +60,7 @@ class Outcome(CardTotals):
     weights: dict[str, Any]                    # format, bytes, avg_bpw, per-tensor detail
     decode_s: float
     decisions: list[tuple[str, str, str]] = field(default_factory=list)
+    decode_full_s: Optional[float] = None      # a token at the end of the planned context (the cache read too)
 
 
 def engine_data(target: str) -> dict:
@@ -118,6 +119,8 @@ def build_document(target: str, req: TargetRequest, out: Outcome, request: dict)
                                for c in out.per_gpu],
                    "host": {"items": out.host}},
         "predicted": {"decode_tokens_per_s": round(1 / out.decode_s, 6),
+                      **({"decode_tokens_per_s_full_context": round(1 / out.decode_full_s, 6)}
+                         if out.decode_full_s else {}),
                       "efficiency": EFFICIENCY[gpu.vendor].fit},
     }
 

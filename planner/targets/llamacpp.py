@@ -178,10 +178,22 @@ def _disk_share(req: TargetRequest, lay: _Layout) -> float:
     return 1.0
 
 
-def _decode_s(req: TargetRequest, lay: _Layout) -> float:
+def kv_read_bytes(spec, kv: str, depth: int) -> list[int]:
+    """Cache bytes each layer's attention reads for one token at `depth` tokens of context: every cached position,
+    or on a sliding-window layer (SWA_FAMILIES) only the window's."""
+    row = mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
+    swa = spec.family in SWA_FAMILIES
+    return [row * (min(depth, spec.sliding_window) if swa and spec.is_sliding(i) else depth)
+            for i in range(spec.num_layers)]
+
+
+def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0) -> float:
+    """Seconds a token at `depth` tokens of context: the weights the token reads, plus the cache attention reads."""
     spec = lay.spec
     on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
-    gpu_read = cpu_read = 0.0
+    kv = kv_read_bytes(spec, lay.kv, depth)
+    gpu_read = float(sum(kv[i] for i in on_gpu))
+    cpu_read = float(sum(kv) - gpu_read)
     share = spec.experts_per_token / spec.num_experts if spec.is_moe else 1.0
     for t in gguf.gguf_tensors(spec):
         if t.layer < 0:
@@ -205,7 +217,7 @@ def _decode_s(req: TargetRequest, lay: _Layout) -> float:
                           req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
 
 
-def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None) -> float:
+def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None, depth: int = 0) -> float:
     """Seconds per token llama.cpp is predicted to take for a file type with the last `gpu_layers` repeating
     layers on the GPU(s) (all, and the head, when None), split evenly across req.gpu_count cards, whether or
     not it fits: the settings of a published run, not a plan (benchmarks/validate_published.py)."""
@@ -215,7 +227,7 @@ def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = 
     bounds = [n - k + round(k * c / req.gpu_count) for c in range(req.gpu_count + 1)]
     split = tuple(zip(bounds, bounds[1:]))
     types = gguf.tensor_types(spec, ftype, ftype.startswith("IQ"))
-    return _decode_s(req, _Layout(spec, types, N_UBATCH, "fp16", split, k == n, frozenset()))
+    return _decode_s(req, _Layout(spec, types, max(N_UBATCH, depth), "fp16", split, k == n, frozenset()), depth)
 
 
 def _avg_bpw(spec, types) -> float:
@@ -371,4 +383,4 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     if settings["tensor_split"]:
         decisions.append(("tensor_split", ",".join(map(str, settings["tensor_split"])), "layers per card (-sm layer)"))
     return Outcome("llama.cpp", mode, settings, per_gpu, host, lay.ctx, kv_name, kv_tok * spec.num_layers, weights,
-                   _decode_s(req, lay), decisions)
+                   _decode_s(req, lay), decisions, _decode_s(req, lay, lay.ctx))
