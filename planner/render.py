@@ -81,7 +81,7 @@ def target_plan(doc: dict, path: str) -> None:
               f"{doc['context']['length']}, KV {doc['kv_cache']['dtype']}")
     p = doc["predicted"]
     full = p.get("decode_tokens_per_s_full_context")
-    at_end = (f" at the start, {fmt_rate(full)} at the end of a {doc['context']['length']}-token context"
+    at_end = (f" on a short context, {fmt_rate(full)} at the end of a {doc['context']['length']}-token context"
               if full else "")
     con.print(f"predicted: decode [bold]{fmt_rate(p['decode_tokens_per_s'])}[/]{at_end}")
     con.print(_decisions(doc["decisions"]))

@@ -248,6 +248,11 @@ def test_llamacpp_decode_at_the_end_of_the_context_reads_the_cache_too(db):
     gemma = plan_target("llama.cpp", _req(db, "gemma3-27b", "rtx4090", ctx=32768))
     assert 0.4 < llama.decode_s / llama.decode_full_s < 0.6
     assert 0.8 < gemma.decode_s / gemma.decode_full_s < 0.95
+    for target in ("exllamav2", "vllm"):          # the other engines price the same cache read
+        out = plan_target(target, _req(db, "llama3.1-8b", "h100 sxm", ctx=32768))
+        assert 0.6 < out.decode_s / out.decode_full_s < 0.95, target
+    g = plan_target("vllm", _req(db, "gemma3-27b", "h100 sxm", ctx=32768))
+    assert g.decode_s / g.decode_full_s > 0.9                       # vLLM's sliding layers read their window
     spark = TargetRequest(db.find_model("gpt-oss-120b"), db.find_gpu("DGX Spark"), HOST, 1, 1)
     start, deep = (1 / llamacpp.decode_seconds_for(spark, "MXFP4_MOE", None, d) for d in (0, 32768))
     assert start == pytest.approx(59.02, rel=0.15) and deep == pytest.approx(41.35, rel=0.15)

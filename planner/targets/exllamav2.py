@@ -155,10 +155,12 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     lin = sum(t.numel for t in layer_linears(spec))
     file_bytes = sum(layer_bytes) + head_bytes(spec) + spec.hidden_size * 2 + embed
     eff = EFFICIENCY[req.gpu.vendor]
-    read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * min(512, ctx) * kv_layer / ctx
-    traffic = Traffic(vram_bytes=read, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
-                            req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
+    def decode_at(position: int) -> float:     # weights, head and the cache up to `position` (every layer's)
+        read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * position * kv_layer / ctx
+        traffic = Traffic(vram_bytes=read, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
+        return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
+                              req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
+    decode = decode_at(min(512, ctx))
     gpu_split = [round(sum(c.values()) / 1e9, 1) for c in per_gpu] if cards > 1 else []
     settings = {"bpw": bpw, "head_bits": HEAD_BITS, "cache_mode": mode, "max_seq_len": ctx, "gpu_split_gb": gpu_split}
     others = ", ".join(f"{m} {f[0]:.2f}" for m, f in fits.items())
@@ -178,4 +180,4 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     weights = {"format": f"EXL2 {bpw:.2f} bpw", "avg_bpw": bpw, "bytes": file_bytes - embed,
                "file_bytes_estimate": file_bytes, "head_bytes": head_bytes(spec), "embedding_bytes": embed}
     return Outcome("exllamav2", "gpu", settings, per_gpu, {"embedding": embed}, ctx, mode,
-                   kv_layer * spec.num_layers // ctx, weights, decode, decisions)
+                   kv_layer * spec.num_layers // ctx, weights, decode, decisions, decode_at(ctx))

@@ -217,10 +217,17 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
     eff = EFFICIENCY[req.gpu.vendor]
     stages = _stages(spec.num_layers, pp)                              # stages run one after another
     read = sum(_weights_per_gpu(spec, fmt, tp, st, i == 0, i == pp - 1, active=True) for i, st in enumerate(stages))
-    traffic = Traffic(vram_bytes=read, link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers),
-                      overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
-    decode = decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
-                            req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
+    row = block_bytes(spec, 1, tp, kv_bytes) / BLOCK_SIZE               # one layer's cache a token, on one rank
+
+    def decode_at(depth: int) -> float:        # the weights a token reads, and the cache its attention reads
+        windowed = spec.family in SWA_FAMILIES
+        kv = sum(min(depth, spec.sliding_window) if windowed and spec.is_sliding(i) else depth
+                 for i in range(spec.num_layers)) * row
+        traffic = Traffic(vram_bytes=read + kv, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers),
+                          link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers))
+        return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
+                              req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
+    decode = decode_at(0)
     settings = {"weights": fmt, "dtype": "float16" if _no_bf16(req) else "auto", "max_model_len": ctx,
                 "gpu_memory_utilization": util, "kv_cache_dtype": kv_name, "tensor_parallel_size": tp,
                 "pipeline_parallel_size": pp, "block_size": BLOCK_SIZE, "max_num_batched_tokens": tokens,
@@ -240,7 +247,8 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
         ("max_num_batched_tokens", str(tokens), "the profiling batch vLLM's activation peak is measured with")]
     weights = {"format": fmt, "bytes": sum(items["weights"] for items, _, _ in cards),
                "avg_bpw": _avg_bpw(spec, fmt)}
-    return Outcome("vllm", "gpu", settings, per_gpu, {}, ctx, kv_name, kv_tok, weights, decode, decisions)
+    return Outcome("vllm", "gpu", settings, per_gpu, {}, ctx, kv_name, kv_tok, weights, decode, decisions,
+                   decode_at(ctx))
 
 
 def _avg_bpw(spec, fmt: str) -> float:
