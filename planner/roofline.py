@@ -59,6 +59,16 @@ EFFICIENCY = {
 }
 
 
+def memory_bandwidth(gpu: GPUSpec, eff: Efficiency) -> float:
+    """The bandwidth decode is priced against: the rated one, unless a measured copy rate (hwdb's
+    measured_copy_gb_s) shows the memory delivers less than eff.decode_bandwidth of it; then that rate is the
+    ceiling of decode's reads (the Strix Halo iGPU copies at 212 of its 256 GB/s, where discrete cards reach
+    85-93%)."""
+    if gpu.measured_copy_gb_s:
+        return min(gpu.bandwidth_gb_s, gpu.measured_copy_gb_s / eff.decode_bandwidth)
+    return gpu.bandwidth_gb_s
+
+
 @dataclass(frozen=True)
 class EngineSpeed:
     """vramwise's own CUDA engine (gpuengine), as measured: its decode matvecs are bound by decoding codes
@@ -129,16 +139,6 @@ def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUS
 # CPU decode of offloaded layers reads them from RAM; llama.cpp's CPU backend reaches about 60%
 # of STREAM-measured DRAM bandwidth in decode (ggml-org/llama.cpp discussions on CPU inference).
 CPU_DECODE_BANDWIDTH_EFFICIENCY = 0.6
-
-
-def memory_bandwidth(gpu: GPUSpec, eff: Efficiency) -> float:
-    """The bandwidth decode is priced against: the rated one, unless a measured copy rate (hwdb's
-    measured_copy_gb_s) shows the memory delivers less than eff.decode_bandwidth of it; then that rate is the
-    ceiling of decode's reads (the Strix Halo iGPU copies at 212 of its 256 GB/s, where discrete cards reach
-    85-93%)."""
-    if gpu.measured_copy_gb_s:
-        return min(gpu.bandwidth_gb_s, gpu.measured_copy_gb_s / eff.decode_bandwidth)
-    return gpu.bandwidth_gb_s
 # Defaults when the user does not say: dual-channel DDR5-4800 (2 x 38.4 GB/s theoretical) and a
 # PCIe 3.0 x4 NVMe SSD's sequential read (3.5 GB/s, e.g. Samsung 970 EVO Plus datasheet).
 DEFAULT_CPU_BANDWIDTH_GB_S = 76.8

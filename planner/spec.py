@@ -43,6 +43,12 @@ class Tensor:
             n *= d
         return n
 
+    @property
+    def expert(self) -> bool:
+        """Part of one routed expert (its linears and their biases): layers.{i}.moe.{e}.*"""
+        parts = self.name.split(".")
+        return len(parts) > 4 and parts[2] == "moe" and parts[3].isdigit()
+
 
 def _mla(spec: ModelSpec, i: int) -> list[Tensor]:
     """Multi-head latent attention (DeepSeek V2/V3): the query through its low-rank bottleneck (q_a, its norm, q_b),
@@ -162,6 +168,18 @@ def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
     return [(field, want) for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
 
 
+def windowed_layers(spec: ModelSpec, families: tuple[str, ...]) -> list[bool]:
+    """Per layer, whether an engine that gives these families' sliding layers a window-sized cache treats it as
+    sliding (the engines differ in which families they do it for)."""
+    return [spec.family in families and spec.is_sliding(i) for i in range(spec.num_layers)]
+
+
+def positions_read(spec: ModelSpec, families: tuple[str, ...], depth: int) -> list[int]:
+    """Cached positions each layer's attention reads for a token `depth` tokens into the context: all of them, or
+    on a windowed layer (windowed_layers) only the window's."""
+    return [min(depth, spec.sliding_window) if w else depth for w in windowed_layers(spec, families)]
+
+
 def window_gap(spec: ModelSpec, ctx: int | None) -> str | None:
     """The engines attend over every cached position: a context past a sliding window (Mistral 7B v0.1's 4096)
     would compute attention the model was not trained for. None where the context stays inside the window."""
@@ -219,7 +237,7 @@ def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
 
 # Where a config.json names no layer pattern: Gemma 2 alternates (the modeling code's `layer_idx % 2`), Gemma 3
 # defaults to Gemma3TextConfig's sliding_window_pattern of 6.
-_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2, "gpt-oss": 2}
+_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
 
 
 def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
@@ -372,9 +390,10 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         source=f"GGUF metadata ({path.name})")
     if arch in ("deepseek2", "glm4moe"):
         args.update(_gguf_shared_moe(meta, arch, names, path, args))
-    if arch in _SLIDING_PATTERN:        # llama.cpp's own layer pattern for these architectures (load_hparams)
+    family = _GGUF_ARCHS[arch].get("family", arch)
+    if family in _SLIDING_PATTERN:      # llama.cpp's own layer pattern for these architectures (load_hparams)
         args.update(sliding_window=int(meta(f"{arch}.attention.sliding_window", 0)),
-                    sliding_window_pattern=_SLIDING_PATTERN[arch])
+                    sliding_window_pattern=_SLIDING_PATTERN[family])
     blocks = {int(t.name.split(".")[1]) for t in reader.tensors
               if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
     # corrupt metadata: refuse before anything is sized per layer (a file of metadata alone has no blocks)

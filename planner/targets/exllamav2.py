@@ -155,6 +155,7 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     lin = sum(t.numel for t in layer_linears(spec))
     file_bytes = sum(layer_bytes) + head_bytes(spec) + spec.hidden_size * 2 + embed
     eff = EFFICIENCY[req.gpu.vendor]
+
     def decode_at(position: int) -> float:     # weights, head and the cache up to `position` (every layer's)
         read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * position * kv_layer / ctx
         traffic = Traffic(vram_bytes=read, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))

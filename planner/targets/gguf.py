@@ -93,9 +93,8 @@ def gguf_tensors(spec: ModelSpec) -> tuple[GGUFTensor, ...]:
     merged: dict[tuple[int, str], list] = {}
     for t in tensors(spec):
         cat = _kind_to_category(t.kind)
-        parts = t.name.split(".")
-        if ".moe." in t.name and (t.kind in ("gate", "up", "down") or parts[-1] == "bias" and parts[-3].isdigit()):
-            key = (t.layer, cat if t.kind != "bias" else _kind_to_category(parts[-2]) + "_bias")
+        if t.expert:                     # one 3-D tensor a projection (and one 2-D for its biases, gpt-oss)
+            key = (t.layer, cat if t.kind != "bias" else _kind_to_category(t.name.split(".")[-2]) + "_bias")
             if key not in merged:
                 merged[key] = [t, 0]
                 out.append(key)          # placeholder, replaced below in order

@@ -26,6 +26,7 @@ from planner.budget import HOST_OS_RESERVE_BYTES, contiguous_split
 from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
+from planner.spec import positions_read, windowed_layers
 from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.targets import gguf
@@ -61,6 +62,10 @@ class _Layout:
         self.tensor_bytes = gguf.file_bytes(spec, types)
         self.kv_layer = kv_layer_bytes(spec, ctx, kv)
 
+    @property
+    def on_gpu(self) -> set[int]:
+        return {i for a, b in self.gpu_layers for i in range(a, b)}
+
 
 def _pad(n: int) -> int:
     return -(-n // CELL_PAD) * CELL_PAD
@@ -72,10 +77,8 @@ def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
     and llama-bench run; llama-server's default of 4 slots sharing one cache gives the SWA cache 4 windows, and
     --swa-full all n_ctx cells: neither is planned)."""
     base = _pad(ctx)
-    if spec.family not in SWA_FAMILIES or not spec.sliding_window:
-        return [base] * spec.num_layers
     swa = _pad(min(base, spec.sliding_window + n_ubatch))
-    return [swa if spec.is_sliding(i) else base for i in range(spec.num_layers)]
+    return [swa if w else base for w in windowed_layers(spec, SWA_FAMILIES)]
 
 
 def kv_layer_bytes(spec, ctx: int, kv: str) -> list[int]:
@@ -155,12 +158,13 @@ def _place(req: TargetRequest, spec, types, ctx, kv, cpu_expert_layers=frozenset
     return None
 
 
-def _host_bytes(lay: _Layout) -> tuple[int, int]:
-    """Host memory of a layout: (weights llama.cpp memory-maps there, everything else: the CPU layers' cache)."""
-    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
+def _host_items(lay: _Layout) -> dict[str, int]:
+    """Host memory of a layout: the token embedding and the CPU layers' weights (llama.cpp memory-maps both from
+    the GGUF), and the CPU layers' cache."""
     gpu_side = _layer_bytes(lay, experts=False)
-    weights = lay.tensor_bytes["token_embd"] + sum(_layer_bytes(lay, experts=True)) - sum(gpu_side[i] for i in on_gpu)
-    return weights, sum(c for i, c in enumerate(lay.kv_layer) if i not in on_gpu)
+    return {"weights.token_embd": lay.tensor_bytes["token_embd"],
+            "weights.cpu_layers": sum(_layer_bytes(lay, experts=True)) - sum(gpu_side[i] for i in lay.on_gpu),
+            "kv_cache.cpu_layers": sum(c for i, c in enumerate(lay.kv_layer) if i not in lay.on_gpu)}
 
 
 def _disk_share(req: TargetRequest, lay: _Layout) -> float:
@@ -169,8 +173,9 @@ def _disk_share(req: TargetRequest, lay: _Layout) -> float:
     every token, so once they exceed the cache LRU evicts each page just before it is needed again: all of it comes
     from disk, as vramwise's own offload model assumes. Experts on the CPU are read as the router picks them; with
     picks spread evenly over the experts, the cached share of them is hit and the rest read from disk."""
-    weights, other = _host_bytes(lay)
-    room = req.host.ram_bytes - HOST_OS_RESERVE_BYTES - other
+    host = _host_items(lay)
+    weights = host["weights.token_embd"] + host["weights.cpu_layers"]
+    room = req.host.ram_bytes - HOST_OS_RESERVE_BYTES - host["kv_cache.cpu_layers"]
     if weights <= room:
         return 0.0
     if lay.cpu_expert_layers:
@@ -182,15 +187,12 @@ def kv_read_bytes(spec, kv: str, depth: int) -> list[int]:
     """Cache bytes each layer's attention reads for one token at `depth` tokens of context: every cached position,
     or on a sliding-window layer (SWA_FAMILIES) only the window's."""
     row = mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
-    swa = spec.family in SWA_FAMILIES
-    return [row * (min(depth, spec.sliding_window) if swa and spec.is_sliding(i) else depth)
-            for i in range(spec.num_layers)]
+    return [row * n for n in positions_read(spec, SWA_FAMILIES, depth)]
 
 
 def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0) -> float:
     """Seconds a token at `depth` tokens of context: the weights the token reads, plus the cache attention reads."""
-    spec = lay.spec
-    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
+    spec, on_gpu = lay.spec, lay.on_gpu
     kv = kv_read_bytes(spec, lay.kv, depth)
     gpu_read = float(sum(kv[i] for i in on_gpu))
     cpu_read = float(sum(kv) - gpu_read)
@@ -336,11 +338,7 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     n_gpu = sum(b - a for a, b in lay.gpu_layers)
     ngl = n_gpu + 1 if lay.head_on_gpu else n_gpu
     kv_tok = mem.kv_bytes_per_token(spec, KV_FORMATS[lay.kv])
-    on_gpu = {i for a, b in lay.gpu_layers for i in range(a, b)}
-    all_layers = _layer_bytes(lay, experts=True)
-    host = {"weights.token_embd": lay.tensor_bytes["token_embd"],
-            "weights.cpu_layers": sum(all_layers) - sum(sum(layer_bytes[a:b]) for a, b in lay.gpu_layers),
-            "kv_cache.cpu_layers": sum(c for i, c in enumerate(lay.kv_layer) if i not in on_gpu)}
+    host = _host_items(lay)
     total_file = sum(lay.tensor_bytes.values()) + gguf.metadata_bytes(spec)
     kv_name = KV_TYPES[lay.kv]
     settings = {"ftype": ftype, "imatrix": ftype.startswith("IQ"), "tensor_types": dict(overrides),

@@ -27,7 +27,7 @@ import math
 
 from planner import memory as mem
 from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
-from planner.spec import tensors
+from planner.spec import positions_read, tensors, windowed_layers
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.units import fmt_bytes
 
@@ -61,7 +61,7 @@ class KVGroups:
 
     def __init__(self, spec, stage: tuple[int, int], tp: int, kv_dtype_bytes: int, batched_tokens: int):
         a, b = stage
-        sliding = sum(spec.is_sliding(i) for i in range(a, b)) if spec.family in SWA_FAMILIES else 0
+        sliding = sum(windowed_layers(spec, SWA_FAMILIES)[a:b])
         full = b - a - sliding
         self.window = spec.sliding_window + batched_tokens - 1      # SlidingWindowSpec's tokens a request keeps
         if sliding and full:
@@ -114,7 +114,7 @@ def _weights_per_gpu(spec, fmt: str, tp: int, stage: tuple[int, int], first: boo
             total += t.numel * 2 if last else 0
         elif a <= t.layer < b:
             share = t.read_fraction if active else 1.0
-            if fmt == "mxfp4" and t.quantized and t.read_fraction < 1:     # an expert's linear
+            if fmt == "mxfp4" and t.quantized and t.expert:
                 total += t.numel * MXFP4_EXPERT_BITS / 8 * share
             else:
                 total += (t.numel * bits / 8 + t.numel / GROUP * per_group if t.quantized else t.numel * 2) * share
@@ -220,9 +220,7 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
     row = block_bytes(spec, 1, tp, kv_bytes) / BLOCK_SIZE               # one layer's cache a token, on one rank
 
     def decode_at(depth: int) -> float:        # the weights a token reads, and the cache its attention reads
-        windowed = spec.family in SWA_FAMILIES
-        kv = sum(min(depth, spec.sliding_window) if windowed and spec.is_sliding(i) else depth
-                 for i in range(spec.num_layers)) * row
+        kv = sum(positions_read(spec, SWA_FAMILIES, depth)) * row
         traffic = Traffic(vram_bytes=read + kv, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers),
                           link_bytes=4 * spec.hidden_size * (pp - 1 + (tp > 1) * 2 * spec.num_layers))
         return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
@@ -257,7 +255,7 @@ def _avg_bpw(spec, fmt: str) -> float:
     if fmt != "mxfp4":
         return bits + 8 * per_group / GROUP
     lin = [t for t in tensors(spec) if t.quantized]
-    return round(sum(t.numel * (MXFP4_EXPERT_BITS if t.read_fraction < 1 else 16) for t in lin)
+    return round(sum(t.numel * (MXFP4_EXPERT_BITS if t.expert else 16) for t in lin)
                  / sum(t.numel for t in lin), 4)
 
 
