@@ -36,7 +36,7 @@ from calibrate_speed import in_fit  # noqa: E402
 from planner.budget import Host  # noqa: E402
 from planner.targets import TargetError, TargetRequest, plan_target  # noqa: E402
 from planner.targets import gguf  # noqa: E402
-from planner.targets.llamacpp import decode_seconds_for  # noqa: E402
+from planner.targets.llamacpp import N_UBATCH, decode_seconds_for  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "published_validation.json"
 HOST = Host(256 * 2**30)
@@ -68,7 +68,8 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
         weights = sum(gguf.file_bytes(row.model, gguf.tensor_types(row.model, ftype, ftype.startswith("IQ"))).values())
         if ngl is None and published_rows.spilled(row, weights):
             return None, "weights larger than the card's memory (the run spilled)"
-        return 1 / decode_seconds_for(req, ftype, ngl, int(m.get("depth") or 0)), ""
+        depth, ubatch = int(m.get("depth") or 0), int(m.get("n_ubatch") or N_UBATCH)
+        return 1 / decode_seconds_for(req, ftype, ngl, depth, ubatch), ""
     if m["engine"] == "exllamav2":
         bpw = re.fullmatch(r"exl2-([\d.]+)bpw", m["weights_format"])
         if not bpw:

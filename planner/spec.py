@@ -226,12 +226,16 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+class _MissingKey(KeyError):
+    """A config.json key with no default is absent (spec_from_hf_config names the file)."""
+
+
 def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
     for k in keys:
         if cfg.get(k) is not None:
             return cfg[k]
     if default is None:
-        raise ModelSourceError(f"config.json lacks '{keys[0]}'")
+        raise _MissingKey(keys[0])
     return default
 
 
@@ -288,6 +292,14 @@ def _shared_moe(cfg: dict, family: str, name: str) -> dict[str, Any]:
 
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
+    try:
+        return _spec_from_hf_config(cfg, name)
+    except _MissingKey as exc:
+        raise ModelSourceError(f"{name}: config.json lacks '{exc.args[0]}' (copy the model's own config.json "
+                               f"from its hub page)") from None
+
+
+def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     family = cfg.get("model_type")
     if family == "gemma3" and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model

@@ -273,6 +273,21 @@ def test_sliding_window_config_errors(extra):
         spec_from_hf_config({**BASE, "model_type": "gemma3_text", "sliding_window": 512, **extra}, "m")
 
 
+@pytest.mark.parametrize("family,drop", [("llama", "vocab_size"), ("qwen3_moe", "moe_intermediate_size"),
+                                         ("deepseek_v3", "kv_lora_rank")])
+def test_missing_config_key_names_the_file(tmp_path, capsys, family, drop):
+    """A key with no default that config.json lacks: one line naming the file and the key, exit 2."""
+    cfg = {**BASE, "model_type": family, "moe_intermediate_size": 64, "num_experts": 4, "num_experts_per_tok": 2,
+           "kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
+           "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1}
+    del cfg[drop]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["plan", "--gpu", "rtx4090", "--model", str(path), "--out", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and f"lacks '{drop}'" in err, err
+
+
 def test_database_gemmas_slide_as_published(db):
     """Gemma 2 alternates local and global layers; Gemma 3 has 5 local to 1 global (model cards)."""
     for model, local in (("gemma2-9b", 21), ("gemma2-27b", 23), ("gemma3-27b", 52), ("gemma3-4b", 29)):

@@ -26,7 +26,7 @@ from planner.budget import HOST_OS_RESERVE_BYTES, contiguous_split
 from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
-from planner.spec import positions_read, windowed_layers
+from planner.spec import windowed_layers
 from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.targets import gguf
@@ -183,17 +183,21 @@ def _disk_share(req: TargetRequest, lay: _Layout) -> float:
     return 1.0
 
 
-def kv_read_bytes(spec, kv: str, depth: int) -> list[int]:
-    """Cache bytes each layer's attention reads for one token at `depth` tokens of context: every cached position,
-    or on a sliding-window layer (SWA_FAMILIES) only the window's."""
+def kv_read_bytes(spec, kv: str, depth: int, n_ubatch: int = N_UBATCH) -> list[int]:
+    """Cache bytes each layer's attention reads for one token at `depth` tokens of context. Flash attention reads
+    every cell of the cache's view, masked or not: all `depth` positions, and on a sliding-window layer of an
+    SWA_FAMILIES model the whole SWA cache once the context has filled it (kv_cells at n_ctx = depth: the
+    window plus one micro-batch, not the window alone). On a DGX Spark (benches/dgx-spark.md, n_ubatch 2048)
+    Gemma 3 4B slows from 79.0 to 68.9 tok/s by depth 4096, and 4096 -> 32768 costs little more: the 29
+    sliding layers read their 3072 cells, not the 1024-token window."""
     row = mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
-    return [row * n for n in positions_read(spec, SWA_FAMILIES, depth)]
+    return [row * n for n in kv_cells(spec, depth, n_ubatch)] if depth else [0] * spec.num_layers
 
 
-def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0) -> float:
+def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = N_UBATCH) -> float:
     """Seconds a token at `depth` tokens of context: the weights the token reads, plus the cache attention reads."""
     spec, on_gpu = lay.spec, lay.on_gpu
-    kv = kv_read_bytes(spec, lay.kv, depth)
+    kv = kv_read_bytes(spec, lay.kv, depth, n_ubatch)
     gpu_read = float(sum(kv[i] for i in on_gpu))
     cpu_read = float(sum(kv) - gpu_read)
     share = spec.experts_per_token / spec.num_experts if spec.is_moe else 1.0
@@ -219,7 +223,8 @@ def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0) -> float:
                           req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
 
 
-def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None, depth: int = 0) -> float:
+def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None, depth: int = 0,
+                       n_ubatch: int = N_UBATCH) -> float:
     """Seconds per token llama.cpp is predicted to take for a file type with the last `gpu_layers` repeating
     layers on the GPU(s) (all, and the head, when None), split evenly across req.gpu_count cards, whether or
     not it fits: the settings of a published run, not a plan (benchmarks/validate_published.py)."""
@@ -229,7 +234,8 @@ def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = 
     bounds = [n - k + round(k * c / req.gpu_count) for c in range(req.gpu_count + 1)]
     split = tuple(zip(bounds, bounds[1:]))
     types = gguf.tensor_types(spec, ftype, ftype.startswith("IQ"))
-    return _decode_s(req, _Layout(spec, types, max(N_UBATCH, depth), "fp16", split, k == n, frozenset()), depth)
+    lay = _Layout(spec, types, max(n_ubatch, depth), "fp16", split, k == n, frozenset())
+    return _decode_s(req, lay, depth, n_ubatch)
 
 
 def _avg_bpw(spec, types) -> float:
