@@ -36,7 +36,7 @@ from calibrate_speed import in_fit  # noqa: E402
 from planner.budget import Host  # noqa: E402
 from planner.targets import TargetError, TargetRequest, plan_target  # noqa: E402
 from planner.targets import gguf  # noqa: E402
-from planner.targets.llamacpp import N_UBATCH, decode_seconds_for  # noqa: E402
+from planner.targets.llamacpp import KV_TYPES, N_UBATCH, decode_seconds_for  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "published_validation.json"
 HOST = Host(256 * 2**30)
@@ -69,7 +69,10 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
         if ngl is None and published_rows.spilled(row, weights):
             return None, "weights larger than the card's memory (the run spilled)"
         depth, ubatch = int(m.get("depth") or 0), int(m.get("n_ubatch") or N_UBATCH)
-        return 1 / decode_seconds_for(req, ftype, ngl, depth, ubatch), ""
+        kv = {v: k for k, v in KV_TYPES.items()}.get(m.get("cache_type") or "f16")
+        if kv is None:
+            return None, f"cache type {m['cache_type']!r} not modelled"
+        return 1 / decode_seconds_for(req, ftype, ngl, depth, ubatch, kv), ""
     if m["engine"] == "exllamav2":
         bpw = re.fullmatch(r"exl2-([\d.]+)bpw", m["weights_format"])
         if not bpw:
@@ -102,7 +105,7 @@ def main() -> None:
         m = row.m
         base = {"id": m["id"], "engine": m["engine"], "gpu": m["gpu"], "gpu_count": m["gpu_count"],
                 "model": m["model"], "format": m["weights_format"], "version": str(m.get("engine_version", "")),
-                "depth": int(m.get("depth") or 0)}
+                "depth": int(m.get("depth") or 0), "cache_type": m.get("cache_type") or "f16"}
         if pred is None:
             skipped.append({**base, "why": why})
             continue

@@ -360,3 +360,45 @@ def test_llamacpp_sliding_layers_read_their_whole_swa_cache(db):
     spark = TargetRequest(spec, db.find_gpu("DGX Spark"), HOST, 1, 1)
     start, deep = (llamacpp.decode_seconds_for(spark, "Q4_0", None, d, 2048) for d in (0, 4096))
     assert start / deep == pytest.approx(68.94 / 78.97, rel=0.03)
+
+
+def test_quantized_cache_gets_flash_attentions_f16_copy_on_cuda(db):
+    """ggml-cuda's launch_fattn converts a quantized layer's K and V to f16 in the CUDA pool (one layer, all its
+    cells). Published (RTX 3090, master 36b101543, n_ctx 131072): Llama 3 8B's compute buffer grows by 436.08 MiB
+    with a q8_0 cache, where that build pre-allocates the copy (one layer's 512 MiB less what it shares);
+    DeepSeek-V2-Lite's by 138.14 MiB (its 576-wide K, 144 MiB; V is a view)."""
+    llama, ds, mib = db.find_model("llama3.1-8b"), db.find_model("deepseek-v2-lite"), 2**20
+    every = range(llama.num_layers)
+    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", every, "nvidia") == 512 * mib
+    assert 436.08 * mib <= llamacpp.fa_convert_bytes(llama, 131072, "q4", every, "amd") <= 512 * mib
+    assert 138.14 * mib <= llamacpp.fa_convert_bytes(ds, 131072, "q8", range(27), "nvidia") == 144 * mib
+    assert llamacpp.fa_convert_bytes(llama, 131072, "fp16", every, "nvidia") == 0       # f16 is read as it is
+    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", every, "apple") == 0          # Metal reads q8_0 itself
+    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", range(0), "nvidia") == 0      # a card with no layers
+    out = plan_target("llama.cpp", _req(db, "llama3.1-8b", "rtx3090", ctx=131072, kv="q8"))
+    assert out.per_gpu[0]["fa_convert"] == 512 * mib
+
+
+def test_quantized_cache_read_costs_more_than_its_bytes_on_cuda(db):
+    """A q8_0 cache is not cheaper to attend over than an f16 one on CUDA (benchmarks/fit_kv_read.py): the vec
+    kernel's cost is an f16 cache's bytes x 1.30 x (GQA / 4)^0.77, never below the q8_0 bytes; an MLA cache is
+    copied to f16 every token (q8_0 bytes + the copy written and read). Other backends read what is cached."""
+    llama, ds, gemma = (db.find_model(m) for m in ("llama3.1-8b", "deepseek-v2-lite", "gemma-2b"))
+    f16 = llamacpp.kv_read_bytes(llama, "fp16", 32768)
+    q8 = llamacpp.kv_read_bytes(llama, "q8", 32768)
+    assert llamacpp.kv_read_cost(llama, "fp16", 32768, "nvidia") == f16
+    assert llamacpp.kv_read_cost(llama, "q8", 32768, "apple") == q8
+    assert llamacpp.kv_read_cost(llama, "q8", 32768, "nvidia") == pytest.approx([1.30 * b for b in f16])
+    g16 = llamacpp.kv_read_bytes(gemma, "fp16", 32768)                 # 8 query heads on one KV head
+    assert llamacpp.kv_read_cost(gemma, "q8", 32768, "nvidia") == pytest.approx([1.30 * 2 ** 0.77 * b for b in g16])
+    mha = dataclasses.replace(llama, num_kv_heads=llama.num_heads)    # no sharing: the q8_0 bytes are the floor
+    assert llamacpp.kv_read_cost(mha, "q8", 32768, "nvidia") == llamacpp.kv_read_bytes(mha, "q8", 32768)
+    d16, d8 = (llamacpp.kv_read_bytes(ds, kv, 32768) for kv in ("fp16", "q8"))
+    assert llamacpp.kv_read_cost(ds, "q8", 32768, "nvidia") == [q + 2 * f for q, f in zip(d8, d16)]
+
+
+def test_kv_read_constants_are_the_fitted_ones():
+    fit = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "results" / "kv_read_fit.json").read_text())
+    assert llamacpp.QUANT_CACHE_READ_COST == fit["quant_cache_read_cost"]
+    assert llamacpp.QUANT_CACHE_GQA_EXPONENT == fit["quant_cache_gqa_exponent"]
+    assert fit["vec_pairs"] >= 4 and fit["worst_residual"] < 0.25

@@ -16,6 +16,9 @@ Memory as llama.cpp allocates it (src/llama-model.cpp, src/llama-kv-cache.cpp, s
     reuses a tensor's memory after its last consumer (compute_buffer_bytes: the attention mask, the
     score matrix without flash attention, the FFN intermediates, or the logits; checked against published
     `CUDA0 compute buffer size` lines in tests/data/published_figures.yaml);
+  - flash attention's f16 copy of a quantized cache (fa_convert_bytes): on CUDA and ROCm the tensor-core and
+    tile kernels read f16, so launch_fattn converts a q8_0 / q4_0 layer's K and V over all its cells into
+    the CUDA pool, which keeps its peak;
   - margins: --fit's default target leaves 1024 MiB free per device (ggml-org/llama.cpp#16653, `-fitt`);
     CUDA context and cuBLAS workspace as for vramwise's engine; the desktop reserve on display cards.
 """
@@ -123,6 +126,33 @@ def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_
     return max(attention, ffn, output)
 
 
+# Backends whose flash attention runs ggml-cuda's kernels (HIP builds compile the same sources).
+CUDA_FA_VENDORS = ("nvidia", "amd")
+# A quantized cache read by ggml-cuda's vec kernel (head sizes 64-256) costs an f16 cache's bytes times
+# QUANT_CACHE_READ_COST x (query heads per KV head / 4)^QUANT_CACHE_GQA_EXPONENT: the kernel dequantizes as it
+# reads, for each query head on its own, and on published runs that is slower than reading f16, the more so
+# the more query heads share a KV head. Fit by benchmarks/fit_kv_read.py (benchmarks/results/kv_read_fit.json)
+# to 4 q8_0/f16 pairs at depths 16384-32768: Llama 3 8B (4 query heads a KV head) and Gemma 2B (8) on an RTX 3090
+# and an RTX 5070 Laptop GPU, llama.cpp master 36b101543, September 2026; worst residual 16%.
+QUANT_CACHE_READ_COST = 1.30
+QUANT_CACHE_GQA_EXPONENT = 0.77
+
+
+def fa_convert_bytes(spec, ctx: int, kv: str, layers: range, vendor: str) -> int:
+    """The f16 copy flash attention makes of one layer's quantized K and V (ggml-cuda fattn-common.cuh,
+    launch_fattn: a pool allocation of each view's elements when the kernel needs f16 and the cache is not): one
+    layer's cache row at f16 times its cells, for the largest of `layers`. The pool keeps its peak. Published
+    (llama.cpp issue text and tables for #29827, RTX 3090, master 36b101543, 2026-09): with a q8_0 cache,
+    Llama 3 8B's CUDA0 compute buffer (where that build pre-allocates the copy) grows by 436 MiB at n_ctx
+    131072, one layer's 512 MiB less what the copy shares with the rest; an MLA cache (DeepSeek-V2-Lite) copies
+    its 576-wide K only (V is a view of it), 144 MiB. fp16 caches, and Metal and Vulkan, copy nothing."""
+    if kv == "fp16" or vendor not in CUDA_FA_VENDORS or not layers:
+        return 0
+    row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
+    cells = kv_cells(spec, ctx)
+    return row * max(cells[i] for i in layers)
+
+
 def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
     a, b = lay.gpu_layers[card]
     last = card == len(lay.gpu_layers) - 1
@@ -132,6 +162,7 @@ def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -
     return {"weights.layers": sum(layer_bytes[a:b]), "weights.output": head + norm if on_head else 0,
             "kv_cache": sum(lay.kv_layer[a:b]),
             "compute_buffer": compute_buffer_bytes(lay.spec, lay.ctx, True, on_head),
+            "fa_convert": fa_convert_bytes(lay.spec, lay.ctx, lay.kv, range(a, b), req.gpu.vendor),
             "cuda_context": mem.CUDA_CONTEXT_BYTES, "cublas_workspace": mem.cublas_workspace_bytes(req.gpu),
             "fit_margin": FIT_TARGET_BYTES, "reserve": _reserve(req) if card == 0 else 0}
 
@@ -194,10 +225,29 @@ def kv_read_bytes(spec, kv: str, depth: int, n_ubatch: int = N_UBATCH) -> list[i
     return [row * n for n in kv_cells(spec, depth, n_ubatch)] if depth else [0] * spec.num_layers
 
 
+def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATCH) -> list[float]:
+    """Bytes each layer's attention is priced at for one token at `depth`: what it reads (kv_read_bytes), but for a
+    quantized cache under ggml-cuda's flash attention (CUDA_FA_VENDORS):
+      - a multi-head latent cache (576-wide K, which no vec kernel takes) is converted to f16 in the CUDA pool
+        every token and the copy read: the quantized bytes, plus the f16 copy written and read;
+      - any other is dequantized by the vec kernel as it reads: an f16 cache's bytes x QUANT_CACHE_READ_COST x
+        (query heads per KV head / 4)^QUANT_CACHE_GQA_EXPONENT, and never less than the quantized bytes.
+    Published (benchmarks/fit_kv_read.py): DeepSeek-V2-Lite at 32768 on an RTX 3090 pays 2.34 times its f16
+    cache's attention time with q8_0; the copy's bytes give 2.53."""
+    read = kv_read_bytes(spec, kv, depth, n_ubatch)
+    if kv == "fp16" or vendor not in CUDA_FA_VENDORS:
+        return [float(b) for b in read]
+    f16 = kv_read_bytes(spec, "fp16", depth, n_ubatch)
+    if spec.is_mla:
+        return [float(q + 2 * f) for q, f in zip(read, f16)]
+    cost = QUANT_CACHE_READ_COST * (spec.num_heads / spec.num_kv_heads / 4) ** QUANT_CACHE_GQA_EXPONENT
+    return [max(float(q), f * cost) for q, f in zip(read, f16)]
+
+
 def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = N_UBATCH) -> float:
     """Seconds a token at `depth` tokens of context: the weights the token reads, plus the cache attention reads."""
     spec, on_gpu = lay.spec, lay.on_gpu
-    kv = kv_read_bytes(spec, lay.kv, depth, n_ubatch)
+    kv = kv_read_cost(spec, lay.kv, depth, req.gpu.vendor, n_ubatch)
     gpu_read = float(sum(kv[i] for i in on_gpu))
     cpu_read = float(sum(kv) - gpu_read)
     share = spec.experts_per_token / spec.num_experts if spec.is_moe else 1.0
@@ -224,7 +274,7 @@ def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = 
 
 
 def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = None, depth: int = 0,
-                       n_ubatch: int = N_UBATCH) -> float:
+                       n_ubatch: int = N_UBATCH, kv: str = "fp16") -> float:
     """Seconds per token llama.cpp is predicted to take for a file type with the last `gpu_layers` repeating
     layers on the GPU(s) (all, and the head, when None), split evenly across req.gpu_count cards, whether or
     not it fits: the settings of a published run, not a plan (benchmarks/validate_published.py)."""
@@ -234,7 +284,7 @@ def decode_seconds_for(req: TargetRequest, ftype: str, gpu_layers: int | None = 
     bounds = [n - k + round(k * c / req.gpu_count) for c in range(req.gpu_count + 1)]
     split = tuple(zip(bounds, bounds[1:]))
     types = gguf.tensor_types(spec, ftype, ftype.startswith("IQ"))
-    lay = _Layout(spec, types, max(n_ubatch, depth), "fp16", split, k == n, frozenset())
+    lay = _Layout(spec, types, max(n_ubatch, depth), kv, split, k == n, frozenset())
     return _decode_s(req, lay, depth, n_ubatch)
 
 

@@ -1,0 +1,114 @@
+"""What a quantized KV cache costs llama.cpp's CUDA flash attention in decode, against an f16 cache.
+
+A token deep into the context reads the whole cache. llama.cpp's CUDA (and HIP) flash attention runs a
+quantized cache two ways:
+  * vec kernel (head sizes 64, 128, 256): it dequantizes K and V as it reads them, for each query head on its
+    own, so a KV head shared by more query heads (grouped-query attention) is read and dequantized more often.
+    The published runs below show that this is slower than reading an f16 cache of the same depth: a q8_0
+    cache saves memory, not decode time, and the more so the more query heads share a KV head. Fit:
+    ratio = C x (query heads per KV head / 4)^K, least squares on the logarithms; planner/targets/llamacpp.py
+    prices the read as an f16 cache's bytes times it (QUANT_CACHE_READ_COST, QUANT_CACHE_GQA_EXPONENT), but
+    never below the quantized cache's own bytes.
+  * no vec kernel (multi-head latent attention's 576-wide K): launch_fattn converts the layer's K to f16 in
+    the CUDA pool every token, then the tensor-core kernel reads the copy: the quantized bytes, plus the f16
+    copy written and read again. That is a byte count, not a fit; this script checks it.
+
+Pairs: published llama-bench tg128 rows of one card, model, build and depth, with an f16 and a quantized cache,
+and the depth-0 row of the same runs. The attention's seconds are 1/tps(depth) - 1/tps(0); the ratio is the
+quantized cache's over the f16 cache's. It needs no card specs, so cards hwdb lacks count too.
+
+Prints a table; writes benchmarks/results/kv_read_fit.json.
+Usage: python benchmarks/fit_kv_read.py
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import benchlib  # noqa: E402
+import hwdb  # noqa: E402
+import published_rows  # noqa: E402
+from planner import memory as mem  # noqa: E402
+from planner.formats import KV_FORMATS  # noqa: E402
+from planner.targets.llamacpp import KV_TYPES  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "kv_read_fit.json"
+KV_NAMES = {v: k for k, v in KV_TYPES.items()}          # llama.cpp's q8_0 -> planner.formats' q8
+
+
+def pairs(db: hwdb.Database) -> list[dict]:
+    """Every (card, model, build, depth) with an f16 and a quantized row, and the same runs' depth-0 row."""
+    rows = yaml.safe_load(published_rows.DATA.read_text())["measurements"]
+    runs: dict[tuple, dict] = {}
+    for m in rows:
+        if m["engine"] != "llama.cpp" or m["test"] not in ("tg128", "tg32", "decode"):
+            continue
+        key = (m["gpu"], m["model"], m["weights_format"], str(m.get("engine_version")))
+        runs.setdefault(key, {})[(m.get("cache_type") or "f16", int(m.get("depth") or 0))] = m["tokens_per_s"]
+    out = []
+    for (gpu, model, fmt, build), got in sorted(runs.items()):
+        start = [tps for (_, d), tps in got.items() if d == 0]
+        if not start:
+            continue
+        t0 = 1 / start[0]
+        spec = published_rows._model(db, model)
+        for (cache, depth), tps in sorted(got.items()):
+            if cache == "f16" or depth == 0 or ("f16", depth) not in got:
+                continue
+            f16_s = 1 / got[("f16", depth)] - t0
+            q_s = 1 / tps - t0
+            row = {"gpu": gpu, "model": model, "weights": fmt, "build": build, "depth": depth, "cache": cache,
+                   "f16_attention_ms": round(f16_s * 1e3, 3), "quantized_attention_ms": round(q_s * 1e3, 3),
+                   "ratio": round(q_s / f16_s, 3), "mla": bool(spec and spec.is_mla),
+                   "gqa": spec.num_heads // spec.num_kv_heads if spec else None}
+            if spec is not None and spec.is_mla:
+                q_row = mem.kv_bytes_per_token(spec, KV_FORMATS[KV_NAMES[cache]])
+                f_row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
+                row["conversion_model_ratio"] = round((q_row + 2 * f_row) / f_row, 3)
+            out.append(row)
+    return out
+
+
+def fit(vec: list[dict]) -> tuple[float, float]:
+    """Least squares of log(ratio) on log(gqa / 4): (C, K)."""
+    xs = [math.log(p["gqa"] / 4) for p in vec]
+    ys = [math.log(p["ratio"]) for p in vec]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - k * mx), k
+
+
+def main() -> None:
+    found = pairs(hwdb.load())
+    vec = [p for p in found if not p["mla"]]
+    c, k = fit(vec)
+    for p in vec:
+        p["fit_ratio"] = round(c * (p["gqa"] / 4) ** k, 3)
+    print(f"{'gpu':28s} {'model':12s} {'gqa':>3s} {'depth':>6s} {'cache':6s} {'f16 ms':>7s} {'quant ms':>8s} "
+          f"{'ratio':>6s} {'model':>6s}")
+    for p in found:
+        expected = p.get("conversion_model_ratio", p.get("fit_ratio"))
+        print(f"{p['gpu'][:28]:28s} {p['model'][:12]:12s} {p['gqa']:3d} {p['depth']:6d} {p['cache']:6s} "
+              f"{p['f16_attention_ms']:7.3f} {p['quantized_attention_ms']:8.3f} {p['ratio']:6.2f} {expected:6.2f}")
+    worst = max(abs(p["ratio"] / p["fit_ratio"] - 1) for p in vec)
+    print(f"\nvec kernel: QUANT_CACHE_READ_COST = {c:.2f}, QUANT_CACHE_GQA_EXPONENT = {k:.2f} ({len(vec)} pairs; "
+          f"worst residual {worst:.0%})")
+    for p in (p for p in found if p["mla"]):
+        print(f"MLA ({p['model']}, {p['gpu']}): measured {p['ratio']:.2f}, f16 copy model {p['conversion_model_ratio']:.2f}")
+    benchlib.write_json({"what": "quantized over f16 KV-cache attention seconds in llama.cpp CUDA decode, same card, "
+                                 "model, build and depth (published llama-bench rows); vec pairs fit as "
+                                 "C x (gqa / 4)^K",
+                         "quant_cache_read_cost": round(c, 2), "quant_cache_gqa_exponent": round(k, 2),
+                         "vec_pairs": len(vec), "worst_residual": round(worst, 3), "pairs": found}, RESULT)
+    print(f"wrote {RESULT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
