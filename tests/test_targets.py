@@ -402,3 +402,12 @@ def test_kv_read_constants_are_the_fitted_ones():
     assert llamacpp.QUANT_CACHE_READ_COST == fit["quant_cache_read_cost"]
     assert llamacpp.QUANT_CACHE_GQA_EXPONENT == fit["quant_cache_gqa_exponent"]
     assert fit["vec_pairs"] >= 4 and fit["worst_residual"] < 0.25
+
+
+def test_exllamav2_quantized_cache_is_dequantized_before_each_layers_attention(db):
+    """ExLlamaV2's Q4/Q8 caches are converted to the fp16 buffer up to the current position before each layer's
+    attention (cache.py get_kv_state): deep into the context a token moves the quantized bytes and an fp16 K and
+    V written and read, more than an FP16 cache's read. At the start the weights dominate either way."""
+    fp16, q4 = (plan_target("exllamav2", _req(db, "llama3.1-8b", "rtx4090", ctx=65536, kv=kv)) for kv in ("fp16", "q4"))
+    assert q4.decode_full_s > fp16.decode_full_s * 1.3
+    assert q4.decode_s == pytest.approx(fp16.decode_s, rel=0.05)

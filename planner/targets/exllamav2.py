@@ -156,8 +156,13 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     file_bytes = sum(layer_bytes) + head_bytes(spec) + spec.hidden_size * 2 + embed
     eff = EFFICIENCY[req.gpu.vendor]
 
+    # A quantized cache (Q4/Q6/Q8) is dequantized into the fp16 buffer (cache_temp_fp16) up to the current position
+    # before each layer's attention (cache.py, get_kv_state: q4_to_fp16_kv over [offset, offset + width)), which
+    # then reads the copy: per position the stored bytes, plus fp16 K and V written and read again.
+    per_position = kv_layer / ctx + (2 * spec.kv_dim * 2 * 2 if CACHE_MODES[mode][2] else 0)
+
     def decode_at(position: int) -> float:     # weights, head and the cache up to `position` (every layer's)
-        read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * position * kv_layer / ctx
+        read = sum(layer_bytes) + head_bytes(spec) + spec.num_layers * position * per_position
         traffic = Traffic(vram_bytes=read, overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
         return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
                               req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
