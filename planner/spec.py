@@ -222,7 +222,7 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
     "gpt_oss": {"qkv_bias": True, "extra_bias": True, "attn_sinks": True},
-    "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {},
+    "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {}, "llama4": {},
 }
 
 
@@ -290,6 +290,23 @@ def _shared_moe(cfg: dict, family: str, name: str) -> dict[str, Any]:
     return out
 
 
+def _llama4_text(cfg: dict, name: str) -> dict:
+    """Llama 4's language model as the other families spell it: a shared expert beside the routed ones in every
+    layer, and chunked attention (attention_chunk_size) on the layers that use RoPE, the others global
+    (no_rope_layers: 1 where a layer uses RoPE), planned as a sliding window of the chunk size."""
+    text = {**cfg.get("text_config", {}), "model_type": "llama4"} if isinstance(cfg.get("text_config"), dict) else cfg
+    if text.get("interleave_moe_layer_step", 1) != 1:
+        raise ModelSourceError(f"{name}: interleave_moe_layer_step {text['interleave_moe_layer_step']} (dense layers "
+                               f"between the MoE ones, Llama 4 Maverick) is not supported")
+    out = {**text, "model_type": "llama4", "shared_experts": 1}
+    chunk, rope = text.get("attention_chunk_size"), text.get("no_rope_layers")
+    if chunk:
+        out["sliding_window"] = chunk
+        if isinstance(rope, list) and rope:
+            out["layer_types"] = ["sliding_attention" if r else "full_attention" for r in rope]
+    return out
+
+
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
     try:
@@ -303,6 +320,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     family = cfg.get("model_type")
     if family == "gemma3" and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model
+    if family in ("llama4", "llama4_text"):
+        cfg, family = _llama4_text(cfg, name), "llama4"
     if family not in _HF_FAMILIES:
         raise ModelSourceError(f"{name}: model_type {family!r} is not supported "
                                f"(supported: {', '.join(sorted(_HF_FAMILIES))})")
@@ -335,6 +354,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
                                    f"decoder_sparse_step) is not supported")
     if family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
         args.update(_shared_moe(cfg, family, name))
+    if family == "llama4":
+        args["shared_experts"] = 1
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)
@@ -349,7 +370,10 @@ _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe":
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True},
                "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
-               "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}}
+               "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}, "llama4": {}}
+# llama.cpp's load_hparams for LLM_ARCH_LLAMA4 sets chunked attention itself (n_swa 8192, three chunked layers to
+# one global): the GGUF carries neither.
+_LLAMA4_CHUNK, _LLAMA4_PATTERN = 8192, 4
 
 
 def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
@@ -402,6 +426,13 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         source=f"GGUF metadata ({path.name})")
     if arch in ("deepseek2", "glm4moe"):
         args.update(_gguf_shared_moe(meta, arch, names, path, args))
+    if arch == "llama4":
+        step = int(meta(f"{arch}.interleave_moe_layer_step", 1))
+        if step != 1:
+            raise ModelSourceError(f"{path}: interleave_moe_layer_step {step} (dense layers between the MoE ones, "
+                                   f"Llama 4 Maverick) is not supported")
+        args.update(shared_experts=1 if "blk.0.ffn_gate_shexp.weight" in names else 0,
+                    sliding_window=_LLAMA4_CHUNK, sliding_window_pattern=_LLAMA4_PATTERN)
     family = _GGUF_ARCHS[arch].get("family", arch)
     if family in _SLIDING_PATTERN:      # llama.cpp's own layer pattern for these architectures (load_hparams)
         args.update(sliding_window=int(meta(f"{arch}.attention.sliding_window", 0)),

@@ -240,6 +240,24 @@ def test_deepseek_and_glm_gguf_metadata(tmp_path):
     assert (glm.family, glm.num_layers, glm.is_mla, glm.shared_experts) == ("glm4_moe", 3, False, 1)
 
 
+def test_llama4_gguf_metadata(tmp_path):
+    """llama.cpp's llama4 GGUF: the expert width from expert_feed_forward_length, the shared expert from its
+    tensors, chunked attention as llama.cpp's load_hparams sets it (8192, every fourth layer global); Maverick's
+    interleaved dense layers are refused."""
+    from planner.spec import ModelSourceError, spec_from_gguf
+    keys = [("embedding_length", 64), ("feed_forward_length", 128), ("expert_feed_forward_length", 32),
+            ("block_count", 4), ("attention.head_count", 4), ("attention.head_count_kv", 2), ("context_length", 256),
+            ("expert_count", 4), ("expert_used_count", 1)]
+    tensors = [(f"blk.{i}.attn_norm.weight", (64,)) for i in range(4)] + [
+        ("blk.0.ffn_gate_shexp.weight", (32, 64)), ("token_embd.weight", (100, 64)), ("output.weight", (100, 64))]
+    spec = spec_from_gguf(_tiny_gguf(tmp_path / "scout.gguf", "llama4", keys, tensors))
+    assert (spec.family, spec.intermediate_size, spec.shared_experts) == ("llama4", 32, 1)
+    assert (spec.sliding_window, spec.sliding_window_pattern) == (8192, 4) and not spec.is_sliding(3)
+    with pytest.raises(ModelSourceError, match="interleave_moe_layer_step 2"):
+        spec_from_gguf(_tiny_gguf(tmp_path / "maverick.gguf", "llama4", keys + [("interleave_moe_layer_step", 2)],
+                                  tensors))
+
+
 def test_deepseek_and_glm_config_json(db):
     """DeepSeek-V3's config.json (MLA, 3 dense layers, 256 routed + 1 shared expert, e_score_correction_bias) and
     GLM-4.5-Air's (1 dense layer, 128 routed + 1 shared, q/k/v biases): the counts of the database entries, 671.03B
@@ -271,6 +289,26 @@ def test_sliding_window_config_errors(extra):
     from planner.spec import ModelSourceError, spec_from_hf_config
     with pytest.raises(ModelSourceError, match="^m: .*(sliding|layer_types)"):
         spec_from_hf_config({**BASE, "model_type": "gemma3_text", "sliding_window": 512, **extra}, "m")
+
+
+def test_llama4_config_json(db):
+    """Llama 4 Scout's config.json (the multimodal wrapper): its text_config gives the database entry, every
+    fourth layer global (no_rope_layers 0) and the others chunked over 8192 tokens; Maverick's dense layers
+    between the MoE ones are refused in one line."""
+    from planner.spec import ModelSourceError, param_count, spec_from_hf_config
+    text = {"model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+            "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+            "vocab_size": 202048, "max_position_embeddings": 262144, "rope_theta": 500000.0, "num_local_experts": 16,
+            "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "attention_chunk_size": 8192,
+            "no_rope_layers": [1, 1, 1, 0] * 12, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+    scout = spec_from_hf_config({"model_type": "llama4", "text_config": text}, "Llama-4-Scout")
+    entry = db.find_model("llama4-scout")
+    assert param_count(scout) == param_count(entry) == 107_769_861_120
+    assert (scout.sliding_window, scout.sliding_window_pattern, scout.shared_experts) == (8192, 4, 1)
+    assert [i for i in range(48) if not scout.is_sliding(i)] == list(range(3, 48, 4))
+    with pytest.raises(ModelSourceError, match="^Maverick: interleave_moe_layer_step 2"):
+        spec_from_hf_config({"model_type": "llama4", "text_config": {**text, "interleave_moe_layer_step": 2}},
+                            "Maverick")
 
 
 @pytest.mark.parametrize("family,drop", [("llama", "vocab_size"), ("qwen3_moe", "moe_intermediate_size"),

@@ -368,15 +368,15 @@ def test_quantized_cache_gets_flash_attentions_f16_copy_on_cuda(db):
     with a q8_0 cache, where that build pre-allocates the copy (one layer's 512 MiB less what it shares);
     DeepSeek-V2-Lite's by 138.14 MiB (its 576-wide K, 144 MiB; V is a view)."""
     llama, ds, mib = db.find_model("llama3.1-8b"), db.find_model("deepseek-v2-lite"), 2**20
-    every = range(llama.num_layers)
-    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", every, "nvidia") == 512 * mib
-    assert 436.08 * mib <= llamacpp.fa_convert_bytes(llama, 131072, "q4", every, "amd") <= 512 * mib
-    assert 138.14 * mib <= llamacpp.fa_convert_bytes(ds, 131072, "q8", range(27), "nvidia") == 144 * mib
-    assert llamacpp.fa_convert_bytes(llama, 131072, "fp16", every, "nvidia") == 0       # f16 is read as it is
-    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", every, "apple") == 0          # Metal reads q8_0 itself
-    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", range(0), "nvidia") == 0      # a card with no layers
+    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", "nvidia") == 512 * mib
+    assert 436.08 * mib <= llamacpp.fa_convert_bytes(llama, 131072, "q4", "amd") <= 512 * mib
+    assert 138.14 * mib <= llamacpp.fa_convert_bytes(ds, 131072, "q8", "nvidia") == 144 * mib
+    assert llamacpp.fa_convert_bytes(llama, 131072, "fp16", "nvidia") == 0       # f16 is read as it is
+    assert llamacpp.fa_convert_bytes(llama, 131072, "q8", "apple") == 0          # Metal reads q8_0 itself
     out = plan_target("llama.cpp", _req(db, "llama3.1-8b", "rtx3090", ctx=131072, kv="q8"))
     assert out.per_gpu[0]["fa_convert"] == 512 * mib
+    tight = plan_target("llama.cpp", _req(db, "codestral-22b", "rtx3060", ctx=32768, kv="q8"))   # partial offload:
+    assert sum(tight.per_gpu[0].values()) <= db.find_gpu("rtx3060").memory_bytes               # placed with it
 
 
 def test_quantized_cache_read_costs_more_than_its_bytes_on_cuda(db):

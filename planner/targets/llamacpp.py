@@ -42,9 +42,9 @@ KQ_MASK_PAD = 64                         # ggml GGML_KQ_MASK_PAD: the mask's tok
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_L", "Q3_K_M", "IQ3_M",
           "IQ3_XS", "Q3_K_S", "IQ3_XXS", "Q2_K", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 # Architectures whose sliding-window layers llama.cpp gives a cache of the window's size (load_hparams sets their
-# swa_type). Mistral 7B v0.1 runs as the llama architecture, which has none, and Phi-3's is disabled: both keep
-# n_ctx cells in every layer.
-SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text", "gpt_oss")
+# swa_type; Llama 4's chunked attention gets the same cache, LLAMA_SWA_TYPE_CHUNKED with n_swa 8192). Mistral 7B v0.1
+# runs as the llama architecture, which has none, and Phi-3's is disabled: both keep n_ctx cells in every layer.
+SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text", "gpt_oss", "llama4")
 CELL_PAD = 256                           # n_ctx and the SWA cache's cells are padded to 256 (ggml-org/llama.cpp#17046)
 # Models whose files come in one type: gpt-oss ships MXFP4 experts, and its GGUFs keep them (MXFP4_MOE)
 NATIVE_FTYPES = {"gpt_oss": ("MXFP4_MOE",)}
@@ -138,19 +138,18 @@ QUANT_CACHE_READ_COST = 1.30
 QUANT_CACHE_GQA_EXPONENT = 0.77
 
 
-def fa_convert_bytes(spec, ctx: int, kv: str, layers: range, vendor: str) -> int:
+def fa_convert_bytes(spec, ctx: int, kv: str, vendor: str) -> int:
     """The f16 copy flash attention makes of one layer's quantized K and V (ggml-cuda fattn-common.cuh,
     launch_fattn: a pool allocation of each view's elements when the kernel needs f16 and the cache is not): one
-    layer's cache row at f16 times its cells, for the largest of `layers`. The pool keeps its peak. Published
-    (llama.cpp issue text and tables for #29827, RTX 3090, master 36b101543, 2026-09): with a q8_0 cache,
-    Llama 3 8B's CUDA0 compute buffer (where that build pre-allocates the copy) grows by 436 MiB at n_ctx
-    131072, one layer's 512 MiB less what the copy shares with the rest; an MLA cache (DeepSeek-V2-Lite) copies
-    its 576-wide K only (V is a view of it), 144 MiB. fp16 caches, and Metal and Vulkan, copy nothing."""
-    if kv == "fp16" or vendor not in CUDA_FA_VENDORS or not layers:
+    layer's cache row at f16 times its cells, for the largest layer; the pool keeps its peak. Every card that
+    holds layers pays it, so every card is charged: the split is decided after. Published (llama.cpp issue text
+    and tables for #29827, RTX 3090, master 36b101543, 2026-09): with a q8_0 cache, Llama 3 8B's CUDA0 compute
+    buffer (where that build pre-allocates the copy) grows by 436 MiB at n_ctx 131072, one layer's 512 MiB less
+    what the copy shares with the rest; an MLA cache (DeepSeek-V2-Lite) copies its 576-wide K only (V is a view of
+    it), 144 MiB. fp16 caches, and Metal and Vulkan, copy nothing."""
+    if kv == "fp16" or vendor not in CUDA_FA_VENDORS:
         return 0
-    row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
-    cells = kv_cells(spec, ctx)
-    return row * max(cells[i] for i in layers)
+    return mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"]) * max(kv_cells(spec, ctx))
 
 
 def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
@@ -162,7 +161,7 @@ def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -
     return {"weights.layers": sum(layer_bytes[a:b]), "weights.output": head + norm if on_head else 0,
             "kv_cache": sum(lay.kv_layer[a:b]),
             "compute_buffer": compute_buffer_bytes(lay.spec, lay.ctx, True, on_head),
-            "fa_convert": fa_convert_bytes(lay.spec, lay.ctx, lay.kv, range(a, b), req.gpu.vendor),
+            "fa_convert": fa_convert_bytes(lay.spec, lay.ctx, lay.kv, req.gpu.vendor),
             "cuda_context": mem.CUDA_CONTEXT_BYTES, "cublas_workspace": mem.cublas_workspace_bytes(req.gpu),
             "fit_margin": FIT_TARGET_BYTES, "reserve": _reserve(req) if card == 0 else 0}
 
