@@ -92,6 +92,17 @@ class ModelSpec:
     # as Gemma 3's config.json names it); 0: every layer slides (Mistral 7B v0.1). Engines differ in whether
     # they shrink a sliding layer's cache to its window (planner.targets.llamacpp, .vllm).
     sliding_window_pattern: int = 0
+    # Hybrid linear attention (Qwen3-Next, Qwen3.5): the last layer of every linear_attention_interval attends
+    # over the cache; the others are Gated DeltaNet layers, which keep a fixed-size recurrent state instead (a
+    # convolution window and a key x value matrix per value head) whatever the context.
+    linear_attention_interval: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_head_dim: int = 0         # the key and value head width of the linear-attention layers (128 in both)
+    linear_conv_kernel: int = 0
+    attn_output_gate: bool = False   # q_proj twice as wide: half of it gates the attention output (Qwen3-Next)
+    qk_norm: bool = False            # an RMSNorm weight over each query and key head (head_dim each)
+    shared_expert_gate: bool = False  # MoE: a sigmoid gate (hidden -> 1) on the shared expert's output
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5           # RMSNorm / LayerNorm epsilon
     published_params: int = 0        # the published total, checked against our count
@@ -122,11 +133,21 @@ class ModelSpec:
             raise ValueError("fields 'rope_head_dim' and 'v_head_dim' are needed with kv_lora_rank (MLA)")
         if self.sliding_window < 0 or self.sliding_window_pattern < 0:
             raise ValueError("fields 'sliding_window' and 'sliding_window_pattern' must not be negative")
+        linear = ("linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel")
+        if self.linear_attention_interval < 0 or any(getattr(self, n) < 0 for n in linear):
+            raise ValueError("the linear_* fields must not be negative")
+        if self.linear_attention_interval and not all(getattr(self, n) for n in linear):
+            raise ValueError(f"fields {', '.join(repr(n) for n in linear)} are needed with linear_attention_interval")
 
     def is_sliding(self, layer: int) -> bool:
         """Whether this layer attends over a sliding window rather than the whole context."""
         n = self.sliding_window_pattern
         return self.sliding_window > 0 and (n == 0 or (layer + 1) % n != 0)
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether this layer is a linear-attention (Gated DeltaNet) layer, with a recurrent state and no cache."""
+        n = self.linear_attention_interval
+        return n > 0 and (layer + 1) % n != 0
 
     @property
     def is_moe(self) -> bool:

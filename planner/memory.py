@@ -69,7 +69,8 @@ def tensor_bytes(t: Tensor, option: Optional[QuantOption] = None) -> int:
         return _option_bytes(option, *t.shape)
     if t.kind == "head":
         return _option_bytes(HEAD_OPTION, *t.shape)
-    dtype = {"norm": NORM_DTYPE, "bias": BIAS_DTYPE, "router": ROUTER_DTYPE, "embed": EMBED_DTYPE}[t.kind]
+    dtype = {"norm": NORM_DTYPE, "bias": BIAS_DTYPE, "router": ROUTER_DTYPE, "embed": EMBED_DTYPE,
+             "conv": NORM_DTYPE}[t.kind]      # a linear-attention layer's depthwise convolution: fp32, as norms
     return t.numel * DTYPE_BYTES[dtype]
 
 
@@ -126,6 +127,18 @@ def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
     if spec.is_mla:
         return kv.row_bytes(spec.kv_lora_rank + spec.rope_head_dim)
     return 2 * spec.num_kv_heads * kv.row_bytes(spec.head_dim)
+
+
+def recurrent_state_bytes(spec: ModelSpec) -> int:
+    """One linear-attention (Gated DeltaNet) layer's state for one sequence, in f32 whatever the cache type, as
+    llama.cpp's llama_memory_recurrent allocates it (hparams n_embd_r and n_embd_s): the convolution's last
+    kernel - 1 inputs over the query, key and value channels, and a key x value matrix per value head. Published:
+    Qwen3-Next's 36 linear layers hold "R (f32): 3.38 MiB, S (f32): 72.00 MiB" (llama_memory_recurrent, 1 seq)."""
+    if not spec.linear_attention_interval:
+        return 0
+    hd = spec.linear_head_dim
+    channels = (spec.linear_value_heads + 2 * spec.linear_key_heads) * hd
+    return 4 * ((spec.linear_conv_kernel - 1) * channels + spec.linear_value_heads * hd * hd)
 
 
 def kv_cache_buffers(spec: ModelSpec, ctx: int, kv: KVFormat, layers: range) -> list[Buffer]:

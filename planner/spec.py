@@ -68,12 +68,36 @@ def _mla(spec: ModelSpec, i: int) -> list[Tensor]:
                   Tensor(f"{p}.o", i, "o", (h, heads * spec.v_head_dim), True)]
 
 
+def _gated_delta(spec: ModelSpec, i: int) -> list[Tensor]:
+    """A Gated DeltaNet layer (Qwen3-Next, Qwen3.5), as llama.cpp stores it: the input projection to queries, keys
+    and values (qkv: linear_key_heads query and key heads, linear_value_heads value heads) and to the output gate
+    (z), the per-value-head beta and alpha projections, the depthwise causal convolution over qkv, the decay
+    (A, dt bias), the gated RMSNorm over a value head, and the output projection."""
+    h, hd = spec.hidden_size, spec.linear_head_dim
+    keys, values = spec.linear_key_heads * hd, spec.linear_value_heads * hd
+    conv = 2 * keys + values
+    p = f"layers.{i}.gdn"
+    return [Tensor(f"{p}.qkv", i, "gdn_qkv", (conv, h), True), Tensor(f"{p}.z", i, "gdn_z", (values, h), True),
+            Tensor(f"{p}.ba", i, "gdn_ba", (2 * spec.linear_value_heads, h), True),
+            Tensor(f"{p}.conv1d", i, "conv", (conv, spec.linear_conv_kernel), False),
+            Tensor(f"{p}.dt_bias", i, "bias", (spec.linear_value_heads,), False),
+            Tensor(f"{p}.a_log", i, "bias", (spec.linear_value_heads,), False),
+            Tensor(f"{p}.norm", i, "norm", (1, hd), False),
+            Tensor(f"{p}.out", i, "gdn_out", (h, values), True)]
+
+
 def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
     if spec.is_mla:
         return _mla(spec, i)
+    if spec.is_linear(i):
+        return _gated_delta(spec, i)
     h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
     p = f"layers.{i}.attn"
-    if spec.fused_qkv:
+    if spec.attn_output_gate:          # the gate's half of q_proj
+        out = [Tensor(f"{p}.q", i, "q", (2 * q, h), True), Tensor(f"{p}.k", i, "k", (kv, h), True),
+               Tensor(f"{p}.v", i, "v", (kv, h), True)]
+        bias = []
+    elif spec.fused_qkv:
         out = [Tensor(f"{p}.qkv", i, "qkv", (q + 2 * kv, h), True)]
         bias = [Tensor(f"{p}.qkv.bias", i, "bias", (q + 2 * kv,), False)]
     else:
@@ -82,6 +106,8 @@ def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
         bias = [Tensor(f"{p}.{n}.bias", i, "bias", (d,), False) for n, d in (("q", q), ("k", kv), ("v", kv))]
     out.append(Tensor(f"{p}.o", i, "o", (h, q), True))
     out += bias if spec.qkv_bias else []
+    if spec.qk_norm:
+        out += [Tensor(f"{p}.{n}_norm", i, "norm", (1, spec.head_dim), False) for n in ("q", "k")]
     if spec.extra_bias:
         out.append(Tensor(f"{p}.o.bias", i, "bias", (h,), False))
     if spec.attn_sinks:
@@ -114,6 +140,8 @@ def _layer(spec: ModelSpec, i: int) -> list[Tensor]:
             out += _mlp(spec, i, f"layers.{i}.moe.{e}", share)
         if spec.shared_experts:          # always active, outside the experts llama.cpp's --n-cpu-moe moves
             out += _mlp(spec, i, f"layers.{i}.shared", 1.0, spec.shared_experts * spec.intermediate_size)
+        if spec.shared_expert_gate:
+            out.append(Tensor(f"layers.{i}.shared.gate_inp", i, "router", (1, spec.hidden_size), False))
     else:
         out += _mlp(spec, i, f"layers.{i}.mlp", 1.0, spec.dense_intermediate_size if spec.is_moe else 0)
     width = 2 if spec.norm == "layernorm" else 1      # layernorm: weight and bias
@@ -206,7 +234,9 @@ def architecture_digest(spec: ModelSpec) -> str:
             "fused_gate_up", "num_experts", "experts_per_token")
     fields = {k: getattr(spec, k) for k in keys}
     newer = ("extra_bias", "attn_sinks", "shared_experts", "router_bias", "dense_layers", "dense_intermediate_size",
-             "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim")
+             "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
+             "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
+             "qk_norm", "shared_expert_gate")
     fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
     text = json.dumps(fields, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -223,7 +253,10 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
     "gpt_oss": {"qkv_bias": True, "extra_bias": True, "attn_sinks": True},
     "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {}, "llama4": {},
+    "qwen3_next": {"attn_output_gate": True, "qk_norm": True}, "qwen3_5": {"qk_norm": True},
+    "qwen3_5_moe": {"qk_norm": True},
 }
+_HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
 
 class _MissingKey(KeyError):
@@ -307,6 +340,40 @@ def _llama4_text(cfg: dict, name: str) -> dict:
     return out
 
 
+def _hybrid(cfg: dict, family: str, name: str, layers: int) -> dict[str, Any]:
+    """Qwen3-Next and Qwen3.5: Gated DeltaNet layers with full attention in the last of every
+    full_attention_interval (or as layer_types lists them), its q_proj doubled by the output gate; Qwen3-Next and
+    Qwen3.5-MoE's experts of moe_intermediate_size beside a gated shared expert in every layer."""
+    keys, values = _first(cfg, "linear_key_head_dim"), _first(cfg, "linear_value_head_dim")
+    if keys != values:
+        raise ModelSourceError(f"{name}: linear_key_head_dim {keys} differs from linear_value_head_dim {values}, "
+                               f"which vramwise does not plan")
+    interval = cfg.get("full_attention_interval", 4)
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and types:
+        full = [t == "full_attention" for t in types]
+        hits = [n for n in range(1, len(full) + 1) if all(f == ((i + 1) % n == 0) for i, f in enumerate(full))]
+        if not hits:
+            raise ModelSourceError(f"{name}: layer_types mixes linear and full attention in an order vramwise cannot "
+                                   f"plan (it plans the last of every N layers full)")
+        interval = hits[0]
+    out: dict[str, Any] = dict(
+        linear_attention_interval=interval, linear_head_dim=keys,
+        linear_key_heads=_first(cfg, "linear_num_key_heads"), linear_value_heads=_first(cfg, "linear_num_value_heads"),
+        linear_conv_kernel=_first(cfg, "linear_conv_kernel_dim"),
+        attn_output_gate=bool(cfg.get("attn_output_gate", family == "qwen3_next")))
+    if family != "qwen3_5":                          # the MoE ones: experts in every layer, a gated shared expert
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise ModelSourceError(f"{name}: dense layers among the expert ones (mlp_only_layers, "
+                                   f"decoder_sparse_step) are not supported")
+        width, shared = _first(cfg, "moe_intermediate_size"), int(cfg.get("shared_expert_intermediate_size") or 0)
+        if shared % width:
+            raise ModelSourceError(f"{name}: shared_expert_intermediate_size {shared} is not a multiple of "
+                                   f"moe_intermediate_size {width}")
+        out.update(intermediate_size=width, shared_experts=shared // width, shared_expert_gate=bool(shared))
+    return out
+
+
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
     try:
@@ -318,7 +385,7 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
 
 def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     family = cfg.get("model_type")
-    if family == "gemma3" and isinstance(cfg.get("text_config"), dict):
+    if family in ("gemma3", "qwen3_5", "qwen3_5_moe") and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model
     if family in ("llama4", "llama4_text"):
         cfg, family = _llama4_text(cfg, name), "llama4"
@@ -335,7 +402,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         num_kv_heads=_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
         vocab_size=_first(cfg, "vocab_size"),
         max_context=_first(cfg, "max_position_embeddings", default=2048),
-        head_dim=cfg.get("head_dim") or 0, rope_theta=float(cfg.get("rope_theta") or 10000.0),
+        head_dim=cfg.get("head_dim") or 0,
+        rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
         norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
         num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
@@ -356,6 +424,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         args.update(_shared_moe(cfg, family, name))
     if family == "llama4":
         args["shared_experts"] = 1
+    if family in _HYBRID_FAMILIES:
+        args.update(_hybrid(cfg, family, name, args["num_layers"]))
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)
@@ -370,7 +440,9 @@ _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe":
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True},
                "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
-               "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}, "llama4": {}}
+               "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}, "llama4": {},
+               "qwen3next": {"family": "qwen3_next"}, "qwen35": {"family": "qwen3_5"},
+               "qwen35moe": {"family": "qwen3_5_moe"}}
 # llama.cpp's load_hparams for LLM_ARCH_LLAMA4 sets chunked attention itself (n_swa 8192, three chunked layers to
 # one global): the GGUF carries neither.
 _LLAMA4_CHUNK, _LLAMA4_PATTERN = 8192, 4
@@ -426,6 +498,8 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         source=f"GGUF metadata ({path.name})")
     if arch in ("deepseek2", "glm4moe"):
         args.update(_gguf_shared_moe(meta, arch, names, path, args))
+    if arch in ("qwen3next", "qwen35", "qwen35moe"):
+        args.update(_gguf_hybrid(meta, arch, names, args))
     if arch == "llama4":
         step = int(meta(f"{arch}.interleave_moe_layer_step", 1))
         if step != 1:
@@ -474,6 +548,25 @@ def _gguf_shared_moe(meta: Any, arch: str, names: set[str], path: Path, args: di
                    v_head_dim=int(meta(f"{arch}.attention.value_length_mla")),
                    kv_lora_rank=int(meta(f"{arch}.attention.kv_lora_rank")),
                    q_lora_rank=int(meta(f"{arch}.attention.q_lora_rank", 0)))
+    return out
+
+
+def _gguf_hybrid(meta: Any, arch: str, names: set[str], args: dict) -> dict[str, Any]:
+    """Qwen3-Next and Qwen3.5 GGUFs (llama.cpp's qwen3next, qwen35, qwen35moe): the linear-attention widths under
+    the ssm.* keys (state_size the head width, group_count the key heads, time_step_rank the value heads), full
+    attention in the last of every full_attention_interval layers, the gated shared expert's width; a
+    multi-token-prediction layer some files carry (nextn_predict_layers) is left out, as llama.cpp decodes
+    without it."""
+    shared = int(meta(f"{arch}.expert_shared_feed_forward_length", 0))
+    out: dict[str, Any] = dict(
+        linear_attention_interval=int(meta(f"{arch}.full_attention_interval", 4)),
+        linear_head_dim=int(meta(f"{arch}.ssm.state_size")), linear_key_heads=int(meta(f"{arch}.ssm.group_count")),
+        linear_value_heads=int(meta(f"{arch}.ssm.time_step_rank")),
+        linear_conv_kernel=int(meta(f"{arch}.ssm.conv_kernel")), attn_output_gate=True, qk_norm=True,
+        num_layers=args["num_layers"] - int(meta(f"{arch}.nextn_predict_layers", 0)))
+    if shared and args["intermediate_size"]:
+        out.update(shared_experts=shared // args["intermediate_size"],
+                   shared_expert_gate="blk.0.ffn_gate_inp_shexp.weight" in names)
     return out
 
 

@@ -258,6 +258,26 @@ def test_llama4_gguf_metadata(tmp_path):
                                   tensors))
 
 
+def test_hybrid_linear_attention_gguf_metadata(tmp_path):
+    """llama.cpp's qwen3next / qwen35moe GGUFs: the linear-attention widths from the ssm.* keys, full attention in
+    every full_attention_interval-th layer, the gated shared expert; a multi-token-prediction block is left out."""
+    from planner.spec import spec_from_gguf
+    keys = [("embedding_length", 64), ("feed_forward_length", 128), ("expert_feed_forward_length", 32),
+            ("expert_shared_feed_forward_length", 32), ("block_count", 5), ("nextn_predict_layers", 1),
+            ("attention.head_count", 4), ("attention.head_count_kv", 2), ("attention.key_length", 32),
+            ("context_length", 256), ("expert_count", 4), ("expert_used_count", 2), ("ssm.conv_kernel", 4),
+            ("ssm.state_size", 16), ("ssm.group_count", 2), ("ssm.time_step_rank", 4), ("ssm.inner_size", 64),
+            ("full_attention_interval", 4)]
+    tensors = [(f"blk.{i}.attn_norm.weight", (64,)) for i in range(5)] + [
+        ("blk.0.ffn_gate_inp_shexp.weight", (64,)), ("token_embd.weight", (100, 64)), ("output.weight", (100, 64))]
+    spec = spec_from_gguf(_tiny_gguf(tmp_path / "q35.gguf", "qwen35moe", keys, tensors))
+    assert (spec.family, spec.num_layers, spec.linear_attention_interval) == ("qwen3_5_moe", 4, 4)
+    assert (spec.linear_head_dim, spec.linear_key_heads, spec.linear_value_heads, spec.linear_conv_kernel) == (
+        16, 2, 4, 4)
+    assert (spec.shared_experts, spec.shared_expert_gate, spec.attn_output_gate) == (1, True, True)
+    assert [spec.is_linear(i) for i in range(4)] == [True, True, True, False]
+
+
 def test_deepseek_and_glm_config_json(db):
     """DeepSeek-V3's config.json (MLA, 3 dense layers, 256 routed + 1 shared expert, e_score_correction_bias) and
     GLM-4.5-Air's (1 dense layer, 128 routed + 1 shared, q/k/v biases): the counts of the database entries, 671.03B
@@ -309,6 +329,36 @@ def test_llama4_config_json(db):
     with pytest.raises(ModelSourceError, match="^Maverick: interleave_moe_layer_step 2"):
         spec_from_hf_config({"model_type": "llama4", "text_config": {**text, "interleave_moe_layer_step": 2}},
                             "Maverick")
+
+
+def test_hybrid_linear_attention_config_json(db):
+    """Qwen3-Next's config.json (top level) and Qwen3.5's (text_config of the image-text checkpoint): the database
+    entries' exact counts, full attention in every fourth layer (full_attention_interval or layer_types), the
+    gated shared expert from shared_expert_intermediate_size."""
+    from planner.spec import ModelSourceError, param_count, spec_from_hf_config
+    nxt = {"model_type": "qwen3_next", "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "vocab_size": 151936,
+           "max_position_embeddings": 262144, "rope_theta": 10000000, "tie_word_embeddings": False,
+           "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+           "shared_expert_intermediate_size": 512, "decoder_sparse_step": 1, "mlp_only_layers": [],
+           "full_attention_interval": 4, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+           "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4}
+    spec = spec_from_hf_config(nxt, "Qwen3-Next")
+    assert param_count(spec) == param_count(db.find_model("qwen3-next-80b-a3b")) == 79_674_391_296
+    assert [i for i in range(48) if not spec.is_linear(i)] == list(range(3, 48, 4))
+    text = {"hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 64, "num_attention_heads": 24,
+            "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 248320, "max_position_embeddings": 262144,
+            "tie_word_embeddings": False, "attn_output_gate": True, "linear_num_key_heads": 16,
+            "linear_num_value_heads": 48, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4, "rope_parameters": {"rope_theta": 10000000, "partial_rotary_factor": 0.25},
+            "layer_types": ["linear_attention"] * 3 * 16}
+    text["layer_types"] = [("full" if (i + 1) % 4 == 0 else "linear") + "_attention" for i in range(64)]
+    dense = spec_from_hf_config({"model_type": "qwen3_5", "text_config": text}, "Qwen3.5-27B")
+    assert param_count(dense) == param_count(db.find_model("qwen3.5-27b")) == 26_895_998_464
+    assert dense.rope_theta == 1e7 and dense.linear_attention_interval == 4
+    with pytest.raises(ModelSourceError, match="^m: layer_types mixes linear and full attention"):
+        spec_from_hf_config({"model_type": "qwen3_5", "text_config": {**text, "layer_types": ["full_attention"] +
+                             ["linear_attention"] * 63}}, "m")
 
 
 @pytest.mark.parametrize("family,drop", [("llama", "vocab_size"), ("qwen3_moe", "moe_intermediate_size"),

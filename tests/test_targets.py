@@ -27,6 +27,8 @@ def predict(fig: dict, db) -> float:
         return 8 * nbytes / param_count(spec) if kind == "gguf_bpw" else nbytes / 2**30
     if kind == "llamacpp_kv_mib":
         return sum(llamacpp.kv_layer_bytes(spec, fig["ctx"], fig["kv"])) / 2**20
+    if kind == "llamacpp_recurrent_mib":
+        return sum(b for i, b in enumerate(llamacpp.kv_layer_bytes(spec, 4096, "fp16")) if spec.is_linear(i)) / 2**20
     if kind == "llamacpp_compute_mib":
         return llamacpp.compute_buffer_bytes(spec, fig["ctx"], fig["flash_attn"], True) / 2**20
     if kind == "vllm_weights_gib":
@@ -411,3 +413,28 @@ def test_exllamav2_quantized_cache_is_dequantized_before_each_layers_attention(d
     fp16, q4 = (plan_target("exllamav2", _req(db, "llama3.1-8b", "rtx4090", ctx=65536, kv=kv)) for kv in ("fp16", "q4"))
     assert q4.decode_full_s > fp16.decode_full_s * 1.3
     assert q4.decode_s == pytest.approx(fp16.decode_s, rel=0.05)
+
+
+def test_hybrid_linear_attention_in_llamacpp(db):
+    """Qwen3-Next: only its 12 full-attention layers cache tokens; its 36 Gated DeltaNet layers keep 75.38 MiB of f32
+    state (llama_memory_recurrent's published size) whatever the context and cache type, read and written every
+    token. vLLM 0.10.1 and ExLlamaV2 0.2.8 are refused in one line."""
+    spec, mib = db.find_model("qwen3-next-80b-a3b"), 2**20
+    linear = [spec.is_linear(i) for i in range(spec.num_layers)]
+    assert sum(linear) == 36
+    row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
+    for ctx in (4096, 262144):
+        per_layer = llamacpp.kv_layer_bytes(spec, ctx, "q8")
+        assert sum(b for b, lin in zip(per_layer, linear) if lin) == pytest.approx(75.375 * mib)
+        assert sum(b for b, lin in zip(per_layer, linear) if not lin) == 12 * ctx * mem.kv_bytes_per_token(
+            spec, KV_FORMATS["q8"])
+    read = llamacpp.kv_read_bytes(spec, "fp16", 0)
+    assert sum(read) == 2 * 75.375 * mib                 # at any depth the state is read and written
+    assert sum(llamacpp.kv_read_bytes(spec, "fp16", 8192)) == 2 * 75.375 * mib + 12 * 8192 * row
+    out = plan_target("llama.cpp", _req(db, "qwen3-next-80b-a3b", "rtx4090", ctx=65536))
+    assert out.kv_bytes_per_token == 12 * row
+    assert out.per_gpu[0]["kv_cache"] == 12 * 65536 * row + 36 * mem.recurrent_state_bytes(spec)
+    with pytest.raises(TargetError, match="vLLM 0.10.1 does not plan .*linear-attention"):
+        plan_target("vllm", _req(db, "qwen3.5-27b", "h100 sxm"))
+    with pytest.raises(TargetError, match="ExLlamaV2 0.2.8 does not load"):
+        plan_target("exllamav2", _req(db, "qwen3.5-27b", "h100 sxm"))

@@ -56,7 +56,7 @@ class Outcome(CardTotals):
     host: dict[str, int]
     ctx: int
     kv_dtype: str
-    kv_bytes_per_token: int                    # all layers, K and V
+    kv_bytes_per_token: int                    # K and V over the layers that cache (not linear-attention ones)
     weights: dict[str, Any]                    # format, bytes, avg_bpw, per-tensor detail
     decode_s: float
     decisions: list[tuple[str, str, str]] = field(default_factory=list)

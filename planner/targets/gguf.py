@@ -79,10 +79,18 @@ def type_bytes(ggml_type: str, numel: int, ncols: int) -> int:
     return numel // block * size
 
 
-def _kind_to_category(kind: str) -> str:
+# Gated DeltaNet input projections: Qwen3.5's GGUFs name them attn_qkv (which llama-quantize's attn_qkv rules
+# then raise, as for a fused attention qkv) and attn_gate; Qwen3-Next's store them fused as ssm_in, no rule.
+_GDN_ATTN_QKV_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+
+
+def _kind_to_category(kind: str, family: str = "") -> str:
+    if kind == "gdn_qkv":
+        return "attn_qkv" if family in _GDN_ATTN_QKV_FAMILIES else "ssm_in"
     return {"q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output",
             "q_a": "attn_q_a", "kv_a": "attn_kv_a_mqa",
             "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down",
+            "gdn_z": "attn_gate", "gdn_ba": "ssm_ba", "gdn_out": "ssm_out", "conv": "ssm_conv1d",
             "embed": "token_embd", "head": "output"}.get(kind, "other")
 
 
@@ -92,7 +100,7 @@ def gguf_tensors(spec: ModelSpec) -> tuple[GGUFTensor, ...]:
     out: list[GGUFTensor] = []
     merged: dict[tuple[int, str], list] = {}
     for t in tensors(spec):
-        cat = _kind_to_category(t.kind)
+        cat = _kind_to_category(t.kind, spec.family)
         if t.expert:                     # one 3-D tensor a projection (and one 2-D for its biases, gpt-oss)
             key = (t.layer, cat if t.kind != "bias" else _kind_to_category(t.name.split(".")[-2]) + "_bias")
             if key not in merged:

@@ -81,13 +81,15 @@ def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
     --swa-full all n_ctx cells: neither is planned)."""
     base = _pad(ctx)
     swa = _pad(min(base, spec.sliding_window + n_ubatch))
-    return [swa if w else base for w in windowed_layers(spec, SWA_FAMILIES)]
+    return [0 if spec.is_linear(i) else swa if w else base for i, w in enumerate(windowed_layers(spec, SWA_FAMILIES))]
 
 
 def kv_layer_bytes(spec, ctx: int, kv: str) -> list[int]:
-    """Bytes of each layer's K and V cache at n_ctx = ctx in the cache type kv (fp16, q8 or q4)."""
-    row = mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
-    return [cells * row for cells in kv_cells(spec, ctx)]
+    """Bytes of each layer's K and V cache at n_ctx = ctx in the cache type kv (fp16, q8 or q4); a linear-attention
+    layer's recurrent state instead (one sequence, f32: llama_memory_hybrid keeps it beside the attention
+    layers' cache, whatever n_ctx and -ctk)."""
+    row, state = mem.kv_bytes_per_token(spec, KV_FORMATS[kv]), mem.recurrent_state_bytes(spec)
+    return [state if spec.is_linear(i) else cells * row for i, cells in enumerate(kv_cells(spec, ctx))]
 
 
 def _layer_bytes(lay: _Layout, experts: bool) -> list[int]:
@@ -219,9 +221,11 @@ def kv_read_bytes(spec, kv: str, depth: int, n_ubatch: int = N_UBATCH) -> list[i
     SWA_FAMILIES model the whole SWA cache once the context has filled it (kv_cells at n_ctx = depth: the
     window plus one micro-batch, not the window alone). On a DGX Spark (benches/dgx-spark.md, n_ubatch 2048)
     Gemma 3 4B slows from 79.0 to 68.9 tok/s by depth 4096, and 4096 -> 32768 costs little more: the 29
-    sliding layers read their 3072 cells, not the 1024-token window."""
-    row = mem.kv_bytes_per_token(spec, KV_FORMATS[kv])
-    return [row * n for n in kv_cells(spec, depth, n_ubatch)] if depth else [0] * spec.num_layers
+    sliding layers read their 3072 cells, not the 1024-token window. A linear-attention layer reads and writes
+    its recurrent state every token, at any depth."""
+    row, state = mem.kv_bytes_per_token(spec, KV_FORMATS[kv]), mem.recurrent_state_bytes(spec)
+    cells = kv_cells(spec, depth, n_ubatch) if depth else [0] * spec.num_layers
+    return [2 * state if spec.is_linear(i) else row * n for i, n in enumerate(cells)]
 
 
 def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATCH) -> list[float]:
@@ -237,10 +241,9 @@ def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATC
     if kv == "fp16" or vendor not in CUDA_FA_VENDORS:
         return [float(b) for b in read]
     f16 = kv_read_bytes(spec, "fp16", depth, n_ubatch)
-    if spec.is_mla:
-        return [float(q + 2 * f) for q, f in zip(read, f16)]
     cost = QUANT_CACHE_READ_COST * (spec.num_heads / spec.num_kv_heads / 4) ** QUANT_CACHE_GQA_EXPONENT
-    return [max(float(q), f * cost) for q, f in zip(read, f16)]
+    return [float(q) if spec.is_linear(i) else float(q + 2 * f) if spec.is_mla else max(float(q), f * cost)
+            for i, (q, f) in enumerate(zip(read, f16))]
 
 
 def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = N_UBATCH) -> float:
@@ -377,13 +380,18 @@ def _offload(req: TargetRequest, ftypes: list[str]) -> Outcome:
 
 
 def _swa_why(spec, ctx: int) -> str:
-    cells = kv_cells(spec, ctx)
+    cells = [c for i, c in enumerate(kv_cells(spec, ctx)) if not spec.is_linear(i)]
+    linear = sum(spec.is_linear(i) for i in range(spec.num_layers))
+    out = ""
+    if linear:
+        out = (f"; {linear} of {spec.num_layers} layers are linear attention with no cache: each keeps "
+               f"{fmt_bytes(mem.recurrent_state_bytes(spec))} of f32 recurrent state, counted in kv_cache")
     if min(cells) == max(cells):
-        return ""
+        return out
     n = sum(c < max(cells) for c in cells)
-    return (f"; {n} of {spec.num_layers} layers attend over a {spec.sliding_window}-token sliding window and keep "
-            f"{min(cells)} cells (the window and one {N_UBATCH}-token micro-batch, padded to {CELL_PAD}), the "
-            f"others all {max(cells)}")
+    return out + (f"; {n} of {spec.num_layers} layers attend over a {spec.sliding_window}-token sliding window and "
+                  f"keep {min(cells)} cells (the window and one {N_UBATCH}-token micro-batch, padded to {CELL_PAD}), "
+                  f"the others all {max(cells)}")
 
 
 def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode: str, why: str) -> Outcome:
@@ -435,5 +443,6 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
                                                                  "the routed experts are read per token"))
     if settings["tensor_split"]:
         decisions.append(("tensor_split", ",".join(map(str, settings["tensor_split"])), "layers per card (-sm layer)"))
-    return Outcome("llama.cpp", mode, settings, per_gpu, host, lay.ctx, kv_name, kv_tok * spec.num_layers, weights,
+    attending = sum(not spec.is_linear(i) for i in range(spec.num_layers))
+    return Outcome("llama.cpp", mode, settings, per_gpu, host, lay.ctx, kv_name, kv_tok * attending, weights,
                    _decode_s(req, lay), decisions, _decode_s(req, lay, lay.ctx))

@@ -184,6 +184,9 @@ def _price(req: TargetRequest, fmt: str, kv_bytes: int):
 
 def plan(req: TargetRequest) -> Outcome:
     spec, tp, pp = req.model, req.gpu_count, req.nodes
+    if spec.linear_attention_interval:
+        raise TargetError(f"vLLM 0.10.1 does not plan {spec.name}'s linear-attention (Gated DeltaNet) layers, "
+                          f"whose fixed-size state vLLM keeps in its own cache groups; use --target llama.cpp")
     if spec.num_heads % tp:
         raise TargetError(f"vLLM needs the attention heads ({spec.num_heads}) divisible by --tensor-parallel-size "
                           f"{tp}; use --gpus {', '.join(str(d) for d in range(1, 9) if spec.num_heads % d == 0)}")
