@@ -78,7 +78,8 @@ def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
     """Cells of each layer's cache for -c ctx: n_ctx rounded up to 256, or on a sliding-window layer of an
     SWA_FAMILIES model the SWA cache's min(n_ctx, n_swa + n_ubatch) rounded up to 256 (one sequence, as llama-cli
     and llama-bench run; llama-server's default of 4 slots sharing one cache gives the SWA cache 4 windows, and
-    --swa-full all n_ctx cells: neither is planned)."""
+    --swa-full all n_ctx cells: neither is planned). A linear-attention layer has none (kv_layer_bytes gives it its
+    recurrent state)."""
     base = _pad(ctx)
     swa = _pad(min(base, spec.sliding_window + n_ubatch))
     return [0 if spec.is_linear(i) else swa if w else base for i, w in enumerate(windowed_layers(spec, SWA_FAMILIES))]
@@ -394,6 +395,14 @@ def _swa_why(spec, ctx: int) -> str:
                   f"the others all {max(cells)}")
 
 
+def _quant_cache_why(req: TargetRequest, lay: _Layout) -> str:
+    if lay.kv == "fp16" or req.gpu.vendor not in CUDA_FA_VENDORS:
+        return ""
+    return (f"; under CUDA flash attention a {KV_TYPES[lay.kv]} cache saves memory, not time: deep into the context "
+            f"it is read slower than an f16 one (the decode rate at the end prices it), and one layer's f16 copy "
+            f"takes {fmt_bytes(fa_convert_bytes(lay.spec, lay.ctx, lay.kv, req.gpu.vendor))} (fa_convert)")
+
+
 def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode: str, why: str) -> Outcome:
     spec = lay.spec
     layer_bytes = _layer_bytes(lay, experts=False)
@@ -426,7 +435,7 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     decisions += [("context", str(lay.ctx), "as asked (--ctx)" if req.ctx else "the model's native context, capped at 4096"),
                   ("kv_cache", kv_name, f"{kv_tok} bytes per token per layer; quantized V needs "
                                         f"flash attention (-fa on, used always: it also shrinks the compute buffer)"
-                                        + _swa_why(spec, lay.ctx)),
+                                        + _swa_why(spec, lay.ctx) + _quant_cache_why(req, lay)),
                   ("n_gpu_layers", str(ngl), f"{n_gpu} of {spec.num_layers} layers" +
                    (" and the output head (-ngl beyond the layer count)" if lay.head_on_gpu else "; head on the CPU")),
                   ("fit_margin", fmt_bytes(FIT_TARGET_BYTES), "llama.cpp's --fit default keeps 1024 MiB free per device")]
