@@ -17,6 +17,12 @@ Pairs: published llama-bench tg128 rows of one card, model, build and depth, wit
 and the depth-0 row of the same runs. The attention's seconds are 1/tps(depth) - 1/tps(0); the ratio is the
 quantized cache's over the f16 cache's. It needs no card specs, so cards hwdb lacks count too.
 
+Metal: llama.cpp's Metal flash attention reads the cache once for each query head, so a run's slowdown with depth
+is the f16 cache's bytes x (query heads per KV head) x METAL_CACHE_READ_COST at the weights' share of the
+bandwidth. Fit: the ratio of measured to modelled extra seconds between each deeper Metal row and its run's
+shallowest row past depth 0 (the step from depth 0 adds a fixed cost of its own), divided by the query heads per
+KV head; the geometric mean over the pairs.
+
 Prints a table; writes benchmarks/results/kv_read_fit.json.
 Usage: python benchmarks/fit_kv_read.py
 """
@@ -76,6 +82,38 @@ def pairs(db: hwdb.Database) -> list[dict]:
     return out
 
 
+def metal_pairs(db: hwdb.Database) -> list[dict]:
+    """Each Metal run's deeper rows against its shallowest row past depth 0 (mean depth: + n_gen / 2)."""
+    from planner.roofline import EFFICIENCY, memory_bandwidth
+    from planner.targets.llamacpp import kv_read_bytes
+    runs: dict[tuple, list] = {}
+    for row in published_rows.load(db):
+        m = row.m
+        if row.skip or m["engine"] != "llama.cpp" or m["backend"] != "metal" or not m.get("depth"):
+            continue
+        key = (m["gpu"], m["model"], m["weights_format"], str(m.get("engine_version")))
+        runs.setdefault(key, []).append(row)
+    out = []
+    for (gpu, model, fmt, build), rows in sorted(runs.items()):
+        rows.sort(key=lambda r: r.m["depth"])
+        spec, card = rows[0].model, rows[0].gpu
+        eff = EFFICIENCY[card.vendor]
+        rate = eff.decode_bandwidth * memory_bandwidth(card, eff) * 1e9
+
+        def at(r):
+            depth = int(r.m["depth"]) + int(r.m.get("n_gen") or 0) // 2
+            return depth, sum(kv_read_bytes(spec, "fp16", depth)) / rate
+        d0, s0 = at(rows[0])
+        for r in rows[1:]:
+            d, s = at(r)
+            measured = 1 / r.m["tokens_per_s"] - 1 / rows[0].m["tokens_per_s"]
+            gqa = spec.num_heads // spec.num_kv_heads
+            out.append({"gpu": gpu, "model": model, "weights": fmt, "build": build, "from_depth": d0, "depth": d,
+                        "gqa": gqa, "measured_ms": round(measured * 1e3, 3), "bytes_model_ms": round((s - s0) * 1e3, 3),
+                        "cost": round(measured / (s - s0) / gqa, 3)})
+    return out
+
+
 def fit(vec: list[dict]) -> tuple[float, float]:
     """Least squares of log(ratio) on log(gqa / 4): (C, K)."""
     xs = [math.log(p["gqa"] / 4) for p in vec]
@@ -102,11 +140,21 @@ def main() -> None:
           f"worst residual {worst:.0%})")
     for p in (p for p in found if p["mla"]):
         print(f"MLA ({p['model']}, {p['gpu']}): measured {p['ratio']:.2f}, f16 copy model {p['conversion_model_ratio']:.2f}")
+    metal = metal_pairs(hwdb.load())
+    metal_cost = math.exp(sum(math.log(p["cost"]) for p in metal) / len(metal))
+    print(f"\n{'Metal run':40s} {'gqa':>3s} {'depths':>14s} {'measured ms':>11s} {'bytes ms':>8s} {'cost':>5s}")
+    for p in metal:
+        print(f"{(p['gpu'] + ' ' + p['model'])[:40]:40s} {p['gqa']:3d} {p['from_depth']:6d}->{p['depth']:6d} "
+              f"{p['measured_ms']:11.3f} {p['bytes_model_ms']:8.3f} {p['cost']:5.2f}")
+    print(f"METAL_CACHE_READ_COST = {metal_cost:.2f} ({len(metal)} pairs, {min(p['cost'] for p in metal):.2f} to "
+          f"{max(p['cost'] for p in metal):.2f})")
     benchlib.write_json({"what": "quantized over f16 KV-cache attention seconds in llama.cpp CUDA decode, same card, "
                                  "model, build and depth (published llama-bench rows); vec pairs fit as "
-                                 "C x (gqa / 4)^K",
+                                 "C x (gqa / 4)^K. Metal: measured over modelled extra seconds with depth, per query "
+                                 "head a KV head serves",
                          "quant_cache_read_cost": round(c, 2), "quant_cache_gqa_exponent": round(k, 2),
-                         "vec_pairs": len(vec), "worst_residual": round(worst, 3), "pairs": found}, RESULT)
+                         "vec_pairs": len(vec), "worst_residual": round(worst, 3), "pairs": found,
+                         "metal_cache_read_cost": round(metal_cost, 2), "metal_pairs": metal}, RESULT)
     print(f"wrote {RESULT.relative_to(ROOT)}")
 
 

@@ -68,7 +68,8 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
         weights = sum(gguf.file_bytes(row.model, gguf.tensor_types(row.model, ftype, ftype.startswith("IQ"))).values())
         if ngl is None and published_rows.spilled(row, weights):
             return None, "weights larger than the card's memory (the run spilled)"
-        depth, ubatch = int(m.get("depth") or 0), int(m.get("n_ubatch") or N_UBATCH)
+        depth = int(m.get("depth") or 0) + int(m.get("n_gen") or 0) // 2       # the generated tokens' mean depth
+        ubatch = int(m.get("n_ubatch") or N_UBATCH)
         kv = {v: k for k, v in KV_TYPES.items()}.get(m.get("cache_type") or "f16")
         if kv is None:
             return None, f"cache type {m['cache_type']!r} not modelled"
@@ -113,6 +114,7 @@ def main() -> None:
         done.append({**base, "group": "fit" if in_fit(row) else "held-out", "hwdb_gpu": row.gpu.id,
                      "year": int(year.group(1)) if year else None, "moe": row.model.is_moe,
                      **({"outlier": m["outlier"]} if m.get("outlier") else {}),
+                     **({"known_gap": m["known_gap"]} if m.get("known_gap") else {}),
                      "published_tps": m["tokens_per_s"], "predicted_tps": round(pred, 2),
                      "err": round(pred / m["tokens_per_s"] - 1, 4)})
     groups = {}

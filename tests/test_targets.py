@@ -384,12 +384,13 @@ def test_quantized_cache_gets_flash_attentions_f16_copy_on_cuda(db):
 def test_quantized_cache_read_costs_more_than_its_bytes_on_cuda(db):
     """A q8_0 cache is not cheaper to attend over than an f16 one on CUDA (benchmarks/fit_kv_read.py): the vec
     kernel's cost is an f16 cache's bytes x 1.30 x (GQA / 4)^0.77, never below the q8_0 bytes; an MLA cache is
-    copied to f16 every token (q8_0 bytes + the copy written and read). Other backends read what is cached."""
+    copied to f16 every token (q8_0 bytes + the copy written and read). Vulkan is priced at what is cached (Metal:
+    test_metal_reads_the_cache_once_per_query_head)."""
     llama, ds, gemma = (db.find_model(m) for m in ("llama3.1-8b", "deepseek-v2-lite", "gemma-2b"))
     f16 = llamacpp.kv_read_bytes(llama, "fp16", 32768)
     q8 = llamacpp.kv_read_bytes(llama, "q8", 32768)
     assert llamacpp.kv_read_cost(llama, "fp16", 32768, "nvidia") == f16
-    assert llamacpp.kv_read_cost(llama, "q8", 32768, "apple") == q8
+    assert llamacpp.kv_read_cost(llama, "q8", 32768, "intel") == q8             # Vulkan: its bytes
     assert llamacpp.kv_read_cost(llama, "q8", 32768, "nvidia") == pytest.approx([1.30 * b for b in f16])
     g16 = llamacpp.kv_read_bytes(gemma, "fp16", 32768)                 # 8 query heads on one KV head
     assert llamacpp.kv_read_cost(gemma, "q8", 32768, "nvidia") == pytest.approx([1.30 * 2 ** 0.77 * b for b in g16])
@@ -438,3 +439,16 @@ def test_hybrid_linear_attention_in_llamacpp(db):
         plan_target("vllm", _req(db, "qwen3.5-27b", "h100 sxm"))
     with pytest.raises(TargetError, match="ExLlamaV2 0.2.8 does not load"):
         plan_target("exllamav2", _req(db, "qwen3.5-27b", "h100 sxm"))
+
+
+def test_metal_reads_the_cache_once_per_query_head(db):
+    """Metal's flash attention: a token deep into the context costs the cache's bytes x query heads per KV head x
+    0.96 (benchmarks/fit_kv_read.py); latent attention and the linear layers' state are priced at their bytes."""
+    qwen = db.find_model("qwen3.5-27b")
+    read = llamacpp.kv_read_bytes(qwen, "fp16", 100000)
+    cost = llamacpp.kv_read_cost(qwen, "fp16", 100000, "apple")
+    assert cost == pytest.approx([b if qwen.is_linear(i) else b * 6 * 0.96 for i, b in enumerate(read)])
+    ds = db.find_model("deepseek-v2-lite")
+    assert llamacpp.kv_read_cost(ds, "fp16", 8192, "apple") == llamacpp.kv_read_bytes(ds, "fp16", 8192)
+    fit = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "results" / "kv_read_fit.json").read_text())
+    assert llamacpp.METAL_CACHE_READ_COST == fit["metal_cache_read_cost"]

@@ -139,6 +139,11 @@ CUDA_FA_VENDORS = ("nvidia", "amd")
 # and an RTX 5070 Laptop GPU, llama.cpp master 36b101543, September 2026; worst residual 16%.
 QUANT_CACHE_READ_COST = 1.30
 QUANT_CACHE_GQA_EXPONENT = 0.77
+# Metal's flash attention reads the cache once for each query head: a token deep into the context costs the cache's
+# bytes x (query heads per KV head) x METAL_CACHE_READ_COST at the weights' share of the bandwidth. Fit by
+# benchmarks/fit_kv_read.py to 6 pairs of published depth rows (Qwen3 0.6B on an M2 Ultra, 2 query heads a KV head,
+# master of August 2026; Qwen3.5 27B on an M3 Ultra, 6, version 8500), 0.73 to 1.14.
+METAL_CACHE_READ_COST = 0.96
 
 
 def fa_convert_bytes(spec, ctx: int, kv: str, vendor: str) -> int:
@@ -237,8 +242,13 @@ def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATC
       - any other is dequantized by the vec kernel as it reads: an f16 cache's bytes x QUANT_CACHE_READ_COST x
         (query heads per KV head / 4)^QUANT_CACHE_GQA_EXPONENT, and never less than the quantized bytes.
     Published (benchmarks/fit_kv_read.py): DeepSeek-V2-Lite at 32768 on an RTX 3090 pays 2.34 times its f16
-    cache's attention time with q8_0; the copy's bytes give 2.53."""
+    cache's attention time with q8_0; the copy's bytes give 2.53. Under Metal every query head reads the cache
+    itself: its bytes x (query heads per KV head) x METAL_CACHE_READ_COST (not fit for latent attention, whose
+    one cached row all heads share: priced at its bytes)."""
     read = kv_read_bytes(spec, kv, depth, n_ubatch)
+    if vendor == "apple" and not spec.is_mla:
+        per_head = METAL_CACHE_READ_COST * spec.num_heads / spec.num_kv_heads
+        return [float(b) if spec.is_linear(i) else b * per_head for i, b in enumerate(read)]
     if kv == "fp16" or vendor not in CUDA_FA_VENDORS:
         return [float(b) for b in read]
     f16 = kv_read_bytes(spec, "fp16", depth, n_ubatch)
