@@ -277,6 +277,12 @@ def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
 _SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
 
 
+def _last_of_every(marked: list[bool]) -> int | None:
+    """N where exactly the last layer of every N is marked (a layer_types list's global layers), or None."""
+    return next((n for n in range(1, len(marked) + 1)
+                 if all(m == ((i + 1) % n == 0) for i, m in enumerate(marked))), None)
+
+
 def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
     """sliding_window and sliding_window_pattern from a config.json (ModelSpec's meaning of each)."""
     window = cfg.get("sliding_window") or 0
@@ -291,11 +297,11 @@ def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
             return {"sliding_window": 0, "sliding_window_pattern": 0}
         if all(slides):
             return {"sliding_window": window, "sliding_window_pattern": 0}
-        for n in range(2, len(slides) + 1):
-            if all(s == bool((i + 1) % n) for i, s in enumerate(slides)):
-                return {"sliding_window": window, "sliding_window_pattern": n}
-        raise ModelSourceError(f"{name}: layer_types mixes sliding and full attention in an order vramwise cannot "
-                               f"plan (it plans the last of every N layers global)")
+        n = _last_of_every([not s for s in slides])
+        if n is None:
+            raise ModelSourceError(f"{name}: layer_types mixes sliding and full attention in an order vramwise "
+                                   f"cannot plan (it plans the last of every N layers global)")
+        return {"sliding_window": window, "sliding_window_pattern": n}
     pattern = cfg.get("sliding_window_pattern", _SLIDING_PATTERN.get(family, 0))
     if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 0:
         raise ModelSourceError(f"{name}: sliding_window_pattern {pattern!r} is not a layer count")
@@ -340,7 +346,7 @@ def _llama4_text(cfg: dict, name: str) -> dict:
     return out
 
 
-def _hybrid(cfg: dict, family: str, name: str, layers: int) -> dict[str, Any]:
+def _hybrid(cfg: dict, family: str, name: str) -> dict[str, Any]:
     """Qwen3-Next and Qwen3.5: Gated DeltaNet layers with full attention in the last of every
     full_attention_interval (or as layer_types lists them), its q_proj doubled by the output gate; Qwen3-Next and
     Qwen3.5-MoE's experts of moe_intermediate_size beside a gated shared expert in every layer."""
@@ -351,12 +357,10 @@ def _hybrid(cfg: dict, family: str, name: str, layers: int) -> dict[str, Any]:
     interval = cfg.get("full_attention_interval", 4)
     types = cfg.get("layer_types")
     if isinstance(types, list) and types:
-        full = [t == "full_attention" for t in types]
-        hits = [n for n in range(1, len(full) + 1) if all(f == ((i + 1) % n == 0) for i, f in enumerate(full))]
-        if not hits:
+        interval = _last_of_every([t == "full_attention" for t in types])
+        if interval is None:
             raise ModelSourceError(f"{name}: layer_types mixes linear and full attention in an order vramwise cannot "
                                    f"plan (it plans the last of every N layers full)")
-        interval = hits[0]
     out: dict[str, Any] = dict(
         linear_attention_interval=interval, linear_head_dim=keys,
         linear_key_heads=_first(cfg, "linear_num_key_heads"), linear_value_heads=_first(cfg, "linear_num_value_heads"),
@@ -425,7 +429,7 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     if family == "llama4":
         args["shared_experts"] = 1
     if family in _HYBRID_FAMILIES:
-        args.update(_hybrid(cfg, family, name, args["num_layers"]))
+        args.update(_hybrid(cfg, family, name))
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)
