@@ -460,6 +460,11 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     if settings["n_cpu_moe"]:
         decisions.append(("cpu_moe", str(settings["n_cpu_moe"]), "experts of these first layers in host RAM: only "
                                                                  "the routed experts are read per token"))
+    if spec.linear_attention_interval:
+        decisions.append(("speed", "optimistic", "the linear-attention layers' many small kernels are priced as an "
+                                                 "attention layer's fixed cost: a published Qwen3-Next Q4_K_M run on "
+                                                 "an A100 decoded 41% slower than this model predicts "
+                                                 "(benchmarks/published/measurements.yaml, its known_gap)"))
     if settings["tensor_split"]:
         decisions.append(("tensor_split", ",".join(map(str, settings["tensor_split"])), "layers per card (-sm layer)"))
     attending = sum(not spec.is_linear(i) for i in range(spec.num_layers))
