@@ -252,7 +252,7 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
     "gpt_oss": {"qkv_bias": True, "extra_bias": True, "attn_sinks": True},
-    "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {}, "llama4": {},
+    "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {}, "llama4": {}, "ministral3": {},
     "qwen3_next": {"attn_output_gate": True, "qk_norm": True}, "qwen3_5": {"qk_norm": True},
     "qwen3_5_moe": {"qk_norm": True},
 }
@@ -393,6 +393,9 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model
     if family in ("llama4", "llama4_text"):
         cfg, family = _llama4_text(cfg, name), "llama4"
+    if family == "mistral3" and isinstance(cfg.get("text_config"), dict):     # Mistral Small 3.x, Ministral 3
+        family = cfg["text_config"].get("model_type") or "mistral"
+        cfg = {**cfg["text_config"], "model_type": family}
     if family not in _HF_FAMILIES:
         raise ModelSourceError(f"{name}: model_type {family!r} is not supported "
                                f"(supported: {', '.join(sorted(_HF_FAMILIES))})")

@@ -361,6 +361,21 @@ def test_hybrid_linear_attention_config_json(db):
                              ["linear_attention"] * 63}}, "m")
 
 
+def test_mistral3_config_json(db):
+    """Mistral's image-text checkpoints (model_type mistral3): the text_config's own model type decides the family:
+    Mistral Small 3.1's mistral, Ministral 3's ministral3 (YaRN positions vramwise's engine does not run)."""
+    from planner.spec import engine_gaps, param_count, spec_from_hf_config
+    text = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 34, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072, "max_position_embeddings": 262144,
+            "tie_word_embeddings": False, "rope_theta": 1000000.0}
+    m8 = spec_from_hf_config({"model_type": "mistral3", "text_config": {**text, "model_type": "ministral3"}}, "M3-8B")
+    assert m8.family == "ministral3" and param_count(m8) == param_count(db.find_model("ministral-3-8b"))
+    assert "family ministral3" in engine_gaps(m8)
+    small = {**text, "model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40}
+    s31 = spec_from_hf_config({"model_type": "mistral3", "text_config": small}, "Mistral-Small-3.1")
+    assert s31.family == "mistral" and param_count(s31) == param_count(db.find_model("mistral-small-3.1-24b"))
+
+
 @pytest.mark.parametrize("family,drop", [("llama", "vocab_size"), ("qwen3_moe", "moe_intermediate_size"),
                                          ("deepseek_v3", "kv_lora_rank")])
 def test_missing_config_key_names_the_file(tmp_path, capsys, family, drop):
