@@ -32,8 +32,6 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,28 +41,32 @@ import hwdb  # noqa: E402
 import published_rows  # noqa: E402
 from planner import memory as mem  # noqa: E402
 from planner.formats import KV_FORMATS  # noqa: E402
-from planner.targets.llamacpp import KV_TYPES  # noqa: E402
+from planner.roofline import EFFICIENCY, memory_bandwidth  # noqa: E402
+from planner.targets.llamacpp import KV_FROM_TYPE, kv_read_bytes  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "kv_read_fit.json"
-KV_NAMES = {v: k for k, v in KV_TYPES.items()}          # llama.cpp's q8_0 -> planner.formats' q8
 
 
-def pairs(db: hwdb.Database) -> list[dict]:
-    """Every (card, model, build, depth) with an f16 and a quantized row, and the same runs' depth-0 row."""
-    rows = yaml.safe_load(published_rows.DATA.read_text())["measurements"]
+def pairs(rows: list[published_rows.Row]) -> list[dict]:
+    """Every (card, model, build, depth) with an f16 and a quantized row, and the same runs' depth-0 row. Rows of
+    cards hwdb lacks count too: the ratio needs no card."""
     runs: dict[tuple, dict] = {}
-    for m in rows:
+    specs = {}
+    for row in rows:
+        m = row.m
         if m["engine"] != "llama.cpp" or m["test"] not in ("tg128", "tg32", "decode"):
             continue
         key = (m["gpu"], m["model"], m["weights_format"], str(m.get("engine_version")))
         runs.setdefault(key, {})[(m.get("cache_type") or "f16", int(m.get("depth") or 0))] = m["tokens_per_s"]
+        specs[key] = row.model
     out = []
-    for (gpu, model, fmt, build), got in sorted(runs.items()):
+    for key, got in sorted(runs.items()):
+        gpu, model, fmt, build = key
         start = [tps for (_, d), tps in got.items() if d == 0]
         if not start:
             continue
         t0 = 1 / start[0]
-        spec = published_rows._model(db, model)
+        spec = specs[key]
         for (cache, depth), tps in sorted(got.items()):
             if cache == "f16" or depth == 0 or ("f16", depth) not in got:
                 continue
@@ -75,19 +77,17 @@ def pairs(db: hwdb.Database) -> list[dict]:
                    "ratio": round(q_s / f16_s, 3), "mla": bool(spec and spec.is_mla),
                    "gqa": spec.num_heads // spec.num_kv_heads if spec else None}
             if spec is not None and spec.is_mla:
-                q_row = mem.kv_bytes_per_token(spec, KV_FORMATS[KV_NAMES[cache]])
+                q_row = mem.kv_bytes_per_token(spec, KV_FORMATS[KV_FROM_TYPE[cache]])
                 f_row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
                 row["conversion_model_ratio"] = round((q_row + 2 * f_row) / f_row, 3)
             out.append(row)
     return out
 
 
-def metal_pairs(db: hwdb.Database) -> list[dict]:
+def metal_pairs(rows: list[published_rows.Row]) -> list[dict]:
     """Each Metal run's deeper rows against its shallowest row past depth 0 (mean depth: + n_gen / 2)."""
-    from planner.roofline import EFFICIENCY, memory_bandwidth
-    from planner.targets.llamacpp import kv_read_bytes
     runs: dict[tuple, list] = {}
-    for row in published_rows.load(db):
+    for row in rows:
         m = row.m
         if row.skip or m["engine"] != "llama.cpp" or m["backend"] != "metal" or not m.get("depth"):
             continue
@@ -124,7 +124,8 @@ def fit(vec: list[dict]) -> tuple[float, float]:
 
 
 def main() -> None:
-    found = pairs(hwdb.load())
+    rows = published_rows.load(hwdb.load())
+    found = pairs(rows)
     vec = [p for p in found if not p["mla"]]
     c, k = fit(vec)
     for p in vec:
@@ -140,7 +141,7 @@ def main() -> None:
           f"worst residual {worst:.0%})")
     for p in (p for p in found if p["mla"]):
         print(f"MLA ({p['model']}, {p['gpu']}): measured {p['ratio']:.2f}, f16 copy model {p['conversion_model_ratio']:.2f}")
-    metal = metal_pairs(hwdb.load())
+    metal = metal_pairs(rows)
     metal_cost = math.exp(sum(math.log(p["cost"]) for p in metal) / len(metal))
     print(f"\n{'Metal run':40s} {'gqa':>3s} {'depths':>14s} {'measured ms':>11s} {'bytes ms':>8s} {'cost':>5s}")
     for p in metal:

@@ -36,7 +36,7 @@ from calibrate_speed import in_fit  # noqa: E402
 from planner.budget import Host  # noqa: E402
 from planner.targets import TargetError, TargetRequest, plan_target  # noqa: E402
 from planner.targets import gguf  # noqa: E402
-from planner.targets.llamacpp import KV_TYPES, N_UBATCH, decode_seconds_for  # noqa: E402
+from planner.targets.llamacpp import KV_FROM_TYPE, N_UBATCH, decode_seconds_for  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "published_validation.json"
 HOST = Host(256 * 2**30)
@@ -70,7 +70,7 @@ def predict(row: published_rows.Row) -> tuple[float | None, str]:
             return None, "weights larger than the card's memory (the run spilled)"
         depth = int(m.get("depth") or 0) + int(m.get("n_gen") or 0) // 2       # the generated tokens' mean depth
         ubatch = int(m.get("n_ubatch") or N_UBATCH)
-        kv = {v: k for k, v in KV_TYPES.items()}.get(m.get("cache_type") or "f16")
+        kv = KV_FROM_TYPE.get(m.get("cache_type") or "f16")
         if kv is None:
             return None, f"cache type {m['cache_type']!r} not modelled"
         return 1 / decode_seconds_for(req, ftype, ngl, depth, ubatch, kv), ""

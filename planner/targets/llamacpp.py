@@ -50,6 +50,7 @@ CELL_PAD = 256                           # n_ctx and the SWA cache's cells are p
 NATIVE_FTYPES = {"gpt_oss": ("MXFP4_MOE",)}
 OFFLOAD_FTYPE = "Q4_K_M"                 # the common 4-bit choice when the model must be split with the CPU
 KV_TYPES = {"fp16": "f16", "q8": "q8_0", "q4": "q4_0"}
+KV_FROM_TYPE = {v: k for k, v in KV_TYPES.items()}     # llama.cpp's -ctk name (q8_0) -> ours (q8)
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 BUMP_ORDER = sorted(("attn_v", "ffn_down", "attn_output", "attn_k", "attn_q"),
                     key=lambda c: -TYPE_WEIGHT[{"attn_v": "v", "ffn_down": "down", "attn_output": "o",
