@@ -112,6 +112,18 @@ def _median_sms(db: hwdb.Database, tflops: float) -> int:
     return max(1, round(per * tflops))
 
 
+def _detected_entry(db: hwdb.Database, name: str, total: int) -> GPUSpec:
+    """The entry for a detected card. Variants of one card print one name and differ in memory, and sometimes in
+    bus width (an RTX 3060 with 8 GB has two thirds of the 12 GB card's bandwidth), so the detected size picks
+    among them ('NVIDIA GeForce RTX 3060' with 8 GiB: rtx3060-8gb); the name alone when no variant has that size."""
+    if total:
+        try:
+            return db.find_gpu(f"{name} {round(total / 2**30)}GB")
+        except HwdbError:
+            pass
+    return db.find_gpu(name)
+
+
 def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, int]:
     count = args.gpus or 1
     if args.gpu == "auto":
@@ -119,7 +131,7 @@ def _resolve_gpu(args: argparse.Namespace, db: hwdb.Database) -> tuple[GPUSpec, 
         name, total = found[0]
         count = args.gpus or sum(1 for n, _ in found if n == name)
         try:
-            gpu = db.find_gpu(name)
+            gpu = _detected_entry(db, name, total)
             gpu = dataclasses.replace(gpu, memory_bytes=total) if total else gpu   # 0: not reported (unified)
         except HwdbError:
             if not total:

@@ -54,6 +54,20 @@ def test_gpu_auto_uses_nvidia_smi(capsys, tmp_path, monkeypatch):
     assert code == 0 and doc["gpu"]["id"] == "rtx4090" and doc["gpu"]["count"] == 2
 
 
+@pytest.mark.parametrize("mib,gpu_id", [(8188, "rtx4060ti-8gb"), (16380, "rtx4060ti-16gb")])
+def test_gpu_auto_tells_variants_of_one_name_apart_by_memory(capsys, tmp_path, monkeypatch, mib, gpu_id):
+    """Both RTX 4060 Ti cards print the same name; the detected memory picks the entry (and with it the
+    bandwidth, which differs between variants of some cards)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho 'NVIDIA GeForce RTX 4060 Ti, {mib}'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "llama3-8b", "--json", "-o", str(tmp_path / "p.yaml"))
+    doc = json.loads(out)
+    assert code == 0 and doc["gpu"]["id"] == gpu_id and doc["gpu"]["memory_bytes"] == mib * 2**20
+
+
 def test_gpu_auto_on_unified_memory_keeps_the_databases_size(capsys, tmp_path, monkeypatch):
     """nvidia-smi reports no memory total for a DGX Spark's GB10 ('[N/A]'): the card is still found by name and
     planned with hwdb's size; an unknown card that reports none asks for --vram in one line."""
