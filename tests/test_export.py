@@ -55,6 +55,7 @@ def test_llamacpp_export_matches_the_plan(tmp_path, capsys):
     lines = _export(capsys, path)
     server = next(ln for ln in lines if ln.startswith("llama-server"))
     assert f"-c {s['ctx']}" in server and f"-ngl {s['n_gpu_layers']}" in server and "-fa on" in server
+    assert "-np 1" in server      # the plan keeps one sequence's cache; llama-server's default is 4 slots
     assert any(ln.startswith("llama-quantize") and ln.endswith(s["ftype"]) for ln in lines)
 
 

@@ -78,8 +78,8 @@ def _pad(n: int) -> int:
 def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
     """Cells of each layer's cache for -c ctx: n_ctx rounded up to 256, or on a sliding-window layer of an
     SWA_FAMILIES model the SWA cache's min(n_ctx, n_swa + n_ubatch) rounded up to 256 (one sequence, as llama-cli
-    and llama-bench run; llama-server's default of 4 slots sharing one cache gives the SWA cache 4 windows, and
-    --swa-full all n_ctx cells: neither is planned). A linear-attention layer has none (kv_layer_bytes gives it its
+    and llama-bench run, and llama-server with the -np 1 the export prints; its default of 4 slots sharing one
+    cache gives the SWA cache 4 windows, and --swa-full all n_ctx cells). A linear-attention layer has none (kv_layer_bytes gives it its
     recurrent state)."""
     base = _pad(ctx)
     swa = _pad(min(base, spec.sliding_window + n_ubatch))
@@ -427,7 +427,7 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     settings = {"ftype": ftype, "imatrix": ftype.startswith("IQ"), "tensor_types": dict(overrides),
                 "ctx": lay.ctx, "n_gpu_layers": ngl, "cache_type_k": kv_name, "cache_type_v": kv_name,
                 "flash_attn": "on", "n_cpu_moe": len(lay.cpu_expert_layers), "n_ubatch": N_UBATCH,
-                "tensor_split": [b - a for a, b in lay.gpu_layers] if len(lay.gpu_layers) > 1 else []}
+                "n_parallel": 1, "tensor_split": [b - a for a, b in lay.gpu_layers] if len(lay.gpu_layers) > 1 else []}
     by_type: dict[str, int] = {}
     for name, t in lay.types.items():
         by_type[t] = by_type.get(t, 0) + lay.tensor_bytes[name]
@@ -461,6 +461,12 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     if settings["n_cpu_moe"]:
         decisions.append(("cpu_moe", str(settings["n_cpu_moe"]), "experts of these first layers in host RAM: only "
                                                                  "the routed experts are read per token"))
+    if any(windowed_layers(spec, SWA_FAMILIES)) or spec.linear_attention_interval:
+        decisions.append(("slots", "1", "llama-server -np 1: its default since late 2025 (ggml-org/llama.cpp#16736) "
+                                        "is 4 slots sharing one cache, which keeps " +
+                          ("4 windows in each sliding layer's cache" if not spec.linear_attention_interval else
+                           "4 recurrent states in each linear-attention layer") +
+                          " where this plan keeps one; raise it only with memory to spare"))
     if spec.linear_attention_interval:
         decisions.append(("speed", "optimistic", "the linear-attention layers' many small kernels are priced as an "
                                                  "attention layer's fixed cost: a published Qwen3-Next Q4_K_M run on "
