@@ -25,7 +25,7 @@ def run(capsys, *args):
     (["plan", "--gpu", "rtx4090", "--vendor", "amd", "--model", "llama2-7b"], "--vendor describes a custom card"),
     (["plan", "--vram", "8GiB", "--bandwidth", "100GB/s", "--vendor", "apple", "--host-link", "25GB/s", "--model",
       "llama2-7b"], "--host-link does not apply to --vendor apple"),
-    (["plan", "--gpu", "RTX 3060 8GB", "--model", "llama2-7b"], "rtx3060-12gb has 12 GiB, not 8 GB"),
+    (["plan", "--gpu", "RTX 3070 16GB", "--model", "llama2-7b"], "rtx3070 has 8 GiB, not 16 GB"),
     (["plan", "--gpu", "rtx4090", "--model", "./missing.json"], "config file not found"),
     (["plan", "--gpu", "rtx4090", "--model", "llama2-7b", "--measurement", "/nonexistent.yaml"], "cannot read file"),
 ])
@@ -54,18 +54,22 @@ def test_gpu_auto_uses_nvidia_smi(capsys, tmp_path, monkeypatch):
     assert code == 0 and doc["gpu"]["id"] == "rtx4090" and doc["gpu"]["count"] == 2
 
 
-@pytest.mark.parametrize("mib,gpu_id", [(8188, "rtx4060ti-8gb"), (16380, "rtx4060ti-16gb")])
-def test_gpu_auto_tells_variants_of_one_name_apart_by_memory(capsys, tmp_path, monkeypatch, mib, gpu_id):
-    """Both RTX 4060 Ti cards print the same name; the detected memory picks the entry (and with it the
-    bandwidth, which differs between variants of some cards)."""
+@pytest.mark.parametrize("name,mib,gpu_id,gb_s", [
+    ("NVIDIA GeForce RTX 4060 Ti", 8188, "rtx4060ti-8gb", 288), ("NVIDIA GeForce RTX 4060 Ti", 16380, "rtx4060ti-16gb", 288),
+    ("NVIDIA GeForce RTX 3060", 8192, "rtx3060-8gb", 240), ("NVIDIA GeForce RTX 3060", 12288, "rtx3060-12gb", 360),
+    ("NVIDIA GeForce RTX 5060 Ti", 8151, "rtx5060ti-8gb", 448), ("NVIDIA GeForce RTX 5060 Ti", 16311, "rtx5060ti-16gb", 448)])
+def test_gpu_auto_tells_variants_of_one_name_apart_by_memory(capsys, tmp_path, monkeypatch, name, mib, gpu_id, gb_s):
+    """Both RTX 3060 cards print one name, and the 8 GB one has two thirds of the bandwidth: the detected memory
+    picks the entry."""
     smi = tmp_path / "nvidia-smi"
-    smi.write_text(f"#!/bin/sh\necho 'NVIDIA GeForce RTX 4060 Ti, {mib}'\n")
+    smi.write_text(f"#!/bin/sh\necho '{name}, {mib}'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setitem(sys.modules, "pynvml", None)
     code, out, _ = run(capsys, "plan", "--gpu", "auto", "--model", "llama3-8b", "--json", "-o", str(tmp_path / "p.yaml"))
     doc = json.loads(out)
     assert code == 0 and doc["gpu"]["id"] == gpu_id and doc["gpu"]["memory_bytes"] == mib * 2**20
+    assert doc["gpu"]["bandwidth_gb_s"] == gb_s
 
 
 def test_gpu_auto_on_unified_memory_keeps_the_databases_size(capsys, tmp_path, monkeypatch):

@@ -73,15 +73,17 @@ def test_unknown_name_lists_closest():
     ("NVIDIA GeForce RTX 3090 24GB", "rtx3090"), ("NVIDIA GeForce RTX 3080 10GB", "rtx3080-10gb"),
     ("NVIDIA GeForce RTX 2080 (8 GB)", "rtx2080"), ("NVIDIA RTX 6000 Ada 48GB", "rtx6000-ada"),
     ("rtx 4090 24 GB", "rtx4090"), ("NVIDIA H100 PCIe 80GB", "h100-pcie"), ("AMD Radeon RX 7900 XTX", "rx7900xtx"),
-    ("Apple M2 16GB", "m2-16gb"), ("Apple M3 Pro 36GB", "m3-pro-36gb"), ("Apple M2 Ultra 192GB", "m2-ultra-192gb")])
+    ("Apple M2 16GB", "m2-16gb"), ("Apple M3 Pro 36GB", "m3-pro-36gb"), ("Apple M2 Ultra 192GB", "m2-ultra-192gb"),
+    ("RTX 3060 8GB", "rtx3060-8gb"), ("NVIDIA GeForce RTX 3060 12GB", "rtx3060-12gb"), ("RTX 5060 Ti 8GB", "rtx5060ti-8gb"),
+    ("NVIDIA GeForce RTX 5060 Ti 16GB", "rtx5060ti-16gb")])
 def test_names_with_a_memory_size_find_the_card_of_that_size(name, gpu_id):
     # as benchmark tables write them: the vendor's name (maybe without 'NVIDIA'), then the memory
     assert DB.find_gpu(name).id == gpu_id
 
 
 def test_a_memory_size_that_disagrees_is_refused_not_rounded_to_another_card():
-    with pytest.raises(HwdbError, match=r"'RTX 3060 8GB': rtx3060-12gb has 12 GiB, not 8 GB"):
-        DB.find_gpu("RTX 3060 8GB")
+    with pytest.raises(HwdbError, match=r"'RTX 3070 16GB': rtx3070 has 8 GiB, not 16 GB"):
+        DB.find_gpu("RTX 3070 16GB")
     # an Apple name gives the machine's RAM, of which the GPU's working set (memory_bytes) is 2/3 or 3/4
     with pytest.raises(HwdbError, match=r"'Apple M2 8GB': m2-16gb has 16 GiB of RAM, not 8 GB"):
         DB.find_gpu("Apple M2 8GB")
