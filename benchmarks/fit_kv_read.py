@@ -1,21 +1,20 @@
-"""What a quantized KV cache costs llama.cpp's CUDA flash attention in decode, against an f16 cache.
+"""What a quantized KV cache costs llama.cpp's CUDA flash attention in decode, and what Metal's costs.
 
 A token deep into the context reads the whole cache. llama.cpp's CUDA (and HIP) flash attention runs a
 quantized cache two ways:
   * vec kernel (head sizes 64, 128, 256): it dequantizes K and V as it reads them, for each query head on its
-    own, so a KV head shared by more query heads (grouped-query attention) is read and dequantized more often.
-    The published runs below show that this is slower than reading an f16 cache of the same depth: a q8_0
-    cache saves memory, not decode time, and the more so the more query heads share a KV head. Fit:
-    ratio = C x (query heads per KV head / 4)^K, least squares on the logarithms; planner/targets/llamacpp.py
-    prices the read as an f16 cache's bytes times it (QUANT_CACHE_READ_COST, QUANT_CACHE_GQA_EXPONENT), but
-    never below the quantized cache's own bytes.
+    own, so a KV head shared by more query heads (grouped-query attention) is dequantized more often. Published
+    runs show this is slower than reading an f16 cache of the same depth (a q8_0 cache saves memory, not decode
+    time), and by a factor that differs between cards: an RTX 3090 pays 2.6x the f16 time on Gemma 2B, an RTX
+    5070 Laptop GPU 1.9x. A compute cost explains both: the cache's own bytes at the weights' share of the
+    bandwidth, plus QUANT_CACHE_DEQUANT_CYCLES SM clock cycles for every cached element each query head reads,
+    over the card's SMs at its boost clock (planner/targets/llamacpp.py kv_dequant_seconds). Fit: for each
+    quantized row of a depth ladder, the seconds it adds over the same run's depth-0 row, less the modelled bytes'
+    seconds, over the modelled cycles' seconds at one cycle an element; the geometric mean over the rows.
   * no vec kernel (multi-head latent attention's 576-wide K): launch_fattn converts the layer's K to f16 in
     the CUDA pool every token, then the tensor-core kernel reads the copy: the quantized bytes, plus the f16
-    copy written and read again. That is a byte count, not a fit; this script checks it.
-
-Pairs: published llama-bench tg128 rows of one card, model, build and depth, with an f16 and a quantized cache,
-and the depth-0 row of the same runs. The attention's seconds are 1/tps(depth) - 1/tps(0); the ratio is the
-quantized cache's over the f16 cache's. It needs no card specs, so cards hwdb lacks count too.
+    copy written and read again. That is a byte count, not a fit; this script checks it against the ratio of a
+    quantized row's attention seconds (1/tps(depth) - 1/tps(0)) to an f16 row's at the same depth and build.
 
 Metal: llama.cpp's Metal flash attention reads the cache once for each query head, so a run's slowdown with depth
 is the f16 cache's bytes x (query heads per KV head) x METAL_CACHE_READ_COST at the weights' share of the
@@ -42,45 +41,66 @@ import published_rows  # noqa: E402
 from planner import memory as mem  # noqa: E402
 from planner.formats import KV_FORMATS  # noqa: E402
 from planner.roofline import EFFICIENCY, memory_bandwidth  # noqa: E402
-from planner.targets.llamacpp import KV_FROM_TYPE, kv_read_bytes  # noqa: E402
+from planner.targets.llamacpp import (KV_FROM_TYPE, QUANT_CACHE_DEQUANT_CYCLES, kv_dequant_seconds,  # noqa: E402
+                                      kv_read_bytes, kv_read_cost)
 
 RESULT = ROOT / "benchmarks" / "results" / "kv_read_fit.json"
 
 
-def pairs(rows: list[published_rows.Row]) -> list[dict]:
-    """Every (card, model, build, depth) with an f16 and a quantized row, and the same runs' depth-0 row. Rows of
-    cards hwdb lacks count too: the ratio needs no card."""
+def _runs(rows: list[published_rows.Row]) -> dict[tuple, dict]:
+    """llama.cpp decode rows by (card, model, file, build), then by (cache type, depth)."""
     runs: dict[tuple, dict] = {}
-    specs = {}
     for row in rows:
         m = row.m
-        if m["engine"] != "llama.cpp" or m["test"] not in ("tg128", "tg32", "decode"):
+        if m["engine"] != "llama.cpp" or m["test"] not in ("tg128", "tg32", "decode") or row.model is None:
             continue
         key = (m["gpu"], m["model"], m["weights_format"], str(m.get("engine_version")))
-        runs.setdefault(key, {})[(m.get("cache_type") or "f16", int(m.get("depth") or 0))] = m["tokens_per_s"]
-        specs[key] = row.model
+        runs.setdefault(key, {})[(m.get("cache_type") or "f16", int(m.get("depth") or 0))] = row
+    return runs
+
+
+def vec_rows(rows: list[published_rows.Row]) -> list[dict]:
+    """Each quantized-cache row past depth 0 of a card hwdb has (not latent attention), against its run's depth-0
+    row: the measured extra seconds, the modelled bytes' seconds, and the modelled dequantization seconds at one
+    cycle an element (the fit's unit)."""
     out = []
-    for key, got in sorted(runs.items()):
-        gpu, model, fmt, build = key
-        start = [tps for (_, d), tps in got.items() if d == 0]
-        if not start:
+    for (gpu, model, fmt, build), got in sorted(_runs(rows).items()):
+        for (cache, depth), row in sorted(got.items()):
+            start = got.get((cache, 0))
+            if cache == "f16" or depth == 0 or start is None or row.gpu is None or row.model.is_mla:
+                continue
+            spec, card, kv = row.model, row.gpu, KV_FROM_TYPE[cache]
+            eff = EFFICIENCY[card.vendor]
+            rate = eff.decode_bandwidth * memory_bandwidth(card, eff) * 1e9
+            measured = 1 / row.m["tokens_per_s"] - 1 / start.m["tokens_per_s"]
+            bytes_s = sum(kv_read_cost(spec, kv, depth, card.vendor)) / rate
+            unit_s = sum(kv_dequant_seconds(spec, kv, depth, card)) / QUANT_CACHE_DEQUANT_CYCLES
+            out.append({"gpu": gpu, "model": model, "weights": fmt, "build": build, "depth": depth, "cache": cache,
+                        "gqa": spec.num_heads // spec.num_kv_heads, "sms": card.sm_count,
+                        "boost_clock_mhz": card.boost_clock_mhz, "measured_ms": round(measured * 1e3, 3),
+                        "bytes_ms": round(bytes_s * 1e3, 3), "cycles": round((measured - bytes_s) / unit_s, 4),
+                        "_unit_s": unit_s, "_bytes_s": bytes_s, "_measured_s": measured})
+    return out
+
+
+def mla_pairs(rows: list[published_rows.Row]) -> list[dict]:
+    """Latent-attention runs with an f16 and a quantized row at one depth, and the same runs' depth-0 row."""
+    out = []
+    for (gpu, model, fmt, build), got in sorted(_runs(rows).items()):
+        start = [row for (_, d), row in got.items() if d == 0]
+        if not start or not start[0].model.is_mla:
             continue
-        t0 = 1 / start[0]
-        spec = specs[key]
-        for (cache, depth), tps in sorted(got.items()):
+        spec, t0 = start[0].model, 1 / start[0].m["tokens_per_s"]
+        for (cache, depth), row in sorted(got.items()):
             if cache == "f16" or depth == 0 or ("f16", depth) not in got:
                 continue
-            f16_s = 1 / got[("f16", depth)] - t0
-            q_s = 1 / tps - t0
-            row = {"gpu": gpu, "model": model, "weights": fmt, "build": build, "depth": depth, "cache": cache,
-                   "f16_attention_ms": round(f16_s * 1e3, 3), "quantized_attention_ms": round(q_s * 1e3, 3),
-                   "ratio": round(q_s / f16_s, 3), "mla": bool(spec and spec.is_mla),
-                   "gqa": spec.num_heads // spec.num_kv_heads if spec else None}
-            if spec is not None and spec.is_mla:
-                q_row = mem.kv_bytes_per_token(spec, KV_FORMATS[KV_FROM_TYPE[cache]])
-                f_row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
-                row["conversion_model_ratio"] = round((q_row + 2 * f_row) / f_row, 3)
-            out.append(row)
+            f16_s = 1 / got[("f16", depth)].m["tokens_per_s"] - t0
+            q_s = 1 / row.m["tokens_per_s"] - t0
+            q_row = mem.kv_bytes_per_token(spec, KV_FORMATS[KV_FROM_TYPE[cache]])
+            f_row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
+            out.append({"gpu": gpu, "model": model, "weights": fmt, "build": build, "depth": depth, "cache": cache,
+                        "f16_attention_ms": round(f16_s * 1e3, 3), "quantized_attention_ms": round(q_s * 1e3, 3),
+                        "ratio": round(q_s / f16_s, 3), "conversion_model_ratio": round((q_row + 2 * f_row) / f_row, 3)})
     return out
 
 
@@ -114,33 +134,29 @@ def metal_pairs(rows: list[published_rows.Row]) -> list[dict]:
     return out
 
 
-def fit(vec: list[dict]) -> tuple[float, float]:
-    """Least squares of log(ratio) on log(gqa / 4): (C, K)."""
-    xs = [math.log(p["gqa"] / 4) for p in vec]
-    ys = [math.log(p["ratio"]) for p in vec]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return math.exp(my - k * mx), k
-
-
 def main() -> None:
     rows = published_rows.load(hwdb.load())
-    found = pairs(rows)
-    vec = [p for p in found if not p["mla"]]
-    c, k = fit(vec)
+    vec = vec_rows(rows)
+    cycles = math.exp(sum(math.log(p["cycles"]) for p in vec) / len(vec))
+    print(f"{'gpu':28s} {'model':12s} {'gqa':>3s} {'SMs':>3s} {'depth':>6s} {'cache':6s} {'measured ms':>11s} "
+          f"{'bytes ms':>8s} {'cycles':>6s} {'model ms':>8s} {'resid':>6s}")
     for p in vec:
-        p["fit_ratio"] = round(c * (p["gqa"] / 4) ** k, 3)
-    print(f"{'gpu':28s} {'model':12s} {'gqa':>3s} {'depth':>6s} {'cache':6s} {'f16 ms':>7s} {'quant ms':>8s} "
-          f"{'ratio':>6s} {'model':>6s}")
-    for p in found:
-        expected = p.get("conversion_model_ratio", p.get("fit_ratio"))
-        print(f"{p['gpu'][:28]:28s} {p['model'][:12]:12s} {p['gqa']:3d} {p['depth']:6d} {p['cache']:6s} "
-              f"{p['f16_attention_ms']:7.3f} {p['quantized_attention_ms']:8.3f} {p['ratio']:6.2f} {expected:6.2f}")
-    worst = max(abs(p["ratio"] / p["fit_ratio"] - 1) for p in vec)
-    print(f"\nvec kernel: QUANT_CACHE_READ_COST = {c:.2f}, QUANT_CACHE_GQA_EXPONENT = {k:.2f} ({len(vec)} pairs; "
-          f"worst residual {worst:.0%})")
-    for p in (p for p in found if p["mla"]):
-        print(f"MLA ({p['model']}, {p['gpu']}): measured {p['ratio']:.2f}, f16 copy model {p['conversion_model_ratio']:.2f}")
+        model_s = p["_bytes_s"] + cycles * p["_unit_s"]
+        p["model_ms"] = round(model_s * 1e3, 3)
+        p["residual"] = round(model_s / p["_measured_s"] - 1, 3)
+        print(f"{p['gpu'][:28]:28s} {p['model'][:12]:12s} {p['gqa']:3d} {p['sms']:3d} {p['depth']:6d} {p['cache']:6s} "
+              f"{p['measured_ms']:11.3f} {p['bytes_ms']:8.3f} {p['cycles']:6.4f} {p['model_ms']:8.3f} "
+              f"{p['residual']:+6.1%}")
+    for p in vec:
+        for k in ("_unit_s", "_bytes_s", "_measured_s"):
+            del p[k]
+    worst = max(abs(p["residual"]) for p in vec)
+    print(f"\nvec kernel: QUANT_CACHE_DEQUANT_CYCLES = {cycles:.3f} ({len(vec)} rows, {min(p['cycles'] for p in vec):.3f} "
+          f"to {max(p['cycles'] for p in vec):.3f}; worst residual of the attention seconds {worst:.0%})")
+    mla = mla_pairs(rows)
+    for p in mla:
+        print(f"MLA ({p['model']}, {p['gpu']}, {p['depth']}): measured {p['ratio']:.2f} x the f16 cache's attention "
+              f"seconds, f16 copy model {p['conversion_model_ratio']:.2f}")
     metal = metal_pairs(rows)
     metal_cost = math.exp(sum(math.log(p["cost"]) for p in metal) / len(metal))
     print(f"\n{'Metal run':40s} {'gqa':>3s} {'depths':>14s} {'measured ms':>11s} {'bytes ms':>8s} {'cost':>5s}")
@@ -149,12 +165,14 @@ def main() -> None:
               f"{p['measured_ms']:11.3f} {p['bytes_model_ms']:8.3f} {p['cost']:5.2f}")
     print(f"METAL_CACHE_READ_COST = {metal_cost:.2f} ({len(metal)} pairs, {min(p['cost'] for p in metal):.2f} to "
           f"{max(p['cost'] for p in metal):.2f})")
-    benchlib.write_json({"what": "quantized over f16 KV-cache attention seconds in llama.cpp CUDA decode, same card, "
-                                 "model, build and depth (published llama-bench rows); vec pairs fit as "
-                                 "C x (gqa / 4)^K. Metal: measured over modelled extra seconds with depth, per query "
-                                 "head a KV head serves",
-                         "quant_cache_read_cost": round(c, 2), "quant_cache_gqa_exponent": round(k, 2),
-                         "vec_pairs": len(vec), "worst_residual": round(worst, 3), "pairs": found,
+    benchlib.write_json({"what": "llama.cpp CUDA decode with a quantized KV cache (published llama-bench depth "
+                                 "ladders): the seconds each row adds over its run's depth-0 row, less the cache's "
+                                 "bytes at the weights' share of the bandwidth, in SM clock cycles per cached element "
+                                 "a query head reads; latent attention's f16-copy byte model against f16/quantized "
+                                 "pairs. Metal: measured over modelled extra seconds with depth, per query head a KV "
+                                 "head serves",
+                         "quant_cache_dequant_cycles": round(cycles, 3), "vec_rows": len(vec),
+                         "worst_residual": round(worst, 3), "rows": vec, "mla_pairs": mla,
                          "metal_cache_read_cost": round(metal_cost, 2), "metal_pairs": metal}, RESULT)
     print(f"wrote {RESULT.relative_to(ROOT)}")
 

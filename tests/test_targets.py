@@ -383,28 +383,34 @@ def test_quantized_cache_gets_flash_attentions_f16_copy_on_cuda(db):
 
 def test_quantized_cache_read_costs_more_than_its_bytes_on_cuda(db):
     """A q8_0 cache is not cheaper to attend over than an f16 one on CUDA (benchmarks/fit_kv_read.py): the vec
-    kernel's cost is an f16 cache's bytes x 1.30 x (GQA / 4)^0.77, never below the q8_0 bytes; an MLA cache is
-    copied to f16 every token (q8_0 bytes + the copy written and read). Vulkan is priced at what is cached (Metal:
-    test_metal_reads_the_cache_once_per_query_head)."""
+    kernel reads the q8_0 bytes and dequantizes every element for each query head, QUANT_CACHE_DEQUANT_CYCLES SM
+    cycles apiece, so the cost grows with the query heads a KV head serves and shrinks with the card's SMs and
+    clock; an MLA cache is copied to f16 every token (q8_0 bytes + the copy written and read). Vulkan is priced at
+    what is cached (Metal: test_metal_reads_the_cache_once_per_query_head)."""
     llama, ds, gemma = (db.find_model(m) for m in ("llama3.1-8b", "deepseek-v2-lite", "gemma-2b"))
     f16 = llamacpp.kv_read_bytes(llama, "fp16", 32768)
     q8 = llamacpp.kv_read_bytes(llama, "q8", 32768)
     assert llamacpp.kv_read_cost(llama, "fp16", 32768, "nvidia") == f16
     assert llamacpp.kv_read_cost(llama, "q8", 32768, "intel") == q8             # Vulkan: its bytes
-    assert llamacpp.kv_read_cost(llama, "q8", 32768, "nvidia") == pytest.approx([1.30 * b for b in f16])
-    g16 = llamacpp.kv_read_bytes(gemma, "fp16", 32768)                 # 8 query heads on one KV head
-    assert llamacpp.kv_read_cost(gemma, "q8", 32768, "nvidia") == pytest.approx([1.30 * 2 ** 0.77 * b for b in g16])
-    mha = dataclasses.replace(llama, num_kv_heads=llama.num_heads)    # no sharing: the q8_0 bytes are the floor
-    assert llamacpp.kv_read_cost(mha, "q8", 32768, "nvidia") == llamacpp.kv_read_bytes(mha, "q8", 32768)
+    assert llamacpp.kv_read_cost(llama, "q8", 32768, "nvidia") == q8
     d16, d8 = (llamacpp.kv_read_bytes(ds, kv, 32768) for kv in ("fp16", "q8"))
     assert llamacpp.kv_read_cost(ds, "q8", 32768, "nvidia") == [q + 2 * f for q, f in zip(d8, d16)]
+    r3090, laptop, arc = (db.find_gpu(g) for g in ("rtx3090", "rtx5070-laptop", "arc-b580"))
+    sec = llamacpp.kv_dequant_seconds(llama, "q8", 32768, r3090)
+    # 32768 cells x 32 query heads x 128 x 2 (K and V) elements a layer, at 0.065 cycles over 82 SMs at 1695 MHz
+    assert sec == pytest.approx([0.065 * 32768 * 32 * 128 * 2 / (82 * 1695e6)] * 32)
+    assert llamacpp.kv_dequant_seconds(llama, "fp16", 32768, r3090) == [0.0] * 32
+    assert llamacpp.kv_dequant_seconds(llama, "q8", 32768, arc) == [0.0] * 32          # not ggml-cuda's kernel
+    assert llamacpp.kv_dequant_seconds(ds, "q8", 32768, r3090) == [0.0] * ds.num_layers  # converted instead
+    assert sum(llamacpp.kv_dequant_seconds(llama, "q8", 32768, laptop)) > 1.6 * sum(sec)  # 36 SMs at 2347 MHz
+    g = sum(llamacpp.kv_dequant_seconds(gemma, "q8", 32768, r3090)) / gemma.num_layers   # 8 query heads a KV head
+    assert g == pytest.approx(sum(sec) / 32 * (8 * 256) / (32 * 128))
 
 
 def test_kv_read_constants_are_the_fitted_ones():
     fit = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "results" / "kv_read_fit.json").read_text())
-    assert llamacpp.QUANT_CACHE_READ_COST == fit["quant_cache_read_cost"]
-    assert llamacpp.QUANT_CACHE_GQA_EXPONENT == fit["quant_cache_gqa_exponent"]
-    assert fit["vec_pairs"] >= 4 and fit["worst_residual"] < 0.25
+    assert llamacpp.QUANT_CACHE_DEQUANT_CYCLES == fit["quant_cache_dequant_cycles"]
+    assert fit["vec_rows"] >= 11 and fit["worst_residual"] < 0.1
 
 
 def test_exllamav2_quantized_cache_is_dequantized_before_each_layers_attention(db):

@@ -132,14 +132,15 @@ def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_
 
 # Backends whose flash attention runs ggml-cuda's kernels (HIP builds compile the same sources).
 CUDA_FA_VENDORS = ("nvidia", "amd")
-# A quantized cache read by ggml-cuda's vec kernel (head sizes 64-256) costs an f16 cache's bytes times
-# QUANT_CACHE_READ_COST x (query heads per KV head / 4)^QUANT_CACHE_GQA_EXPONENT: the kernel dequantizes as it
-# reads, for each query head on its own, and on published runs that is slower than reading f16, the more so
-# the more query heads share a KV head. Fit by benchmarks/fit_kv_read.py (benchmarks/results/kv_read_fit.json)
-# to 4 q8_0/f16 pairs at depths 16384-32768: Llama 3 8B (4 query heads a KV head) and Gemma 2B (8) on an RTX 3090
-# and an RTX 5070 Laptop GPU, llama.cpp master 36b101543, September 2026; worst residual 16%.
-QUANT_CACHE_READ_COST = 1.30
-QUANT_CACHE_GQA_EXPONENT = 0.77
+# A quantized cache read by ggml-cuda's vec kernel (head sizes 64-256) costs its own bytes plus the dequantization,
+# which the kernel does for each query head on its own: QUANT_CACHE_DEQUANT_CYCLES SM clock cycles for every cached
+# K and V element each query head reads, spread over the card's SMs (CUs) at its boost clock. A compute cost, not a
+# byte cost: on published runs a q8_0 cache is read slower than an f16 one, the more so the more query heads share a
+# KV head and the fewer SM cycles the card has per byte of bandwidth. Fit by benchmarks/fit_kv_read.py
+# (benchmarks/results/kv_read_fit.json) to the q8_0 depth ladders of llama.cpp master 36b101543 (September 2026):
+# Llama 3 8B (4 query heads a KV head) and Gemma 2B (8) on an RTX 3090 and an RTX 5070 Laptop GPU, 16384-65536
+# tokens, 11 rows from 0.061 to 0.070. q4_0 is priced the same per element (no published q4_0 ladder was found).
+QUANT_CACHE_DEQUANT_CYCLES = 0.065
 # Metal's flash attention reads the cache once for each query head: a token deep into the context costs the cache's
 # bytes x (query heads per KV head) x METAL_CACHE_READ_COST at the weights' share of the bandwidth. Fit by
 # benchmarks/fit_kv_read.py to 6 pairs of published depth rows (Qwen3 0.6B on an M2 Ultra, 2 query heads a KV head,
@@ -236,32 +237,43 @@ def kv_read_bytes(spec, kv: str, depth: int, n_ubatch: int = N_UBATCH) -> list[i
 
 
 def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATCH) -> list[float]:
-    """Bytes each layer's attention is priced at for one token at `depth`: what it reads (kv_read_bytes), but for a
-    quantized cache under ggml-cuda's flash attention (CUDA_FA_VENDORS):
-      - a multi-head latent cache (576-wide K, which no vec kernel takes) is converted to f16 in the CUDA pool
-        every token and the copy read: the quantized bytes, plus the f16 copy written and read;
-      - any other is dequantized by the vec kernel as it reads: an f16 cache's bytes x QUANT_CACHE_READ_COST x
-        (query heads per KV head / 4)^QUANT_CACHE_GQA_EXPONENT, and never less than the quantized bytes.
-    Published (benchmarks/fit_kv_read.py): DeepSeek-V2-Lite at 32768 on an RTX 3090 pays 2.34 times its f16
-    cache's attention time with q8_0; the copy's bytes give 2.53. Under Metal every query head reads the cache
-    itself: its bytes x (query heads per KV head) x METAL_CACHE_READ_COST (not fit for latent attention, whose
-    one cached row all heads share: priced at its bytes)."""
+    """Bytes each layer's attention is priced at for one token at `depth`: what it reads (kv_read_bytes), but
+      - a multi-head latent cache quantized under ggml-cuda's flash attention (CUDA_FA_VENDORS), which no vec kernel
+        takes (576-wide K), is converted to f16 in the CUDA pool every token and the copy read: the quantized bytes,
+        plus the f16 copy written and read. Published (benchmarks/fit_kv_read.py): DeepSeek-V2-Lite at 32768 on an
+        RTX 3090 pays 2.34 times its f16 cache's attention time with q8_0; the copy's bytes give 2.53;
+      - under Metal every query head reads the cache itself: its bytes x (query heads per KV head) x
+        METAL_CACHE_READ_COST (not fit for latent attention, whose one cached row all heads share: priced at its
+        bytes).
+    Any other quantized cache under CUDA is read at its own bytes; its dequantization is kv_dequant_seconds."""
     read = kv_read_bytes(spec, kv, depth, n_ubatch)
     if vendor == "apple" and not spec.is_mla:
         per_head = METAL_CACHE_READ_COST * spec.num_heads / spec.num_kv_heads
         return [float(b) if spec.is_linear(i) else b * per_head for i, b in enumerate(read)]
-    if kv == "fp16" or vendor not in CUDA_FA_VENDORS:
+    if kv == "fp16" or vendor not in CUDA_FA_VENDORS or not spec.is_mla:
         return [float(b) for b in read]
     f16 = kv_read_bytes(spec, "fp16", depth, n_ubatch)
-    cost = QUANT_CACHE_READ_COST * (spec.num_heads / spec.num_kv_heads / 4) ** QUANT_CACHE_GQA_EXPONENT
-    return [float(q) if spec.is_linear(i) else float(q + 2 * f) if spec.is_mla else max(float(q), f * cost)
-            for i, (q, f) in enumerate(zip(read, f16))]
+    return [float(q) if spec.is_linear(i) else float(q + 2 * f) for i, (q, f) in enumerate(zip(read, f16))]
+
+
+def kv_dequant_seconds(spec, kv: str, depth: int, gpu, n_ubatch: int = N_UBATCH) -> list[float]:
+    """Seconds each layer's vec flash-attention kernel spends dequantizing a quantized cache for one token at
+    `depth` (ggml-cuda, CUDA_FA_VENDORS): QUANT_CACHE_DEQUANT_CYCLES for every cached K and V element each query
+    head reads, over the card's SMs at its boost clock. 0 for an f16 cache, other backends, latent attention
+    (converted instead: kv_read_cost) and linear-attention layers."""
+    if kv == "fp16" or gpu.vendor not in CUDA_FA_VENDORS or spec.is_mla or not depth:
+        return [0.0] * spec.num_layers
+    per_cell = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"]) / 2 * spec.num_heads / spec.num_kv_heads
+    cycles_per_s = gpu.sm_count * (gpu.boost_clock_mhz or EFFICIENCY[gpu.vendor].reference_clock_mhz) * 1e6
+    return [0.0 if spec.is_linear(i) else QUANT_CACHE_DEQUANT_CYCLES * n * per_cell / cycles_per_s
+            for i, n in enumerate(kv_cells(spec, depth, n_ubatch))]
 
 
 def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = N_UBATCH) -> float:
     """Seconds a token at `depth` tokens of context: the weights the token reads, plus the cache attention reads."""
     spec, on_gpu = lay.spec, lay.on_gpu
     kv = kv_read_cost(spec, lay.kv, depth, req.gpu.vendor, n_ubatch)
+    dequant = kv_dequant_seconds(spec, lay.kv, depth, req.gpu, n_ubatch)
     gpu_read = float(sum(kv[i] for i in on_gpu))
     cpu_read = float(sum(kv) - gpu_read)
     share = spec.experts_per_token / spec.num_experts if spec.is_moe else 1.0
@@ -282,7 +294,7 @@ def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = 
     disk = cpu_read * _disk_share(req, lay)
     traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read - disk, disk_bytes=disk,
                       link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
-                      overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers))
+                      overhead_s=eff.decode_overhead_s(req.gpu, spec.num_layers) + sum(dequant[i] for i in on_gpu))
     return decode_seconds(traffic, eff, memory_bandwidth(req.gpu, eff), req.gpu.host_link_gb_s,
                           req.host.cpu_bandwidth_gb_s, req.host.disk_gb_s)
 
