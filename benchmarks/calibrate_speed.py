@@ -3,7 +3,8 @@
 Data: benchmarks/published/measurements.yaml, llama-bench rows for Llama 2 7B (tg128 decode and pp512
 prefill), matched to hwdb cards by benchmarks/published_rows.py (the vendor's own backends: CUDA on NVIDIA,
 Metal on Apple, ROCm or Vulkan on AMD, Vulkan or SYCL on Intel). Apple rows whose chip hwdb lacks use the
-bandwidth their own table lists.
+bandwidth their own table lists. Rows are grouped as the planner prices them (planner.roofline.efficiency_group):
+by vendor, and AMD's GCN-lineage chips apart.
 
 Decode model:   1 / tokens_per_s = bytes_per_token / (eta * bandwidth) + layers * cycles / boost_clock
                 (least squares on relative error; bytes = weights read + KV at position 64; a card without a
@@ -32,6 +33,7 @@ import benchlib  # noqa: E402
 import hwdb  # noqa: E402
 import published_rows  # noqa: E402
 from planner.budget import _prefill_flops_per_token  # noqa: E402
+from planner.roofline import efficiency_group  # noqa: E402
 from planner.spec import param_count  # noqa: E402
 
 GGUF_BPW = {"Q4_0": 4.5, "Q8_0": 8.5, "F16": 16.0}      # ggml block formats: 18/32, 34/32, 2 bytes
@@ -63,7 +65,7 @@ def _rows(db: hwdb.Database) -> list[dict]:
         embed = spec.vocab_size * spec.hidden_size * GGUF_BPW[m["weights_format"]] / 8
         weights = (m["weights_bytes"] or param_count(spec) * GGUF_BPW[m["weights_format"]] / 8) - embed
         kv = spec.num_layers * DECODE_POS * 2 * spec.kv_dim * 2
-        out.append(dict(vendor=gpu.vendor, gpu=m["gpu"], fmt=m["weights_format"], test=m["test"],
+        out.append(dict(vendor=efficiency_group(gpu), gpu=m["gpu"], fmt=m["weights_format"], test=m["test"],
                         tps=m["tokens_per_s"], bytes=weights + kv, bw=gpu.bandwidth_gb_s,
                         clock=gpu.boost_clock_mhz, layers=spec.num_layers,
                         tflops=None if gpu.id == "published" else gpu.fp16_tflops, source=m["source"],
@@ -103,11 +105,14 @@ def main() -> None:
     result, table = {}, []
     nvidia = [r for r in rows if r["vendor"] == "nvidia" and r["test"] == "tg128"]
     nvidia_cycles = fit_decode(nvidia, reference_clock(nvidia))[1]
-    for vendor in sorted({r["vendor"] for r in rows}):
+    # vendors first, then the architecture groups within one (amd-gcn), which borrow their vendor's cycles
+    for vendor in sorted({r["vendor"] for r in rows}, key=lambda v: ("-" in v, v)):
         dec = [r for r in rows if r["vendor"] == vendor and r["test"] == "tg128"]
         pre = [r for r in rows if r["vendor"] == vendor and r["test"] == "pp512" and r["tflops"]]
         ref = reference_clock(dec)
-        eta, cycles = fit_decode(dec, ref, None if len(dec) >= MIN_ROWS_FOR_CYCLES else nvidia_cycles)
+        base = vendor.split("-")[0]
+        borrowed = result[base]["layer_cycles"] if base != vendor else nvidia_cycles
+        eta, cycles = fit_decode(dec, ref, None if len(dec) >= MIN_ROWS_FOR_CYCLES else borrowed)
         eta_c = statistics.median(r["flops"] * r["tps"] / (r["tflops"] * 1e12) for r in pre) if pre else None
         errs = []
         for r in dec:

@@ -40,7 +40,7 @@ import hwdb  # noqa: E402
 import published_rows  # noqa: E402
 from planner import memory as mem  # noqa: E402
 from planner.formats import KV_FORMATS  # noqa: E402
-from planner.roofline import EFFICIENCY, memory_bandwidth  # noqa: E402
+from planner.roofline import efficiency, memory_bandwidth  # noqa: E402
 from planner.targets.llamacpp import (KV_FROM_TYPE, QUANT_CACHE_DEQUANT_CYCLES, kv_dequant_seconds,  # noqa: E402
                                       kv_read_bytes, kv_read_cost)
 
@@ -70,7 +70,7 @@ def vec_rows(rows: list[published_rows.Row]) -> list[dict]:
             if cache == "f16" or depth == 0 or start is None or row.gpu is None or row.model.is_mla:
                 continue
             spec, card, kv = row.model, row.gpu, KV_FROM_TYPE[cache]
-            eff = EFFICIENCY[card.vendor]
+            eff = efficiency(card)
             rate = eff.decode_bandwidth * memory_bandwidth(card, eff) * 1e9
             measured = 1 / row.m["tokens_per_s"] - 1 / start.m["tokens_per_s"]
             bytes_s = sum(kv_read_cost(spec, kv, depth, card.vendor)) / rate
@@ -117,7 +117,7 @@ def metal_pairs(rows: list[published_rows.Row]) -> list[dict]:
     for (gpu, model, fmt, build), rows in sorted(runs.items()):
         rows.sort(key=lambda r: r.m["depth"])
         spec, card = rows[0].model, rows[0].gpu
-        eff = EFFICIENCY[card.vendor]
+        eff = efficiency(card)
         rate = eff.decode_bandwidth * memory_bandwidth(card, eff) * 1e9
 
         def at(r):

@@ -13,8 +13,8 @@ from typing import Mapping, Optional
 from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
 from planner.formats import KVFormat, QuantOption
-from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, EFFICIENCY, ENGINE_SPEED, Traffic,
-                              decode_seconds, engine_decode_seconds, engine_prefill_seconds, memory_bandwidth,
+from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, Traffic,
+                              decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds, memory_bandwidth,
                               prefill_seconds)
 from planner.spec import active_param_count, tensors
 
@@ -165,7 +165,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     in_ram = host_weights <= room
     from_disk = 0 if in_ram else host_weights - max(room, 0)
 
-    eff = EFFICIENCY[gpu.vendor]
+    eff = efficiency(gpu)
     overhead_s = eff.decode_overhead_s(gpu, spec.num_layers)
     pos = min(lay.prompt_tokens, lay.ctx)
     gpu_layers_read = sum(read_bytes[i] for i in on_gpu)

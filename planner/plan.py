@@ -19,7 +19,7 @@ from hwdb.schema import build, read_yaml
 from planner import memory as mem, yamlout
 from planner.budget import Assessment, Host, Layout, assess, avg_bpw
 from planner.formats import HEAD_OPTION, FormatError, kv_format, parse_option
-from planner.roofline import EFFICIENCY, ENGINE_SPEED
+from planner.roofline import efficiency, ENGINE_SPEED
 from planner.spec import architecture_digest, layer_linears, param_count
 
 SCHEMA_VERSION = 1
@@ -108,7 +108,7 @@ def _efficiency_doc(gpu: GPUSpec) -> dict:
     engine = ENGINE_SPEED.get(gpu.vendor)
     if engine is not None:
         return {"engine": "vramwise CUDA", **dataclasses.asdict(engine), "calibration": engine.fit}
-    eff = EFFICIENCY[gpu.vendor]
+    eff = efficiency(gpu)
     return {"decode_bandwidth": eff.decode_bandwidth, "layer_cycles": eff.layer_cycles,
             "layer_overhead_s": float(f"{eff.layer_seconds(gpu):.4g}"), "prefill_compute": eff.prefill_compute,
             "calibration": eff.fit}

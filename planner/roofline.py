@@ -56,7 +56,25 @@ EFFICIENCY = {
                       "bandwidth held at the 95% cap; decode median |err| 14%, max 49%", 2510.0),
     "intel": Efficiency(0.543, 106000, 0.090, "Vulkan, 2 rows (Arc A770, B580), cycles borrowed from NVIDIA; "
                         "decode |err| 14% and 36%", 2385.0),
+    # AMD's wave64 GCN-lineage chips in llama.cpp's ROCm build (GCN_DECODE_ARCHS): published runs read well under
+    # half their HBM2 bandwidth in decode, where RDNA cards reach the 95% cap; fit apart, with AMD's cycles.
+    "amd-gcn": Efficiency(0.533, 167000, 0.619, "ROCm, 2 rows (MI50, MI100; the MI100's a transcription), cycles "
+                          "borrowed from AMD; decode |err| 3.1% and 3.0%; 1 prefill row (MI50)", 1613.5),
 }
+# The chips the "amd-gcn" factors price (hwdb compute_capability): Vega 20 (Radeon VII, MI50/MI60) and CDNA 1
+# (MI100), the ones with published llama.cpp runs. CDNA 2/3 (MI210, MI250X, MI300X) keep AMD's factors: no
+# published llama.cpp decode run of theirs was found to say whether they share the shortfall.
+GCN_DECODE_ARCHS = ("gfx906", "gfx908")
+
+
+def efficiency_group(gpu: "GPUSpec") -> str:
+    """The EFFICIENCY key that prices this card: its vendor's, or AMD's GCN-lineage group."""
+    return "amd-gcn" if gpu.vendor == "amd" and gpu.compute_capability in GCN_DECODE_ARCHS else gpu.vendor
+
+
+def efficiency(gpu: "GPUSpec") -> Efficiency:
+    """The efficiency factors that price this card (efficiency_group)."""
+    return EFFICIENCY[efficiency_group(gpu)]
 
 
 def memory_bandwidth(gpu: GPUSpec, eff: Efficiency) -> float:

@@ -172,3 +172,15 @@ def test_a_measured_copy_rate_caps_decode_bandwidth():
     req = TargetRequest(db.find_model("llama2-7b"), strix, Host(64 * 2**30))
     from planner.targets.llamacpp import decode_seconds_for
     assert 1 / decode_seconds_for(req, "Q4_0") == pytest.approx(48.0, rel=0.15)
+
+
+def test_gcn_lineage_amd_chips_are_priced_apart():
+    """llama.cpp on Vega 20 and CDNA 1 (MI50, MI100, Radeon VII) reads weights at about half its bandwidth in
+    decode, where RDNA cards reach the 95% cap (calibration.json's amd-gcn group): those chips take the group's
+    factors, and every other AMD card the vendor's."""
+    from planner.roofline import efficiency, efficiency_group
+    db = hwdb.load()
+    assert [efficiency_group(db.find_gpu(g)) for g in ("mi50-32gb", "mi100", "radeon-vii", "rx7900xtx", "mi210")] == [
+        "amd-gcn", "amd-gcn", "amd-gcn", "amd", "amd"]
+    assert efficiency(db.find_gpu("mi50-32gb")).decode_bandwidth < 0.6 < efficiency(db.find_gpu("rx7900xtx")).decode_bandwidth
+    assert efficiency(db.find_gpu("rtx4090")) is EFFICIENCY["nvidia"]

@@ -18,7 +18,7 @@ from hwdb import GPUSpec, ModelSpec
 from hwdb.schema import read_yaml
 from planner.budget import CardTotals, Host
 from planner.plan import KIND, SCHEMA_VERSION, PlanFileError, spec_dict, specs_from
-from planner.roofline import EFFICIENCY
+from planner.roofline import efficiency
 from planner.spec import architecture_digest, param_count
 
 TARGETS = ("vramwise", "llama.cpp", "exllamav2", "vllm")
@@ -121,7 +121,7 @@ def build_document(target: str, req: TargetRequest, out: Outcome, request: dict)
         "predicted": {"decode_tokens_per_s": round(1 / out.decode_s, 6),
                       **({"decode_tokens_per_s_full_context": round(1 / out.decode_full_s, 6)}
                          if out.decode_full_s else {}),
-                      "efficiency": EFFICIENCY[gpu.vendor].fit},
+                      "efficiency": efficiency(gpu).fit},
     }
 
 

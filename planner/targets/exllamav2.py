@@ -23,7 +23,7 @@ import math
 from planner import memory as mem
 from planner.budget import contiguous_split
 from planner.optimize import _ctx_ladder
-from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
+from planner.roofline import efficiency, Traffic, decode_seconds, memory_bandwidth
 from planner.spec import layer_linears, tensors
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.units import fmt_bytes
@@ -154,7 +154,7 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
     embed = spec.vocab_size * spec.hidden_size * 2
     lin = sum(t.numel for t in layer_linears(spec))
     file_bytes = sum(layer_bytes) + head_bytes(spec) + spec.hidden_size * 2 + embed
-    eff = EFFICIENCY[req.gpu.vendor]
+    eff = efficiency(req.gpu)
 
     # A quantized cache (Q4/Q6/Q8) is dequantized into the fp16 buffer (cache_temp_fp16) up to the current position
     # before each layer's attention (cache.py, get_kv_state: q4_to_fp16_kv over [offset, offset + width)), which

@@ -30,7 +30,7 @@ from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
 from planner.spec import windowed_layers
-from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
+from planner.roofline import efficiency, Traffic, decode_seconds, memory_bandwidth
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.targets import gguf
 from planner.units import fmt_bytes
@@ -264,7 +264,7 @@ def kv_dequant_seconds(spec, kv: str, depth: int, gpu, n_ubatch: int = N_UBATCH)
     if kv == "fp16" or gpu.vendor not in CUDA_FA_VENDORS or spec.is_mla or not depth:
         return [0.0] * spec.num_layers
     per_cell = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"]) / 2 * spec.num_heads / spec.num_kv_heads
-    cycles_per_s = gpu.sm_count * (gpu.boost_clock_mhz or EFFICIENCY[gpu.vendor].reference_clock_mhz) * 1e6
+    cycles_per_s = gpu.sm_count * (gpu.boost_clock_mhz or efficiency(gpu).reference_clock_mhz) * 1e6
     return [0.0 if spec.is_linear(i) else QUANT_CACHE_DEQUANT_CYCLES * n * per_cell / cycles_per_s
             for i, n in enumerate(kv_cells(spec, depth, n_ubatch))]
 
@@ -290,7 +290,7 @@ def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = 
             gpu_read += nbytes
         else:
             cpu_read += nbytes
-    eff = EFFICIENCY[req.gpu.vendor]
+    eff = efficiency(req.gpu)
     disk = cpu_read * _disk_share(req, lay)
     traffic = Traffic(vram_bytes=gpu_read, cpu_bytes=cpu_read - disk, disk_bytes=disk,
                       link_bytes=8 * spec.hidden_size * (1 if cpu_read else 0),
@@ -418,6 +418,17 @@ def _swa_why(spec, ctx: int) -> str:
                   f"the others all {max(cells)}")
 
 
+def _emulated_dp4a(gpu) -> bool:
+    """An NVIDIA card below compute capability 6.1 (Tesla P100): ggml-cuda's ggml_cuda_dp4a multiplies byte by byte."""
+    if gpu.vendor != "nvidia":
+        return False
+    try:
+        cc = tuple(int(x) for x in gpu.compute_capability.split(".")[:2])
+    except ValueError:
+        return False
+    return (0, 0) < cc < (6, 1)          # a custom card's "0.0" is unknown, not old
+
+
 def _quant_cache_why(req: TargetRequest, lay: _Layout) -> str:
     if lay.kv == "fp16" or req.gpu.vendor not in CUDA_FA_VENDORS:
         return ""
@@ -479,6 +490,12 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
                           ("4 windows in each sliding layer's cache" if not spec.linear_attention_interval else
                            "4 recurrent states in each linear-attention layer") +
                           " where this plan keeps one; raise it only with memory to spare"))
+    if _emulated_dp4a(req.gpu) and not ftype.startswith(("F16", "BF16", "F32")):
+        decisions.append(("speed", "optimistic", f"compute capability {req.gpu.compute_capability} has no dp4a: "
+                                                 "llama.cpp's CUDA int8 dot product falls back to byte-by-byte "
+                                                 "multiplies, so quantized decode is compute-bound, which this "
+                                                 "model does not price (a published gpt-oss 20B run on a Tesla P100 "
+                                                 "decoded at 40% of the predicted rate)"))
     if spec.linear_attention_interval:
         decisions.append(("speed", "optimistic", "the linear-attention layers' many small kernels are priced as an "
                                                  "attention layer's fixed cost: a published Qwen3-Next Q4_K_M run on "

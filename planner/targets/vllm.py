@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 from planner import memory as mem
-from planner.roofline import EFFICIENCY, Traffic, decode_seconds, memory_bandwidth
+from planner.roofline import efficiency, Traffic, decode_seconds, memory_bandwidth
 from planner.spec import positions_read, tensors, windowed_layers
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.units import fmt_bytes
@@ -217,7 +217,7 @@ def plan(req: TargetRequest) -> Outcome:
 
 def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards, ctx, tried, groups) -> Outcome:
     spec, tp, pp = req.model, req.gpu_count, req.nodes
-    eff = EFFICIENCY[req.gpu.vendor]
+    eff = efficiency(req.gpu)
     stages = _stages(spec.num_layers, pp)                              # stages run one after another
     read = sum(_weights_per_gpu(spec, fmt, tp, st, i == 0, i == pp - 1, active=True) for i, st in enumerate(stages))
     row = block_bytes(spec, 1, tp, kv_bytes) / BLOCK_SIZE               # one layer's cache a token, on one rank
