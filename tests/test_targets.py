@@ -458,3 +458,18 @@ def test_metal_reads_the_cache_once_per_query_head(db):
     assert llamacpp.kv_read_cost(ds, "fp16", 8192, "apple") == llamacpp.kv_read_bytes(ds, "fp16", 8192)
     fit = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "results" / "kv_read_fit.json").read_text())
     assert llamacpp.METAL_CACHE_READ_COST == fit["metal_cache_read_cost"]
+
+
+def test_plans_say_when_their_decode_rate_is_optimistic(db):
+    """A Tesla P100 (cc 6.0) has no dp4a, so llama.cpp's quantized decode is compute-bound there, and hybrid
+    linear-attention models run kernels the model prices as an attention layer's: both plans say so; a plain
+    model on a plain card, or a custom card of unknown compute capability, does not."""
+    def speed(model, gpu, **kw):
+        out = plan_target("llama.cpp", _req(db, model, gpu, **kw))
+        return [why for what, choice, why in out.decisions if what == "speed" and choice == "optimistic"]
+    assert "no dp4a" in speed("llama3.1-8b", "p100-pcie-16gb")[0]
+    assert "linear-attention" in speed("qwen3.5-27b", "rtx-pro-6000")[0]
+    assert speed("llama3.1-8b", "rtx4090") == [] and speed("llama3.1-8b", "tesla-p40") == []
+    custom = dataclasses.replace(db.find_gpu("rtx4090"), id="custom", compute_capability="0.0")
+    out = plan_target("llama.cpp", TargetRequest(db.find_model("llama3.1-8b"), custom, HOST))
+    assert out.decisions and not [d for d in out.decisions if d[0] == "speed"]
