@@ -103,6 +103,12 @@ class ModelSpec:
     attn_output_gate: bool = False   # q_proj twice as wide: half of it gates the attention output (Qwen3-Next)
     qk_norm: bool = False            # an RMSNorm weight over each query and key head (head_dim each)
     shared_expert_gate: bool = False  # MoE: a sigmoid gate (hidden -> 1) on the shared expert's output
+    # Full-attention layers of a sliding-window model with their own geometry (Gemma 4): their KV heads and head
+    # width (0: the sliding layers' num_kv_heads / head_dim), and global_k_eq_v: no v projection, the values are
+    # the k projection's output (llama.cpp still caches them apart: V is normed but not rotated).
+    global_kv_heads: int = 0
+    global_head_dim: int = 0
+    global_k_eq_v: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5           # RMSNorm / LayerNorm epsilon
     published_params: int = 0        # the published total, checked against our count
@@ -138,6 +144,13 @@ class ModelSpec:
             raise ValueError("the linear_* fields must not be negative")
         if self.linear_attention_interval and not all(getattr(self, n) for n in linear):
             raise ValueError(f"fields {', '.join(repr(n) for n in linear)} are needed with linear_attention_interval")
+        if self.global_kv_heads < 0 or self.global_head_dim < 0:
+            raise ValueError("fields 'global_kv_heads' and 'global_head_dim' must not be negative")
+        if (self.global_kv_heads or self.global_head_dim or self.global_k_eq_v) and not self.sliding_window_pattern:
+            raise ValueError("the global_* fields describe the full-attention layers among sliding ones: "
+                             "they need sliding_window and sliding_window_pattern")
+        if self.global_kv_heads and self.num_heads % self.global_kv_heads:
+            raise ValueError("field 'global_kv_heads' must divide num_heads")
 
     def is_sliding(self, layer: int) -> bool:
         """Whether this layer attends over a sliding window rather than the whole context."""
@@ -148,6 +161,21 @@ class ModelSpec:
         """Whether this layer is a linear-attention (Gated DeltaNet) layer, with a recurrent state and no cache."""
         n = self.linear_attention_interval
         return n > 0 and (layer + 1) % n != 0
+
+    def _global(self, layer: int) -> bool:
+        return self.sliding_window_pattern > 0 and not self.is_sliding(layer)
+
+    def kv_heads_at(self, layer: int) -> int:
+        """KV heads of this layer: a full-attention layer's own count where the model gives one (Gemma 4)."""
+        return self.global_kv_heads if self.global_kv_heads and self._global(layer) else self.num_kv_heads
+
+    def head_dim_at(self, layer: int) -> int:
+        """Query/key head width of this layer (Gemma 4's full-attention layers: 512 where the sliding ones have 256)."""
+        return self.global_head_dim if self.global_head_dim and self._global(layer) else self.head_dim
+
+    def has_v_at(self, layer: int) -> bool:
+        """Whether this layer has a v projection (Gemma 4's full-attention layers take the values from k)."""
+        return not (self.global_k_eq_v and self._global(layer))
 
     @property
     def is_moe(self) -> bool:

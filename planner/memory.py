@@ -120,13 +120,22 @@ def all_weight_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> 
     return total + (global_weight_bytes(spec)["head"] if spec.tie_embeddings else 0)
 
 
-def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
-    """Cache bytes one position adds in one layer (K and V). Multi-head latent attention caches one row: the
+def kv_bytes_per_token_at(spec: ModelSpec, kv: KVFormat, layer: int) -> int:
+    """Cache bytes one position adds in this layer (K and V). Multi-head latent attention caches one row: the
     kv_lora_rank latent and the shared rotary key, from which every head's key and value are computed (llama.cpp
-    since ggml-org/llama.cpp#19067 and vLLM's MLA backends keep only this, V being a view of it)."""
+    since ggml-org/llama.cpp#19067 and vLLM's MLA backends keep only this, V being a view of it). Gemma 4's
+    full-attention layers have their own KV heads and width, and cache V apart though it comes from k."""
     if spec.is_mla:
         return kv.row_bytes(spec.kv_lora_rank + spec.rope_head_dim)
-    return 2 * spec.num_kv_heads * kv.row_bytes(spec.head_dim)
+    return 2 * spec.kv_heads_at(layer) * kv.row_bytes(spec.head_dim_at(layer))
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
+    """Cache bytes one position adds in one layer: the widest layer's (every layer's but in Gemma 4, where the
+    sliding layers' are the larger: a count over all layers from it errs high)."""
+    if not (spec.global_kv_heads or spec.global_head_dim):
+        return kv_bytes_per_token_at(spec, kv, 0)
+    return max(kv_bytes_per_token_at(spec, kv, i) for i in range(spec.num_layers))
 
 
 def recurrent_state_bytes(spec: ModelSpec) -> int:

@@ -91,9 +91,13 @@ def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
         return _mla(spec, i)
     if spec.is_linear(i):
         return _gated_delta(spec, i)
-    h, q, kv = spec.hidden_size, spec.q_dim, spec.kv_dim
+    h, hd = spec.hidden_size, spec.head_dim_at(i)
+    q, kv = spec.num_heads * hd, spec.kv_heads_at(i) * hd
     p = f"layers.{i}.attn"
-    if spec.attn_output_gate:          # the gate's half of q_proj
+    if not spec.has_v_at(i):           # values from the k projection (Gemma 4's full-attention layers)
+        out = [Tensor(f"{p}.q", i, "q", (q, h), True), Tensor(f"{p}.k", i, "k", (kv, h), True)]
+        bias = [Tensor(f"{p}.{n}.bias", i, "bias", (d,), False) for n, d in (("q", q), ("k", kv))]
+    elif spec.attn_output_gate:          # the gate's half of q_proj
         out = [Tensor(f"{p}.q", i, "q", (2 * q, h), True), Tensor(f"{p}.k", i, "k", (kv, h), True),
                Tensor(f"{p}.v", i, "v", (kv, h), True)]
         bias = []
@@ -107,7 +111,7 @@ def _attention(spec: ModelSpec, i: int) -> list[Tensor]:
     out.append(Tensor(f"{p}.o", i, "o", (h, q), True))
     out += bias if spec.qkv_bias else []
     if spec.qk_norm:
-        out += [Tensor(f"{p}.{n}_norm", i, "norm", (1, spec.head_dim), False) for n in ("q", "k")]
+        out += [Tensor(f"{p}.{n}_norm", i, "norm", (1, hd), False) for n in ("q", "k")]
     if spec.extra_bias:
         out.append(Tensor(f"{p}.o.bias", i, "bias", (h,), False))
     if spec.attn_sinks:
@@ -236,7 +240,7 @@ def architecture_digest(spec: ModelSpec) -> str:
     newer = ("extra_bias", "attn_sinks", "shared_experts", "router_bias", "dense_layers", "dense_intermediate_size",
              "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
              "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
-             "qk_norm", "shared_expert_gate")
+             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v")
     fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
     text = json.dumps(fields, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -255,6 +259,7 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "deepseek_v2": {}, "deepseek_v3": {}, "glm4_moe": {}, "llama4": {}, "ministral3": {},
     "qwen3_next": {"attn_output_gate": True, "qk_norm": True}, "qwen3_5": {"qk_norm": True},
     "qwen3_5_moe": {"qk_norm": True},
+    "gemma4": {"tie_embeddings": True, "norms_per_layer": 4, "qk_norm": True},
 }
 _HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
@@ -378,6 +383,28 @@ def _hybrid(cfg: dict, family: str, name: str) -> dict[str, Any]:
     return out
 
 
+def _gemma4(cfg: dict, name: str) -> dict[str, Any]:
+    """Gemma 4's text model: full-attention layers with their own head width (global_head_dim, 512) and KV heads
+    (num_global_key_value_heads), values from the k projection (attention_k_eq_v); with enable_moe_block, every
+    layer runs a dense MLP of intermediate_size beside top_k_experts of num_experts routed experts of
+    moe_intermediate_size, each branch with its own norms (7 a layer)."""
+    if cfg.get("num_kv_shared_layers") or cfg.get("hidden_size_per_layer_input"):
+        raise ModelSourceError(f"{name}: Gemma 4 with per-layer embeddings or KV shared across layers (E2B, E4B) "
+                               f"is not supported; the 31B and 26B-A4B are")
+    out: dict[str, Any] = dict(head_dim=cfg.get("head_dim") or 256, global_head_dim=cfg.get("global_head_dim") or 512,
+                               global_k_eq_v=bool(cfg.get("attention_k_eq_v", False)))
+    if cfg.get("num_global_key_value_heads"):
+        out["global_kv_heads"] = cfg["num_global_key_value_heads"]
+    if cfg.get("enable_moe_block"):
+        width, dense = _first(cfg, "moe_intermediate_size"), _first(cfg, "intermediate_size")
+        if dense % width:
+            raise ModelSourceError(f"{name}: intermediate_size {dense} (the dense MLP beside the experts) is not a "
+                                   f"multiple of moe_intermediate_size {width}")
+        out.update(intermediate_size=width, shared_experts=dense // width, norms_per_layer=7,
+                   num_experts=_first(cfg, "num_experts"), experts_per_token=_first(cfg, "top_k_experts"))
+    return out
+
+
 def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json mapping."""
     try:
@@ -389,7 +416,9 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
 
 def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     family = cfg.get("model_type")
-    if family in ("gemma3", "qwen3_5", "qwen3_5_moe") and isinstance(cfg.get("text_config"), dict):
+    if family == "gemma4_text":
+        family = "gemma4"
+    if family in ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe") and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model
     if family in ("llama4", "llama4_text"):
         cfg, family = _llama4_text(cfg, name), "llama4"
@@ -433,6 +462,10 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         args["shared_experts"] = 1
     if family in _HYBRID_FAMILIES:
         args.update(_hybrid(cfg, family, name))
+    if family == "gemma4":
+        gemma = _gemma4(cfg, name)
+        quirks["norms_per_layer"] = gemma.pop("norms_per_layer", quirks["norms_per_layer"])
+        args.update(gemma)
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)
@@ -449,7 +482,7 @@ _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe":
                "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
                "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}, "llama4": {},
                "qwen3next": {"family": "qwen3_next"}, "qwen35": {"family": "qwen3_5"},
-               "qwen35moe": {"family": "qwen3_5_moe"}}
+               "qwen35moe": {"family": "qwen3_5_moe"}, "gemma4": {"qk_norm": True}}
 # llama.cpp's load_hparams for LLM_ARCH_LLAMA4 sets chunked attention itself (n_swa 8192, three chunked layers to
 # one global): the GGUF carries neither.
 _LLAMA4_CHUNK, _LLAMA4_PATTERN = 8192, 4
@@ -488,12 +521,18 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = meta(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0)
     heads = int(meta(f"{arch}.attention.head_count"))
+    kv = meta(f"{arch}.attention.head_count_kv", heads)
+    kv_heads = [int(k) for k in kv] if isinstance(kv, list) else None       # per layer (Gemma 4)
+    if kv_heads is not None and len(kv_heads) != int(meta(f"{arch}.block_count")):
+        raise ModelSourceError(f"{path}: attention.head_count_kv lists {len(kv_heads)} layers, not block_count's "
+                               f"{meta(f'{arch}.block_count')}; the metadata is corrupt, re-download the file")
     args: dict[str, Any] = dict(
         id=path.stem.lower(), name=str(meta("general.name", path.stem)), family=arch,
         hidden_size=int(meta(f"{arch}.embedding_length")),
-        intermediate_size=int(meta(f"{arch}.expert_feed_forward_length", 0) or meta(f"{arch}.feed_forward_length")),
+        intermediate_size=int(meta(f"{arch}.expert_feed_forward_length", 0)
+                              or _scalar(meta(f"{arch}.feed_forward_length"))),
         num_layers=int(meta(f"{arch}.block_count")), num_heads=heads,
-        num_kv_heads=int(meta(f"{arch}.attention.head_count_kv", heads)), vocab_size=int(vocab),
+        num_kv_heads=kv_heads[0] if kv_heads else int(kv), vocab_size=int(vocab),
         max_context=int(meta(f"{arch}.context_length", 2048)),
         head_dim=int(meta(f"{arch}.attention.key_length", 0)),
         rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),
@@ -507,6 +546,8 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         args.update(_gguf_shared_moe(meta, arch, names, path, args))
     if arch in ("qwen3next", "qwen35", "qwen35moe"):
         args.update(_gguf_hybrid(meta, arch, names, args))
+    if arch == "gemma4":
+        args.update(_gguf_gemma4(meta, arch, names, path, args, kv_heads))
     if arch == "llama4":
         step = int(meta(f"{arch}.interleave_moe_layer_step", 1))
         if step != 1:
@@ -531,6 +572,41 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         return ModelSpec(**args)
     except (TypeError, ValueError) as exc:
         raise ModelSourceError(f"{path}: {exc}") from None
+
+
+def _scalar(value: Any) -> Any:
+    """A GGUF key some architectures write per layer (an array): its first layer's value."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _gguf_gemma4(meta: Any, arch: str, names: set[str], path: Path, args: dict,
+                 kv_heads: list[int] | None) -> dict[str, Any]:
+    """llama.cpp's gemma4 GGUF: a per-layer sliding_window_pattern (true: sliding) and head_count_kv, the sliding
+    layers' head width in key_length_swa and the full ones' in key_length, no attn_v in a full layer whose values
+    come from k; the MoE model's dense MLP (feed_forward_length) beside experts of expert_feed_forward_length."""
+    if meta(f"{arch}.embedding_length_per_layer_input", 0) or meta(f"{arch}.attention.shared_kv_layers", 0):
+        raise ModelSourceError(f"{path}: Gemma 4 with per-layer embeddings or KV shared across layers (E2B, E4B) is "
+                               f"not supported; the 31B and 26B-A4B are")
+    slides = [bool(x) for x in meta(f"{arch}.attention.sliding_window_pattern")]
+    every = _last_of_every([not x for x in slides])
+    if every is None or len(slides) != args["num_layers"]:
+        raise ModelSourceError(f"{path}: sliding_window_pattern mixes sliding and full attention in an order vramwise "
+                               f"cannot plan (it plans the last of every N layers global)")
+    full = every - 1
+    out: dict[str, Any] = dict(
+        sliding_window=int(meta(f"{arch}.attention.sliding_window")), sliding_window_pattern=every,
+        head_dim=int(meta(f"{arch}.attention.key_length_swa")),
+        global_head_dim=int(meta(f"{arch}.attention.key_length")),
+        global_k_eq_v=f"blk.{full}.attn_v.weight" not in names, norms_per_layer=4, tie_embeddings=True)
+    if kv_heads:
+        out["global_kv_heads"] = kv_heads[full]
+    if args["num_experts"]:
+        dense = int(_scalar(meta(f"{arch}.feed_forward_length")))
+        if dense % args["intermediate_size"]:
+            raise ModelSourceError(f"{path}: feed_forward_length {dense} is not a multiple of the experts' "
+                                   f"{args['intermediate_size']}")
+        out.update(shared_experts=dense // args["intermediate_size"], norms_per_layer=7)
+    return out
 
 
 def _gguf_shared_moe(meta: Any, arch: str, names: set[str], path: Path, args: dict) -> dict[str, Any]:

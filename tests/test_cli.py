@@ -206,7 +206,10 @@ def _tiny_gguf(path, arch, keys, tensors):
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in keys:
-        w.add_uint32(f"{arch}.{key}", value)
+        if isinstance(value, list):
+            w.add_array(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
     w.add_token_list([f"t{i}" for i in range(100)])
     for name, shape in tensors:
         w.add_tensor(name, np.zeros(shape, dtype=np.float32))
@@ -458,3 +461,53 @@ def test_argument_errors_are_one_line(capsys, args):
         main(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "error:" in err and "--help" in err
+
+
+def test_gemma4_config_json(db):
+    """Gemma 4's config.json (the image-text wrapper): its text_config gives the database entries, down to the
+    full-attention layers' own geometry (4 KV heads of 512 in the 31B where the sliding layers have 16 of 256, no
+    v projection) and the 26B-A4B's dense MLP beside its experts; the E2B/E4B's per-layer embeddings are refused."""
+    from planner import memory as mem
+    from planner.formats import KV_FORMATS
+    from planner.spec import ModelSourceError, param_count, spec_from_hf_config
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 10
+    text = {"model_type": "gemma4_text", "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 60,
+            "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4, "head_dim": 256,
+            "global_head_dim": 512, "attention_k_eq_v": True, "sliding_window": 1024, "layer_types": types,
+            "vocab_size": 262144, "tie_word_embeddings": True, "max_position_embeddings": 262144,
+            "num_kv_shared_layers": 0, "hidden_size_per_layer_input": 0}
+    dense = spec_from_hf_config({"model_type": "gemma4", "text_config": text}, "gemma-4-31B-it")
+    assert param_count(dense) == param_count(db.find_model("gemma4-31b")) == 30_697_345_280
+    f16 = KV_FORMATS["fp16"]
+    assert [mem.kv_bytes_per_token_at(dense, f16, i) for i in (0, 5)] == [16 * 256 * 2 * 2, 4 * 512 * 2 * 2]
+    assert [dense.has_v_at(i) for i in (4, 5, 59)] == [True, False, False]
+    moe = {**text, "hidden_size": 2816, "intermediate_size": 2112, "num_hidden_layers": 30, "num_attention_heads": 16,
+           "num_key_value_heads": 8, "num_global_key_value_heads": 2, "layer_types": types[:30],
+           "enable_moe_block": True, "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 704}
+    spec = spec_from_hf_config({"model_type": "gemma4", "text_config": moe}, "gemma-4-26B-A4B-it")
+    assert param_count(spec) == param_count(db.find_model("gemma4-26b-a4b")) == 25_233_053_440
+    assert (spec.shared_experts, spec.norms_per_layer, spec.num_experts) == (3, 7, 128)
+    with pytest.raises(ModelSourceError, match="^e4b: Gemma 4 with per-layer embeddings"):
+        spec_from_hf_config({"model_type": "gemma4", "text_config": {**text, "hidden_size_per_layer_input": 256}},
+                            "e4b")
+
+
+def test_gemma4_gguf_metadata(tmp_path):
+    """llama.cpp's gemma4 GGUF: per-layer KV heads and sliding pattern arrays, the two head widths, no attn_v in a
+    full-attention layer, the dense MLP beside the experts; per-layer embeddings (E2B/E4B) are refused."""
+    from planner.spec import ModelSourceError, spec_from_gguf
+    slides = [True] * 5 + [False]
+    keys = [("embedding_length", 64), ("feed_forward_length", 96), ("expert_feed_forward_length", 32),
+            ("block_count", 6), ("attention.head_count", 4), ("attention.head_count_kv", [2] * 5 + [1]),
+            ("attention.key_length", 32), ("attention.key_length_swa", 16), ("attention.sliding_window", 8),
+            ("attention.sliding_window_pattern", slides), ("context_length", 256), ("expert_count", 4),
+            ("expert_used_count", 2)]
+    tensors = [(f"blk.{i}.attn_v.weight", (32, 64)) for i in range(5)] + [
+        ("blk.5.attn_k.weight", (32, 64)), ("token_embd.weight", (100, 64))]
+    spec = spec_from_gguf(_tiny_gguf(tmp_path / "g4.gguf", "gemma4", keys, tensors))
+    assert (spec.num_kv_heads, spec.global_kv_heads, spec.head_dim, spec.global_head_dim) == (2, 1, 16, 32)
+    assert (spec.sliding_window, spec.sliding_window_pattern, spec.global_k_eq_v) == (8, 6, True)
+    assert (spec.shared_experts, spec.norms_per_layer, spec.tie_embeddings, spec.qk_norm) == (3, 7, True, True)
+    with pytest.raises(ModelSourceError, match="per-layer embeddings"):
+        spec_from_gguf(_tiny_gguf(tmp_path / "e4b.gguf", "gemma4", keys + [("embedding_length_per_layer_input", 8)],
+                                  tensors))

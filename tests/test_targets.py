@@ -473,3 +473,21 @@ def test_plans_say_when_their_decode_rate_is_optimistic(db):
     custom = dataclasses.replace(db.find_gpu("rtx4090"), id="custom", compute_capability="0.0")
     out = plan_target("llama.cpp", TargetRequest(db.find_model("llama3.1-8b"), custom, HOST))
     assert out.decisions and not [d for d in out.decisions if d[0] == "speed"]
+
+
+def test_gemma4_plans_for_llamacpp_only(db):
+    """Gemma 4: llama.cpp plans cache each layer in its own geometry (a full-attention layer half a sliding one's
+    bytes a cell, at every cell of the context) and say which build loads it; vLLM 0.10.1 and ExLlamaV2 0.2.8,
+    which predate it, refuse it in one line."""
+    spec = db.find_model("gemma4-31b")
+    out = plan_target("llama.cpp", _req(db, "gemma4-31b", "rtx-a6000", ctx=32768))
+    full = [b for i, b in enumerate(llamacpp.kv_layer_bytes(spec, 32768, "fp16")) if not spec.is_sliding(i)]
+    assert full == [32768 * 4 * 512 * 2 * 2] * 10 and out.per_gpu[0]["kv_cache"] == sum(
+        llamacpp.kv_layer_bytes(spec, 32768, "fp16"))
+    assert [d for d in out.decisions if d[0] == "build"][0][1] == "b8639 or later"
+    assert not [d for d in out.decisions if d[0] == "speed"]          # the dense 31B: within 15% on the R9700
+    moe = plan_target("llama.cpp", _req(db, "gemma4-26b-a4b", "rtx-a6000"))
+    assert "MoE layers" in [d for d in moe.decisions if d[0] == "speed"][0][2]
+    for target, message in (("vllm", "predates Gemma 4 31B"), ("exllamav2", "does not load Gemma 4 31B")):
+        with pytest.raises(TargetError, match=message):
+            plan_target(target, _req(db, "gemma4-31b", "rtx-a6000"))

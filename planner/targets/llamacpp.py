@@ -44,7 +44,11 @@ LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_
 # Architectures whose sliding-window layers llama.cpp gives a cache of the window's size (load_hparams sets their
 # swa_type; Llama 4's chunked attention gets the same cache, LLAMA_SWA_TYPE_CHUNKED with n_swa 8192). Mistral 7B v0.1
 # runs as the llama architecture, which has none, and Phi-3's is disabled: both keep n_ctx cells in every layer.
-SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text", "gpt_oss", "llama4")
+SWA_FAMILIES = ("gemma2", "gemma3", "gemma3_text", "gemma4", "gpt_oss", "llama4")
+# Families llama.cpp gained after the January 2026 master these plans model: the build that loads them, and why.
+NEWER_FAMILIES = {"gemma4": ("b8639 or later", "Gemma 4 support landed in llama.cpp b8639 (April 2026, "
+                                               "ggml-org/llama.cpp#21309), after the January 2026 master this plan "
+                                               "models; its memory and speed are priced as that master would run it")}
 CELL_PAD = 256                           # n_ctx and the SWA cache's cells are padded to 256 (ggml-org/llama.cpp#17046)
 # Models whose files come in one type: gpt-oss ships MXFP4 experts, and its GGUFs keep them (MXFP4_MOE)
 NATIVE_FTYPES = {"gpt_oss": ("MXFP4_MOE",)}
@@ -79,8 +83,8 @@ def kv_cells(spec, ctx: int, n_ubatch: int = N_UBATCH) -> list[int]:
     """Cells of each layer's cache for -c ctx: n_ctx rounded up to 256, or on a sliding-window layer of an
     SWA_FAMILIES model the SWA cache's min(n_ctx, n_swa + n_ubatch) rounded up to 256 (one sequence, as llama-cli
     and llama-bench run, and llama-server with the -np 1 the export prints; its default of 4 slots sharing one
-    cache gives the SWA cache 4 windows, and --swa-full all n_ctx cells). A linear-attention layer has none (kv_layer_bytes gives it its
-    recurrent state)."""
+    cache gives the SWA cache 4 windows, and --swa-full all n_ctx cells). A linear-attention layer has none
+    (kv_layer_bytes gives it its recurrent state)."""
     base = _pad(ctx)
     swa = _pad(min(base, spec.sliding_window + n_ubatch))
     return [0 if spec.is_linear(i) else swa if w else base for i, w in enumerate(windowed_layers(spec, SWA_FAMILIES))]
@@ -90,8 +94,9 @@ def kv_layer_bytes(spec, ctx: int, kv: str) -> list[int]:
     """Bytes of each layer's K and V cache at n_ctx = ctx in the cache type kv (fp16, q8 or q4); a linear-attention
     layer's recurrent state instead (one sequence, f32: llama_memory_hybrid keeps it beside the attention
     layers' cache, whatever n_ctx and -ctk)."""
-    row, state = mem.kv_bytes_per_token(spec, KV_FORMATS[kv]), mem.recurrent_state_bytes(spec)
-    return [state if spec.is_linear(i) else cells * row for i, cells in enumerate(kv_cells(spec, ctx))]
+    fmt, state = KV_FORMATS[kv], mem.recurrent_state_bytes(spec)
+    return [state if spec.is_linear(i) else cells * mem.kv_bytes_per_token_at(spec, fmt, i)
+            for i, cells in enumerate(kv_cells(spec, ctx))]
 
 
 def _layer_bytes(lay: _Layout, experts: bool) -> list[int]:
@@ -117,7 +122,8 @@ def compute_buffer_bytes(spec, ctx: int, flash_attn: bool, with_logits: bool, n_
       - the output: logits for every token (n_tokens x n_vocab) and the final norm they are computed from.
     """
     n = min(ctx, n_ubatch)
-    h, q = spec.hidden_size, spec.q_dim
+    h = spec.hidden_size
+    q = max(spec.num_heads * spec.head_dim_at(i) for i in range(spec.num_layers))
     n_pad = -(-n // KQ_MASK_PAD) * KQ_MASK_PAD
     cells = kv_cells(spec, ctx, n_ubatch)
     mask = sum(set(cells)) * n_pad * (4 + 2 if flash_attn else 4)   # a mask per cache: the sliding layers' too
@@ -159,7 +165,8 @@ def fa_convert_bytes(spec, ctx: int, kv: str, vendor: str) -> int:
     it), 144 MiB. fp16 caches, and Metal and Vulkan, copy nothing."""
     if kv == "fp16" or vendor not in CUDA_FA_VENDORS:
         return 0
-    return mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"]) * max(kv_cells(spec, ctx))
+    f16 = KV_FORMATS["fp16"]
+    return max(mem.kv_bytes_per_token_at(spec, f16, i) * n for i, n in enumerate(kv_cells(spec, ctx)))
 
 
 def _card(req: TargetRequest, lay: _Layout, card: int, layer_bytes: list[int]) -> dict[str, int]:
@@ -231,9 +238,10 @@ def kv_read_bytes(spec, kv: str, depth: int, n_ubatch: int = N_UBATCH) -> list[i
     Gemma 3 4B slows from 79.0 to 68.9 tok/s by depth 4096, and 4096 -> 32768 costs little more: the 29
     sliding layers read their 3072 cells, not the 1024-token window. A linear-attention layer reads and writes
     its recurrent state every token, at any depth."""
-    row, state = mem.kv_bytes_per_token(spec, KV_FORMATS[kv]), mem.recurrent_state_bytes(spec)
+    fmt, state = KV_FORMATS[kv], mem.recurrent_state_bytes(spec)
     cells = kv_cells(spec, depth, n_ubatch) if depth else [0] * spec.num_layers
-    return [2 * state if spec.is_linear(i) else row * n for i, n in enumerate(cells)]
+    return [2 * state if spec.is_linear(i) else mem.kv_bytes_per_token_at(spec, fmt, i) * n
+            for i, n in enumerate(cells)]
 
 
 def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATCH) -> list[float]:
@@ -248,8 +256,8 @@ def kv_read_cost(spec, kv: str, depth: int, vendor: str, n_ubatch: int = N_UBATC
     Any other quantized cache under CUDA is read at its own bytes; its dequantization is kv_dequant_seconds."""
     read = kv_read_bytes(spec, kv, depth, n_ubatch)
     if vendor == "apple" and not spec.is_mla:
-        per_head = METAL_CACHE_READ_COST * spec.num_heads / spec.num_kv_heads
-        return [float(b) if spec.is_linear(i) else b * per_head for i, b in enumerate(read)]
+        return [float(b) if spec.is_linear(i) else b * METAL_CACHE_READ_COST * spec.num_heads / spec.kv_heads_at(i)
+                for i, b in enumerate(read)]
     if kv == "fp16" or vendor not in CUDA_FA_VENDORS or not spec.is_mla:
         return [float(b) for b in read]
     f16 = kv_read_bytes(spec, "fp16", depth, n_ubatch)
@@ -263,10 +271,11 @@ def kv_dequant_seconds(spec, kv: str, depth: int, gpu, n_ubatch: int = N_UBATCH)
     (converted instead: kv_read_cost) and linear-attention layers."""
     if kv == "fp16" or gpu.vendor not in CUDA_FA_VENDORS or spec.is_mla or not depth:
         return [0.0] * spec.num_layers
-    per_cell = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"]) / 2 * spec.num_heads / spec.num_kv_heads
+    f16 = KV_FORMATS["fp16"]
     cycles_per_s = gpu.sm_count * (gpu.boost_clock_mhz or efficiency(gpu).reference_clock_mhz) * 1e6
-    return [0.0 if spec.is_linear(i) else QUANT_CACHE_DEQUANT_CYCLES * n * per_cell / cycles_per_s
-            for i, n in enumerate(kv_cells(spec, depth, n_ubatch))]
+    cells = kv_cells(spec, depth, n_ubatch)
+    return [0.0 if spec.is_linear(i) else QUANT_CACHE_DEQUANT_CYCLES * n * mem.kv_bytes_per_token_at(spec, f16, i)
+            / 2 * spec.num_heads / spec.kv_heads_at(i) / cycles_per_s for i, n in enumerate(cells)]
 
 
 def _decode_s(req: TargetRequest, lay: _Layout, depth: int = 0, n_ubatch: int = N_UBATCH) -> float:
@@ -443,7 +452,9 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     per_gpu = [_card(req, lay, c, layer_bytes) for c in range(len(lay.gpu_layers))]
     n_gpu = sum(b - a for a, b in lay.gpu_layers)
     ngl = n_gpu + 1 if lay.head_on_gpu else n_gpu
-    kv_tok = mem.kv_bytes_per_token(spec, KV_FORMATS[lay.kv])
+    rows = [mem.kv_bytes_per_token_at(spec, KV_FORMATS[lay.kv], i) for i in range(spec.num_layers)]
+    kv_tok = (f"{rows[0]} bytes per token per layer" if min(rows) == max(rows) else
+              f"{rows[0]} bytes per token in a sliding layer, {rows[-1]} in a full-attention one")
     host = _host_items(lay)
     total_file = sum(lay.tensor_bytes.values()) + gguf.metadata_bytes(spec)
     kv_name = KV_TYPES[lay.kv]
@@ -467,7 +478,7 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
     if settings["imatrix"]:
         decisions.append(("imatrix", "yes", "IQ types are tuned with an importance matrix (llama-imatrix)"))
     decisions += [("context", str(lay.ctx), "as asked (--ctx)" if req.ctx else "the model's native context, capped at 4096"),
-                  ("kv_cache", kv_name, f"{kv_tok} bytes per token per layer; quantized V needs "
+                  ("kv_cache", kv_name, f"{kv_tok}; quantized V needs "
                                         f"flash attention (-fa on, used always: it also shrinks the compute buffer)"
                                         + _swa_why(spec, lay.ctx) + _quant_cache_why(req, lay)),
                   ("n_gpu_layers", str(ngl), f"{n_gpu} of {spec.num_layers} layers" +
@@ -496,6 +507,14 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
                                                  "multiplies, so quantized decode is compute-bound, which this "
                                                  "model does not price (a published gpt-oss 20B run on a Tesla P100 "
                                                  "decoded at 40% of the predicted rate)"))
+    if spec.family in NEWER_FAMILIES:
+        decisions.append(("build", NEWER_FAMILIES[spec.family][0], NEWER_FAMILIES[spec.family][1]))
+    if spec.family == "gemma4" and spec.is_moe:
+        decisions.append(("speed", "optimistic", "Gemma 4's MoE layers (a dense MLP beside the routed experts, seven "
+                                                 "norms, a scaled router) run more kernels than the fixed cost a layer "
+                                                 "prices: published runs on builds of spring 2026 decoded 35-45% "
+                                                 "slower than this model predicts, a later CUDA master within 12% "
+                                                 "(benchmarks/published/measurements.yaml, known_gap)"))
     if spec.linear_attention_interval:
         decisions.append(("speed", "optimistic", "the linear-attention layers' many small kernels are priced as an "
                                                  "attention layer's fixed cost: a published Qwen3-Next Q4_K_M run on "
@@ -503,6 +522,6 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
                                                  "(benchmarks/published/measurements.yaml, its known_gap)"))
     if settings["tensor_split"]:
         decisions.append(("tensor_split", ",".join(map(str, settings["tensor_split"])), "layers per card (-sm layer)"))
-    attending = sum(not spec.is_linear(i) for i in range(spec.num_layers))
-    return Outcome("llama.cpp", mode, settings, per_gpu, host, lay.ctx, kv_name, kv_tok * attending, weights,
+    attending = sum(row for i, row in enumerate(rows) if not spec.is_linear(i))
+    return Outcome("llama.cpp", mode, settings, per_gpu, host, lay.ctx, kv_name, attending, weights,
                    _decode_s(req, lay), decisions, _decode_s(req, lay, lay.ctx))
