@@ -123,8 +123,9 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma2")
 def plan(req: TargetRequest) -> Outcome:
     spec = req.model
     if spec.family not in FAMILIES:
+        vllm_too = not (spec.linear_attention_interval or spec.global_kv_heads or spec.global_head_dim)
         raise TargetError(f"ExLlamaV2 0.2.8 does not load {spec.name} (family {spec.family}; it loads "
-                          f"{', '.join(FAMILIES)}); use --target llama.cpp or vllm")
+                          f"{', '.join(FAMILIES)}); use --target llama.cpp" + (" or vllm" if vllm_too else ""))
     if req.kv not in (None, "auto") and req.kv not in KV_TO_MODE:
         raise TargetError(f"ExLlamaV2 has no {req.kv} cache; use --kv fp16, q8 or q4 (or auto: FP16/Q8/Q6/Q4)")
     modes = [KV_TO_MODE[req.kv]] if req.kv in KV_TO_MODE else list(CACHE_MODES)
