@@ -100,7 +100,8 @@ def mla_pairs(rows: list[published_rows.Row]) -> list[dict]:
             f_row = mem.kv_bytes_per_token(spec, KV_FORMATS["fp16"])
             out.append({"gpu": gpu, "model": model, "weights": fmt, "build": build, "depth": depth, "cache": cache,
                         "f16_attention_ms": round(f16_s * 1e3, 3), "quantized_attention_ms": round(q_s * 1e3, 3),
-                        "ratio": round(q_s / f16_s, 3), "conversion_model_ratio": round((q_row + 2 * f_row) / f_row, 3)})
+                        "ratio": round(q_s / f16_s, 3),
+                        "conversion_model_ratio": round((q_row + 2 * f_row) / f_row, 3)})
     return out
 
 
@@ -151,8 +152,9 @@ def main() -> None:
         for k in ("_unit_s", "_bytes_s", "_measured_s"):
             del p[k]
     worst = max(abs(p["residual"]) for p in vec)
-    print(f"\nvec kernel: QUANT_CACHE_DEQUANT_CYCLES = {cycles:.3f} ({len(vec)} rows, {min(p['cycles'] for p in vec):.3f} "
-          f"to {max(p['cycles'] for p in vec):.3f}; worst residual of the attention seconds {worst:.0%})")
+    low, high = min(p["cycles"] for p in vec), max(p["cycles"] for p in vec)
+    print(f"\nvec kernel: QUANT_CACHE_DEQUANT_CYCLES = {cycles:.3f} ({len(vec)} rows, {low:.3f} "
+          f"to {high:.3f}; worst residual of the attention seconds {worst:.0%})")
     mla = mla_pairs(rows)
     for p in mla:
         print(f"MLA ({p['model']}, {p['gpu']}, {p['depth']}): measured {p['ratio']:.2f} x the f16 cache's attention "

@@ -14,8 +14,8 @@ from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
 from planner.formats import KVFormat, QuantOption
 from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, Traffic,
-                              decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds, memory_bandwidth,
-                              prefill_seconds)
+                              decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds,
+                              memory_bandwidth, prefill_seconds)
 from planner.spec import active_param_count, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.

@@ -19,7 +19,7 @@ from hwdb.schema import build, read_yaml
 from planner import memory as mem, yamlout
 from planner.budget import Assessment, Host, Layout, assess, avg_bpw
 from planner.formats import HEAD_OPTION, FormatError, kv_format, parse_option
-from planner.roofline import efficiency, ENGINE_SPEED
+from planner.roofline import ENGINE_SPEED, efficiency
 from planner.spec import architecture_digest, layer_linears, param_count
 
 SCHEMA_VERSION = 1

@@ -6,7 +6,7 @@
 
 The efficiency factors are fit by benchmarks/calibrate_speed.py to published llama.cpp runs
 (benchmarks/published/measurements.yaml): Llama 2 7B llama-bench tg128 and pp512 rows, per GPU
-vendor. Plans for vramwise's own CUDA engine (an NVIDIA card) use its measured model instead
+vendor, and AMD's GCN-lineage chips apart (efficiency_group). Plans for vramwise's own CUDA engine (an NVIDIA card) use its measured model instead
 (EngineSpeed, VRAMWISE_CUDA: benchmarks/calibrate_engine.py).
 """
 from __future__ import annotations
