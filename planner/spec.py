@@ -260,6 +260,7 @@ _HF_FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_next": {"attn_output_gate": True, "qk_norm": True}, "qwen3_5": {"qk_norm": True},
     "qwen3_5_moe": {"qk_norm": True},
     "gemma4": {"tie_embeddings": True, "norms_per_layer": 4, "qk_norm": True},
+    "minimax_m2": {"qk_norm": True},
 }
 _HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
@@ -418,6 +419,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     family = cfg.get("model_type")
     if family == "gemma4_text":
         family = "gemma4"
+    if family == "kimi_k2":                      # Kimi K2: DeepSeek-V3's architecture (DeepseekV3ForCausalLM)
+        family = "deepseek_v3"
     if family in ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe") and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": family}       # image-text checkpoint: plan the language model
     if family in ("llama4", "llama4_text"):
@@ -460,6 +463,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         args.update(_shared_moe(cfg, family, name))
     if family == "llama4":
         args["shared_experts"] = 1
+    if family == "minimax_m2":
+        args["router_bias"] = bool(cfg.get("use_routing_bias", True))
     if family in _HYBRID_FAMILIES:
         args.update(_hybrid(cfg, family, name))
     if family == "gemma4":
@@ -482,7 +487,8 @@ _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe":
                "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
                "deepseek2": {"family": "deepseek_v3"}, "glm4moe": {"family": "glm4_moe"}, "llama4": {},
                "qwen3next": {"family": "qwen3_next"}, "qwen35": {"family": "qwen3_5"},
-               "qwen35moe": {"family": "qwen3_5_moe"}, "gemma4": {"qk_norm": True}}
+               "qwen35moe": {"family": "qwen3_5_moe"}, "gemma4": {"qk_norm": True},
+               "minimax-m2": {"family": "minimax_m2", "qk_norm": True, "router_bias": True}}
 # llama.cpp's load_hparams for LLM_ARCH_LLAMA4 sets chunked attention itself (n_swa 8192, three chunked layers to
 # one global): the GGUF carries neither.
 _LLAMA4_CHUNK, _LLAMA4_PATTERN = 8192, 4

@@ -511,3 +511,38 @@ def test_gemma4_gguf_metadata(tmp_path):
     with pytest.raises(ModelSourceError, match="per-layer embeddings"):
         spec_from_gguf(_tiny_gguf(tmp_path / "e4b.gguf", "gemma4", keys + [("embedding_length_per_layer_input", 8)],
                                   tensors))
+
+
+def test_kimi_k2_and_minimax_m2_config_json(db):
+    """Kimi K2's config.json says model_type kimi_k2 for DeepSeek-V3's architecture; MiniMax-M2's is its own family
+    (256 experts with a routing bias, q/k norms). Both give the database entries' counts."""
+    from planner.spec import param_count, spec_from_hf_config
+    kimi = {"model_type": "kimi_k2", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": 61, "first_k_dense_replace": 1, "n_routed_experts": 384, "n_shared_experts": 1,
+            "num_experts_per_tok": 8, "num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 1536,
+            "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+            "vocab_size": 163840, "tie_word_embeddings": False, "max_position_embeddings": 131072,
+            "topk_method": "noaux_tc", "moe_layer_freq": 1}
+    spec = spec_from_hf_config(kimi, "Kimi-K2-Instruct")
+    assert spec.family == "deepseek_v3" and param_count(spec) == param_count(db.find_model("kimi-k2"))
+    assert param_count(spec) == 1_026_408_232_448                 # the checkpoint's weights, FP8 scales aside
+    mm = {"model_type": "minimax_m2", "hidden_size": 3072, "intermediate_size": 1536, "num_hidden_layers": 62,
+          "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 256,
+          "num_experts_per_tok": 8, "vocab_size": 200064, "tie_word_embeddings": False,
+          "max_position_embeddings": 196608, "use_routing_bias": True, "use_qk_norm": True, "rotary_dim": 64}
+    spec = spec_from_hf_config(mm, "MiniMax-M2")
+    assert (spec.family, spec.router_bias, spec.qk_norm) == ("minimax_m2", True, True)
+    assert param_count(spec) == param_count(db.find_model("minimax-m2")) == 228_689_764_864 - 428_544
+
+
+def test_minimax_m2_gguf_metadata(tmp_path):
+    """llama.cpp's minimax-m2 GGUF: its family, the experts' routing bias and q/k norms from the architecture."""
+    from planner.spec import spec_from_gguf
+    keys = [("embedding_length", 64), ("feed_forward_length", 32), ("expert_feed_forward_length", 32),
+            ("block_count", 2), ("attention.head_count", 4), ("attention.head_count_kv", 2),
+            ("attention.key_length", 16), ("context_length", 256), ("expert_count", 8), ("expert_used_count", 2)]
+    tensors = [(f"blk.{i}.attn_norm.weight", (64,)) for i in range(2)] + [
+        ("token_embd.weight", (100, 64)), ("output.weight", (100, 64))]
+    spec = spec_from_gguf(_tiny_gguf(tmp_path / "mm.gguf", "minimax-m2", keys, tensors))
+    assert (spec.family, spec.router_bias, spec.qk_norm, spec.num_experts, spec.head_dim) == (
+        "minimax_m2", True, True, 8, 16)

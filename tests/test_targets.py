@@ -491,3 +491,11 @@ def test_gemma4_plans_for_llamacpp_only(db):
     for target, message in (("vllm", "predates Gemma 4 31B"), ("exllamav2", "does not load Gemma 4 31B")):
         with pytest.raises(TargetError, match=message):
             plan_target(target, _req(db, "gemma4-31b", "rtx-a6000"))
+
+
+def test_engines_older_than_a_model_refuse_it(db):
+    """vLLM 0.10.1 (August 2025) does not load MiniMax-M2 (October 2025); llama.cpp's January 2026 master does."""
+    with pytest.raises(TargetError, match="vLLM 0.10.1 .* predates MiniMax-M2"):
+        plan_target("vllm", _req(db, "minimax-m2", "h100-sxm", cards=4))
+    out = plan_target("llama.cpp", _req(db, "minimax-m2", "h100-sxm", cards=4))
+    assert out.per_gpu and 1 / out.decode_s > 0

@@ -123,7 +123,8 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma2")
 def plan(req: TargetRequest) -> Outcome:
     spec = req.model
     if spec.family not in FAMILIES:
-        vllm_too = not (spec.linear_attention_interval or spec.global_kv_heads or spec.global_head_dim)
+        vllm_too = not (spec.linear_attention_interval or spec.global_kv_heads or spec.global_head_dim
+                        or spec.family == "minimax_m2")
         raise TargetError(f"ExLlamaV2 0.2.8 does not load {spec.name} (family {spec.family}; it loads "
                           f"{', '.join(FAMILIES)}); use --target llama.cpp" + (" or vllm" if vllm_too else ""))
     if req.kv not in (None, "auto") and req.kv not in KV_TO_MODE:

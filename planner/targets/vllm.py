@@ -187,6 +187,9 @@ def plan(req: TargetRequest) -> Outcome:
     if spec.linear_attention_interval:
         raise TargetError(f"vLLM 0.10.1 does not plan {spec.name}'s linear-attention (Gated DeltaNet) layers, "
                           f"whose fixed-size state vLLM keeps in its own cache groups; use --target llama.cpp")
+    if spec.family == "minimax_m2":
+        raise TargetError(f"vLLM 0.10.1 (August 2025) predates {spec.name} (October 2025), whose MiniMaxM2 "
+                          f"architecture it does not load; use --target llama.cpp")
     if spec.global_kv_heads or spec.global_head_dim or spec.global_k_eq_v:
         raise TargetError(f"vLLM 0.10.1 (August 2025) predates {spec.name}: its full-attention layers' own KV heads "
                           f"and head width are not planned for it; use --target llama.cpp")
