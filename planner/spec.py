@@ -528,17 +528,19 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
     vocab = meta(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0)
     heads = int(meta(f"{arch}.attention.head_count"))
     kv = meta(f"{arch}.attention.head_count_kv", heads)
-    kv_heads = [int(k) for k in kv] if isinstance(kv, list) else None       # per layer (Gemma 4)
-    if kv_heads is not None and len(kv_heads) != int(meta(f"{arch}.block_count")):
-        raise ModelSourceError(f"{path}: attention.head_count_kv lists {len(kv_heads)} layers, not block_count's "
-                               f"{meta(f'{arch}.block_count')}; the metadata is corrupt, re-download the file")
+    kv_heads = None                                                         # per layer (Gemma 4)
+    if isinstance(kv, list):
+        if not kv or len(kv) != meta(f"{arch}.block_count") or not all(isinstance(k, int) for k in kv):
+            raise ModelSourceError(f"{path}: attention.head_count_kv is not one count a layer for block_count's "
+                                   f"{meta(f'{arch}.block_count')}; the metadata is corrupt, re-download the file")
+        kv_heads, kv = kv, kv[0]
     args: dict[str, Any] = dict(
         id=path.stem.lower(), name=str(meta("general.name", path.stem)), family=arch,
         hidden_size=int(meta(f"{arch}.embedding_length")),
         intermediate_size=int(meta(f"{arch}.expert_feed_forward_length", 0)
                               or _scalar(meta(f"{arch}.feed_forward_length"))),
         num_layers=int(meta(f"{arch}.block_count")), num_heads=heads,
-        num_kv_heads=kv_heads[0] if kv_heads else int(kv), vocab_size=int(vocab),
+        num_kv_heads=int(kv), vocab_size=int(vocab),
         max_context=int(meta(f"{arch}.context_length", 2048)),
         head_dim=int(meta(f"{arch}.attention.key_length", 0)),
         rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),

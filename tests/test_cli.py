@@ -511,6 +511,9 @@ def test_gemma4_gguf_metadata(tmp_path):
     with pytest.raises(ModelSourceError, match="per-layer embeddings"):
         spec_from_gguf(_tiny_gguf(tmp_path / "e4b.gguf", "gemma4", keys + [("embedding_length_per_layer_input", 8)],
                                   tensors))
+    short = [(k, [2] * 5 if k == "attention.head_count_kv" else v) for k, v in keys]
+    with pytest.raises(ModelSourceError, match="head_count_kv is not one count a layer"):
+        spec_from_gguf(_tiny_gguf(tmp_path / "bad.gguf", "gemma4", short, tensors))
 
 
 def test_kimi_k2_and_minimax_m2_config_json(db):
