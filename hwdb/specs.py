@@ -146,7 +146,7 @@ class ModelSpec:
             raise ValueError(f"fields {', '.join(repr(n) for n in linear)} are needed with linear_attention_interval")
         if self.global_kv_heads < 0 or self.global_head_dim < 0:
             raise ValueError("fields 'global_kv_heads' and 'global_head_dim' must not be negative")
-        if (self.global_kv_heads or self.global_head_dim or self.global_k_eq_v) and not self.sliding_window_pattern:
+        if self.has_global_geometry and not self.sliding_window_pattern:
             raise ValueError("the global_* fields describe the full-attention layers among sliding ones: "
                              "they need sliding_window and sliding_window_pattern")
         if self.global_kv_heads and self.num_heads % self.global_kv_heads:
@@ -161,6 +161,11 @@ class ModelSpec:
         """Whether this layer is a linear-attention (Gated DeltaNet) layer, with a recurrent state and no cache."""
         n = self.linear_attention_interval
         return n > 0 and (layer + 1) % n != 0
+
+    @property
+    def has_global_geometry(self) -> bool:
+        """Whether the full-attention layers have a geometry of their own (Gemma 4: the global_* fields)."""
+        return bool(self.global_kv_heads or self.global_head_dim or self.global_k_eq_v)
 
     def _global(self, layer: int) -> bool:
         return self.sliding_window_pattern > 0 and not self.is_sliding(layer)

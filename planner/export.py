@@ -48,7 +48,8 @@ def _llamacpp(doc: dict, s: dict) -> list[str]:
         q += ["--tensor-type", f"{cat}={t.lower()}"]
     out.append(" ".join(q + [bf16, quant, ftype]))
     run = ["llama-server", "-m", quant, "-c", str(s["ctx"]), "-ngl", str(s["n_gpu_layers"]), "-ctk", s["cache_type_k"],
-           "-ctv", s["cache_type_v"], "-fa", s["flash_attn"], "-ub", str(s["n_ubatch"]), "-np", str(s.get("n_parallel", 1)), "--fit", "off"]
+           "-ctv", s["cache_type_v"], "-fa", s["flash_attn"], "-ub", str(s["n_ubatch"]),
+           "-np", str(s.get("n_parallel", 1)), "--fit", "off"]
     if s["n_cpu_moe"]:
         run += ["-ncmoe", str(s["n_cpu_moe"])]
     if s["tensor_split"]:

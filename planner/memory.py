@@ -133,7 +133,7 @@ def kv_bytes_per_token_at(spec: ModelSpec, kv: KVFormat, layer: int) -> int:
 def kv_bytes_per_token(spec: ModelSpec, kv: KVFormat) -> int:
     """Cache bytes one position adds in one layer: the widest layer's (every layer's but in Gemma 4, where the
     sliding layers' are the larger: a count over all layers from it errs high)."""
-    if not (spec.global_kv_heads or spec.global_head_dim):
+    if not spec.has_global_geometry:
         return kv_bytes_per_token_at(spec, kv, 0)
     return max(kv_bytes_per_token_at(spec, kv, i) for i in range(spec.num_layers))
 

@@ -28,9 +28,13 @@ class Efficiency:
     fit: str                      # the data and residual of the fit
     reference_clock_mhz: float    # the clock taken for a card with none in hwdb (Apple): the fit took it too
 
+    def clock_hz(self, gpu: "GPUSpec") -> float:
+        """The clock this card's cycle counts are priced at: its rated boost clock, else the fit's reference."""
+        return (gpu.boost_clock_mhz or self.reference_clock_mhz) * 1e6
+
     def layer_seconds(self, gpu: "GPUSpec") -> float:
         """Fixed seconds a decoded layer costs on this card: the fitted cycles at its rated boost clock."""
-        return self.layer_cycles / ((gpu.boost_clock_mhz or self.reference_clock_mhz) * 1e6)
+        return self.layer_cycles / self.clock_hz(gpu)
 
     def decode_overhead_s(self, gpu: "GPUSpec", layers: int) -> float:
         """Fixed seconds per decoded token of a model with this many layers."""

@@ -23,9 +23,9 @@ import math
 from planner import memory as mem
 from planner.budget import contiguous_split
 from planner.optimize import _ctx_ladder
-from planner.roofline import efficiency, Traffic, decode_seconds, memory_bandwidth
+from planner.roofline import Traffic, decode_seconds, efficiency, memory_bandwidth
 from planner.spec import layer_linears, tensors
-from planner.targets import Outcome, TargetError, TargetRequest
+from planner.targets import Outcome, TargetError, TargetRequest, vllm
 from planner.units import fmt_bytes
 
 MAX_BPW, MIN_BPW, BPW_STEP = 8.0, 2.0, 0.05
@@ -123,10 +123,9 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma2")
 def plan(req: TargetRequest) -> Outcome:
     spec = req.model
     if spec.family not in FAMILIES:
-        vllm_too = not (spec.linear_attention_interval or spec.global_kv_heads or spec.global_head_dim
-                        or spec.family == "minimax_m2")
         raise TargetError(f"ExLlamaV2 0.2.8 does not load {spec.name} (family {spec.family}; it loads "
-                          f"{', '.join(FAMILIES)}); use --target llama.cpp" + (" or vllm" if vllm_too else ""))
+                          f"{', '.join(FAMILIES)}); use --target llama.cpp"
+                          + ("" if vllm.refusal(spec) else " or vllm"))
     if req.kv not in (None, "auto") and req.kv not in KV_TO_MODE:
         raise TargetError(f"ExLlamaV2 has no {req.kv} cache; use --kv fp16, q8 or q4 (or auto: FP16/Q8/Q6/Q4)")
     modes = [KV_TO_MODE[req.kv]] if req.kv in KV_TO_MODE else list(CACHE_MODES)

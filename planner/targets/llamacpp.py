@@ -29,8 +29,8 @@ from planner.budget import HOST_OS_RESERVE_BYTES, contiguous_split
 from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
+from planner.roofline import Traffic, decode_seconds, efficiency, memory_bandwidth
 from planner.spec import windowed_layers
-from planner.roofline import efficiency, Traffic, decode_seconds, memory_bandwidth
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.targets import gguf
 from planner.units import fmt_bytes
@@ -272,7 +272,7 @@ def kv_dequant_seconds(spec, kv: str, depth: int, gpu, n_ubatch: int = N_UBATCH)
     if kv == "fp16" or gpu.vendor not in CUDA_FA_VENDORS or spec.is_mla or not depth:
         return [0.0] * spec.num_layers
     f16 = KV_FORMATS["fp16"]
-    cycles_per_s = gpu.sm_count * (gpu.boost_clock_mhz or efficiency(gpu).reference_clock_mhz) * 1e6
+    cycles_per_s = gpu.sm_count * efficiency(gpu).clock_hz(gpu)
     cells = kv_cells(spec, depth, n_ubatch)
     return [0.0 if spec.is_linear(i) else QUANT_CACHE_DEQUANT_CYCLES * n * mem.kv_bytes_per_token_at(spec, f16, i)
             / 2 * spec.num_heads / spec.kv_heads_at(i) / cycles_per_s for i, n in enumerate(cells)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 from planner import memory as mem
-from planner.roofline import efficiency, Traffic, decode_seconds, memory_bandwidth
+from planner.roofline import Traffic, decode_seconds, efficiency, memory_bandwidth
 from planner.spec import positions_read, tensors, windowed_layers
 from planner.targets import Outcome, TargetError, TargetRequest
 from planner.units import fmt_bytes
@@ -182,17 +182,25 @@ def _price(req: TargetRequest, fmt: str, kv_bytes: int):
     return util, tokens, n_blocks, per_gpu, cards, min(g.max_tokens(n_blocks) for g in capacity), capacity[0]
 
 
+def refusal(spec) -> str | None:
+    """Why vLLM 0.10.1 is not planned for this model (None where it is)."""
+    if spec.linear_attention_interval:
+        return (f"vLLM 0.10.1 does not plan {spec.name}'s linear-attention (Gated DeltaNet) layers, whose fixed-size "
+                f"state vLLM keeps in its own cache groups")
+    if spec.family == "minimax_m2":
+        return (f"vLLM 0.10.1 (August 2025) predates {spec.name} (October 2025), whose MiniMaxM2 architecture it "
+                f"does not load")
+    if spec.has_global_geometry:
+        return (f"vLLM 0.10.1 (August 2025) predates {spec.name}: its full-attention layers' own KV heads and head "
+                f"width are not planned for it")
+    return None
+
+
 def plan(req: TargetRequest) -> Outcome:
     spec, tp, pp = req.model, req.gpu_count, req.nodes
-    if spec.linear_attention_interval:
-        raise TargetError(f"vLLM 0.10.1 does not plan {spec.name}'s linear-attention (Gated DeltaNet) layers, "
-                          f"whose fixed-size state vLLM keeps in its own cache groups; use --target llama.cpp")
-    if spec.family == "minimax_m2":
-        raise TargetError(f"vLLM 0.10.1 (August 2025) predates {spec.name} (October 2025), whose MiniMaxM2 "
-                          f"architecture it does not load; use --target llama.cpp")
-    if spec.global_kv_heads or spec.global_head_dim or spec.global_k_eq_v:
-        raise TargetError(f"vLLM 0.10.1 (August 2025) predates {spec.name}: its full-attention layers' own KV heads "
-                          f"and head width are not planned for it; use --target llama.cpp")
+    why = refusal(spec)
+    if why:
+        raise TargetError(f"{why}; use --target llama.cpp")
     if spec.num_heads % tp:
         raise TargetError(f"vLLM needs the attention heads ({spec.num_heads}) divisible by --tensor-parallel-size "
                           f"{tp}; use --gpus {', '.join(str(d) for d in range(1, 9) if spec.num_heads % d == 0)}")
