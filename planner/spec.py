@@ -283,6 +283,15 @@ def _first(cfg: dict, *keys: str, default: Any = None) -> Any:
 _SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "gpt_oss": 2}
 
 
+def _width(cfg: dict, key: str, name: str, default: Any = None) -> int:
+    """A layer width from a config.json, which the readers divide by or into: a whole number, positive unless 0 is
+    the default (no such layer)."""
+    value = _first(cfg, key, default=default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and default != 0):
+        raise ModelSourceError(f"{name}: {key} {value!r} is not a layer width (a positive whole number)")
+    return value
+
+
 def _last_of_every(marked: list[bool]) -> int | None:
     """N where exactly the last layer of every N is marked (a layer_types list's global layers), or None."""
     return next((n for n in range(1, len(marked) + 1)
@@ -376,7 +385,8 @@ def _hybrid(cfg: dict, family: str, name: str) -> dict[str, Any]:
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise ModelSourceError(f"{name}: dense layers among the expert ones (mlp_only_layers, "
                                    f"decoder_sparse_step) are not supported")
-        width, shared = _first(cfg, "moe_intermediate_size"), int(cfg.get("shared_expert_intermediate_size") or 0)
+        width = _width(cfg, "moe_intermediate_size", name)
+        shared = _width(cfg, "shared_expert_intermediate_size", name, default=0)
         if shared % width:
             raise ModelSourceError(f"{name}: shared_expert_intermediate_size {shared} is not a multiple of "
                                    f"moe_intermediate_size {width}")
@@ -397,7 +407,7 @@ def _gemma4(cfg: dict, name: str) -> dict[str, Any]:
     if cfg.get("num_global_key_value_heads"):
         out["global_kv_heads"] = cfg["num_global_key_value_heads"]
     if cfg.get("enable_moe_block"):
-        width, dense = _first(cfg, "moe_intermediate_size"), _first(cfg, "intermediate_size")
+        width, dense = _width(cfg, "moe_intermediate_size", name), _width(cfg, "intermediate_size", name)
         if dense % width:
             raise ModelSourceError(f"{name}: intermediate_size {dense} (the dense MLP beside the experts) is not a "
                                    f"multiple of moe_intermediate_size {width}")

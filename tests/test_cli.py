@@ -487,6 +487,10 @@ def test_gemma4_config_json(db):
     spec = spec_from_hf_config({"model_type": "gemma4", "text_config": moe}, "gemma-4-26B-A4B-it")
     assert param_count(spec) == param_count(db.find_model("gemma4-26b-a4b")) == 25_233_053_440
     assert (spec.shared_experts, spec.norms_per_layer, spec.num_experts) == (3, 7, 128)
+    for bad, message in (({"intermediate_size": "x"}, "intermediate_size 'x' is not a layer width"),
+                         ({"moe_intermediate_size": 0}, "moe_intermediate_size 0 is not a layer width")):
+        with pytest.raises(ModelSourceError, match=message):
+            spec_from_hf_config({"model_type": "gemma4", "text_config": {**moe, **bad}}, "m")
     with pytest.raises(ModelSourceError, match="^e4b: Gemma 4 with per-layer embeddings"):
         spec_from_hf_config({"model_type": "gemma4", "text_config": {**text, "hidden_size_per_layer_input": 256}},
                             "e4b")
