@@ -192,7 +192,7 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
                "fused_qkv": False, "fused_gate_up": False, "extra_bias": False, "attn_sinks": False,
                "kv_lora_rank": 0}
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2")
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
@@ -250,9 +250,11 @@ def architecture_digest(spec: ModelSpec) -> str:
 
 # Hugging Face `model_type` -> the quirks its config.json does not spell out.
 _HF_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {}, "mistral": {}, "mixtral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {}, "qwen3_moe": {},
+    "llama": {}, "mistral": {}, "mixtral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
+    "qwen3_moe": {"qk_norm": True},
     "gemma": {"tie_embeddings": True}, "gemma2": {"tie_embeddings": True, "norms_per_layer": 4},
-    "gemma3_text": {"tie_embeddings": True, "norms_per_layer": 4}, "gemma3": {"tie_embeddings": True, "norms_per_layer": 4},
+    "gemma3_text": {"tie_embeddings": True, "norms_per_layer": 4, "qk_norm": True},
+    "gemma3": {"tie_embeddings": True, "norms_per_layer": 4, "qk_norm": True},
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
     "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True, "tie_embeddings": True},
     "gpt_oss": {"qkv_bias": True, "extra_bias": True, "attn_sinks": True},
@@ -337,6 +339,7 @@ def _shared_moe(cfg: dict, family: str, name: str) -> dict[str, Any]:
         router_bias=cfg.get("topk_method") == "noaux_tc" or family == "glm4_moe")
     if family == "glm4_moe":
         out["qkv_bias"] = bool(cfg.get("attention_bias", False))
+        out["qk_norm"] = bool(cfg.get("use_qk_norm", False))
     else:
         rope, nope = _first(cfg, "qk_rope_head_dim"), _first(cfg, "qk_nope_head_dim")
         out.update(kv_lora_rank=_first(cfg, "kv_lora_rank"), q_lora_rank=int(cfg.get("q_lora_rank") or 0),
@@ -490,8 +493,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         raise ModelSourceError(f"{name}: {exc}") from None
 
 
-_GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3moe": {}, "gemma2": {"norms_per_layer": 4},
-               "gemma3": {"norms_per_layer": 4},
+_GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"qk_norm": True}, "qwen3moe": {"qk_norm": True},
+               "gemma2": {"norms_per_layer": 4}, "gemma3": {"norms_per_layer": 4, "qk_norm": True},
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True},
                "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
@@ -636,7 +639,7 @@ def _gguf_shared_moe(meta: Any, arch: str, names: set[str], path: Path, args: di
     out: dict[str, Any] = dict(
         dense_layers=dense, dense_intermediate_size=int(meta(f"{arch}.feed_forward_length")),
         shared_experts=int(meta(f"{arch}.expert_shared_count", 0)),
-        router_bias=f"blk.{dense}.exp_probs_b.bias" in names,
+        router_bias=f"blk.{dense}.exp_probs_b.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
         num_layers=args["num_layers"] - int(meta(f"{arch}.nextn_predict_layers", 0)))
     if arch == "deepseek2":
         mla = int(meta(f"{arch}.attention.key_length_mla", 0))
