@@ -267,6 +267,10 @@ class GPUTransformer:
             K.rmsnorm(x, norm[0], xn, norm[1])
             for out, lin, bias in jobs:
                 self._linear(xn, lin, out, bias=bias)
+        if spec.qk_norm:                     # Qwen3: an RMSNorm over each query and key head, in place, before RoPE
+            for buf, heads, name in ((q, hq, "q"), (k, hkv, "k")):
+                rows = buf.reshape(t * heads, d)
+                K.rmsnorm(rows, w[f"{p}.{name}_norm"], rows, spec.norm_eps)
         pos = st["positions"][:t]
         q3, k3, v3 = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
         kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]

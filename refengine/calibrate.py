@@ -89,12 +89,14 @@ class LayerWalk:
         for name in ("q", "k", "v"):
             proj[name] = xn @ w[f"{p}attn.{name}"].T + (w[f"{p}attn.{name}.bias"] if spec.qkv_bias else 0)
         positions = np.arange(t)
+        qn, kn = (w[f"{p}attn.{n}_norm"] if spec.qk_norm else None for n in "qk")
         out = np.empty((r, t, spec.num_heads * spec.head_dim), dtype=np.float32)
         for row in range(r):
             sl = slice(row * t, (row + 1) * t)
-            q = ops.rope(proj["q"][sl].reshape(t, spec.num_heads, spec.head_dim), self.cos, self.sin, self.interleaved)
-            k = ops.rope(proj["k"][sl].reshape(t, spec.num_kv_heads, spec.head_dim), self.cos, self.sin,
-                         self.interleaved)
+            q = ops.rope(ops.heads(proj["q"][sl], spec.num_heads, spec.head_dim, qn, spec.norm_eps), self.cos,
+                         self.sin, self.interleaved)
+            k = ops.rope(ops.heads(proj["k"][sl], spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), self.cos,
+                         self.sin, self.interleaved)
             v = proj["v"][sl].reshape(t, spec.num_kv_heads, spec.head_dim)
             out[row] = ops.attention(q, k, v, positions).reshape(t, -1)
         attn = out.reshape(r * t, -1)

@@ -101,8 +101,10 @@ class Transformer:
         q = linear(xn, self.w[f"{p}.q"]) + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
         k = linear(xn, self.w[f"{p}.k"]) + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
         v = linear(xn, self.w[f"{p}.v"]) + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
-        q = ops.rope(q.reshape(t, spec.num_heads, spec.head_dim), cos, sin, self.rope_interleaved)
-        k = ops.rope(k.reshape(t, spec.num_kv_heads, spec.head_dim), cos, sin, self.rope_interleaved)
+        qn, kn = (self.w[f"{p}.{n}_norm"] if spec.qk_norm else None for n in "qk")
+        q = ops.rope(ops.heads(q, spec.num_heads, spec.head_dim, qn, spec.norm_eps), cos, sin, self.rope_interleaved)
+        k = ops.rope(ops.heads(k, spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), cos, sin,
+                     self.rope_interleaved)
         end = self.pos + t
         st[f"kv.{i}.k"][self.pos:end] = kv_quantize(st.kv, k)
         st[f"kv.{i}.v"][self.pos:end] = kv_quantize(st.kv, v.reshape(t, spec.num_kv_heads, spec.head_dim))

@@ -15,6 +15,13 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + eps)).astype(x.dtype) * w
 
 
+def heads(x: np.ndarray, n: int, d: int, norm: np.ndarray | None, eps: float) -> np.ndarray:
+    """x (T, n*D) as (T, n, D); with a norm weight (D,), each head RMS-normalized by it (Qwen3's q_norm and
+    k_norm, before RoPE)."""
+    x = x.reshape(len(x), n, d)
+    return x if norm is None else rmsnorm(x, norm, eps)
+
+
 def rope_tables(positions: np.ndarray, dim: int, theta: float,
                 dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D), computed in float64."""

@@ -63,8 +63,9 @@ def _attention(spec: ModelSpec, w: Mapping[str, np.ndarray], i: int, xn: np.ndar
     """Causal GQA self-attention over the whole sequence: xn (T, H) -> (T, H)."""
     t, p = len(xn), f"layers.{i}.attn"
     q, k, v = (xn @ w[f"{p}.{n}"].T + (w[f"{p}.{n}.bias"] if spec.qkv_bias else 0) for n in "qkv")
-    q = ops.rope(q.reshape(t, spec.num_heads, spec.head_dim), cos, sin, interleaved)          # (T, Hq, D)
-    k = ops.rope(k.reshape(t, spec.num_kv_heads, spec.head_dim), cos, sin, interleaved)       # (T, Hkv, D)
+    qn, kn = (w[f"{p}.{n}_norm"] if spec.qk_norm else None for n in "qk")
+    q = ops.rope(ops.heads(q, spec.num_heads, spec.head_dim, qn, spec.norm_eps), cos, sin, interleaved)   # (T, Hq, D)
+    k = ops.rope(ops.heads(k, spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), cos, sin, interleaved)
     out = ops.attention(q, k, v.reshape(t, spec.num_kv_heads, spec.head_dim), np.arange(t))   # (T, Hq, D)
     return out.reshape(t, -1) @ w[f"{p}.o"].T
 

@@ -53,6 +53,8 @@ GGUF_NAMES: dict[str, Optional[str]] = {
     "blk.{i}.attn_k.bias": "layers.{i}.attn.k.bias",
     "blk.{i}.attn_v.bias": "layers.{i}.attn.v.bias",
     "blk.{i}.attn_qkv.bias": "layers.{i}.attn.qkv.bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attn.q_norm",    # Qwen3: an RMSNorm over each head
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm",
     "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate",
     "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up",
     "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down",
@@ -85,6 +87,8 @@ HF_NAMES: dict[str, Optional[str]] = {
     "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q.bias",
     "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k.bias",
     "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attn.q_norm",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attn.k_norm",
     "model.layers.{i}.self_attn.rotary_emb.inv_freq": None,   # a buffer old checkpoints saved: recomputed
     "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.gate",
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.up",

@@ -47,6 +47,16 @@ def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: 
     return close_gguf(w, path)
 
 
+def tiny_qwen3_gguf(path: Path) -> Path:
+    """tiny_gguf as a Qwen3: the same tensors plus an RMSNorm weight over each query and key head."""
+    arrays, hd = tiny_tensors(CFG), CFG["hidden"] // CFG["heads"]
+    rng = np.random.default_rng(3)
+    for i in range(CFG["layers"]):
+        for n in "qk":
+            arrays[f"blk.{i}.attn_{n}_norm.weight"] = (1 + 0.2 * rng.standard_normal(hd)).astype(np.float32)
+    return tiny_gguf(path, "qwen3", arrays)
+
+
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out = capsys.readouterr()

@@ -292,6 +292,42 @@ def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
         assert "attention_merge" not in launched
 
 
+# Qwen3: an RMSNorm over each query and key head before RoPE, and heads wider than hidden / heads (the reference
+# engine's Qwen3 is checked against llama.cpp in tests/test_architectures.py)
+QWEN3 = dict(CONFIG, model_type="qwen3", num_hidden_layers=3, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    root, _ = hf_folder(tmp_path_factory.mktemp("gpu-qwen3") / "hf", QWEN3, random_tensors(QWEN3, seed=11))
+    ckpt = load_checkpoint(root)
+    assert ckpt.spec.qk_norm and ckpt.spec.num_heads * ckpt.spec.head_dim == 2 * ckpt.spec.hidden_size
+    return ckpt, assign(ckpt, OPTIONS)
+
+
+@pytest.mark.parametrize("step", [False, True], ids=["rope_store", "one_launch"])
+def test_qwen3_decode_path_matches(qwen3, step, backend, monkeypatch):
+    from gpuengine import launch
+    if step:
+        monkeypatch.setattr(launch, "ATTN_DECODE", "step")
+    launched = record_kernels(monkeypatch)
+    ckpt, assignment = qwen3
+    ref, gpu = models(ckpt, assignment, "q8", chunk=1)
+    ids = list(np.random.default_rng(12).integers(0, QWEN3["vocab_size"], 50))
+    want, got = ref.logits(ids), gpu.logits(ids)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    assert "rmsnorm" in launched                     # the head norms, whatever folds the layer norms
+
+
+def test_qwen3_prefill_matches(qwen3, backend):
+    ckpt, assignment = qwen3
+    ref, gpu = models(ckpt, assignment, "fp16")
+    ids = list(np.random.default_rng(13).integers(0, QWEN3["vocab_size"], 140))
+    assert_close(ref.logits(ids), gpu.logits(ids))
+    assert_close(decode_rows(ref, ids[:90], 20), decode_rows(gpu, ids[:90], 20))
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("resident", [range(0), range(1, 3)], ids=["stream", "offload"])
 def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident, overlap, backend, monkeypatch):

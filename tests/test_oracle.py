@@ -28,10 +28,13 @@ FP16_KV_ROUNDING = 2.0 ** -11          # relative rounding of an fp16 K or V ele
 Q8_KV_ROUNDING = 1 / 127               # one q8 step, relative to its block's absmax
 
 
-def make_spec(hidden=96, heads=8, kv_heads=2, layers=3, ffn=160, vocab=300, tied=False, bias=False, ctx=64):
-    return ModelSpec(id="rand", name="random llama", family="llama", hidden_size=hidden, intermediate_size=ffn,
-                     num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, vocab_size=vocab, max_context=ctx,
-                     source="test", tie_embeddings=tied, qkv_bias=bias, norm_eps=1e-6)
+def make_spec(hidden=96, heads=8, kv_heads=2, layers=3, ffn=160, vocab=300, tied=False, bias=False, ctx=64,
+              qk_norm=False):
+    """A random Llama, or with qk_norm a Qwen3 (an RMSNorm over each query and key head)."""
+    return ModelSpec(id="rand", name="random llama", family="qwen3" if qk_norm else "llama", hidden_size=hidden,
+                     intermediate_size=ffn, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                     vocab_size=vocab, max_context=ctx, source="test", tie_embeddings=tied, qkv_bias=bias,
+                     norm_eps=1e-6, qk_norm=qk_norm)
 
 
 def random_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
@@ -93,7 +96,8 @@ def loop_forward(spec: ModelSpec, w: dict, ids: list[int], interleaved: bool) ->
     def mat(Wm, x, b=None):
         return [sum(wi * xi for wi, xi in zip(row, x)) + (b[j] if b else 0.0) for j, row in enumerate(Wm)]
 
-    def rot(vec, t):                                        # one head's D values at position t
+    def rot(vec, t, g=None):                        # one head's D values at position t, first normed by g if any
+        vec = norm(vec, g) if g else vec
         out = list(vec)
         for i in range(D // 2):
             a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + D // 2)
@@ -109,8 +113,8 @@ def loop_forward(spec: ModelSpec, w: dict, ids: list[int], interleaved: bool) ->
         xn = norm(x, W["layers.0.norm.0"])
         bias = {n: W.get(f"{p}.{n}.bias") for n in "qkv"}
         q, k, v = (mat(W[f"{p}.{n}"], xn, bias[n]) for n in "qkv")
-        qs.append([rot(q[h * D:(h + 1) * D], t) for h in range(Hq)])
-        ks.append([rot(k[h * D:(h + 1) * D], t) for h in range(Hkv)])
+        qs.append([rot(q[h * D:(h + 1) * D], t, W.get(f"{p}.q_norm")) for h in range(Hq)])
+        ks.append([rot(k[h * D:(h + 1) * D], t, W.get(f"{p}.k_norm")) for h in range(Hkv)])
         vs.append([v[h * D:(h + 1) * D] for h in range(Hkv)])
     logits = []
     for t, x in enumerate(xs):
@@ -129,9 +133,10 @@ def loop_forward(spec: ModelSpec, w: dict, ids: list[int], interleaved: bool) ->
     return np.array(logits)
 
 
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_oracle_equals_hand_computed_layer(interleaved):
-    spec = make_spec(hidden=16, heads=4, kv_heads=2, layers=1, ffn=12, vocab=11, tied=True, bias=True, ctx=8)
+@pytest.mark.parametrize("interleaved,qk_norm", [(True, False), (False, False), (False, True)])
+def test_oracle_equals_hand_computed_layer(interleaved, qk_norm):
+    spec = make_spec(hidden=16, heads=4, kv_heads=2, layers=1, ffn=12, vocab=11, tied=True, bias=True, ctx=8,
+                     qk_norm=qk_norm)
     w = random_weights(spec, 1)
     ids = [3, 0, 7, 7, 10, 2]
     want = loop_forward(spec, w, ids, interleaved)
@@ -177,7 +182,7 @@ def test_rope_layouts_agree_on_permuted_weights():
 # --- the float32 engine against the oracle ----------------------------------------------------------------
 
 SHAPES = [dict(), dict(hidden=64, heads=4, kv_heads=4, layers=2, ffn=96, tied=True, bias=True),
-          dict(hidden=128, heads=4, kv_heads=1, layers=2, ffn=192)]
+          dict(hidden=128, heads=4, kv_heads=1, layers=2, ffn=192), dict(qk_norm=True)]
 
 
 @given(st.sampled_from(SHAPES), st.integers(0, 2**32 - 1), st.integers(1, 9), st.integers(1, 30), st.booleans())

