@@ -110,6 +110,10 @@ class ModelSpec:
     global_head_dim: int = 0
     global_k_eq_v: bool = False
     rope_theta: float = 10000.0
+    # RoPE scaling, as config.json's rope_scaling names it: "" none, "llama3" (Llama 3.1 on: a factor dividing each
+    # pair's frequency, llama.cpp's rope_freqs tensor), "linear" (positions over a factor); others ("yarn",
+    # "longrope", "dynamic") are planned but not run by vramwise's engines. The factors come with the weights.
+    rope_scaling: str = ""
     norm_eps: float = 1e-5           # RMSNorm / LayerNorm epsilon
     published_params: int = 0        # the published total, checked against our count
     params_source: str = ""

@@ -174,6 +174,8 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
            Buffer("ffn_gate", (chunk, f), "f32"), Buffer("ffn_up", (chunk, f), "f32")]
     if not gemm_staging:
         out.append(Buffer("scores", (group, chunk, ctx), "f32"))          # one GQA group's scores at a time
+    if spec.rope_scaling in ("llama3", "linear"):      # each RoPE pair's frequency divisor, from the weights
+        out.append(Buffer("rope_freqs", (spec.head_dim // 2,), "f32"))
     if spec.is_moe:
         out += [Buffer("router_logits", (chunk, spec.num_experts), "f32"), Buffer("moe_out", (chunk, h), "f32")]
     if gemm_staging:

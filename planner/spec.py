@@ -193,11 +193,15 @@ ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_exp
                "fused_qkv": False, "fused_gate_up": False, "extra_bias": False, "attn_sinks": False,
                "kv_lora_rank": 0}
 ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ENGINE_ROPE_SCALING = ("", "llama3", "linear")
 
 
 def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
-    """The fields of this spec the engines do not run, each with the value they do run."""
-    return [(field, want) for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
+    """The fields of this spec the engines do not run, each with the value (or values) they do run."""
+    out: list[tuple[str, Any]] = [(field, want) for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
+    if spec.rope_scaling not in ENGINE_ROPE_SCALING:
+        out.append(("rope_scaling", ENGINE_ROPE_SCALING))
+    return out
 
 
 def windowed_layers(spec: ModelSpec, families: tuple[str, ...]) -> list[bool]:
@@ -240,7 +244,7 @@ def architecture_digest(spec: ModelSpec) -> str:
     newer = ("extra_bias", "attn_sinks", "shared_experts", "router_bias", "dense_layers", "dense_intermediate_size",
              "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
              "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
-             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v")
+             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling")
     fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
     text = json.dumps(fields, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -298,6 +302,23 @@ def _last_of_every(marked: list[bool]) -> int | None:
     """N where exactly the last layer of every N is marked (a layer_types list's global layers), or None."""
     return next((n for n in range(1, len(marked) + 1)
                  if all(m == ((i + 1) % n == 0) for i, m in enumerate(marked))), None)
+
+
+def hf_rope_scaling(cfg: dict) -> dict:
+    """config.json's RoPE scaling parameters (rope_scaling, or transformers 5's rope_parameters), {} for none."""
+    for key in ("rope_scaling", "rope_parameters"):
+        params = cfg.get(key)
+        if isinstance(params, dict) and (params.get("rope_type") or params.get("type") or "default") != "default":
+            return params
+    return {}
+
+
+def _rope_kind(cfg: dict, name: str) -> str:
+    params = hf_rope_scaling(cfg)
+    kind = params.get("rope_type") or params.get("type") or ""
+    if not isinstance(kind, str):
+        raise ModelSourceError(f"{name}: rope_scaling type {kind!r} is not a name")
+    return kind
 
 
 def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
@@ -459,7 +480,7 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
         num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
-        source=f"config.json ({name})", **_sliding(cfg, family, name))
+        rope_scaling=_rope_kind(cfg, name), source=f"config.json ({name})", **_sliding(cfg, family, name))
     if family == "falcon":
         if not cfg.get("new_decoder_architecture", False):
             quirks.update(norms_per_layer=1)     # parallel attention with one shared layernorm
@@ -562,7 +583,11 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         num_experts=int(meta(f"{arch}.expert_count", 0)),
         experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        # llama.cpp's converter writes Llama 3.1's scaling as per-pair factors (rope_freqs), others by name
+        rope_scaling="llama3" if "rope_freqs.weight" in names else str(meta(f"{arch}.rope.scaling.type", "none")),
         source=f"GGUF metadata ({path.name})")
+    if args["rope_scaling"] == "none":
+        args["rope_scaling"] = ""
     if arch in ("deepseek2", "glm4moe"):
         args.update(_gguf_shared_moe(meta, arch, names, path, args))
     if arch in ("qwen3next", "qwen35", "qwen35moe"):
