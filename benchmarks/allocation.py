@@ -121,7 +121,8 @@ def main() -> None:
     # GPTQ tensors for every config, from one reference walk.
     ppl_configs = list(configs)
     ids = calibration_rows(tok, DEFAULT_CALIB.read_text(encoding="utf-8"), args.calib_rows, 256)
-    walk = LayerWalk(spec, ckpt["embed"].numpy(np.float32), ids, ckpt.rope_layout == ROPE_INTERLEAVED)
+    walk = LayerWalk(spec, ckpt["embed"].numpy(np.float32), ids, ckpt.rope_layout == ROPE_INTERLEAVED,
+                     rope_factors=ckpt.rope_factors)
     gptq: dict[str, dict] = {k: {} for k in ppl_configs}
     t0 = time.perf_counter()
     for i in range(spec.num_layers):

@@ -81,7 +81,8 @@ class Model:
         self.net = self._network(ctx, kv, chunk)
 
     def _network(self, ctx: int, kv: str, chunk: int):
-        return Transformer(self.spec, self.weights, ctx, kv, chunk, self.checkpoint.rope_layout == ROPE_INTERLEAVED)
+        return Transformer(self.spec, self.weights, ctx, kv, chunk, self.checkpoint.rope_layout == ROPE_INTERLEAVED,
+                           self.checkpoint.rope_factors)
 
     @property
     def ctx(self) -> int:

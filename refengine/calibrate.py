@@ -69,13 +69,14 @@ class LayerWalk:
     """Hidden states of the calibration batch, advanced one reference layer at a time."""
 
     def __init__(self, spec: ModelSpec, embed: np.ndarray, ids: np.ndarray, rope_interleaved: bool,
-                 state: np.ndarray | None = None, next_layer: int = 0):
+                 state: np.ndarray | None = None, next_layer: int = 0, rope_factors: np.ndarray | None = None):
         check_supported(spec)
         self.spec, self.ids, self.interleaved = spec, ids, rope_interleaved
         self.x = (np.asarray(embed, dtype=np.float32)[ids] if state is None
                   else np.asarray(state, dtype=np.float32).reshape(*ids.shape, spec.hidden_size))
         self.next_layer = next_layer
-        self.cos, self.sin = ops.rope_tables(np.arange(ids.shape[1]), spec.head_dim, spec.rope_theta)
+        self.cos, self.sin = ops.rope_tables(np.arange(ids.shape[1]), spec.head_dim, spec.rope_theta,
+                                             factors=rope_factors)
 
     def step(self, w: Mapping[str, np.ndarray], advance: bool = True) -> LayerInputs:
         """Run layer `next_layer` with float32 weights w (canonical names) and return its linears' inputs;

@@ -95,7 +95,7 @@ def measure(source: str, out: Path, text: str, text_source: str, rows: int = 32,
     start, state, extra = partial.load()
     table = dict(extra.get("tensors", {}))
     embed = ckpt["embed"].numpy(np.float32)
-    walk = LayerWalk(spec, embed, ids, ckpt.rope_layout == ROPE_INTERLEAVED, state, start)
+    walk = LayerWalk(spec, embed, ids, ckpt.rope_layout == ROPE_INTERLEAVED, state, start, ckpt.rope_factors)
     del embed
     try:
         for i in range(start, spec.num_layers):

@@ -27,12 +27,31 @@ def check_supported(spec: ModelSpec, ctx: int | None = None) -> None:
     gaps = unsupported_fields(spec)          # planner.spec holds the fields: plans read them too
     if gaps:
         field, want = gaps[0]
+        runs = " or ".join(f"{field}={w!r}" for w in (want if isinstance(want, tuple) else (want,)))
         raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
-                               f"engine yet (it runs Llama-family models: {field}={want!r})")
+                               f"engine yet (it runs Llama-family models: {runs})")
     if window_gap(spec, ctx):
         raise UnsupportedModel(f"{spec.name}: a {ctx}-token context passes its {spec.sliding_window}-token sliding "
                                f"window, which the engines do not implement yet (they attend over every position); "
                                f"plan --ctx {spec.sliding_window} or less")
+
+
+def fill_rope_factors(arrays: Mapping, spec: ModelSpec, factors: np.ndarray | None) -> np.ndarray | None:
+    """A scaled RoPE's factors (Checkpoint.rope_factors) into the run state's rope_freqs buffer, which
+    planner.memory gives exactly the models whose spec scales RoPE: the buffer, or None without scaling."""
+    if "rope_freqs" not in arrays:
+        if factors is not None:
+            raise UnsupportedModel(f"{spec.name}: RoPE factors given for a model without rope_scaling")
+        return None
+    if factors is None or np.shape(factors) != arrays["rope_freqs"].shape:
+        raise UnsupportedModel(f"{spec.name}: rope_scaling {spec.rope_scaling!r} needs its factors, "
+                               f"{arrays['rope_freqs'].shape[0]} of them (Checkpoint.rope_factors)")
+    buf, host = arrays["rope_freqs"], np.asarray(factors, dtype=np.float32)
+    if isinstance(buf, np.ndarray):
+        buf[...] = host
+    else:
+        buf.set(host)                                      # the CUDA engine's buffer (CuPy)
+    return buf
 
 
 class RunState:
@@ -57,12 +76,14 @@ class Transformer:
     """forward(tokens) appends tokens at the current position and returns their logits (T, V)."""
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], ctx: int, kv_name: str = "fp16",
-                 chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True):
+                 chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True,
+                 rope_factors: np.ndarray | None = None):
         check_supported(spec, ctx)
         self.spec, self.w, self.ctx = spec, weights, ctx
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved
         self.state = RunState(spec, ctx, self.chunk, kv_name)
+        self.rope_factors = fill_rope_factors(self.state.arrays, spec, rope_factors)
         self.pos = 0
 
     def reset(self) -> None:
@@ -82,7 +103,7 @@ class Transformer:
         st["positions"][:t] = np.arange(self.pos, self.pos + t)
         x = st["x"][:t]                                                          # (T, H)
         x[:] = self.w["embed"][tokens]
-        cos, sin = ops.rope_tables(st["positions"][:t], spec.head_dim, spec.rope_theta)
+        cos, sin = ops.rope_tables(st["positions"][:t], spec.head_dim, spec.rope_theta, factors=self.rope_factors)
         for i in range(spec.num_layers):
             x += self._attention(i, ops.rmsnorm(x, self.w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin)
             xn = ops.rmsnorm(x, self.w[f"layers.{i}.norm.1"], spec.norm_eps)

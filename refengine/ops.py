@@ -22,10 +22,31 @@ def heads(x: np.ndarray, n: int, d: int, norm: np.ndarray | None, eps: float) ->
     return x if norm is None else rmsnorm(x, norm, eps)
 
 
-def rope_tables(positions: np.ndarray, dim: int, theta: float,
-                dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D), computed in float64."""
+def rope_factors(kind: str, params: dict, dim: int, theta: float) -> np.ndarray:
+    """Each RoPE pair's frequency divisor (D/2,) for a config.json rope_scaling (planner.spec.hf_rope_scaling):
+    "linear" divides every frequency by its factor; "llama3" (Llama 3.1 on) leaves the pairs whose wavelength is
+    under original_max_position_embeddings / high_freq_factor alone, divides those over .../ low_freq_factor by
+    factor, and blends between, as transformers' llama3 RoPE and llama.cpp's converter (its rope_freqs) do."""
+    factor = float(params["factor"])
+    if kind == "linear":
+        return np.full(dim // 2, factor)
+    if kind != "llama3":
+        raise ValueError(f"RoPE scaling {kind!r} has no frequency factors")
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    original = float(params["original_max_position_embeddings"])
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
+
+
+def rope_tables(positions: np.ndarray, dim: int, theta: float, dtype: type = np.float32,
+                factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D) (divided by factors[i] where a
+    scaled RoPE gives them), computed in float64."""
     inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)             # (D/2,)
+    if factors is not None:
+        inv = inv / np.asarray(factors, dtype=np.float64)
     ang = positions.astype(np.float64)[:, None] * inv[None, :]                  # (T, D/2)
     return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
 

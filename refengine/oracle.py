@@ -40,13 +40,14 @@ def oracle_weights(spec: ModelSpec, weights: Mapping, dtype: type = np.float64) 
 
 
 def oracle_logits(spec: ModelSpec, weights: Mapping, ids: Sequence[int], rope_interleaved: bool,
-                  dtype: type = np.float64) -> np.ndarray:
-    """Teacher-forced logits (T, V) in `dtype` for ids at positions 0..T-1."""
+                  dtype: type = np.float64, rope_factors: np.ndarray | None = None) -> np.ndarray:
+    """Teacher-forced logits (T, V) in `dtype` for ids at positions 0..T-1; rope_factors: a scaled RoPE's
+    (Checkpoint.rope_factors)."""
     check_supported(spec)
     w = weights if _converted(weights, dtype) else oracle_weights(spec, weights, dtype)
     ids = np.asarray(ids, dtype=np.int64)                                        # (T,)
     pos = np.arange(len(ids))                                                    # (T,)
-    cos, sin = ops.rope_tables(pos, spec.head_dim, spec.rope_theta, dtype)       # (T, D/2)
+    cos, sin = ops.rope_tables(pos, spec.head_dim, spec.rope_theta, dtype, rope_factors)      # (T, D/2)
     x = w["embed"][ids]                                                          # (T, H)
     for i in range(spec.num_layers):
         x = x + _attention(spec, w, i, ops.rmsnorm(x, w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin,
@@ -80,4 +81,4 @@ def oracle_for(model: "Model", dtype: type = np.float64) -> Callable[[Sequence[i
     packed linears included), read once, up front, through model.weights."""
     w = oracle_weights(model.spec, model.weights, dtype)
     interleaved = model.checkpoint.rope_layout == ROPE_INTERLEAVED
-    return lambda ids: oracle_logits(model.spec, w, ids, interleaved, dtype)
+    return lambda ids: oracle_logits(model.spec, w, ids, interleaved, dtype, model.checkpoint.rope_factors)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 HEADER = "vramwise-model.yaml"
 KIND = "vramwise-quantized-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 2: the header carries a scaled RoPE's factors (Llama 3.1 on)
 
 
 def is_quantized_dir(path: Any) -> bool:
@@ -62,7 +62,8 @@ def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", t
         raise WeightsError(f"unknown method {method!r} (choose gptq or rtn)")
     tok = for_checkpoint(ckpt)
     text_hash = hashlib.sha256(text.encode()).hexdigest() if method == "gptq" else ""
-    store = LayerStore(ckpt, lay.assignment, out, salt=f"{method}|{text_hash}|{rows}|{row_tokens}")
+    store = LayerStore(ckpt, lay.assignment, out,
+                       salt=f"{method}|{text_hash}|{rows}|{row_tokens}|rope {ckpt.spec.rope_scaling}")
     out.mkdir(parents=True, exist_ok=True)
     (out / HEADER).unlink(missing_ok=True)            # unfinished until the header is written again
     head_x = None
@@ -90,6 +91,7 @@ def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", t
     header = {"kind": KIND, "format_version": FORMAT_VERSION, "key": store.key,
               "model": {"name": spec.name, "digest": architecture_digest(spec), "source": ckpt.path.name},
               "rope_layout": ckpt.rope_layout, "method": method,
+              "rope_factors": None if ckpt.rope_factors is None else [float(f) for f in ckpt.rope_factors],
               "calibration": ({"text": text_source, "sha256": text_hash, "rows": rows, "row_tokens": row_tokens}
                               if method == "gptq" else None),
               "tokenizer": {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.add_bos,
@@ -119,7 +121,7 @@ def _gptq_layers(ckpt: Checkpoint, store: LayerStore, assignment: Mapping[str, Q
     if state is None or any(i < done for i in missing):
         done, state = 0, None                            # layers before the checkpoint must all be there
     embed = ckpt["embed"].numpy(np.float32)
-    walk = LayerWalk(spec, embed, ids, ckpt.rope_layout == ROPE_INTERLEAVED, state, done)
+    walk = LayerWalk(spec, embed, ids, ckpt.rope_layout == ROPE_INTERLEAVED, state, done, ckpt.rope_factors)
     del embed
     for i in range(done, spec.num_layers):
         w = {n: r.numpy(np.float32) for n, r in ckpt.layer(i).items()}
@@ -181,7 +183,9 @@ class QuantizedDir:
         self.layers: list[list[str]] = self.header["layers"]
 
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.path, "vramwise", self.spec, {}, self.header["rope_layout"], self.header)  # type: ignore[arg-type]
+        factors = self.header.get("rope_factors")
+        return Checkpoint(self.path, "vramwise", self.spec, {}, self.header["rope_layout"], self.header,  # type: ignore[arg-type]
+                          None if factors is None else np.asarray(factors, dtype=np.float32))
 
     def tokenizer(self):
         from tokenizers import Tokenizer as Backend

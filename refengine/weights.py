@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 import numpy as np
 
 from hwdb import ModelSpec
-from planner.spec import ModelSourceError, spec_from_gguf, spec_from_hf_config, tensors as inventory
+from planner.spec import (ModelSourceError, hf_rope_scaling, spec_from_gguf, spec_from_hf_config,
+                          tensors as inventory)
 from refengine.errors import WeightsError, one_line
 
 ROPE_INTERLEAVED = "gguf-interleaved"     # pairs (x[2j], x[2j+1]): llama.cpp-permuted q/k rows
@@ -41,7 +42,7 @@ GGUF_NAMES: dict[str, Optional[str]] = {
     "output.weight": "head",
     "output_norm.weight": "norm.final",
     "output_norm.bias": "norm.final.bias",
-    "rope_freqs.weight": None,            # Llama 3.1 RoPE scaling factors: recomputed from the metadata
+    "rope_freqs.weight": None,            # Llama 3.1 RoPE scaling factors: Checkpoint.rope_factors
     "rope_factors_long.weight": None,     # Phi-3 LongRoPE factors: likewise
     "rope_factors_short.weight": None,
     "blk.{i}.attn_q.weight": "layers.{i}.attn.q",
@@ -147,6 +148,8 @@ class Checkpoint:
     tensors: Mapping[str, TensorRecord]
     rope_layout: str             # ROPE_INTERLEAVED or ROPE_HALVES: how the q/k rows are ordered
     metadata: Mapping[str, Any] = field(repr=False)   # GGUF key/values, or the HF config.json
+    # float32 (head_dim / 2,): each RoPE pair's frequency divisor where spec.rope_scaling is "llama3" or "linear"
+    rope_factors: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> TensorRecord:
         return self.tensors[name]
@@ -323,6 +326,28 @@ def _gguf_records(path: Path, reader: Any, table: Mapping[str, Optional[str]]) -
                                shape, int(t.n_bytes), _gguf_reader(t.data, t.tensor_type))
 
 
+def _rope_factors(where: Path, spec: ModelSpec, factors: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The factors as the engines take them (float32, one a RoPE pair), checked; None without scaling."""
+    if spec.rope_scaling not in ("llama3", "linear"):
+        return None
+    if factors is None:
+        raise WeightsError(f"{where}: RoPE scaling {spec.rope_scaling!r} without its parameters; re-convert the model")
+    factors = np.array(factors, dtype=np.float32).reshape(-1)
+    if factors.size != spec.head_dim // 2 or not (np.isfinite(factors).all() and (factors > 0).all()):
+        raise WeightsError(f"{where}: RoPE factors {factors.size} values, expected {spec.head_dim // 2} positive "
+                           f"ones (head_dim {spec.head_dim} / 2); the file is corrupt or not this model's")
+    return factors
+
+
+def _gguf_rope_factors(path: Path, reader: Any, spec: ModelSpec) -> Optional[np.ndarray]:
+    """llama.cpp's rope_freqs tensor (Llama 3.1 on), or linear scaling's factor from the metadata."""
+    if spec.rope_scaling == "linear":
+        factor = _GGUFMetadata(path, reader.fields).get(f"{spec.family}.rope.scaling.factor")
+        return None if factor is None else np.full(spec.head_dim // 2, float(factor))
+    found = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    return np.asarray(found[0].data, dtype=np.float32) if found else None
+
+
 def _check_gguf_header(path: Path) -> None:
     """Magic and version, so that a file of another kind or a newer GGUF is named as such, not as corrupt."""
     from gguf import GGUF_MAGIC
@@ -370,7 +395,8 @@ def load_gguf(path: Union[str, Path]) -> Checkpoint:
                            f"(known: {', '.join(sorted(GGUF_ROPE_LAYOUT))})")
     table = {**GGUF_NAMES, **(GGUF_FUSED_GATE_UP if spec.fused_gate_up else {})}
     tensors = _collect(path, spec, table, _gguf_records(path, reader, table))
-    return Checkpoint(path, "gguf", spec, tensors, layout, _GGUFMetadata(path, reader.fields))
+    factors = _rope_factors(path, spec, _gguf_rope_factors(path, reader, spec))
+    return Checkpoint(path, "gguf", spec, tensors, layout, _GGUFMetadata(path, reader.fields), factors)
 
 
 # --- safetensors --------------------------------------------------------------------------------
@@ -488,7 +514,16 @@ def load_safetensors(path_or_dir: Union[str, Path]) -> Checkpoint:
         for f in files:
             yield from _safetensors_records(f, HF_NAMES)
     tensors = _collect(path, spec, HF_NAMES, records())
-    return Checkpoint(path, "safetensors", spec, tensors, ROPE_HALVES, MappingProxyType(cfg))
+    factors = None
+    if spec.rope_scaling in ("llama3", "linear"):
+        from refengine.ops import rope_factors
+        try:
+            factors = rope_factors(spec.rope_scaling, hf_rope_scaling(cfg), spec.head_dim, spec.rope_theta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{config}: rope_scaling {spec.rope_scaling!r} lacks or misstates a parameter "
+                               f"({one_line(exc)}); copy the model's own config.json") from None
+    return Checkpoint(path, "safetensors", spec, tensors, ROPE_HALVES, MappingProxyType(cfg),
+                      _rope_factors(config, spec, factors))
 
 
 def load_checkpoint(name_or_path: Union[str, Path]) -> Checkpoint:

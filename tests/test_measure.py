@@ -38,7 +38,8 @@ def test_the_walk_is_the_models_forward_pass(arch, request):
     ckpt = load_checkpoint(request.getfixturevalue(arch))
     assert ckpt.spec.qk_norm == (arch == "qwen3")
     ids = calibration_rows(for_checkpoint(ckpt), TEXT, 3, 24)
-    walk = LayerWalk(ckpt.spec, ckpt["embed"].numpy(np.float32), ids, ckpt.rope_layout == ROPE_INTERLEAVED)
+    walk = LayerWalk(ckpt.spec, ckpt["embed"].numpy(np.float32), ids, ckpt.rope_layout == ROPE_INTERLEAVED,
+                     rope_factors=ckpt.rope_factors)
     weights = {n: r.numpy(np.float32) for n, r in ckpt.tensors.items()}
     for i in range(ckpt.spec.num_layers):
         walk.step(weights)

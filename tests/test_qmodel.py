@@ -138,3 +138,20 @@ def test_qwen3_plans_quantizes_by_gptq_and_runs(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["generated_tokens"] == 3
     assert doc["measured"]["engine_bytes"] == doc["plan"]["weights_and_state_bytes"]
+
+
+def test_a_scaled_rope_travels_with_the_quantized_directory(tmp_path):
+    """Llama 3.1's RoPE factors (a GGUF's rope_freqs) are in the header: the directory alone runs as the original."""
+    from refengine import ops
+    from test_bad_input import CFG
+    from test_weights import tiny_tensors
+    params = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+    factors = ops.rope_factors("llama3", params, CFG["hidden"] // CFG["heads"], 10000.0).astype(np.float32)
+    model = tiny_gguf(tmp_path / "llama31.gguf", arrays={**tiny_tensors(CFG), "rope_freqs.weight": factors})
+    plan, out = tmp_path / "plan.yaml", tmp_path / "q"
+    assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "4", "--ctx", "64", "-o", str(plan),
+                 "--quiet"]) == 0
+    quantize_model(load_plan(plan), str(model), out, "rtn")
+    loaded = load_model(str(out))
+    assert loaded.spec.rope_scaling == "llama3" and np.array_equal(loaded.checkpoint.rope_factors, factors)
+    assert np.array_equal(loaded.logits(IDS), load_for_plan(load_plan(plan), str(model)).logits(IDS))

@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
 from planner.spec import tensors as inventory
+from refengine import ops
 from refengine.errors import ModelNotFoundError, WeightsError
 from refengine.models import PACKAGED, find_model_file
 from refengine.weights import (ROPE_HALVES, ROPE_INTERLEAVED, load_checkpoint, load_gguf, load_safetensors,
@@ -394,3 +395,62 @@ def test_smollm2_layer_dequantizes(smollm2):
         assert np.isfinite(a).all() and 0 < float(np.abs(a).mean()) < 10, name
     emb = smollm2.lm_head.numpy()
     assert emb.shape == (49152, 576) and np.isfinite(emb).all()
+
+
+# --- scaled RoPE ---------------------------------------------------------------------------------------------
+
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+
+
+def test_llama3_rope_factors_follow_the_recipe():
+    """ops.rope_factors against the recipe written out pair by pair (llama.cpp's converter computes rope_freqs so,
+    transformers' llama3 RoPE the same divisors): Llama 3.1 8B's head_dim 128 and theta 500000."""
+    got = ops.rope_factors("llama3", LLAMA31_ROPE, 128, 500000.0)
+    want = []
+    for i in range(64):
+        wavelen = 2 * math.pi / 500000.0 ** (-2 * i / 128)
+        if wavelen < 8192 / 4:
+            want.append(1.0)
+        elif wavelen > 8192 / 1:
+            want.append(8.0)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            want.append(1 / ((1 - smooth) / 8 + smooth))
+    assert np.allclose(got, want, rtol=1e-12, atol=0)
+    assert got[0] == 1 and got[-1] == 8 and np.all(np.diff(got) >= 0)
+    assert np.array_equal(ops.rope_factors("linear", {"factor": 4}, 64, 1e4), np.full(32, 4.0))
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear"])
+def test_hf_rope_scaling_gives_the_checkpoint_its_factors(tmp_path, kind):
+    params = LLAMA31_ROPE if kind == "llama3" else {"type": "linear", "factor": 2.0}
+    key = "rope_parameters" if kind == "linear" else "rope_scaling"          # transformers 5 spells it so
+    root, _ = hf_folder(tmp_path / "hf", dict(HF_CONFIG, rope_theta=500000.0, **{key: params}))
+    ckpt = load_checkpoint(root)
+    assert ckpt.spec.rope_scaling == kind and ckpt.rope_factors.dtype == np.float32
+    assert np.array_equal(ckpt.rope_factors, ops.rope_factors(kind, params, 16, 500000.0).astype(np.float32))
+
+
+def test_hf_rope_scaling_the_engines_do_not_run_is_refused_in_one_line(tmp_path):
+    from refengine.model import UnsupportedModel, check_supported
+    yarn = dict(HF_CONFIG, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    root, _ = hf_folder(tmp_path / "yarn", yarn)
+    assert load_checkpoint(root).spec.rope_scaling == "yarn" and load_checkpoint(root).rope_factors is None
+    with pytest.raises(UnsupportedModel, match=r"rope_scaling='yarn' is not supported .* rope_scaling='llama3'"):
+        check_supported(load_checkpoint(root).spec, 64)
+    bad = dict(HF_CONFIG, rope_scaling={k: v for k, v in LLAMA31_ROPE.items() if k != "low_freq_factor"})
+    root, _ = hf_folder(tmp_path / "bad", bad)
+    with pytest.raises(WeightsError, match=r"config.json: rope_scaling 'llama3' lacks or misstates a parameter"):
+        load_checkpoint(root)
+
+
+def test_gguf_rope_freqs_are_the_checkpoint_factors(tmp_path):
+    cfg = TINY["llama"]
+    arrays = tiny_tensors(cfg)
+    factors = ops.rope_factors("llama3", LLAMA31_ROPE, 16, 500000.0).astype(np.float32)
+    ckpt = load_gguf(write_gguf(tmp_path / "a.gguf", "llama", cfg, {**arrays, "rope_freqs.weight": factors}))
+    assert ckpt.spec.rope_scaling == "llama3" and np.array_equal(ckpt.rope_factors, factors)
+    assert load_gguf(write_gguf(tmp_path / "b.gguf", "llama", cfg, arrays)).rope_factors is None
+    with pytest.raises(WeightsError, match="RoPE factors 3 values, expected 8"):
+        load_gguf(write_gguf(tmp_path / "c.gguf", "llama", cfg, {**arrays, "rope_freqs.weight": factors[:3]}))
