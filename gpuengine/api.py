@@ -35,7 +35,8 @@ class GPUModel(Model):
         from gpuengine.model import GPUTransformer
 
         return GPUTransformer(self.spec, self._host_weights, ctx, kv, chunk,
-                              self.checkpoint.rope_layout == ROPE_INTERLEAVED, self._resident)
+                              self.checkpoint.rope_layout == ROPE_INTERLEAVED, self._resident,
+                              rope_factors=self.checkpoint.rope_factors)
 
     def stream(self, ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling()) -> Iterator[int]:
         """As refengine's Model.stream, with the logits kept on the device and only token ids returned."""

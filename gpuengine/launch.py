@@ -383,10 +383,20 @@ def add_bias(y: Any, b: Any) -> None:
     function("norm", "add_bias")((_blocks(y.size),), (THREADS,), (y, b, _i(b.size), np.int64(y.size)))
 
 
-def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, theta: float, interleaved: bool) -> None:
+def _factors(factors: Any, d: int) -> Any:
+    """A scaled RoPE's per-pair frequency divisors (d/2,) float32 on the device, or a null pointer for none."""
+    if factors is None:
+        return np.uint64(0)
+    check("rope factors", factors, np.float32, (d // 2,))
+    return factors
+
+
+def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, theta: float, interleaved: bool,
+               factors: Any = None) -> None:
     """One step's q (t, hq, d) and k (t, hkv, d) rotated in place (RoPE at positions pos (t,), int32 on the
-    device: the caller keeps them inside the context, as GPUTransformer._step checks), then k and v
-    (t, hkv, d) stored in the caches kc, vc (ctx, hkv, row bytes) at those positions, in one launch."""
+    device: the caller keeps them inside the context, as GPUTransformer._step checks; frequencies divided by
+    `factors` (d/2,) where RoPE is scaled), then k and v (t, hkv, d) stored in the caches kc, vc (ctx, hkv,
+    row bytes) at those positions, in one launch."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     check("q", q, np.float32)
@@ -399,7 +409,8 @@ def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, the
         raise LaunchError(f"rope_store: head dim {d} (must be even), cache {tuple(kc.shape)} for {hkv} KV heads")
     function("attention", f"rope_store<{KV_CODES[fmt]}>")(
         (_blocks(t * (hq + 2 * hkv) * 32, 128),), (128,),
-        (q, k, v, kc, vc, pos, _i(t), _i(hq), _i(hkv), _i(d), _i(kc.shape[2]), np.float64(theta), _i(interleaved)))
+        (q, k, v, kc, vc, pos, _i(t), _i(hq), _i(hkv), _i(d), _i(kc.shape[2]), np.float64(theta), _factors(factors, d),
+         _i(interleaved)))
 
 
 ATTN_CHUNK = 32                    # decode attention: positions per block, at least (attention.cu)
@@ -470,7 +481,7 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
         function("attention", f"attention_gqa<{KV_CODES[fmt]}, 0>")(
             (nsplit, hkv), (ATTN_THREADS,),
             (q, q, q, kc, vc, pos, out, partials, pos, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-             np.float64(0), _i(0)))
+             np.float64(0), np.uint64(0), _i(0)))
     else:
         function("attention", f"attention<{KV_CODES[fmt]}>")(
             (t * nsplit, hq), (ATTN_THREADS,),
@@ -481,7 +492,7 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
 
 
 def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any,
-                   tickets: Any, theta: float, interleaved: bool) -> None:
+                   tickets: Any, theta: float, interleaved: bool, factors: Any = None) -> None:
     """A decode step's attention in one launch: q (1, hq, d) and k (1, hkv, d) rotated (RoPE at pos (1,), on
     the device) inside the kernel (q and k stay as they are), k and v (1, hkv, d) stored in the caches kc, vc
     (ctx, hkv, row bytes) at pos, and out (1, hq, d) = causal attention over positions 0 .. pos: rope_store
@@ -503,7 +514,7 @@ def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any,
     function("attention", f"attention_gqa<{KV_CODES[fmt]}, 1>")(
         (nsplit, hkv), (ATTN_THREADS,),
         (q, k, v, kc, vc, pos, out, partials, tickets, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-         np.float64(theta), _i(interleaved)))
+         np.float64(theta), _factors(factors, d), _i(interleaved)))
 
 
 def argmax(x: Any, out: Any) -> None:

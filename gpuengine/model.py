@@ -18,7 +18,7 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
-from refengine.model import check_supported
+from refengine.model import check_supported, fill_rope_factors
 from refengine.stream import layer_of
 
 USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the CPU stand-in turn this off)
@@ -139,7 +139,7 @@ class GPUTransformer:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, Any], ctx: int, kv_name: str = "fp16",
                  chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True,
                  resident: Optional[Iterable[int]] = None, graphs: Optional[bool] = None,
-                 overlap: Optional[bool] = None):
+                 overlap: Optional[bool] = None, rope_factors: Optional[np.ndarray] = None):
         import cupy as cp
         import cupyx
 
@@ -148,6 +148,7 @@ class GPUTransformer:
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved
         self.state = RunState(spec, ctx, self.chunk, kv_name)
+        self.rope_factors = fill_rope_factors(self.state.arrays, spec, rope_factors)   # device buffer, or None
         self.weights = DeviceWeights(weights, spec, range(spec.num_layers) if resident is None else resident)
         self.pos = 0
         self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
@@ -277,9 +278,10 @@ class GPUTransformer:
         out = st["attn_out"][:t]                                                   # (T, Hq*D)
         if t == 1 and K.attends_in_one_step(hq, hkv, d):                           # RoPE, store, attention
             K.attention_step(st.kv.name, q3, k3, v3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"],
-                             st["attn_tickets"], spec.rope_theta, self.rope_interleaved)
+                             st["attn_tickets"], spec.rope_theta, self.rope_interleaved, self.rope_factors)
         else:
-            K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, spec.rope_theta, self.rope_interleaved)
+            K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, spec.rope_theta, self.rope_interleaved,
+                         self.rope_factors)
             K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"])
         self._linear(out, w[f"{p}.o"], st["x"][:t], accumulate=True)
 

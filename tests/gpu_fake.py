@@ -115,9 +115,9 @@ def _matvec_glu(x, gate, up, y, norm=None):
     y[...] = ops.silu(dense(gate) @ np.asarray(x)) * (dense(up) @ np.asarray(x))
 
 
-def _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved):
-    _rope(q, pos, theta, interleaved)
-    _rope(k, pos, theta, interleaved)
+def _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved, factors=None):
+    _rope(q, pos, theta, interleaved, factors)
+    _rope(k, pos, theta, interleaved, factors)
     for x, cache in ((k, kc), (v, vc)):
         cache[np.asarray(pos)] = kv_quantize(kv_format(fmt), np.asarray(x))
 
@@ -132,8 +132,8 @@ def _gemm(a16, w16, out, col0=0, accumulate=False):
     out[:, cols] = out[:, cols] + r if accumulate else r
 
 
-def _rope(x, pos, theta, interleaved):
-    cos, sin = ops.rope_tables(np.asarray(pos), x.shape[-1], theta)
+def _rope(x, pos, theta, interleaved, factors=None):
+    cos, sin = ops.rope_tables(np.asarray(pos), x.shape[-1], theta, factors=factors)
     x[...] = ops.rope(np.ascontiguousarray(x), cos, sin, interleaved)
 
 
@@ -145,12 +145,12 @@ def _attention(fmt, q, kc, vc, pos, out, partials):
     out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos))
 
 
-def _attention_step(fmt, q, k, v, kc, vc, pos, out, partials, tickets, theta, interleaved):
+def _attention_step(fmt, q, k, v, kc, vc, pos, out, partials, tickets, theta, interleaved, factors=None):
     launch.check("tickets", tickets, np.int32)
     if np.any(np.asarray(tickets)):
         raise launch.LaunchError("attention_step: tickets not zero before the launch")
     q, k = np.array(q), np.array(k)                     # the kernel rotates copies: q and k stay as they are
-    _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved)
+    _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved, factors)
     _attention(fmt, q, kc, vc, pos, out, partials)
 
 

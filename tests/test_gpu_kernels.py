@@ -307,7 +307,7 @@ def test_rmsnorm(t, h, scale, seed):
     assert rel(out.get(), ops.rmsnorm(x, w, 1e-5)) < 1e-6
 
 
-def rope_store(fmt, q, k, v, pos, ctx, theta=1e4, interleaved=True):
+def rope_store(fmt, q, k, v, pos, ctx, theta=1e4, interleaved=True, factors=None):
     """launch.rope_store (the engine's one launch for RoPE and the KV store) on device copies of q, k and v,
     into caches of ctx positions filled with 0xFF: q and k rotated, and both caches, back on the host."""
     import cupy as cp
@@ -316,19 +316,27 @@ def rope_store(fmt, q, k, v, pos, ctx, theta=1e4, interleaved=True):
     f = kv_format(fmt)
     gq, gk = cp.asarray(q.copy()), cp.asarray(k.copy())
     kc, vc = (cp.full((ctx, k.shape[1], f.row_bytes(q.shape[2])), 0xFF, dtype=cp.uint8) for _ in range(2))
-    launch.rope_store(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), theta, interleaved)
+    launch.rope_store(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), theta, interleaved,
+                      None if factors is None else cp.asarray(factors))
     return gq.get(), gk.get(), kc.get(), vc.get()
+
+
+def llama3_factors(d: int, theta: float) -> np.ndarray:
+    """Llama 3.1's RoPE factors at a 512-token original context, so short positions show them (float32)."""
+    params = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=512)
+    return ops.rope_factors("llama3", params, d, theta).astype(np.float32)
 
 
 @SETTINGS
 @given(t=st.integers(1, 12), heads=st.integers(1, 9), d=st.sampled_from([16, 64, 80, 128]), start=st.integers(0, 30000),
-       theta=st.sampled_from([1e4, 5e5]), interleaved=st.booleans(), seed=st.integers(0, 2**31))
-def test_rope(t, heads, d, start, theta, interleaved, seed):
+       theta=st.sampled_from([1e4, 5e5]), interleaved=st.booleans(), scaled=st.booleans(), seed=st.integers(0, 2**31))
+def test_rope(t, heads, d, start, theta, interleaved, scaled, seed):
     x = np.random.default_rng(seed).standard_normal((t, heads, d)).astype(np.float32)
     pos = np.arange(start, start + t, dtype=np.int32)
     kv = np.zeros((t, 1, d), np.float32)
-    got = rope_store("fp16", x, kv, kv, pos, start + t, theta, interleaved)[0]
-    cos, sin = ops.rope_tables(pos, d, theta)
+    factors = llama3_factors(d, theta) if scaled else None
+    got = rope_store("fp16", x, kv, kv, pos, start + t, theta, interleaved, factors)[0]
+    cos, sin = ops.rope_tables(pos, d, theta, factors=factors)
     assert rel(got, ops.rope(x.copy(), cos, sin, interleaved)) < 1e-6
 
 
@@ -512,8 +520,8 @@ def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, 
 @SETTINGS
 @given(fmt=st.sampled_from(list(KV_FORMATS)), hkv=st.integers(1, 4), group=st.sampled_from([1, 2, 4, 7, 8]),
        d=st.sampled_from([32, 64, 80, 100, 128]), past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)),
-       interleaved=st.booleans(), seed=st.integers(0, 2**31))
-def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, interleaved, seed):
+       interleaved=st.booleans(), scaled=st.booleans(), seed=st.integers(0, 2**31))
+def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, interleaved, scaled, seed):
     """launch.attention_step, two decode steps in a row: each stores the cache rows rope_store stores (bit for
     bit), leaves q and k as they were, gives attention over the cache it wrote (the new position included),
     and leaves every merge ticket at zero for the next launch (the twin runs blocks in a shuffled order, so
@@ -535,11 +543,12 @@ def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, i
         k, v = cache_values(rng, (1, hkv, d), f), cache_values(rng, (1, hkv, d), f)
         pos = np.array([p], np.int32)
         gq, gk, out = cp.asarray(q), cp.asarray(k), nan_array((1, hq, d))
+        factors = llama3_factors(d, 1e4) if scaled else None
         launch.attention_step(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), out, partials, tickets, 1e4,
-                              interleaved)
+                              interleaved, None if factors is None else cp.asarray(factors))
         assert np.array_equal(gq.get(), q) and np.array_equal(gk.get(), k)
         assert not tickets.get().any()
-        want_q, _, want_kc, want_vc = rope_store(fmt, q, k, v, pos, ctx, 1e4, interleaved)
+        want_q, _, want_kc, want_vc = rope_store(fmt, q, k, v, pos, ctx, 1e4, interleaved, factors)
         assert np.array_equal(kc.get()[p], want_kc[p]) and np.array_equal(vc.get()[p], want_vc[p])
         assert (kc.get()[p + 1:] == 0xFF).all() and (vc.get()[p + 1:] == 0xFF).all()
         want = ops.attention(want_q.astype(np.float64), kv_dequantize(f, kc.get()[:p + 1], d).astype(np.float64),

@@ -328,6 +328,27 @@ def test_qwen3_prefill_matches(qwen3, backend):
     assert_close(decode_rows(ref, ids[:90], 20), decode_rows(gpu, ids[:90], 20))
 
 
+# Llama 3.1's scaled RoPE (factors from config.json's rope_scaling; the original context shrunk to 64 positions
+# so that these run past it)
+LLAMA31 = dict(CONFIG, num_hidden_layers=2, rope_theta=500000.0,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("step", [False, True], ids=["rope_store", "one_launch"])
+def test_llama31_rope_matches(tmp_path, step, backend, monkeypatch):
+    from gpuengine import launch
+    if step:
+        monkeypatch.setattr(launch, "ATTN_DECODE", "step")
+    root, _ = hf_folder(tmp_path / "hf", LLAMA31, random_tensors(LLAMA31, seed=14))
+    ckpt = load_checkpoint(root)
+    assert ckpt.spec.rope_scaling == "llama3" and len(set(ckpt.rope_factors.tolist())) > 2
+    ref, gpu = models(ckpt, assign(ckpt, FUSABLE), "fp16", chunk=32)
+    ids = list(np.random.default_rng(15).integers(0, LLAMA31["vocab_size"], 100))
+    assert_close(ref.logits(ids), gpu.logits(ids))                    # prefill chunks of 32
+    assert_close(decode_rows(ref, ids, 30), decode_rows(gpu, ids, 30))
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
 @pytest.mark.parametrize("resident", [range(0), range(1, 3)], ids=["stream", "offload"])
 def test_streamed_layers_give_the_resident_logits_on_the_gpu(other, resident, overlap, backend, monkeypatch):

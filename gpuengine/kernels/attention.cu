@@ -63,11 +63,14 @@ __device__ __forceinline__ void store_row(const float* __restrict__ xr, u8* __re
     }
 }
 
-// Rotary embedding of pair i of a head row v (d values) at position p: frequency theta^(-2i/d) and the angle
-// p * freq, both in double, cos and sin rounded to float (ops.rope_tables). interleaved: pairs (2i, 2i + 1)
-// (llama.cpp's layout of Llama q/k); else (i, i + d/2) (Hugging Face / NeoX).
-__device__ __forceinline__ float2 rope_cos_sin(int i, int d, int p, double theta) {
-    const double ang = (double)p * pow(theta, -(double)(2 * i) / (double)d);
+// Rotary embedding of pair i of a head row v (d values) at position p: frequency theta^(-2i/d), divided by
+// factors[i] where a scaled RoPE gives them (null: none), and the angle p * freq, both in double, cos and sin
+// rounded to float (ops.rope_tables). interleaved: pairs (2i, 2i + 1) (llama.cpp's layout of Llama q/k); else
+// (i, i + d/2) (Hugging Face / NeoX).
+__device__ __forceinline__ float2 rope_cos_sin(int i, int d, int p, double theta, const float* factors) {
+    double freq = pow(theta, -(double)(2 * i) / (double)d);
+    if (factors) freq /= (double)factors[i];
+    const double ang = (double)p * freq;
     return make_float2((float)cos(ang), (float)sin(ang));
 }
 
@@ -78,8 +81,9 @@ __device__ __forceinline__ void rotate_by(float* v, int i, int d, float2 cs, int
     v[ib] = a * cs.y + b * cs.x;
 }
 
-__device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, double theta, int interleaved) {
-    rotate_by(v, i, d, rope_cos_sin(i, d, p, theta), interleaved);
+__device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, double theta, const float* factors,
+                                            int interleaved) {
+    rotate_by(v, i, d, rope_cos_sin(i, d, p, theta, factors), interleaved);
 }
 
 // A step's q (t, hq, d), k and v (t, hkv, d) after their matvecs, in one launch: q and k rotated in place
@@ -89,7 +93,8 @@ __device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, doubl
 template <int FMT>
 __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
                            u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos, int t, int hq,
-                           int hkv, int d, int row_bytes, double theta, int interleaved) {
+                           int hkv, int d, int row_bytes, double theta, const float* __restrict__ factors,
+                           int interleaved) {
     const int lane = threadIdx.x & 31;
     const int warps = (gridDim.x * blockDim.x) >> 5, nq = t * hq, nk = t * hkv;
     for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < nq + 2 * nk; r += warps) {
@@ -98,7 +103,7 @@ __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const f
             const int j = is_q ? r : r - nq, heads = is_q ? hq : hkv;
             float* xr = (is_q ? q : k) + (size_t)j * d;
             const int p = pos[j / heads];
-            for (int i = lane; i < (d >> 1); i += 32) rotate_pair(xr, i, d, p, theta, interleaved);
+            for (int i = lane; i < (d >> 1); i += 32) rotate_pair(xr, i, d, p, theta, factors, interleaved);
             __syncwarp();
             if (!is_q) store_row<FMT>(xr, kc + ((size_t)p * hkv + j % hkv) * row_bytes, d, lane);
         } else {
@@ -232,7 +237,8 @@ template <int FMT, int STEP>
 __global__ void attention_gqa(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                               u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos,
                               float* __restrict__ out, float* __restrict__ part, int* __restrict__ tickets, int hq,
-                              int hkv, int d, int row_bytes, int chunk, int nsplit, double theta, int interleaved) {
+                              int hkv, int d, int row_bytes, int chunk, int nsplit, double theta,
+                              const float* __restrict__ factors, int interleaved) {
     __shared__ __align__(16) float qs[GQA_MAX_G][GQA_MAX_D];
     __shared__ float wo[ATTN_WARPS][GQA_MAX_G][GQA_MAX_D];
     __shared__ float wm[ATTN_WARPS][GQA_MAX_G], wl[ATTN_WARPS][GQA_MAX_G];
@@ -247,7 +253,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
     const bool holds_new = STEP && p1 == len;               // this chunk holds the new position
     for (int i = threadIdx.x; i < G * d; i += blockDim.x) qs[i / d][i % d] = q[(size_t)h0 * d + i];
     if (STEP) {
-        for (int i = threadIdx.x; i < (d >> 1); i += blockDim.x) cs[i] = rope_cos_sin(i, d, cur, theta);
+        for (int i = threadIdx.x; i < (d >> 1); i += blockDim.x) cs[i] = rope_cos_sin(i, d, cur, theta, factors);
         if (holds_new)
             for (int i = threadIdx.x; i < d; i += blockDim.x) knew[i] = k[(size_t)kvh * d + i];
         __syncthreads();
