@@ -36,6 +36,12 @@ RESULT = ROOT / "benchmarks" / "results" / "llamacpp_architectures.json"
 MODELS: dict[str, dict] = {
     "llama": dict(arch="llama", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=True,
                   bias=False, qk_norm=False, theta=10000.0),
+    # Llama 3.1's scaled RoPE, its rope_freqs tensor as llama.cpp's converter writes it; the original context is
+    # shrunk to 64 tokens so that the scaling moves these 24 positions' rotations (at 8192 it would not show)
+    "llama3-rope": dict(arch="llama", hidden=64, ff=96, layers=2, heads=2, kv=1, vocab=96, tied=False,
+                        bias=False, qk_norm=False, theta=10000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=64)),
     "qwen2": dict(arch="qwen2", hidden=64, ff=128, layers=2, heads=4, kv=1, vocab=96, tied=False,
                   bias=True, qk_norm=False, theta=1000000.0),
     "qwen3": dict(arch="qwen3", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=False,
@@ -66,6 +72,8 @@ def tiny_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
         if cfg.get("qk_norm"):
             shapes.update({p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)})
+    if cfg.get("rope_scaling"):
+        shapes["rope_freqs.weight"] = (hd // 2,)
     return shapes
 
 
@@ -76,7 +84,11 @@ def tiny_tensors(cfg: dict, seed: int = SEED) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in tiny_shapes(cfg).items():
         a = rng.standard_normal(shape)
-        if name.endswith("norm.weight"):
+        if name == "rope_freqs.weight":          # not random: the factors of the config's rope_scaling
+            from refengine.ops import rope_factors
+            params = cfg["rope_scaling"]
+            a = rope_factors(params["rope_type"], params, 2 * shape[0], cfg["theta"])
+        elif name.endswith("norm.weight"):
             a = 1 + 0.1 * a
         elif name.endswith(".bias"):
             a = 0.5 * a
@@ -132,8 +144,9 @@ def our_logits(path: Path, ids: list[int], chunk: int) -> tuple[np.ndarray, np.n
     ckpt = load_gguf(path)
     weights = {name: rec.numpy() for name, rec in ckpt.tensors.items()}
     interleaved = ckpt.rope_layout == ROPE_INTERLEAVED
-    net = Transformer(ckpt.spec, weights, ctx=len(ids), kv_name="fp16", chunk=chunk, rope_interleaved=interleaved)
-    return net.forward(ids), oracle_logits(ckpt.spec, weights, ids, interleaved)
+    net = Transformer(ckpt.spec, weights, ctx=len(ids), kv_name="fp16", chunk=chunk, rope_interleaved=interleaved,
+                      rope_factors=ckpt.rope_factors)
+    return net.forward(ids), oracle_logits(ckpt.spec, weights, ids, interleaved, rope_factors=ckpt.rope_factors)
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

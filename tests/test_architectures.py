@@ -61,7 +61,7 @@ def test_engine_matches_llamacpp(tiny, name, chunk):
     assert (ckpt.spec.family, ckpt.spec.qk_norm) == (RECORD[name]["config"]["arch"], RECORD[name]["config"]["qk_norm"])
     w = {n: r.numpy() for n, r in ckpt.tensors.items()}
     net = Transformer(ckpt.spec, w, ctx=len(RECORD[name]["ids"]), kv_name="fp16", chunk=chunk,
-                      rope_interleaved=ckpt.rope_layout == ROPE_INTERLEAVED)
+                      rope_interleaved=ckpt.rope_layout == ROPE_INTERLEAVED, rope_factors=ckpt.rope_factors)
     check(net.forward(RECORD[name]["ids"]), want)
 
 
@@ -70,7 +70,8 @@ def test_oracle_matches_llamacpp(tiny, name):
     path, want = tiny[name]
     ckpt = load_gguf(path)
     w = {n: r.numpy() for n, r in ckpt.tensors.items()}
-    check(oracle_logits(ckpt.spec, w, RECORD[name]["ids"], ckpt.rope_layout == ROPE_INTERLEAVED), want)
+    check(oracle_logits(ckpt.spec, w, RECORD[name]["ids"], ckpt.rope_layout == ROPE_INTERLEAVED,
+                        rope_factors=ckpt.rope_factors), want)
 
 
 def test_qwen3_without_its_head_norms_is_caught(tiny):
@@ -80,6 +81,17 @@ def test_qwen3_without_its_head_norms_is_caught(tiny):
     spec = dataclasses.replace(ckpt.spec, qk_norm=False)
     w = {n: r.numpy() for n, r in ckpt.tensors.items() if not n.endswith(("q_norm", "k_norm"))}
     got = oracle_logits(spec, w, RECORD["qwen3"]["ids"], False)
+    assert np.abs(got - want).max() / np.abs(want).max() > 10 * TOL
+
+
+def test_llama3_rope_without_its_factors_is_caught(tiny):
+    """...and so does dropping Llama 3.1's RoPE factors (the engines ignored them before 2026-11-27)."""
+    path, want = tiny["llama3-rope"]
+    ckpt = load_gguf(path)
+    assert ckpt.spec.rope_scaling == "llama3" and ckpt.rope_factors is not None
+    spec = dataclasses.replace(ckpt.spec, rope_scaling="")
+    w = {n: r.numpy() for n, r in ckpt.tensors.items()}
+    got = oracle_logits(spec, w, RECORD["llama3-rope"]["ids"], True)
     assert np.abs(got - want).max() / np.abs(want).max() > 10 * TOL
 
 
