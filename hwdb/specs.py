@@ -114,6 +114,7 @@ class ModelSpec:
     # pair's frequency, llama.cpp's rope_freqs tensor), "linear" (positions over a factor); others ("yarn",
     # "longrope", "dynamic") are planned but not run by vramwise's engines. The factors come with the weights.
     rope_scaling: str = ""
+    rotary_dim: int = 0              # dims of a head RoPE rotates where not all (partial_rotary_factor); 0: all
     norm_eps: float = 1e-5           # RMSNorm / LayerNorm epsilon
     published_params: int = 0        # the published total, checked against our count
     params_source: str = ""

@@ -186,13 +186,12 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
     return tuple(t for t in tensors(spec) if t.quantized)
 
 
-# What vramwise's engines (the reference engine and the CUDA engine) run today: Llama-family decoders, whose
-# checkpoints' tensors their name tables know exactly. refengine.model.check_supported refuses the other
-# fields; other families are refused when their weights load (an unknown tensor: Qwen3's per-head q/k norms).
+# What vramwise's engines (the reference engine and the CUDA engine) run today: Llama-family decoders, Qwen3's
+# per-head q/k norms and Phi-3's fused q/k/v and gate/up linears, whose checkpoints' tensors their name tables
+# know exactly. refengine.model.check_supported refuses the other families and fields.
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
-               "fused_qkv": False, "fused_gate_up": False, "extra_bias": False, "attn_sinks": False,
-               "kv_lora_rank": 0}
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+               "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0}
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 ENGINE_ROPE_SCALING = ("", "llama3", "linear")
 
 
@@ -244,7 +243,7 @@ def architecture_digest(spec: ModelSpec) -> str:
     newer = ("extra_bias", "attn_sinks", "shared_experts", "router_bias", "dense_layers", "dense_intermediate_size",
              "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
              "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
-             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling")
+             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling", "rotary_dim")
     fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
     text = json.dumps(fields, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -319,6 +318,15 @@ def _rope_kind(cfg: dict, name: str) -> str:
     if not isinstance(kind, str):
         raise ModelSourceError(f"{name}: rope_scaling type {kind!r} is not a name")
     return kind
+
+
+def _rotary_dim(cfg: dict, hidden: int, heads: int) -> int:
+    """The rotated dims of a head under partial_rotary_factor (Phi-4-mini 0.75); 0 when RoPE rotates all."""
+    factor = cfg.get("partial_rotary_factor")
+    if factor is None:
+        factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+    head = cfg.get("head_dim") or hidden // heads
+    return 0 if not isinstance(factor, (int, float)) or factor >= 1 else int(head * factor)
 
 
 def _sliding(cfg: dict, family: str, name: str) -> dict[str, int]:
@@ -480,7 +488,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
         num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
-        rope_scaling=_rope_kind(cfg, name), source=f"config.json ({name})", **_sliding(cfg, family, name))
+        rope_scaling=_rope_kind(cfg, name), rotary_dim=_rotary_dim(cfg, hidden, heads),
+        source=f"config.json ({name})", **_sliding(cfg, family, name))
     if family == "falcon":
         if not cfg.get("new_decoder_architecture", False):
             quirks.update(norms_per_layer=1)     # parallel attention with one shared layernorm
@@ -584,10 +593,14 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         experts_per_token=int(meta(f"{arch}.expert_used_count", 0)),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
         # llama.cpp's converter writes Llama 3.1's scaling as per-pair factors (rope_freqs), others by name
-        rope_scaling="llama3" if "rope_freqs.weight" in names else str(meta(f"{arch}.rope.scaling.type", "none")),
+        rope_scaling=("llama3" if "rope_freqs.weight" in names else "longrope" if "rope_factors_long.weight" in names
+                      else str(meta(f"{arch}.rope.scaling.type", "none"))),
         source=f"GGUF metadata ({path.name})")
     if args["rope_scaling"] == "none":
         args["rope_scaling"] = ""
+    rotary = int(meta(f"{arch}.rope.dimension_count", 0))
+    if 0 < rotary < (args["head_dim"] or args["hidden_size"] // heads):
+        args["rotary_dim"] = rotary
     if arch in ("deepseek2", "glm4moe"):
         args.update(_gguf_shared_moe(meta, arch, names, path, args))
     if arch in ("qwen3next", "qwen35", "qwen35moe"):

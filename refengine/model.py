@@ -12,7 +12,7 @@ import numpy as np
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
-from planner.spec import unsupported_fields, window_gap
+from planner.spec import ENGINE_FAMILIES, unsupported_fields, window_gap
 from refengine import ops
 from refengine.kernels_attention import decode_attention
 from refengine.packed import linear
@@ -24,12 +24,15 @@ class UnsupportedModel(ValueError):
 
 
 def check_supported(spec: ModelSpec, ctx: int | None = None) -> None:
+    if spec.family not in ENGINE_FAMILIES:   # a Gemma's tensors are named as a Llama's: refuse it by name
+        raise UnsupportedModel(f"{spec.name}: the {spec.family} architecture is not supported by the reference "
+                               f"engine yet (it runs {', '.join(ENGINE_FAMILIES)})")
     gaps = unsupported_fields(spec)          # planner.spec holds the fields: plans read them too
     if gaps:
         field, want = gaps[0]
         runs = " or ".join(f"{field}={w!r}" for w in (want if isinstance(want, tuple) else (want,)))
         raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
-                               f"engine yet (it runs Llama-family models: {runs})")
+                               f"engine yet (it runs {runs})")
     if window_gap(spec, ctx):
         raise UnsupportedModel(f"{spec.name}: a {ctx}-token context passes its {spec.sliding_window}-token sliding "
                                f"window, which the engines do not implement yet (they attend over every position); "
@@ -108,7 +111,11 @@ class Transformer:
             x += self._attention(i, ops.rmsnorm(x, self.w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin)
             xn = ops.rmsnorm(x, self.w[f"layers.{i}.norm.1"], spec.norm_eps)
             p = f"layers.{i}.mlp"
-            hidden = ops.silu(linear(xn, self.w[f"{p}.gate"])) * linear(xn, self.w[f"{p}.up"])   # (T, F)
+            if spec.fused_gate_up:         # Phi-3: one linear, gate's outputs then up's
+                gate, up = np.split(linear(xn, self.w[f"{p}.gate_up"]), 2, axis=1)
+            else:
+                gate, up = linear(xn, self.w[f"{p}.gate"]), linear(xn, self.w[f"{p}.up"])
+            hidden = ops.silu(gate) * up                                                          # (T, F)
             x += linear(hidden, self.w[f"{p}.down"])
         xn = ops.rmsnorm(x, self.w["norm.final"], spec.norm_eps)
         head = self.w["head"] if "head" in self.w else self.w["embed"].astype(np.float32)   # tied: embed
@@ -119,9 +126,13 @@ class Transformer:
 
     def _attention(self, i: int, xn: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         spec, st, t, p = self.spec, self.state, len(xn), f"layers.{i}.attn"
-        q = linear(xn, self.w[f"{p}.q"]) + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
-        k = linear(xn, self.w[f"{p}.k"]) + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
-        v = linear(xn, self.w[f"{p}.v"]) + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
+        if spec.fused_qkv:                 # Phi-3: one linear, its outputs q, k, v in that order
+            qkv = linear(xn, self.w[f"{p}.qkv"]) + (self.w[f"{p}.qkv.bias"] if spec.qkv_bias else 0)
+            q, k, v = np.split(qkv, [spec.q_dim, spec.q_dim + spec.kv_dim], axis=1)
+        else:
+            q = linear(xn, self.w[f"{p}.q"]) + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
+            k = linear(xn, self.w[f"{p}.k"]) + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
+            v = linear(xn, self.w[f"{p}.v"]) + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
         qn, kn = (self.w[f"{p}.{n}_norm"] if spec.qk_norm else None for n in "qk")
         q = ops.rope(ops.heads(q, spec.num_heads, spec.head_dim, qn, spec.norm_eps), cos, sin, self.rope_interleaved)
         k = ops.rope(ops.heads(k, spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), cos, sin,

@@ -161,14 +161,14 @@ def test_moe_decode_reads_only_routed_experts():
 
 
 def test_a_plan_says_when_vramwise_run_cannot_run_the_architecture_yet():
-    """MoE, Gemma's four norms, Phi's fused linears: the plan prices the CUDA engine but says `vramwise run`
-    refuses the model, and what llama.cpp would make of it; Llama-family and dense Qwen3 plans say nothing."""
+    """MoE, Gemma's four norms, Phi-4-mini's LongRoPE: the plan prices the CUDA engine but says `vramwise run`
+    refuses the model, and what llama.cpp would make of it; Llama-family, dense Qwen3 and Phi-4 plans say nothing."""
     for model, gap in (("qwen3-30b-a3b", "num_experts=128"), ("gemma3-27b", "norms_per_layer=4"),
-                       ("phi-4", "fused_qkv=True")):
+                       ("phi-4-mini", "rope_scaling='longrope'")):
         out = plan(model, "rtx4090")
         (why,) = [w for what, choice, w in out.decisions if what == "engine"]
         assert gap in why and "--target llama.cpp" in why and "tok/s predicted" in why
-    for model in ("llama2-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "qwen3-8b"):
+    for model in ("llama2-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "qwen3-8b", "phi-4", "llama3.1-8b"):
         assert not [d for d in plan(model, "rtx4090").decisions if d[0] == "engine"]
 
 

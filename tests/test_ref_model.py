@@ -1,6 +1,8 @@
 """Reference ops against naive float64 versions, and the forward pass on a random model of its own shape."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -97,8 +99,12 @@ def test_context_overflow_is_refused():
 
 
 def test_unsupported_architecture_is_named():
-    moe = ModelSpec(id="m", name="moe", family="mixtral", hidden_size=64, intermediate_size=64, num_layers=1,
+    moe = ModelSpec(id="m", name="moe", family="llama", hidden_size=64, intermediate_size=64, num_layers=1,
                     num_heads=4, num_kv_heads=4, vocab_size=10, max_context=8, source="t", num_experts=4,
                     experts_per_token=2)
     with pytest.raises(UnsupportedModel, match="num_experts"):
         Transformer(moe, {}, ctx=8)
+    # Gemma's checkpoints name their tensors as a Llama's do: the family itself is refused
+    gemma = dataclasses.replace(moe, family="gemma", num_experts=0, experts_per_token=0)
+    with pytest.raises(UnsupportedModel, match="the gemma architecture is not supported .* runs llama, mistral"):
+        Transformer(gemma, {}, ctx=8)
