@@ -23,8 +23,8 @@ from refengine.model import check_supported
 DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calib.txt"
 
 # Linears of a layer that read the same input, by the name of the input.
-INPUT_GROUPS = {"attn_in": ("attn.q", "attn.k", "attn.v"), "attn_out": ("attn.o",),
-                "mlp_in": ("mlp.gate", "mlp.up"), "mlp_hidden": ("mlp.down",)}
+INPUT_GROUPS = {"attn_in": ("attn.q", "attn.k", "attn.v", "attn.qkv"), "attn_out": ("attn.o",),
+                "mlp_in": ("mlp.gate", "mlp.up", "mlp.gate_up"), "mlp_hidden": ("mlp.down",)}
 
 
 def calibration_rows(tokenizer, text: str, rows: int, row_tokens: int, where: str = "calibration text") -> np.ndarray:
@@ -82,6 +82,8 @@ class LayerWalk:
         """Run layer `next_layer` with float32 weights w (canonical names) and return its linears' inputs;
         advance: move the hidden states past the layer (else only look)."""
         spec, i, x = self.spec, self.next_layer, self.x
+        if spec.fused_qkv or spec.fused_gate_up:                # Phi-3: the fused linears' row blocks
+            w = ops.unfuse(w, spec.q_dim, spec.kv_dim)
         r, t, h = x.shape
         p = f"layers.{i}."
         flat = x.reshape(r * t, h)

@@ -64,6 +64,8 @@ def measure_layer(w: dict, inputs, method: str, options: Sequence[QuantOption]) 
     for members in INPUT_GROUPS.values():
         for suffix in members:
             name = f"layers.{inputs.layer}.{suffix}"
+            if name not in w:                     # a Phi-3 has attn.qkv where a Llama has attn.q, k and v
+                continue
             gram = inputs.gram(name)
             weight = w[name]
             energy = output_energy(weight, gram)

@@ -6,6 +6,8 @@ float32 in the engine, float64 in the oracle (refengine/oracle.py).
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 
@@ -20,6 +22,20 @@ def heads(x: np.ndarray, n: int, d: int, norm: np.ndarray | None, eps: float) ->
     k_norm, before RoPE)."""
     x = x.reshape(len(x), n, d)
     return x if norm is None else rmsnorm(x, norm, eps)
+
+
+def unfuse(w: Mapping[str, np.ndarray], q_dim: int, kv_dim: int) -> dict[str, np.ndarray]:
+    """Phi-3's fused linears as the separate ones a Llama has: each attn.qkv (and its bias) split by output rows
+    into attn.q, attn.k, attn.v, each mlp.gate_up into mlp.gate (first half) and mlp.up; the rest as it is."""
+    out = dict(w)
+    for name, a in w.items():
+        if name.endswith(("attn.qkv", "attn.qkv.bias")):
+            parts = np.split(a, [q_dim, q_dim + kv_dim], axis=0)
+            for n, part in zip("qkv", parts):
+                out[name.replace(".qkv", f".{n}")] = part
+        elif name.endswith("mlp.gate_up"):
+            out[name[:-len("gate_up")] + "gate"], out[name[:-len("gate_up")] + "up"] = np.split(a, 2, axis=0)
+    return out
 
 
 def rope_factors(kind: str, params: dict, dim: int, theta: float) -> np.ndarray:

@@ -45,6 +45,8 @@ def oracle_logits(spec: ModelSpec, weights: Mapping, ids: Sequence[int], rope_in
     (Checkpoint.rope_factors)."""
     check_supported(spec)
     w = weights if _converted(weights, dtype) else oracle_weights(spec, weights, dtype)
+    if spec.fused_qkv or spec.fused_gate_up:                   # Phi-3: read as the separate linears (views)
+        w = ops.unfuse(w, spec.q_dim, spec.kv_dim)
     ids = np.asarray(ids, dtype=np.int64)                                        # (T,)
     pos = np.arange(len(ids))                                                    # (T,)
     cos, sin = ops.rope_tables(pos, spec.head_dim, spec.rope_theta, dtype, rope_factors)      # (T, D/2)

@@ -47,8 +47,11 @@ def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: 
     return close_gguf(w, path)
 
 
-def tiny_qwen3_gguf(path: Path) -> Path:
-    """tiny_gguf as a Qwen3: the same tensors plus an RMSNorm weight over each query and key head."""
+def tiny_family_gguf(path: Path, family: str) -> Path:
+    """tiny_gguf as a Qwen3 (the same tensors plus an RMSNorm weight over each query and key head) or a Phi-3
+    (q / k / v and gate / up each in one tensor)."""
+    if family == "phi3":
+        return tiny_gguf(path, "phi3", tiny_tensors({**CFG, "fused": True}))
     arrays, hd = tiny_tensors(CFG), CFG["hidden"] // CFG["heads"]
     rng = np.random.default_rng(3)
     for i in range(CFG["layers"]):

@@ -15,7 +15,7 @@ from refengine.measure import MeasureError, measure
 from refengine.oracle import oracle_logits
 from refengine.tokenizer import for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, load_checkpoint
-from test_bad_input import CFG, tiny_gguf, tiny_qwen3_gguf
+from test_bad_input import CFG, tiny_family_gguf, tiny_gguf
 from test_weights import tiny_tensors
 
 TEXT = ("The quick brown fox jumps over the lazy dog. hello world, hello again! " * 40)
@@ -27,16 +27,11 @@ def model(tmp_path_factory):
     return tiny_gguf(tmp_path_factory.mktemp("measure") / "tiny.gguf")
 
 
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return tiny_qwen3_gguf(tmp_path_factory.mktemp("measure") / "qwen3.gguf")
-
-
-@pytest.mark.parametrize("arch", ["model", "qwen3"])
-def test_the_walk_is_the_models_forward_pass(arch, request):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+def test_the_walk_is_the_models_forward_pass(family, model, tmp_path):
     """Walk every layer, then the final norm and head: the oracle's logits for each row."""
-    ckpt = load_checkpoint(request.getfixturevalue(arch))
-    assert ckpt.spec.qk_norm == (arch == "qwen3")
+    ckpt = load_checkpoint(model if family == "llama" else tiny_family_gguf(tmp_path / "m.gguf", family))
+    assert ckpt.spec.family == family
     ids = calibration_rows(for_checkpoint(ckpt), TEXT, 3, 24)
     walk = LayerWalk(ckpt.spec, ckpt["embed"].numpy(np.float32), ids, ckpt.rope_layout == ROPE_INTERLEAVED,
                      rope_factors=ckpt.rope_factors)

@@ -9,6 +9,7 @@ is layers x that. Measured values (60 random configurations) are noted next to e
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 
@@ -29,12 +30,14 @@ Q8_KV_ROUNDING = 1 / 127               # one q8 step, relative to its block's ab
 
 
 def make_spec(hidden=96, heads=8, kv_heads=2, layers=3, ffn=160, vocab=300, tied=False, bias=False, ctx=64,
-              qk_norm=False):
-    """A random Llama, or with qk_norm a Qwen3 (an RMSNorm over each query and key head)."""
-    return ModelSpec(id="rand", name="random llama", family="qwen3" if qk_norm else "llama", hidden_size=hidden,
+              qk_norm=False, fused=False):
+    """A random Llama; with qk_norm a Qwen3 (an RMSNorm over each query and key head), with fused a Phi-3 (one
+    q/k/v linear and one gate/up linear)."""
+    family = "qwen3" if qk_norm else "phi3" if fused else "llama"
+    return ModelSpec(id="rand", name=f"random {family}", family=family, hidden_size=hidden,
                      intermediate_size=ffn, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
                      vocab_size=vocab, max_context=ctx, source="test", tie_embeddings=tied, qkv_bias=bias,
-                     norm_eps=1e-6, qk_norm=qk_norm)
+                     norm_eps=1e-6, qk_norm=qk_norm, fused_qkv=fused, fused_gate_up=fused)
 
 
 def random_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
@@ -165,6 +168,28 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linears_are_their_row_blocks(bias):
+    """A Phi-3 (fused q/k/v and gate/up) is exactly the Llama whose separate linears are its row blocks."""
+    fused = make_spec(bias=bias, fused=True)
+    w = random_weights(fused, 3)
+    plain = dataclasses.replace(fused, family="llama", fused_qkv=False, fused_gate_up=False)
+    split = {}
+    for name, a in w.items():
+        if name.endswith(("qkv", "qkv.bias")):
+            for n, part in zip("qkv", np.split(a, [fused.q_dim, fused.q_dim + fused.kv_dim])):
+                split[name.replace("qkv", n)] = part
+        elif name.endswith("gate_up"):
+            split[name.replace("gate_up", "gate")], split[name.replace("gate_up", "up")] = np.split(a, 2)
+        else:
+            split[name] = a
+    ids = list(np.random.default_rng(3).integers(0, fused.vocab_size, 20))
+    want = oracle_logits(plain, split, ids, False)
+    assert np.array_equal(oracle_logits(fused, w, ids, False), want)
+    got = engine_logits(fused, w, ids, "fp16", 7, 12, False)
+    compare(got, want, fused.num_layers * FP16_KV_ROUNDING)
+
+
 def test_rope_layouts_agree_on_permuted_weights():
     spec = make_spec(bias=True)
     hf = random_weights(spec, 5)
@@ -182,7 +207,7 @@ def test_rope_layouts_agree_on_permuted_weights():
 # --- the float32 engine against the oracle ----------------------------------------------------------------
 
 SHAPES = [dict(), dict(hidden=64, heads=4, kv_heads=4, layers=2, ffn=96, tied=True, bias=True),
-          dict(hidden=128, heads=4, kv_heads=1, layers=2, ffn=192), dict(qk_norm=True)]
+          dict(hidden=128, heads=4, kv_heads=1, layers=2, ffn=192), dict(qk_norm=True), dict(fused=True)]
 
 
 @given(st.sampled_from(SHAPES), st.integers(0, 2**32 - 1), st.integers(1, 9), st.integers(1, 30), st.booleans())

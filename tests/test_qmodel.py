@@ -13,7 +13,7 @@ from planner.plan import load_plan
 from refengine.api import load_for_plan, load_model
 from refengine.errors import EngineError, WeightsError
 from refengine.qmodel import HEADER, QuantizedDir, planned_weight_bytes, quantize_model
-from test_bad_input import tiny_gguf, tiny_qwen3_gguf
+from test_bad_input import tiny_family_gguf, tiny_gguf
 
 TEXT = "The quick brown fox jumps over the lazy dog. hello world, hello again! " * 40
 IDS = [5, 17, 42, 100, 7, 64, 3]
@@ -122,11 +122,12 @@ def test_cli_quantize_run_eval(setup, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "short.txt" in err
 
 
-def test_qwen3_plans_quantizes_by_gptq_and_runs(tmp_path, capsys):
-    """Qwen3 end to end: its plan says `vramwise run` runs it, GPTQ quantizes it (its calibration walk, which
-    applies the head norms, is checked against the oracle in test_measure.py), the directory holds the planned
-    bytes, and run allocates exactly the plan."""
-    model, plan, out = tiny_qwen3_gguf(tmp_path / "qwen3.gguf"), tmp_path / "plan.yaml", tmp_path / "q"
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_other_families_plan_quantize_by_gptq_and_run(tmp_path, capsys, family):
+    """Qwen3 and Phi-3 end to end: the plan says `vramwise run` runs them, GPTQ quantizes them (its calibration
+    walk, which applies Qwen3's head norms and Phi-3's fused linears, is checked against the oracle in
+    test_measure.py), the directory holds the planned bytes, and run allocates exactly the plan."""
+    model, plan, out = tiny_family_gguf(tmp_path / "m.gguf", family), tmp_path / "plan.yaml", tmp_path / "q"
     assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "4", "--ctx", "64", "-o", str(plan),
                  "--quiet"]) == 0
     assert "does not run" not in plan.read_text()

@@ -1,6 +1,7 @@
 """Weight loading: tiny GGUF and safetensors checkpoints written here, and SmolLM2's real GGUF when installed."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -454,3 +455,22 @@ def test_gguf_rope_freqs_are_the_checkpoint_factors(tmp_path):
     assert load_gguf(write_gguf(tmp_path / "b.gguf", "llama", cfg, arrays)).rope_factors is None
     with pytest.raises(WeightsError, match="RoPE factors 3 values, expected 8"):
         load_gguf(write_gguf(tmp_path / "c.gguf", "llama", cfg, {**arrays, "rope_freqs.weight": factors[:3]}))
+
+
+def test_phi4_mini_longrope_and_partial_rotary_are_read_and_refused(tmp_path):
+    """A Phi-4-mini-like GGUF: LongRoPE's factor tensors and rope.dimension_count under head_dim are what the
+    engines do not run (the plan says so; running it is refused in one line naming the field)."""
+    from refengine.model import UnsupportedModel, check_supported
+    cfg = dict(TINY["llama"], fused=True)
+    w = gguf_writer(tmp_path / "phi.gguf", "phi3", cfg, "tiny phi4 mini")
+    w.add_rope_dimension_count(12)                                   # of head_dim 16
+    arrays = {**tiny_tensors(cfg), "rope_factors_long.weight": np.ones(6, np.float32),
+              "rope_factors_short.weight": np.ones(6, np.float32)}
+    for name, a in arrays.items():
+        w.add_tensor(name, a)
+    spec = load_gguf(close_gguf(w, tmp_path / "phi.gguf")).spec
+    assert (spec.family, spec.fused_qkv, spec.rope_scaling, spec.rotary_dim) == ("phi3", True, "longrope", 12)
+    with pytest.raises(UnsupportedModel, match="rotary_dim=12 is not supported"):
+        check_supported(spec, 64)
+    with pytest.raises(UnsupportedModel, match="rope_scaling='longrope' is not supported"):
+        check_supported(dataclasses.replace(spec, rotary_dim=0), 64)
