@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from gpuengine import launch as K
-from gpuengine.layout import LayerImage, build_image, image_bytes, views
+from gpuengine.layout import LayerImage, build_image, image_bytes, unfuse, views
 from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
@@ -57,6 +57,7 @@ class DeviceWeights:
         import cupy as cp
         import cupyx
 
+        self.dims = (spec.q_dim, spec.kv_dim) if spec.fused_qkv or spec.fused_gate_up else None
         resident = set(resident)
         names = list(weights)
         self.views: dict[int, dict] = {}
@@ -66,7 +67,7 @@ class DeviceWeights:
             layer = [n for n in names if layer_of(n) == i]
             tensors = {n: weights[n] for n in layer}
             if i in resident:
-                self.views[i] = self._upload(build_image(tensors))
+                self.views[i] = self._unfused(self._upload(build_image(tensors)))
             else:
                 self.images[i] = build_image(tensors, cupyx.empty_pinned((image_bytes(tensors),), np.uint8))
             _release(weights, layer)
@@ -93,7 +94,11 @@ class DeviceWeights:
         """Layer i's tensors on the device: its own buffer, or the slot a streamed layer was copied into."""
         if i in self.views:
             return self.views[i]
-        return views(self.slots[slot], self.images[i])
+        return self._unfused(views(self.slots[slot], self.images[i]))
+
+    def _unfused(self, layer: dict) -> dict:
+        """Phi-3: the fused linears' row blocks under the separate linears' names (gpuengine.layout.unfuse)."""
+        return layer if self.dims is None else unfuse(layer, *self.dims)
 
     def nbytes(self) -> int:
         """Device bytes of weights: resident images plus the two stream slots."""

@@ -328,6 +328,26 @@ def test_qwen3_prefill_matches(qwen3, backend):
     assert_close(decode_rows(ref, ids[:90], 20), decode_rows(gpu, ids[:90], 20))
 
 
+# Phi-3: q / k / v in one linear and gate / up in another, quantized as one each (mixed options included), which
+# the engine reads as the separate linears' row blocks
+PHI3 = dict(CONFIG, model_type="phi3", num_hidden_layers=2)
+PHI3_OPTIONS = {"qkv": "0.1:5b/0.9:4b g128", "o": "1:4b g128", "gate_up": "1:3b g32", "down": "0.2:6b/0.8:3b g64"}
+
+
+@pytest.mark.parametrize("chunk", [1, 64], ids=["decode", "prefill"])
+def test_phi3_fused_linears_match(tmp_path, chunk, backend):
+    root, _ = hf_folder(tmp_path / "hf", PHI3, random_tensors(PHI3, seed=16))
+    ckpt = load_checkpoint(root)
+    assert ckpt.spec.fused_qkv and ckpt.spec.fused_gate_up and "layers.0.attn.qkv" in ckpt.tensors
+    ref, gpu = models(ckpt, assign(ckpt, PHI3_OPTIONS), "fp16", chunk=chunk)
+    ids = list(np.random.default_rng(17).integers(0, PHI3["vocab_size"], 90))
+    want, got = ref.logits(ids), gpu.logits(ids)
+    if chunk == 1:
+        assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    else:
+        assert_close(want, got)
+
+
 # Llama 3.1's scaled RoPE (factors from config.json's rope_scaling; the original context shrunk to 64 positions
 # so that these run past it)
 LLAMA31 = dict(CONFIG, num_hidden_layers=2, rope_theta=500000.0,

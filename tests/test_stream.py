@@ -42,6 +42,13 @@ def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     for n in out:
         if "norm" in n:
             out[n] = 1 + 0.1 * out[n]
+    if cfg.get("model_type") == "phi3":          # Phi-3's fused linears: q, k, v rows in one; gate's, then up's
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            out[p + "self_attn.qkv_proj.weight"] = np.concatenate([out.pop(p + f"self_attn.{n}_proj.weight")
+                                                                   for n in "qkv"])
+            out[p + "mlp.gate_up_proj.weight"] = np.concatenate([out.pop(p + "mlp.gate_proj.weight"),
+                                                                 out.pop(p + "mlp.up_proj.weight")])
     return out
 
 
