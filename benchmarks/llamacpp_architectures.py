@@ -42,6 +42,9 @@ MODELS: dict[str, dict] = {
                         bias=False, qk_norm=False, theta=10000.0,
                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=64)),
+    # Phi-3 / phi-4: q, k, v in one linear (attn_qkv), gate and up in one (ffn_up, gate's rows first)
+    "phi3": dict(arch="phi3", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=False,
+                 bias=False, qk_norm=False, theta=10000.0, fused=True),
     "qwen2": dict(arch="qwen2", hidden=64, ff=128, layers=2, heads=4, kv=1, vocab=96, tied=False,
                   bias=True, qk_norm=False, theta=1000000.0),
     "qwen3": dict(arch="qwen3", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=False,
@@ -64,10 +67,14 @@ def tiny_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         shapes["output.weight"] = (cfg["vocab"], h)
     for i in range(cfg["layers"]):
         p = f"blk.{i}."
-        shapes.update({p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h),
-                       p + "attn_output.weight": (h, q), p + "ffn_gate.weight": (ff, h),
-                       p + "ffn_up.weight": (ff, h), p + "ffn_down.weight": (h, ff),
-                       p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)})
+        if cfg.get("fused"):
+            shapes.update({p + "attn_qkv.weight": (q + 2 * kv, h), p + "ffn_up.weight": (2 * ff, h)})
+        else:
+            shapes.update({p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h)})
+        shapes.update({p + "attn_output.weight": (h, q)})
+        if not cfg.get("fused"):
+            shapes.update({p + "ffn_gate.weight": (ff, h), p + "ffn_up.weight": (ff, h)})
+        shapes.update({p + "ffn_down.weight": (h, ff), p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)})
         if cfg["bias"]:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
         if cfg.get("qk_norm"):
@@ -122,6 +129,7 @@ def write_gguf(path: Path, cfg: dict, arrays: dict[str, np.ndarray]) -> Path:
     w.add_head_count_kv(cfg["kv"])
     w.add_key_length(hd)
     w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(cfg["theta"])
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(cfg["vocab"])

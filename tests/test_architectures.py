@@ -74,24 +74,29 @@ def test_oracle_matches_llamacpp(tiny, name):
                         rope_factors=ckpt.rope_factors), want)
 
 
-def test_qwen3_without_its_head_norms_is_caught(tiny):
-    """The record discriminates: dropping Qwen3's q/k norms moves the logits ~50x past the bound."""
-    path, want = tiny["qwen3"]
-    ckpt = load_gguf(path)
-    spec = dataclasses.replace(ckpt.spec, qk_norm=False)
-    w = {n: r.numpy() for n, r in ckpt.tensors.items() if not n.endswith(("q_norm", "k_norm"))}
-    got = oracle_logits(spec, w, RECORD["qwen3"]["ids"], False)
-    assert np.abs(got - want).max() / np.abs(want).max() > 10 * TOL
+def _without_head_norms(spec, w):
+    return dataclasses.replace(spec, qk_norm=False), {n: a for n, a in w.items() if not n.endswith(("q_norm", "k_norm"))}
 
 
-def test_llama3_rope_without_its_factors_is_caught(tiny):
-    """...and so does dropping Llama 3.1's RoPE factors (the engines ignored them before 2026-11-27)."""
-    path, want = tiny["llama3-rope"]
+def _without_rope_factors(spec, w):
+    return dataclasses.replace(spec, rope_scaling=""), w
+
+
+def _gate_and_up_swapped(spec, w):
+    return spec, {n: (np.concatenate(np.split(a, 2)[::-1]) if n.endswith("gate_up") else a) for n, a in w.items()}
+
+
+@pytest.mark.parametrize("name,misread", [("qwen3", _without_head_norms), ("llama3-rope", _without_rope_factors),
+                                          ("phi3", _gate_and_up_swapped)])
+def test_a_misread_architecture_is_caught(tiny, name, misread):
+    """The record discriminates: Qwen3 without its q/k norms, Llama 3.1's RoPE without its factors (the engines
+    before 2026-11-27) or Phi-3's gate and up halves swapped land 70 to 250 times past the bound (0.14, 0.19 and
+    0.50 of the logit scale)."""
+    path, want = tiny[name]
     ckpt = load_gguf(path)
-    assert ckpt.spec.rope_scaling == "llama3" and ckpt.rope_factors is not None
-    spec = dataclasses.replace(ckpt.spec, rope_scaling="")
-    w = {n: r.numpy() for n, r in ckpt.tensors.items()}
-    got = oracle_logits(spec, w, RECORD["llama3-rope"]["ids"], True)
+    spec, w = misread(ckpt.spec, {n: r.numpy() for n, r in ckpt.tensors.items()})
+    factors = ckpt.rope_factors if spec.rope_scaling else None
+    got = oracle_logits(spec, w, RECORD[name]["ids"], ckpt.rope_layout == ROPE_INTERLEAVED, rope_factors=factors)
     assert np.abs(got - want).max() / np.abs(want).max() > 10 * TOL
 
 
