@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 
 from hwdb import GPUSpec, ModelSpec
 from planner.formats import DTYPE_BYTES, HEAD_OPTION, OPTIONS, PACK_VALUES, KVFormat, QuantOption
-from planner.spec import Tensor, tensors
+from planner.spec import SCALED_ROPE, Tensor, tensors
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -174,7 +174,7 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
            Buffer("ffn_gate", (chunk, f), "f32"), Buffer("ffn_up", (chunk, f), "f32")]
     if not gemm_staging:
         out.append(Buffer("scores", (group, chunk, ctx), "f32"))          # one GQA group's scores at a time
-    if spec.rope_scaling in ("llama3", "linear"):      # each RoPE pair's frequency divisor, from the weights
+    if spec.rope_scaling in SCALED_ROPE:               # each RoPE pair's frequency divisor, from the weights
         out.append(Buffer("rope_freqs", (spec.head_dim // 2,), "f32"))
     if spec.is_moe:
         out += [Buffer("router_logits", (chunk, spec.num_experts), "f32"), Buffer("moe_out", (chunk, h), "f32")]

@@ -192,7 +192,8 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
                "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0}
 ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-ENGINE_ROPE_SCALING = ("", "llama3", "linear")
+SCALED_ROPE = ("llama3", "linear", "yarn")     # RoPE scalings the engines run, as per-pair frequency factors
+ENGINE_ROPE_SCALING = ("",) + SCALED_ROPE
 
 
 def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:

@@ -42,10 +42,21 @@ def rope_factors(kind: str, params: dict, dim: int, theta: float) -> np.ndarray:
     """Each RoPE pair's frequency divisor (D/2,) for a config.json rope_scaling (planner.spec.hf_rope_scaling):
     "linear" divides every frequency by its factor; "llama3" (Llama 3.1 on) leaves the pairs whose wavelength is
     under original_max_position_embeddings / high_freq_factor alone, divides those over .../ low_freq_factor by
-    factor, and blends between, as transformers' llama3 RoPE and llama.cpp's converter (its rope_freqs) do."""
+    factor, and blends between, as transformers' llama3 RoPE and llama.cpp's converter (its rope_freqs) do;
+    "yarn" (Qwen2.5 / Qwen3 past 32K) likewise between the pairs turning beta_fast (32) and beta_slow (1)
+    times over the original context, its dims rounded outwards, as transformers' YaRN and ggml's rope_yarn."""
     factor = float(params["factor"])
     if kind == "linear":
         return np.full(dim // 2, factor)
+    if kind == "yarn":
+        original = float(params["original_max_position_embeddings"])
+        fast, slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+
+        def turning_dim(turns: float) -> float:        # the dim whose wavelength fits `turns` times in `original`
+            return dim * np.log(original / (turns * 2 * np.pi)) / (2 * np.log(theta))
+        low, high = max(np.floor(turning_dim(fast)), 0), min(np.ceil(turning_dim(slow)), dim - 1)
+        ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 0.001), 0, 1)   # 0: extrapolate, 1: divide
+        return 1 / (1 - ramp + ramp / factor)
     if kind != "llama3":
         raise ValueError(f"RoPE scaling {kind!r} has no frequency factors")
     low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
@@ -56,15 +67,31 @@ def rope_factors(kind: str, params: dict, dim: int, theta: float) -> np.ndarray:
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
 
 
+def rope_mscale(kind: str, params: dict) -> float:
+    """What YaRN multiplies cos and sin by (attention logits by its square): attention_factor where config.json
+    gives it, else 0.1 ln(factor) + 1 (transformers; ggml's rope_yarn likewise); 1 for the other scalings."""
+    if kind != "yarn":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = float(params["factor"])
+
+    def m(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * np.log(factor) + 1.0
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return m(float(params["mscale"])) / m(float(params["mscale_all_dim"]))
+    return m(1.0)
+
+
 def rope_tables(positions: np.ndarray, dim: int, theta: float, dtype: type = np.float32,
-                factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                factors: np.ndarray | None = None, mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (T, D/2) for the given positions: frequency i is theta^(-2i/D) (divided by factors[i] where a
-    scaled RoPE gives them), computed in float64."""
+    scaled RoPE gives them), computed in float64; YaRN's mscale multiplies both."""
     inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)             # (D/2,)
     if factors is not None:
         inv = inv / np.asarray(factors, dtype=np.float64)
     ang = positions.astype(np.float64)[:, None] * inv[None, :]                  # (T, D/2)
-    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+    return (mscale * np.cos(ang)).astype(dtype), (mscale * np.sin(ang)).astype(dtype)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:

@@ -92,6 +92,7 @@ def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", t
               "model": {"name": spec.name, "digest": architecture_digest(spec), "source": ckpt.path.name},
               "rope_layout": ckpt.rope_layout, "method": method,
               "rope_factors": None if ckpt.rope_factors is None else [float(f) for f in ckpt.rope_factors],
+              "rope_mscale": ckpt.rope_mscale,          # YaRN's: already in the quantized queries
               "calibration": ({"text": text_source, "sha256": text_hash, "rows": rows, "row_tokens": row_tokens}
                               if method == "gptq" else None),
               "tokenizer": {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.add_bos,
@@ -185,7 +186,8 @@ class QuantizedDir:
     def checkpoint(self) -> Checkpoint:
         factors = self.header.get("rope_factors")
         return Checkpoint(self.path, "vramwise", self.spec, {}, self.header["rope_layout"], self.header,  # type: ignore[arg-type]
-                          None if factors is None else np.asarray(factors, dtype=np.float32))
+                          None if factors is None else np.asarray(factors, dtype=np.float32),
+                          float(self.header.get("rope_mscale", 1.0)))
 
     def tokenizer(self):
         from tokenizers import Tokenizer as Backend

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 import numpy as np
 
 from hwdb import ModelSpec
-from planner.spec import (ModelSourceError, hf_rope_scaling, spec_from_gguf, spec_from_hf_config,
+from planner.spec import (SCALED_ROPE, ModelSourceError, hf_rope_scaling, spec_from_gguf, spec_from_hf_config,
                           tensors as inventory)
 from refengine.errors import WeightsError, one_line
 
@@ -148,8 +148,9 @@ class Checkpoint:
     tensors: Mapping[str, TensorRecord]
     rope_layout: str             # ROPE_INTERLEAVED or ROPE_HALVES: how the q/k rows are ordered
     metadata: Mapping[str, Any] = field(repr=False)   # GGUF key/values, or the HF config.json
-    # float32 (head_dim / 2,): each RoPE pair's frequency divisor where spec.rope_scaling is "llama3" or "linear"
+    # float32 (head_dim / 2,): each RoPE pair's frequency divisor where spec.rope_scaling is llama3, linear or yarn
     rope_factors: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    rope_mscale: float = 1.0     # YaRN's multiplier of cos and sin, already folded into the queries (_fold_mscale)
 
     def __getitem__(self, name: str) -> TensorRecord:
         return self.tensors[name]
@@ -328,7 +329,7 @@ def _gguf_records(path: Path, reader: Any, table: Mapping[str, Optional[str]]) -
 
 def _rope_factors(where: Path, spec: ModelSpec, factors: Optional[np.ndarray]) -> Optional[np.ndarray]:
     """The factors as the engines take them (float32, one a RoPE pair), checked; None without scaling."""
-    if spec.rope_scaling not in ("llama3", "linear"):
+    if spec.rope_scaling not in SCALED_ROPE:
         return None
     if factors is None:
         raise WeightsError(f"{where}: RoPE scaling {spec.rope_scaling!r} without its parameters; re-convert the model")
@@ -339,13 +340,51 @@ def _rope_factors(where: Path, spec: ModelSpec, factors: Optional[np.ndarray]) -
     return factors
 
 
-def _gguf_rope_factors(path: Path, reader: Any, spec: ModelSpec) -> Optional[np.ndarray]:
-    """llama.cpp's rope_freqs tensor (Llama 3.1 on), or linear scaling's factor from the metadata."""
-    if spec.rope_scaling == "linear":
-        factor = _GGUFMetadata(path, reader.fields).get(f"{spec.family}.rope.scaling.factor")
-        return None if factor is None else np.full(spec.head_dim // 2, float(factor))
-    found = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
-    return np.asarray(found[0].data, dtype=np.float32) if found else None
+def _fold_mscale(spec: ModelSpec, tensors: Mapping[str, TensorRecord], mscale: float) -> Mapping[str, TensorRecord]:
+    """YaRN multiplies cos and sin by mscale, so every attention logit q.k by mscale^2: the same as queries
+    mscale^2 times larger (RoPE is linear). So the query side is scaled as it is read (Qwen3's q_norm weight,
+    else q_proj's rows and bias), and no engine, oracle or quantizer needs to know: they all read these."""
+    if mscale == 1.0:
+        return tensors
+    scale, out = np.float32(mscale * mscale), dict(tensors)
+
+    def scaled(rec: TensorRecord, rows: Optional[int]) -> TensorRecord:
+        def read() -> np.ndarray:
+            a = np.array(rec.read(), dtype=np.float32).reshape(rec.shape)
+            a[:rows] *= scale
+            return a
+        return TensorRecord(rec.name, rec.source, rec.file, rec.dtype, rec.shape, rec.nbytes, read)
+
+    for i in range(spec.num_layers):
+        p = f"layers.{i}.attn"
+        names = [f"{p}.q_norm"] if spec.qk_norm else [f"{p}.qkv", f"{p}.qkv.bias"] if spec.fused_qkv else \
+            [f"{p}.q", f"{p}.q.bias"]
+        for name in names:
+            if name in out:
+                out[name] = scaled(out[name], spec.q_dim if spec.fused_qkv and not spec.qk_norm else None)
+    return MappingProxyType(out)
+
+
+def _gguf_rope(path: Path, reader: Any, spec: ModelSpec) -> tuple[Optional[np.ndarray], float]:
+    """A scaled RoPE's factors and mscale from a GGUF: llama.cpp's rope_freqs tensor (Llama 3.1 on), or linear
+    and YaRN scaling from the metadata (rope.scaling.factor, original_context_length, yarn_beta_fast / slow;
+    YaRN's mscale times rope.scaling.attn_factor, as llama.cpp applies it)."""
+    if spec.rope_scaling not in ("linear", "yarn"):
+        found = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+        return (np.asarray(found[0].data, dtype=np.float32) if found else None), 1.0
+    meta, key = _GGUFMetadata(path, reader.fields), f"{spec.family}.rope.scaling"
+    params = {"factor": meta.get(f"{key}.factor"), "original_max_position_embeddings":
+              meta.get(f"{key}.original_context_length"), "beta_fast": meta.get(f"{key}.yarn_beta_fast"),
+              "beta_slow": meta.get(f"{key}.yarn_beta_slow")}
+    if params["factor"] is None or (spec.rope_scaling == "yarn" and params["original_max_position_embeddings"] is None):
+        return None, 1.0
+    from refengine.ops import rope_factors, rope_mscale
+    try:
+        mscale = rope_mscale(spec.rope_scaling, params) * float(meta.get(f"{key}.attn_factor") or 1.0)
+        return rope_factors(spec.rope_scaling, params, spec.head_dim, spec.rope_theta), mscale
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable {key}.* metadata ({one_line(exc)}); the file is corrupt, "
+                           f"re-download it") from None
 
 
 def _check_gguf_header(path: Path) -> None:
@@ -395,8 +434,9 @@ def load_gguf(path: Union[str, Path]) -> Checkpoint:
                            f"(known: {', '.join(sorted(GGUF_ROPE_LAYOUT))})")
     table = {**GGUF_NAMES, **(GGUF_FUSED_GATE_UP if spec.fused_gate_up else {})}
     tensors = _collect(path, spec, table, _gguf_records(path, reader, table))
-    factors = _rope_factors(path, spec, _gguf_rope_factors(path, reader, spec))
-    return Checkpoint(path, "gguf", spec, tensors, layout, _GGUFMetadata(path, reader.fields), factors)
+    factors, mscale = _gguf_rope(path, reader, spec)
+    return Checkpoint(path, "gguf", spec, _fold_mscale(spec, tensors, mscale), layout,
+                      _GGUFMetadata(path, reader.fields), _rope_factors(path, spec, factors), mscale)
 
 
 # --- safetensors --------------------------------------------------------------------------------
@@ -514,16 +554,19 @@ def load_safetensors(path_or_dir: Union[str, Path]) -> Checkpoint:
         for f in files:
             yield from _safetensors_records(f, HF_NAMES)
     tensors = _collect(path, spec, HF_NAMES, records())
-    factors = None
-    if spec.rope_scaling in ("llama3", "linear"):
-        from refengine.ops import rope_factors
+    factors, mscale = None, 1.0
+    if spec.rope_scaling in SCALED_ROPE:
+        from refengine.ops import rope_factors, rope_mscale
+        # YaRN's original context defaults to max_position_embeddings, as transformers reads it
+        params = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), **hf_rope_scaling(cfg)}
         try:
-            factors = rope_factors(spec.rope_scaling, hf_rope_scaling(cfg), spec.head_dim, spec.rope_theta)
+            factors = rope_factors(spec.rope_scaling, params, spec.head_dim, spec.rope_theta)
+            mscale = rope_mscale(spec.rope_scaling, params)
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{config}: rope_scaling {spec.rope_scaling!r} lacks or misstates a parameter "
                                f"({one_line(exc)}); copy the model's own config.json") from None
-    return Checkpoint(path, "safetensors", spec, tensors, ROPE_HALVES, MappingProxyType(cfg),
-                      _rope_factors(config, spec, factors))
+    return Checkpoint(path, "safetensors", spec, _fold_mscale(spec, tensors, mscale), ROPE_HALVES,
+                      MappingProxyType(cfg), _rope_factors(config, spec, factors), mscale)
 
 
 def load_checkpoint(name_or_path: Union[str, Path]) -> Checkpoint:

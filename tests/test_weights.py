@@ -423,22 +423,51 @@ def test_llama3_rope_factors_follow_the_recipe():
     assert np.array_equal(ops.rope_factors("linear", {"factor": 4}, 64, 1e4), np.full(32, 4.0))
 
 
-@pytest.mark.parametrize("kind", ["llama3", "linear"])
+def test_yarn_factors_and_mscale_follow_the_recipe():
+    """YaRN as transformers computes it, written out pair by pair for Qwen2.5-7B's 128K setting (head_dim 128,
+    theta 1e6, factor 4 over 32768): interpolate the pairs turning fewer than beta_slow = 1 times over the
+    original context, keep those turning more than beta_fast = 32 times, ramp linearly between (dims rounded
+    outwards); cos and sin times 0.1 ln 4 + 1."""
+    params = {"factor": 4.0, "original_max_position_embeddings": 32768}
+    got = ops.rope_factors("yarn", params, 128, 1e6)
+
+    def turning_dim(turns):
+        return 128 * math.log(32768 / (turns * 2 * math.pi)) / (2 * math.log(1e6))
+    low, high = max(math.floor(turning_dim(32)), 0), min(math.ceil(turning_dim(1)), 127)
+    for i in range(64):
+        base = 1e6 ** (-2 * i / 128)
+        extrapolate = 1 - min(1.0, max(0.0, (i - low) / (high - low)))
+        yarn = base / 4 * (1 - extrapolate) + base * extrapolate
+        assert got[i] == pytest.approx(base / yarn, rel=1e-12)
+    assert got[0] == 1 and got[-1] == 4 and np.all(np.diff(got) >= 0)
+    assert ops.rope_mscale("yarn", params) == pytest.approx(0.1 * math.log(4) + 1)
+    assert ops.rope_mscale("yarn", {**params, "attention_factor": 1.25}) == 1.25 and ops.rope_mscale("llama3", {}) == 1
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear", "yarn"])
 def test_hf_rope_scaling_gives_the_checkpoint_its_factors(tmp_path, kind):
-    params = LLAMA31_ROPE if kind == "llama3" else {"type": "linear", "factor": 2.0}
+    params = {"llama3": LLAMA31_ROPE, "linear": {"type": "linear", "factor": 2.0},
+              "yarn": {"rope_type": "yarn", "factor": 4.0}}[kind]                # yarn: original from the config
     key = "rope_parameters" if kind == "linear" else "rope_scaling"          # transformers 5 spells it so
-    root, _ = hf_folder(tmp_path / "hf", dict(HF_CONFIG, rope_theta=500000.0, **{key: params}))
+    root, arrays = hf_folder(tmp_path / "hf", dict(HF_CONFIG, rope_theta=500000.0, **{key: params}))
     ckpt = load_checkpoint(root)
     assert ckpt.spec.rope_scaling == kind and ckpt.rope_factors.dtype == np.float32
-    assert np.array_equal(ckpt.rope_factors, ops.rope_factors(kind, params, 16, 500000.0).astype(np.float32))
+    full = {"original_max_position_embeddings": HF_CONFIG["max_position_embeddings"], **params}
+    assert np.array_equal(ckpt.rope_factors, ops.rope_factors(kind, full, 16, 500000.0).astype(np.float32))
+    # YaRN's mscale on cos and sin is mscale^2 on every q.k: folded into the queries as they are read
+    m2 = np.float32(ops.rope_mscale(kind, full) ** 2)
+    assert ckpt.rope_mscale == ops.rope_mscale(kind, full) and (m2 > 1) == (kind == "yarn")
+    q = arrays["model.layers.1.self_attn.q_proj.weight"]                      # BF16 in the file
+    want = (q.view(np.uint32) & 0xFFFF0000).view(np.float32) * m2
+    assert np.array_equal(ckpt["layers.1.attn.q"].numpy(), want)
 
 
 def test_hf_rope_scaling_the_engines_do_not_run_is_refused_in_one_line(tmp_path):
     from refengine.model import UnsupportedModel, check_supported
-    yarn = dict(HF_CONFIG, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
-    root, _ = hf_folder(tmp_path / "yarn", yarn)
-    assert load_checkpoint(root).spec.rope_scaling == "yarn" and load_checkpoint(root).rope_factors is None
-    with pytest.raises(UnsupportedModel, match=r"rope_scaling='yarn' is not supported .* rope_scaling='llama3'"):
+    dynamic = dict(HF_CONFIG, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    root, _ = hf_folder(tmp_path / "dynamic", dynamic)
+    assert load_checkpoint(root).spec.rope_scaling == "dynamic" and load_checkpoint(root).rope_factors is None
+    with pytest.raises(UnsupportedModel, match=r"rope_scaling='dynamic' is not supported .* rope_scaling='llama3'"):
         check_supported(load_checkpoint(root).spec, 64)
     bad = dict(HF_CONFIG, rope_scaling={k: v for k, v in LLAMA31_ROPE.items() if k != "low_freq_factor"})
     root, _ = hf_folder(tmp_path / "bad", bad)
