@@ -45,6 +45,11 @@ MODELS: dict[str, dict] = {
     # Phi-3 / phi-4: q, k, v in one linear (attn_qkv), gate and up in one (ffn_up, gate's rows first)
     "phi3": dict(arch="phi3", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=False,
                  bias=False, qk_norm=False, theta=10000.0, fused=True),
+    # YaRN (Qwen2.5 / Qwen3 past 32K: rope_scaling type yarn, factor 4), by llama.cpp's rope.scaling.* metadata;
+    # an original context of 16 tokens puts these positions past it
+    "qwen2-yarn": dict(arch="qwen2", hidden=64, ff=96, layers=2, heads=2, kv=1, vocab=96, tied=False,
+                       bias=True, qk_norm=False, theta=10000.0,
+                       rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
     "qwen2": dict(arch="qwen2", hidden=64, ff=128, layers=2, heads=4, kv=1, vocab=96, tied=False,
                   bias=True, qk_norm=False, theta=1000000.0),
     "qwen3": dict(arch="qwen3", hidden=64, ff=96, layers=2, heads=4, kv=2, vocab=96, tied=False,
@@ -79,7 +84,7 @@ def tiny_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
         if cfg.get("qk_norm"):
             shapes.update({p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)})
-    if cfg.get("rope_scaling"):
+    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
         shapes["rope_freqs.weight"] = (hd // 2,)
     return shapes
 
@@ -134,6 +139,11 @@ def write_gguf(path: Path, cfg: dict, arrays: dict[str, np.ndarray]) -> Path:
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(cfg["vocab"])
     w.add_tokenizer_model("none")
+    rope = cfg.get("rope_scaling") or {}
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     for name, a in arrays.items():
         w.add_tensor(name, a)
     w.write_header_to_file()

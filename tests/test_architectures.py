@@ -82,16 +82,22 @@ def _without_rope_factors(spec, w):
     return dataclasses.replace(spec, rope_scaling=""), w
 
 
+def _without_mscale(spec, w):                     # YaRN's factors kept, its q.k scale taken back out of q
+    m2 = np.float32(1 + 0.1 * np.log(4)) ** 2
+    return spec, {n: (a / m2 if n.endswith(("attn.q", "attn.q.bias")) else a) for n, a in w.items()}
+
+
 def _gate_and_up_swapped(spec, w):
     return spec, {n: (np.concatenate(np.split(a, 2)[::-1]) if n.endswith("gate_up") else a) for n, a in w.items()}
 
 
 @pytest.mark.parametrize("name,misread", [("qwen3", _without_head_norms), ("llama3-rope", _without_rope_factors),
+                                          ("qwen2-yarn", _without_rope_factors), ("qwen2-yarn", _without_mscale),
                                           ("phi3", _gate_and_up_swapped)])
 def test_a_misread_architecture_is_caught(tiny, name, misread):
     """The record discriminates: Qwen3 without its q/k norms, Llama 3.1's RoPE without its factors (the engines
-    before 2026-11-27) or Phi-3's gate and up halves swapped land 70 to 250 times past the bound (0.14, 0.19 and
-    0.50 of the logit scale)."""
+    before 2026-11-27), YaRN without its factors or without its mscale, or Phi-3's gate and up halves swapped
+    land 50 to 250 times past the bound (0.14, 0.19, 0.30, 0.12 and 0.50 of the logit scale)."""
     path, want = tiny[name]
     ckpt = load_gguf(path)
     spec, w = misread(ckpt.spec, {n: r.numpy() for n, r in ckpt.tensors.items()})
