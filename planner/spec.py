@@ -233,10 +233,8 @@ def engine_gaps(spec: ModelSpec, ctx: int | None = None) -> list[str]:
     return gaps + [window] if window else gaps
 
 
-def architecture_digest(spec: ModelSpec) -> str:
-    """A short hash of the fields that shape the tensors: plans made for another shape are refused."""
-    import hashlib
-
+def architecture_fields(spec: ModelSpec) -> dict[str, Any]:
+    """The fields that shape the tensors and the run state (what architecture_digest hashes)."""
     keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "vocab_size", "tie_embeddings", "mlp", "norm", "norms_per_layer", "qkv_bias", "fused_qkv",
             "fused_gate_up", "num_experts", "experts_per_token")
@@ -244,10 +242,26 @@ def architecture_digest(spec: ModelSpec) -> str:
     newer = ("extra_bias", "attn_sinks", "shared_experts", "router_bias", "dense_layers", "dense_intermediate_size",
              "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
              "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
-             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling", "rotary_dim")
+             "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling",
+             "rotary_dim")
     fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
-    text = json.dumps(fields, sort_keys=True)
+    return fields
+
+
+def architecture_digest(spec: ModelSpec) -> str:
+    """A short hash of the fields that shape the tensors: plans made for another shape are refused."""
+    import hashlib
+
+    text = json.dumps(architecture_fields(spec), sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def architecture_difference(planned: ModelSpec, found: ModelSpec) -> str:
+    """Where two specs' architectures differ, for a one-line refusal: "rope_scaling 'llama3' planned, '' found"."""
+    a, b = architecture_fields(planned), architecture_fields(found)
+    diffs = [f"{k} {a.get(k, '')!r} planned, {b.get(k, '')!r} found" for k in sorted(set(a) | set(b))
+             if a.get(k, "") != b.get(k, "")]
+    return "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
 
 
 # --- specs from files -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from planner import memory as mem
 from planner.formats import HEAD_OPTION, QuantOption
-from planner.spec import architecture_digest
+from planner.spec import architecture_difference, architecture_digest
 from refengine.errors import EngineError
 from refengine.packed import QuantizedLinear
 from refengine.generate import Sampling, generate
@@ -115,8 +115,8 @@ def plan_checkpoint(plan: "Plan", source: str) -> Checkpoint:
     ckpt = load_checkpoint(source)
     want = plan.doc["model"]["architecture_digest"]
     if architecture_digest(ckpt.spec) != want:
-        raise EngineError(f"{source}: this checkpoint's architecture ({architecture_digest(ckpt.spec)}) is not the "
-                          f"plan's ({want}); pass the weights the plan was made for")
+        raise EngineError(f"{source}: this checkpoint's architecture is not the plan's "
+                          f"({architecture_difference(plan.spec, ckpt.spec)}); pass the weights the plan was made for")
     return ckpt
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from planner import yamlout
 from planner.formats import HEAD_OPTION, QuantOption
-from planner.spec import architecture_digest
+from planner.spec import architecture_difference, architecture_digest
 from refengine import ops
 from refengine.calibrate import LayerWalk, WalkCheckpoint, calibration_rows
 from refengine.errors import WeightsError
@@ -56,7 +56,8 @@ def quantize_model(plan: "Plan", source: str, out: Path, method: str = "gptq", t
     ckpt = load_checkpoint(source)
     spec, lay = ckpt.spec, plan.layout
     if architecture_digest(spec) != plan.doc["model"]["architecture_digest"]:
-        raise WeightsError(f"{source}: this checkpoint's architecture is not the plan's; pass the weights the plan "
+        raise WeightsError(f"{source}: this checkpoint's architecture is not the plan's "
+                           f"({architecture_difference(plan.spec, spec)}); pass the weights the plan "
                            "was made for")
     if method not in ("gptq", "rtn"):
         raise WeightsError(f"unknown method {method!r} (choose gptq or rtn)")

@@ -251,6 +251,15 @@ def test_unsupported_architecture_plan_and_run(capsys, work, plan):
     assert "'mamba' is not supported" in run_bad(capsys, plan, bad)
 
 
+def test_weights_of_another_architecture_name_the_difference(capsys, work, plan):
+    """The plan's model had no scaled RoPE; a file with Llama 3.1's rope_freqs is refused, saying so (an early
+    Llama 3.1 conversion without them is the common case the other way round)."""
+    factors = np.full(CFG["hidden"] // CFG["heads"] // 2, 2.0, np.float32)
+    scaled = tiny_gguf(work / "scaled.gguf", arrays={**tiny_tensors(CFG), "rope_freqs.weight": factors})
+    line = run_bad(capsys, plan, scaled)
+    assert "architecture is not the plan's (rope_scaling '' planned, 'llama3' found)" in line
+
+
 def test_moe_model_plans_but_the_llama_engine_refuses_it(capsys, work):
     """The planner handles experts; the reference engine runs dense Llama-family models only."""
     arrays = {k: v for k, v in tiny_tensors(CFG).items() if "ffn_" not in k or "norm" in k}
