@@ -50,6 +50,10 @@ def _llamacpp(doc: dict, s: dict) -> list[str]:
     run = ["llama-server", "-m", quant, "-c", str(s["ctx"]), "-ngl", str(s["n_gpu_layers"]), "-ctk", s["cache_type_k"],
            "-ctv", s["cache_type_v"], "-fa", s["flash_attn"], "-ub", str(s["n_ubatch"]),
            "-np", str(s.get("n_parallel", 1)), "--fit", "off"]
+    spec = doc["model"]["spec"]
+    if s["ctx"] > spec["max_context"] and not spec.get("rope_scaling"):      # past the native context: YaRN
+        run += ["--rope-scaling", "yarn", "--rope-scale", f"{s['ctx'] / spec['max_context']:g}", "--yarn-orig-ctx",
+                str(spec["max_context"])]
     if s["n_cpu_moe"]:
         run += ["-ncmoe", str(s["n_cpu_moe"])]
     if s["tensor_split"]:

@@ -14,11 +14,21 @@ if TYPE_CHECKING:   # imported for annotations only: optimize imports this modul
     from planner.optimize import Outcome, Request
 
 
+def asked_context(ctx: int, spec, how: str) -> str:
+    """Why a context the user asked for (--ctx); past the model's native context, the RoPE scaling it needs (YaRN
+    by the ratio, as Qwen's model cards give it) and how this engine takes it."""
+    native = spec.max_context
+    if ctx <= native or spec.rope_scaling:
+        return "as asked (--ctx)"
+    return f"as asked (--ctx); beyond the native {native}, needs RoPE scaling, e.g. YaRN factor {ctx / native:g} ({how})"
+
+
 def _common(req: "Request", out: "Outcome", ladder: list[int], kvs: list[str], items) -> list[tuple[str, str, str]]:
     spec, lay, sol = req.model, out.layout, out.solution
     native = spec.max_context
     if req.ctx:
-        why = "as asked (--ctx)" + (f"; beyond the native {native}, needs RoPE scaling" if req.ctx > native else "")
+        why = asked_context(req.ctx, spec, f"config.json rope_scaling with original_max_position_embeddings {native}, "
+                                           f"which vramwise run applies")
     elif lay.ctx == ladder[0]:
         why = f"the model's native {native}" + (" capped at the 4096 default" if native > ladder[0] else "")
     else:

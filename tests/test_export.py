@@ -59,6 +59,19 @@ def test_llamacpp_export_matches_the_plan(tmp_path, capsys):
     assert any(ln.startswith("llama-quantize") and ln.endswith(s["ftype"]) for ln in lines)
 
 
+def test_a_context_past_the_native_one_exports_yarn(tmp_path, capsys):
+    """Qwen3 8B at 131072 (native 32768): llama-server gets YaRN factor 4 over 32768, and the plan says why."""
+    path = _plan(tmp_path, "--gpu", "rtx4090", "--model", "qwen3-8b", "--ctx", "131072", "--target", "llama.cpp")
+    why = next(d["why"] for d in yaml.safe_load(open(path))["decisions"] if d["what"] == "context")
+    assert "beyond the native 32768, needs RoPE scaling, e.g. YaRN factor 4" in why
+    lines = _export(capsys, path)
+    assert "--rope-scaling yarn --rope-scale 4 --yarn-orig-ctx 32768" in next(ln for ln in lines
+                                                                            if ln.startswith("llama-server"))
+    _check_documented(lines, "llama.cpp")
+    native = _plan(tmp_path, "--gpu", "rtx4090", "--model", "qwen3-8b", "--ctx", "32768", "--target", "llama.cpp")
+    assert not any("--rope-scaling" in ln for ln in _export(capsys, native))
+
+
 def test_vllm_multinode_export_uses_ray(tmp_path, capsys):
     path = _plan(tmp_path, "--gpu", "h100-sxm", "--gpus", "8", "--nodes", "2", "--model", "llama3.1-405b", "--target", "vllm")
     lines = _export(capsys, path)

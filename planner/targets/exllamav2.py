@@ -23,6 +23,7 @@ import math
 from planner import memory as mem
 from planner.budget import contiguous_split
 from planner.optimize import _ctx_ladder
+from planner.reasons import asked_context
 from planner.roofline import Traffic, decode_seconds, efficiency, memory_bandwidth
 from planner.spec import layer_linears, tensors
 from planner.targets import Outcome, TargetError, TargetRequest, vllm
@@ -180,7 +181,8 @@ def _outcome(req: TargetRequest, ctx: int, mode: str, bpw: float, layer_bytes, s
         ("head_bits", str(HEAD_BITS), f"convert.py's default -hb; the head is budgeted apart ({fmt_bytes(head_bytes(spec))})"),
         ("cache_mode", mode, f"bpw reachable per cache mode: {others}; the most precise mode within one 0.05 step "
                              f"of the best (Q4 is near-lossless per ExLlamaV2's qcache evaluation)"),
-        ("max_seq_len", str(ctx), "as asked (--ctx)" if req.ctx else "the model's native context, capped at 4096"),
+        ("max_seq_len", str(ctx), asked_context(ctx, spec, "config.json rope_scaling, which ExLlamaV2 reads")
+         if req.ctx else "the model's native context, capped at 4096"),
         ("embedding", "system RAM", "ExLlamaV2 keeps the embedding table on the CPU")]
     if gpu_split:
         decisions.append(("gpu_split", ",".join(map(str, gpu_split)), "GB per card (-gs), layers in order"))

@@ -29,6 +29,7 @@ from planner.budget import HOST_OS_RESERVE_BYTES, contiguous_split
 from planner.errors import TYPE_WEIGHT
 from planner.formats import KV_FORMATS
 from planner.optimize import _ctx_ladder
+from planner.reasons import asked_context
 from planner.roofline import Traffic, decode_seconds, efficiency, memory_bandwidth
 from planner.spec import windowed_layers
 from planner.targets import Outcome, TargetError, TargetRequest
@@ -477,7 +478,9 @@ def _outcome(req: TargetRequest, lay: _Layout, ftype: str, overrides: dict, mode
                           "(attn_v, then ffn_down), as llama-quantize's own mixes favour them"))
     if settings["imatrix"]:
         decisions.append(("imatrix", "yes", "IQ types are tuned with an importance matrix (llama-imatrix)"))
-    decisions += [("context", str(lay.ctx), "as asked (--ctx)" if req.ctx else "the model's native context, capped at 4096"),
+    yarn = f"the export's llama-server --rope-scaling yarn --rope-scale {lay.ctx / spec.max_context:g}"
+    decisions += [("context", str(lay.ctx), asked_context(lay.ctx, spec, yarn) if req.ctx
+                   else "the model's native context, capped at 4096"),
                   ("kv_cache", kv_name, f"{kv_tok}; quantized V needs "
                                         f"flash attention (-fa on, used always: it also shrinks the compute buffer)"
                                         + _swa_why(spec, lay.ctx) + _quant_cache_why(req, lay)),

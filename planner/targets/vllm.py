@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 from planner import memory as mem
+from planner.reasons import asked_context
 from planner.roofline import Traffic, decode_seconds, efficiency, memory_bandwidth
 from planner.spec import positions_read, tensors, windowed_layers
 from planner.targets import Outcome, TargetError, TargetRequest
@@ -257,7 +258,8 @@ def _outcome(req, fmt, kv_name, kv_bytes, util, tokens, n_blocks, per_gpu, cards
         ("gpu_memory_utilization", f"{util:.2f}", "vLLM's default 0.90" if util == DEFAULT_UTILIZATION else
          "lowered so the desktop reserve stays free"),
         ("kv_cache", f"{n_blocks} blocks", _kv_why(spec, n_blocks, kv_name, cards[0][1], groups)),
-        ("max_model_len", str(ctx), "as asked (--ctx)" if req.ctx else "the model's native context" if ctx == spec.max_context
+        ("max_model_len", str(ctx), asked_context(ctx, spec, "config.json rope_scaling, or vLLM's --hf-overrides")
+         if req.ctx else "the model's native context" if ctx == spec.max_context
          else "the native context does not fit the KV cache; the largest multiple of 1024 that does"),
         ("max_num_batched_tokens", str(tokens), "the profiling batch vLLM's activation peak is measured with")]
     weights = {"format": fmt, "bytes": sum(items["weights"] for items, _, _ in cards),
