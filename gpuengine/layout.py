@@ -155,32 +155,16 @@ class DeviceLinear:
         return (self.meta.n, self.meta.k) if self.meta is not None else tuple(self.half.shape)
 
 
-def row_block(lin: DeviceLinear, r0: int, r1: int) -> DeviceLinear:
-    """Output rows r0 .. r1 of a linear, as views of its arrays (no copy: rows are whole in every array)."""
+def row_block(lin: Any, r0: int, r1: int) -> Any:
+    """Output rows r0 .. r1 of a linear (or a bias), as views of its arrays (no copy: rows are whole in every
+    array): how refengine.ops.unfuse cuts Phi-3's fused linears on the device."""
+    if not isinstance(lin, DeviceLinear):
+        return lin[r0:r1]
     if lin.meta is None:
         return DeviceLinear(None, half=lin.half[r0:r1])
     m = lin.meta
     return DeviceLinear(QMeta(r1 - r0, m.k, m.group_size, m.slices, m.has_perm),
                         tuple(w[r0:r1] for w in lin.words), tuple(s[r0:r1] for s in lin.scales), lin.perm)
-
-
-def unfuse(layer: dict[str, Any], q_dim: int, kv_dim: int) -> dict[str, Any]:
-    """Phi-3's fused linears as the separate ones the engine runs: attn.qkv (and its bias) as attn.q, attn.k,
-    attn.v and mlp.gate_up as mlp.gate and mlp.up, row blocks of the same device memory (refengine.ops.unfuse
-    on the host's arrays)."""
-    out = dict(layer)
-    cuts = {"qkv": ((0, q_dim), (q_dim, q_dim + kv_dim), (q_dim + kv_dim, q_dim + 2 * kv_dim))}
-    for name, value in layer.items():
-        if name.endswith("attn.qkv"):
-            for n, (r0, r1) in zip("qkv", cuts["qkv"]):
-                out[name[:-3] + n] = row_block(value, r0, r1)
-        elif name.endswith("attn.qkv.bias"):
-            for n, (r0, r1) in zip("qkv", cuts["qkv"]):
-                out[name[:-8] + n + ".bias"] = value[r0:r1]
-        elif name.endswith("mlp.gate_up"):
-            half = value.shape[0] // 2
-            out[name[:-7] + "gate"], out[name[:-7] + "up"] = row_block(value, 0, half), row_block(value, half, 2 * half)
-    return out
 
 
 def views(buf: Any, image: LayerImage) -> dict[str, Any]:

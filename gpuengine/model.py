@@ -12,13 +12,14 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from gpuengine import launch as K
-from gpuengine.layout import LayerImage, build_image, image_bytes, unfuse, views
+from gpuengine.layout import LayerImage, build_image, image_bytes, row_block, views
 from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
 from refengine.model import check_supported, fill_rope_factors
+from refengine.ops import unfuse
 from refengine.stream import layer_of
 
 USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the CPU stand-in turn this off)
@@ -97,8 +98,8 @@ class DeviceWeights:
         return self._unfused(views(self.slots[slot], self.images[i]))
 
     def _unfused(self, layer: dict) -> dict:
-        """Phi-3: the fused linears' row blocks under the separate linears' names (gpuengine.layout.unfuse)."""
-        return layer if self.dims is None else unfuse(layer, *self.dims)
+        """Phi-3: the fused linears' row blocks of device memory under the separate linears' names."""
+        return layer if self.dims is None else unfuse(layer, *self.dims, rows=row_block)
 
     def nbytes(self) -> int:
         """Device bytes of weights: resident images plus the two stream slots."""

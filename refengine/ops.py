@@ -6,7 +6,7 @@ float32 in the engine, float64 in the oracle (refengine/oracle.py).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -24,17 +24,19 @@ def heads(x: np.ndarray, n: int, d: int, norm: np.ndarray | None, eps: float) ->
     return x if norm is None else rmsnorm(x, norm, eps)
 
 
-def unfuse(w: Mapping[str, np.ndarray], q_dim: int, kv_dim: int) -> dict[str, np.ndarray]:
-    """Phi-3's fused linears as the separate ones a Llama has: each attn.qkv (and its bias) split by output rows
-    into attn.q, attn.k, attn.v, each mlp.gate_up into mlp.gate (first half) and mlp.up; the rest as it is."""
+def unfuse(w: Mapping[str, Any], q_dim: int, kv_dim: int,
+           rows: Callable[[Any, int, int], Any] = lambda a, r0, r1: a[r0:r1]) -> dict[str, Any]:
+    """Phi-3's fused linears as the separate ones a Llama has: each attn.qkv (and its bias) cut by output rows
+    into attn.q, attn.k, attn.v, each mlp.gate_up into mlp.gate (first half) and mlp.up; the rest as it is.
+    rows(value, r0, r1) cuts one (views of NumPy arrays here; the CUDA engine's device linears: layout.row_block)."""
     out = dict(w)
     for name, a in w.items():
         if name.endswith(("attn.qkv", "attn.qkv.bias")):
-            parts = np.split(a, [q_dim, q_dim + kv_dim], axis=0)
-            for n, part in zip("qkv", parts):
-                out[name.replace(".qkv", f".{n}")] = part
+            for n, r0, r1 in (("q", 0, q_dim), ("k", q_dim, q_dim + kv_dim), ("v", q_dim + kv_dim, q_dim + 2 * kv_dim)):
+                out[name.replace(".qkv", f".{n}")] = rows(a, r0, r1)
         elif name.endswith("mlp.gate_up"):
-            out[name[:-len("gate_up")] + "gate"], out[name[:-len("gate_up")] + "up"] = np.split(a, 2, axis=0)
+            half, stem = a.shape[0] // 2, name[:-len("gate_up")]
+            out[stem + "gate"], out[stem + "up"] = rows(a, 0, half), rows(a, half, 2 * half)
     return out
 
 

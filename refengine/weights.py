@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -353,7 +353,7 @@ def _fold_mscale(spec: ModelSpec, tensors: Mapping[str, TensorRecord], mscale: f
             a = np.array(rec.read(), dtype=np.float32).reshape(rec.shape)
             a[:rows] *= scale
             return a
-        return TensorRecord(rec.name, rec.source, rec.file, rec.dtype, rec.shape, rec.nbytes, read)
+        return replace(rec, read=read)
 
     for i in range(spec.num_layers):
         p = f"layers.{i}.attn"
