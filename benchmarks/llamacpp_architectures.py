@@ -56,6 +56,19 @@ MODELS: dict[str, dict] = {
                   bias=False, qk_norm=True, theta=1000000.0, head_dim=32),
     "qwen3-wide-heads": dict(arch="qwen3", hidden=64, ff=96, layers=3, heads=4, kv=2, vocab=96, tied=True,
                              bias=False, qk_norm=True, theta=1000000.0, head_dim=48),
+    # Gemma: GeGLU, embeddings times sqrt(hidden), one KV head (Gemma 2B)
+    "gemma": dict(arch="gemma", hidden=64, ff=96, layers=2, heads=2, kv=1, vocab=96, tied=True,
+                  bias=False, qk_norm=False, theta=10000.0, head_dim=32),
+    # Gemma 2: norms after attention and the MLP too; every other layer an 8-token sliding window (these 24
+    # positions pass it); soft caps that bind: 1.5 on the attention scores (the real models' 50 would not bind
+    # on these), 30 on the logits (as the real models: these reach 30)
+    "gemma2": dict(arch="gemma2", hidden=64, ff=96, layers=3, heads=4, kv=2, vocab=96, tied=True,
+                   bias=False, qk_norm=False, theta=10000.0, head_dim=32, post_norms=True, window=8,
+                   attn_softcap=1.5, final_softcap=30.0),
+    # Gemma 3: q/k norms, five sliding layers (RoPE base 10000, unscaled) to one global (base 1e6, linear x8)
+    "gemma3": dict(arch="gemma3", hidden=64, ff=96, layers=6, heads=4, kv=2, vocab=96, tied=True,
+                   bias=False, qk_norm=True, theta=1000000.0, head_dim=32, post_norms=True, window=8,
+                   rope_scaling=dict(rope_type="linear", factor=8.0)),
 }
 IDS = [int(i) for i in np.random.default_rng(2026).integers(0, 96, 24)]
 SEED = 0
@@ -84,6 +97,8 @@ def tiny_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
         if cfg.get("qk_norm"):
             shapes.update({p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)})
+        if cfg.get("post_norms"):
+            shapes.update({p + "post_attention_norm.weight": (h,), p + "post_ffw_norm.weight": (h,)})
     if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
         shapes["rope_freqs.weight"] = (hd // 2,)
     return shapes
@@ -144,6 +159,14 @@ def write_gguf(path: Path, cfg: dict, arrays: dict[str, np.ndarray]) -> Path:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if cfg.get("window"):
+        w.add_sliding_window(cfg["window"])
+    for key, add in (("attn_softcap", w.add_attn_logit_softcapping), ("final_softcap", w.add_final_logit_softcapping)):
+        if cfg.get(key):
+            add(cfg[key])
     for name, a in arrays.items():
         w.add_tensor(name, a)
     w.write_header_to_file()

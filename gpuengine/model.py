@@ -18,7 +18,8 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
-from refengine.model import check_supported, fill_rope_factors
+from refengine.arch import GEMMA_FAMILIES
+from refengine.model import UnsupportedModel, check_supported, fill_rope_factors
 from refengine.ops import unfuse
 from refengine.stream import layer_of
 
@@ -149,7 +150,10 @@ class GPUTransformer:
         import cupy as cp
         import cupyx
 
-        check_supported(spec, ctx)
+        check_supported(spec)
+        if spec.family in GEMMA_FAMILIES or spec.sliding_window:
+            raise UnsupportedModel(f"{spec.name}: the CUDA engine does not run {spec.family}'s sliding windows, "
+                                   f"GeGLU or soft caps yet; the reference engine does (vramwise run --engine ref)")
         self.spec, self.ctx = spec, ctx
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved

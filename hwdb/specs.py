@@ -110,6 +110,15 @@ class ModelSpec:
     global_head_dim: int = 0
     global_k_eq_v: bool = False
     rope_theta: float = 10000.0
+    # Gemma 3: the sliding layers' own RoPE base (10000, unscaled: rope_scaling is the global layers'); 0: rope_theta
+    sliding_rope_theta: float = 0.0
+    # How Gemma departs from a Llama besides its norms (refengine.arch): the gated MLP's activation ("silu": SwiGLU;
+    # "gelu_tanh": GeGLU with GELU's tanh approximation), the width attention divides q.k by the root of
+    # (query_pre_attn_scalar; 0: head_dim), and Gemma 2's soft caps: scores, and logits, -> cap * tanh(x / cap).
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    query_scale: float = 0.0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
     # RoPE scaling, as config.json's rope_scaling names it: "" none, "llama3" (Llama 3.1 on: a factor dividing each
     # pair's frequency, llama.cpp's rope_freqs tensor), "linear" (positions over a factor); others ("yarn",
     # "longrope", "dynamic") are planned but not run by vramwise's engines. The factors come with the weights.
@@ -154,6 +163,11 @@ class ModelSpec:
         if self.has_global_geometry and not self.sliding_window_pattern:
             raise ValueError("the global_* fields describe the full-attention layers among sliding ones: "
                              "they need sliding_window and sliding_window_pattern")
+        for name in ("sliding_rope_theta", "query_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"field '{name}' must not be negative")
+        if self.query_scale == self.head_dim:        # the default said out loud (Gemma 2 9B's 256): one spelling
+            object.__setattr__(self, "query_scale", 0.0)
         if self.global_kv_heads and self.num_heads % self.global_kv_heads:
             raise ValueError("field 'global_kv_heads' must divide num_heads")
 

@@ -90,7 +90,7 @@ def explain_engine(req: "Request", out: "Outcome") -> None:
     """A plan for an architecture `vramwise run` cannot run yet says so, and what llama.cpp would make of it."""
     from planner.spec import engine_gaps
     from planner.targets import TargetError, TargetRequest, plan_target
-    gaps = engine_gaps(req.model, out.layout.ctx)
+    gaps = engine_gaps(req.model)
     if not gaps:
         return
     try:

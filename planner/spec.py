@@ -9,6 +9,7 @@ Linear shapes are (out_features, in_features), as PyTorch and GGUF store them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -187,18 +188,20 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 
 
 # What vramwise's engines (the reference engine and the CUDA engine) run today: Llama-family decoders, Qwen3's
-# per-head q/k norms and Phi-3's fused q/k/v and gate/up linears, whose checkpoints' tensors their name tables
-# know exactly. refengine.model.check_supported refuses the other families and fields.
-ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": 2, "num_experts": 0,
+# per-head q/k norms, Phi-3's fused q/k/v and gate/up linears, and Gemma 1 / 2 / 3's departures (refengine.arch),
+# whose checkpoints' tensors their name tables know exactly. refengine.model.check_supported refuses the other
+# families and fields (a tuple: any of those values).
+ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": (2, 4), "num_experts": 0,
                "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0}
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gemma3_text")
 SCALED_ROPE = ("llama3", "linear", "yarn")     # RoPE scalings the engines run, as per-pair frequency factors
 ENGINE_ROPE_SCALING = ("",) + SCALED_ROPE
 
 
 def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
     """The fields of this spec the engines do not run, each with the value (or values) they do run."""
-    out: list[tuple[str, Any]] = [(field, want) for field, want in ENGINE_RUNS.items() if getattr(spec, field) != want]
+    out: list[tuple[str, Any]] = [(field, want) for field, want in ENGINE_RUNS.items()
+                                  if getattr(spec, field) not in (want if isinstance(want, tuple) else (want,))]
     if spec.rope_scaling not in ENGINE_ROPE_SCALING:
         out.append(("rope_scaling", ENGINE_ROPE_SCALING))
     return out
@@ -216,21 +219,12 @@ def positions_read(spec: ModelSpec, families: tuple[str, ...], depth: int) -> li
     return [min(depth, spec.sliding_window) if w else depth for w in windowed_layers(spec, families)]
 
 
-def window_gap(spec: ModelSpec, ctx: int | None) -> str | None:
-    """The engines attend over every cached position: a context past a sliding window (Mistral 7B v0.1's 4096)
-    would compute attention the model was not trained for. None where the context stays inside the window."""
-    if ctx is None or not any(spec.is_sliding(i) for i in range(spec.num_layers)) or ctx <= spec.sliding_window:
-        return None
-    return f"sliding_window={spec.sliding_window} below the context {ctx}"
-
-
-def engine_gaps(spec: ModelSpec, ctx: int | None = None) -> list[str]:
-    """Why `vramwise run` cannot run this architecture (at this context) yet ([] if it can)."""
+def engine_gaps(spec: ModelSpec) -> list[str]:
+    """Why `vramwise run` cannot run this architecture yet ([] if it can)."""
     gaps = [f"{field}={getattr(spec, field)!r}" for field, _ in unsupported_fields(spec)]
     if spec.family not in ENGINE_FAMILIES:
         gaps.insert(0, f"family {spec.family}")
-    window = window_gap(spec, ctx)
-    return gaps + [window] if window else gaps
+    return gaps
 
 
 def architecture_fields(spec: ModelSpec) -> dict[str, Any]:
@@ -243,8 +237,9 @@ def architecture_fields(spec: ModelSpec) -> dict[str, Any]:
              "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
              "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
              "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling",
-             "rotary_dim")
-    fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k)})               # older digests unchanged
+             "rotary_dim", "activation", "query_scale", "attn_softcap", "final_softcap", "sliding_rope_theta")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k) != defaults[k]})   # older digests unchanged
     return fields
 
 
@@ -318,10 +313,18 @@ def _last_of_every(marked: list[bool]) -> int | None:
                  if all(m == ((i + 1) % n == 0) for i, m in enumerate(marked))), None)
 
 
+def _rope_parameters(cfg: dict, layer_type: str = "full_attention") -> Any:
+    """transformers 5's rope_parameters, for one layer type where it gives them per type (Gemma 3:
+    {"full_attention": {...}, "sliding_attention": {...}})."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        return params[layer_type]
+    return params
+
+
 def hf_rope_scaling(cfg: dict) -> dict:
     """config.json's RoPE scaling parameters (rope_scaling, or transformers 5's rope_parameters), {} for none."""
-    for key in ("rope_scaling", "rope_parameters"):
-        params = cfg.get(key)
+    for params in (cfg.get("rope_scaling"), _rope_parameters(cfg)):
         if isinstance(params, dict) and (params.get("rope_type") or params.get("type") or "default") != "default":
             return params
     return {}
@@ -472,6 +475,27 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
                                f"from its hub page)") from None
 
 
+_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+def _gemma(cfg: dict, family: str, name: str) -> dict[str, Any]:
+    """What a Gemma config.json says beyond a Llama's: GeGLU (every Gemma's modeling code uses GELU's tanh form,
+    whatever hidden_act says), query_pre_attn_scalar, Gemma 2's soft caps, Gemma 3's local RoPE base."""
+    out: dict[str, Any] = {"activation": "gelu_tanh"}
+    defaults = {"gemma2": (256.0, 50.0, 30.0)}.get(family, (256.0, None, None) if family != "gemma" else (None,) * 3)
+    for (field, key), default in zip((("query_scale", "query_pre_attn_scalar"), ("attn_softcap", "attn_logit_softcapping"),
+                                      ("final_softcap", "final_logit_softcapping")), defaults):
+        value = cfg.get(key, default)            # absent: transformers' Gemma2Config / Gemma3TextConfig defaults
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ModelSourceError(f"{name}: {key} {value!r} is not a non-negative number")
+            out[field] = float(value)
+    if family in ("gemma3", "gemma3_text"):
+        local = cfg.get("rope_local_base_freq") or (_rope_parameters(cfg, "sliding_attention") or {}).get("rope_theta")
+        out["sliding_rope_theta"] = float(local or 10000.0)        # Gemma3TextConfig's default
+    return out
+
+
 def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
     family = cfg.get("model_type")
     if family == "gemma4_text":
@@ -499,7 +523,7 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         vocab_size=_first(cfg, "vocab_size"),
         max_context=_first(cfg, "max_position_embeddings", default=2048),
         head_dim=cfg.get("head_dim") or 0,
-        rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
+        rope_theta=float(cfg.get("rope_theta") or (_rope_parameters(cfg) or {}).get("rope_theta") or 10000.0),
         norm_eps=float(cfg.get("rms_norm_eps") or cfg.get("layer_norm_epsilon") or 1e-5),
         num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         experts_per_token=cfg.get("num_experts_per_tok") or 0,
@@ -529,6 +553,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         gemma = _gemma4(cfg, name)
         quirks["norms_per_layer"] = gemma.pop("norms_per_layer", quirks["norms_per_layer"])
         args.update(gemma)
+    if family in _GEMMA_FAMILIES:
+        args.update(_gemma(cfg, family, name))
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])
     args.update(quirks)
@@ -539,7 +565,9 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
 
 
 _GGUF_ARCHS = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"qk_norm": True}, "qwen3moe": {"qk_norm": True},
-               "gemma2": {"norms_per_layer": 4}, "gemma3": {"norms_per_layer": 4, "qk_norm": True},
+               "gemma": {"activation": "gelu_tanh"},
+               "gemma2": {"norms_per_layer": 4, "activation": "gelu_tanh"},
+               "gemma3": {"norms_per_layer": 4, "qk_norm": True, "activation": "gelu_tanh"},
                "phi3": {"fused_qkv": True, "fused_gate_up": True},
                "falcon": {"mlp": "plain", "norm": "layernorm", "fused_qkv": True},
                "gpt-oss": {"family": "gpt_oss", "extra_bias": True, "attn_sinks": True},
@@ -633,6 +661,8 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
     if family in _SLIDING_PATTERN:      # llama.cpp's own layer pattern for these architectures (load_hparams)
         args.update(sliding_window=int(meta(f"{arch}.attention.sliding_window", 0)),
                     sliding_window_pattern=_SLIDING_PATTERN[family])
+    if arch in ("gemma2", "gemma3"):
+        args.update(_gguf_gemma(meta, arch, args))
     blocks = {int(t.name.split(".")[1]) for t in reader.tensors
               if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
     # corrupt metadata: refuse before anything is sized per layer (a file of metadata alone has no blocks)
@@ -646,6 +676,24 @@ def spec_from_gguf(path: Path, reader: Any = None) -> ModelSpec:
         return ModelSpec(**args)
     except (TypeError, ValueError) as exc:
         raise ModelSourceError(f"{path}: {exc}") from None
+
+
+# llama.cpp's load_hparams: a Gemma 2 / 3 of the 27B's layer count divides q.k by sqrt(hidden / heads), others
+# by sqrt(head_dim) (the GGUF carries no query_pre_attn_scalar); Gemma 3's sliding layers use RoPE base 10000.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gguf_gemma(meta: Any, arch: str, args: dict) -> dict[str, Any]:
+    caps = (50.0, 30.0) if arch == "gemma2" else (0.0, 0.0)       # llama.cpp's defaults where the keys are absent
+    out: dict[str, Any] = {"attn_softcap": float(meta(f"{arch}.attn_logit_softcapping", caps[0])),
+                           "final_softcap": float(meta(f"{arch}.final_logit_softcapping", caps[1]))}
+    if arch == "gemma3":
+        out["attn_softcap"] = 0.0                       # llama.cpp's gemma3 graph caps no attention scores
+        if args["sliding_window"]:
+            out["sliding_rope_theta"] = 10000.0
+    if args["num_layers"] == _GEMMA_27B_LAYERS[arch]:
+        out["query_scale"] = float(args["hidden_size"] // args["num_heads"])
+    return out
 
 
 def _scalar(value: Any) -> Any:

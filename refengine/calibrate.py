@@ -18,6 +18,7 @@ import numpy as np
 
 from hwdb import ModelSpec
 from refengine import ops
+from refengine.arch import Arch, decoder_layer
 from refengine.model import check_supported
 
 DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calib.txt"
@@ -72,45 +73,36 @@ class LayerWalk:
                  state: np.ndarray | None = None, next_layer: int = 0, rope_factors: np.ndarray | None = None):
         check_supported(spec)
         self.spec, self.ids, self.interleaved = spec, ids, rope_interleaved
-        self.x = (np.asarray(embed, dtype=np.float32)[ids] if state is None
+        self.x = (Arch(spec).embed(np.asarray(embed, dtype=np.float32)[ids]) if state is None
                   else np.asarray(state, dtype=np.float32).reshape(*ids.shape, spec.hidden_size))
         self.next_layer = next_layer
-        self.cos, self.sin = ops.rope_tables(np.arange(ids.shape[1]), spec.head_dim, spec.rope_theta,
-                                             factors=rope_factors)
+        self.arch = Arch(spec)
+        self.tables = self.arch.rope_tables(np.arange(ids.shape[1]), np.float32, rope_factors)   # (T, D/2) each
 
     def step(self, w: Mapping[str, np.ndarray], advance: bool = True) -> LayerInputs:
         """Run layer `next_layer` with float32 weights w (canonical names) and return its linears' inputs;
         advance: move the hidden states past the layer (else only look)."""
         spec, i, x = self.spec, self.next_layer, self.x
-        if spec.fused_qkv or spec.fused_gate_up:                # Phi-3: the fused linears' row blocks
-            w = ops.unfuse(w, spec.q_dim, spec.kv_dim)
         r, t, h = x.shape
-        p = f"layers.{i}."
-        flat = x.reshape(r * t, h)
-        xn = ops.rmsnorm(flat, w[p + "norm.0"], spec.norm_eps)
-        proj = {}
-        for name in ("q", "k", "v"):
-            proj[name] = xn @ w[f"{p}attn.{name}"].T + (w[f"{p}attn.{name}.bias"] if spec.qkv_bias else 0)
         positions = np.arange(t)
-        qn, kn = (w[f"{p}attn.{n}_norm"] if spec.qk_norm else None for n in "qk")
-        out = np.empty((r, t, spec.num_heads * spec.head_dim), dtype=np.float32)
-        for row in range(r):
-            sl = slice(row * t, (row + 1) * t)
-            q = ops.rope(ops.heads(proj["q"][sl], spec.num_heads, spec.head_dim, qn, spec.norm_eps), self.cos,
-                         self.sin, self.interleaved)
-            k = ops.rope(ops.heads(proj["k"][sl], spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), self.cos,
-                         self.sin, self.interleaved)
-            v = proj["v"][sl].reshape(t, spec.num_kv_heads, spec.head_dim)
-            out[row] = ops.attention(q, k, v, positions).reshape(t, -1)
-        attn = out.reshape(r * t, -1)
-        flat = flat + attn @ w[p + "attn.o"].T
-        xn2 = ops.rmsnorm(flat, w[p + "norm.1"], spec.norm_eps)
-        hidden = ops.silu(xn2 @ w[p + "mlp.gate"].T) * (xn2 @ w[p + "mlp.up"].T)
-        flat = flat + hidden @ w[p + "mlp.down"].T
+        tables = {kind: (np.tile(c, (r, 1)), np.tile(s, (r, 1))) for kind, (c, s) in self.tables.items()}
+
+        def lin(a: np.ndarray, name: str) -> np.ndarray:
+            return a @ w[name].T
+
+        def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            out = np.empty_like(q)                                     # each calibration row its own sequence
+            for row in range(r):
+                sl = slice(row * t, (row + 1) * t)
+                out[sl] = ops.attention(q[sl], k[sl], v[sl], positions, window=self.arch.window(layer),
+                                        cap=spec.attn_softcap)
+            return out
+
+        flat, inputs = decoder_layer(self.arch, w, i, x.reshape(r * t, h), lin, attend, tables, self.interleaved)
         if advance:
             self.x = flat.reshape(r, t, h).astype(np.float32, copy=False)
             self.next_layer += 1
-        return LayerInputs(i, {"attn_in": xn, "attn_out": attn, "mlp_in": xn2, "mlp_hidden": hidden})
+        return LayerInputs(i, inputs)
 
 
 class WalkCheckpoint:

@@ -100,10 +100,11 @@ def _decode_rows(raw, fmt, block, r0, rows, row_bytes, dst):  # pragma: no cover
 # --- one task: positions [s0, s1) of every KV head --------------------------------------------------
 
 @numba.njit(fastmath={"reassoc", "contract"}, cache=True)
-def _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, m_out, l_out, acc_out):  # pragma: no cover
+def _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, cap, m_out, l_out, acc_out):  # pragma: no cover
     """m_out (Hq,), l_out (Hq,), acc_out (Hq, D): the chunk's max score, sum of exp(score - max) and
-    unnormalized output per query head. fastmath 'reassoc' lets the score dots vectorize: their order
-    is fixed by the compiled code (deterministic), not the order written here."""
+    unnormalized output per query head; cap > 0: each score soft-capped first (ops.softcap). fastmath
+    'reassoc' lets the score dots vectorize: their order is fixed by the compiled code (deterministic), not
+    the order written here."""
     hq, d = acc_out.shape
     g_n, n = hq // hkv, s1 - s0
     vals = (row_bytes // 2 if fmt == 0 else row_bytes if fmt == 1                 # values per row
@@ -121,6 +122,8 @@ def _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, m_out, l_out, ac
             t = np.float32(0.0)
             for i in range(_U(d)):
                 t += q[i] * kc[o + i]
+            if cap > 0:
+                t = np.float32(np.tanh(t / cap) * cap)
             sc[j] = t
             m = max(m, t)
         l = 0.0
@@ -157,27 +160,28 @@ def _merge(m, l, acc, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _attend_serial(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, length, m, l, acc, out):  # pragma: no cover
+def _attend_serial(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, length, cap, m, l, acc, out):  # pragma: no cover
     for c in range(acc.shape[0]):
         s0, s1 = c * CHUNK, min(length, (c + 1) * CHUNK)
-        _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, m[c], l[c], acc[c])
+        _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, cap, m[c], l[c], acc[c])
     _merge(m, l, acc, out)
 
 
 @numba.njit(parallel=True, cache=True)
-def _attend_parallel(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, length, m, l, acc, out):  # pragma: no cover
+def _attend_parallel(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, length, cap, m, l, acc, out):  # pragma: no cover
     for c in numba.prange(acc.shape[0]):
         s0, s1 = c * CHUNK, min(length, (c + 1) * CHUNK)
-        _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, m[c], l[c], acc[c])
+        _task(qs, k_raw, v_raw, fmt, block, hkv, row_bytes, s0, s1, cap, m[c], l[c], acc[c])
     _merge(m, l, acc, out)
 
 
 # --- the public wrapper -------------------------------------------------------------------------------
 
 def decode_attention(q: np.ndarray, k_raw: np.ndarray, v_raw: np.ndarray, length: int, fmt_name: str,
-                     head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+                     head_dim: int, out: np.ndarray | None = None, cap: float = 0.0) -> np.ndarray:
     """One token's attention: q (Hq, D) float32, already rotated, over raw caches k_raw, v_raw (C, Hkv, R)
-    uint8 in KV format fmt_name, positions 0..length-1 (the token's own K, V at length - 1) -> (Hq, D)."""
+    uint8 in KV format fmt_name, positions 0..length-1 (the token's own K, V at length - 1) -> (Hq, D).
+    A sliding window passes the window's rows only; cap: Gemma 2's soft cap on the scores (0: none)."""
     fmt = kv_format(fmt_name)
     q = np.ascontiguousarray(q, dtype=np.float32)
     k_raw = np.ascontiguousarray(k_raw, dtype=np.uint8)
@@ -203,7 +207,7 @@ def decode_attention(q: np.ndarray, k_raw: np.ndarray, v_raw: np.ndarray, length
     parallel = length * hq * d >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
     kernel = _attend_parallel if parallel else _attend_serial
     kernel(qs, k_raw.reshape(-1), v_raw.reshape(-1), np.int64(KV_CODES[fmt.name]), np.int64(fmt.block),
-           np.int64(hkv), np.int64(row_bytes), np.int64(length), m, l, acc, y)
+           np.int64(hkv), np.int64(row_bytes), np.int64(length), np.float32(cap), m, l, acc, y)
     if out is not None and not direct:
         out[...] = y
         return out

@@ -12,8 +12,9 @@ import numpy as np
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
-from planner.spec import ENGINE_FAMILIES, unsupported_fields, window_gap
+from planner.spec import ENGINE_FAMILIES, unsupported_fields
 from refengine import ops
+from refengine.arch import Arch, decoder_layer
 from refengine.kernels_attention import decode_attention
 from refengine.packed import linear
 from refengine.quant import kv_dequantize, kv_quantize
@@ -23,7 +24,7 @@ class UnsupportedModel(ValueError):
     """An architecture the reference engine does not run yet."""
 
 
-def check_supported(spec: ModelSpec, ctx: int | None = None) -> None:
+def check_supported(spec: ModelSpec) -> None:
     if spec.family not in ENGINE_FAMILIES:   # a Gemma's tensors are named as a Llama's: refuse it by name
         raise UnsupportedModel(f"{spec.name}: the {spec.family} architecture is not supported by the reference "
                                f"engine yet (it runs {', '.join(ENGINE_FAMILIES)})")
@@ -33,10 +34,6 @@ def check_supported(spec: ModelSpec, ctx: int | None = None) -> None:
         runs = " or ".join(f"{field}={w!r}" for w in (want if isinstance(want, tuple) else (want,)))
         raise UnsupportedModel(f"{spec.name}: {field}={getattr(spec, field)!r} is not supported by the reference "
                                f"engine yet (it runs {runs})")
-    if window_gap(spec, ctx):
-        raise UnsupportedModel(f"{spec.name}: a {ctx}-token context passes its {spec.sliding_window}-token sliding "
-                               f"window, which the engines do not implement yet (they attend over every position); "
-                               f"plan --ctx {spec.sliding_window} or less")
 
 
 def fill_rope_factors(arrays: Mapping, spec: ModelSpec, factors: np.ndarray | None) -> np.ndarray | None:
@@ -81,12 +78,13 @@ class Transformer:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], ctx: int, kv_name: str = "fp16",
                  chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True,
                  rope_factors: np.ndarray | None = None):
-        check_supported(spec, ctx)
+        check_supported(spec)
         self.spec, self.w, self.ctx = spec, weights, ctx
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved
         self.state = RunState(spec, ctx, self.chunk, kv_name)
         self.rope_factors = fill_rope_factors(self.state.arrays, spec, rope_factors)
+        self.arch = Arch(spec)
         self.pos = 0
 
     def reset(self) -> None:
@@ -101,49 +99,33 @@ class Transformer:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _step(self, tokens: np.ndarray) -> np.ndarray:
-        spec, st, t = self.spec, self.state, len(tokens)
+        spec, st, t, arch = self.spec, self.state, len(tokens), self.arch
         st["tokens"][:t] = tokens
         st["positions"][:t] = np.arange(self.pos, self.pos + t)
         x = st["x"][:t]                                                          # (T, H)
-        x[:] = self.w["embed"][tokens]
-        cos, sin = ops.rope_tables(st["positions"][:t], spec.head_dim, spec.rope_theta, factors=self.rope_factors)
+        x[:] = arch.embed(self.w["embed"][tokens].astype(np.float32))
+        tables = arch.rope_tables(st["positions"][:t], np.float32, self.rope_factors)
         for i in range(spec.num_layers):
-            x += self._attention(i, ops.rmsnorm(x, self.w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin)
-            xn = ops.rmsnorm(x, self.w[f"layers.{i}.norm.1"], spec.norm_eps)
-            p = f"layers.{i}.mlp"
-            if spec.fused_gate_up:         # Phi-3: one linear, gate's outputs then up's
-                gate, up = np.split(linear(xn, self.w[f"{p}.gate_up"]), 2, axis=1)
-            else:
-                gate, up = linear(xn, self.w[f"{p}.gate"]), linear(xn, self.w[f"{p}.up"])
-            hidden = ops.silu(gate) * up                                                          # (T, F)
-            x += linear(hidden, self.w[f"{p}.down"])
-        xn = ops.rmsnorm(x, self.w["norm.final"], spec.norm_eps)
-        head = self.w["head"] if "head" in self.w else self.w["embed"].astype(np.float32)   # tied: embed
+            x[:] = decoder_layer(arch, self.w, i, x, self._linear, self._attend, tables, self.rope_interleaved)[0]
         logits = st["logits"][:t]                                                # (T, V)
-        logits[:] = linear(xn, head)
+        logits[:] = arch.logits(x, self.w, self._linear, "head" if "head" in self.w else "embed")   # tied: embed
         self.pos += t
         return logits
 
-    def _attention(self, i: int, xn: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        spec, st, t, p = self.spec, self.state, len(xn), f"layers.{i}.attn"
-        if spec.fused_qkv:                 # Phi-3: one linear, its outputs q, k, v in that order
-            qkv = linear(xn, self.w[f"{p}.qkv"]) + (self.w[f"{p}.qkv.bias"] if spec.qkv_bias else 0)
-            q, k, v = np.split(qkv, [spec.q_dim, spec.q_dim + spec.kv_dim], axis=1)
-        else:
-            q = linear(xn, self.w[f"{p}.q"]) + (self.w[f"{p}.q.bias"] if spec.qkv_bias else 0)     # (T, Hq*D)
-            k = linear(xn, self.w[f"{p}.k"]) + (self.w[f"{p}.k.bias"] if spec.qkv_bias else 0)     # (T, Hkv*D)
-            v = linear(xn, self.w[f"{p}.v"]) + (self.w[f"{p}.v.bias"] if spec.qkv_bias else 0)
-        qn, kn = (self.w[f"{p}.{n}_norm"] if spec.qk_norm else None for n in "qk")
-        q = ops.rope(ops.heads(q, spec.num_heads, spec.head_dim, qn, spec.norm_eps), cos, sin, self.rope_interleaved)
-        k = ops.rope(ops.heads(k, spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), cos, sin,
-                     self.rope_interleaved)
-        end = self.pos + t
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        w = self.w[name]
+        return linear(x, w.astype(np.float32) if name == "embed" else w)
+
+    def _attend(self, i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Store this step's k, v in layer i's cache and attend over it (within the layer's window)."""
+        spec, st, t = self.spec, self.state, len(q)
+        end, window = self.pos + t, self.arch.window(i)
         st[f"kv.{i}.k"][self.pos:end] = kv_quantize(st.kv, k)
-        st[f"kv.{i}.v"][self.pos:end] = kv_quantize(st.kv, v.reshape(t, spec.num_kv_heads, spec.head_dim))
+        st[f"kv.{i}.v"][self.pos:end] = kv_quantize(st.kv, v)
+        start = max(0, self.pos - window + 1) if window else 0          # the first position any query here sees
+        kc, vc = st[f"kv.{i}.k"][start:end], st[f"kv.{i}.v"][start:end]
         if t == 1:               # decode: the Numba kernel reads the raw cache (ops.attention is its oracle)
-            out = decode_attention(q[0], st[f"kv.{i}.k"], st[f"kv.{i}.v"], end, st.kv.name, spec.head_dim)[None]
-        else:
-            keys = kv_dequantize(st.kv, st[f"kv.{i}.k"][:end], spec.head_dim)            # (S, Hkv, D)
-            values = kv_dequantize(st.kv, st[f"kv.{i}.v"][:end], spec.head_dim)
-            out = ops.attention(q, keys, values, st["positions"][:t])                      # (T, Hq, D)
-        return linear(out.reshape(t, -1), self.w[f"{p}.o"])
+            return decode_attention(q[0], kc, vc, end - start, st.kv.name, spec.head_dim, cap=spec.attn_softcap)[None]
+        keys = kv_dequantize(st.kv, kc, spec.head_dim)                                    # (S, Hkv, D)
+        values = kv_dequantize(st.kv, vc, spec.head_dim)
+        return ops.attention(q, keys, values, st["positions"][:t], np.arange(start, end), window, spec.attn_softcap)

@@ -122,16 +122,28 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) -> np.ndarray:
-    """Causal GQA: q (T, Hq, D) at positions q_pos (T,), cached k, v (S, Hkv, D) -> (T, Hq, D).
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """Gemma 2's soft cap: cap * tanh(x / cap), x itself for cap 0."""
+    return x if not cap else (np.tanh(x / x.dtype.type(cap)) * x.dtype.type(cap)).astype(x.dtype, copy=False)
 
-    Query t sees cached positions 0..q_pos[t]."""
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray | None = None,
+              window: int = 0, cap: float = 0.0) -> np.ndarray:
+    """Causal GQA: q (T, Hq, D) at positions q_pos (T,), cached k, v (S, Hkv, D) at positions k_pos (S,;
+    default 0..S-1) -> (T, Hq, D).
+
+    Query t sees the cached positions p <= q_pos[t], and with a sliding window only q_pos[t] - p < window
+    (Hugging Face's and llama.cpp's window: the query and window - 1 before it). cap: scores soft-capped
+    (softcap) before the softmax."""
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
+    k_pos = np.arange(s) if k_pos is None else k_pos
     qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3)                          # (Hkv, G, T, D)
-    scores = qg @ k.transpose(1, 2, 0)[:, None] / q.dtype.type(np.sqrt(d))       # (Hkv, G, T, S)
-    visible = np.arange(s)[None, :] <= q_pos[:, None]                            # (T, S)
+    scores = softcap(qg @ k.transpose(1, 2, 0)[:, None] / q.dtype.type(np.sqrt(d)), cap)     # (Hkv, G, T, S)
+    visible = k_pos[None, :] <= q_pos[:, None]                                   # (T, S)
+    if window:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
     scores = np.where(visible, scores, -np.inf)
     out = softmax(scores) @ v.transpose(1, 0, 2)[:, None]                        # (Hkv, G, T, D)
     return out.transpose(2, 0, 1, 3).reshape(t, hq, d).astype(q.dtype)
@@ -141,6 +153,12 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
-def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
-    """(silu(x Wg^T) * x Wu^T) Wd^T: x (T, H), Wg/Wu (F, H), Wd (H, F) -> (T, H)."""
-    return (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (Gemma's GeGLU; PyTorch's gelu(approximate="tanh"))."""
+    c = x.dtype.type(np.sqrt(2 / np.pi))
+    return x * x.dtype.type(0.5) * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}     # ModelSpec.activation -> the gated MLP's function
+
+

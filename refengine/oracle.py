@@ -14,6 +14,7 @@ import numpy as np
 from hwdb import ModelSpec
 from planner.spec import tensors
 from refengine import ops
+from refengine.arch import Arch, decoder_layer
 from refengine.model import check_supported
 from refengine.packed import QuantizedLinear
 from refengine.quant import dequantize
@@ -45,32 +46,21 @@ def oracle_logits(spec: ModelSpec, weights: Mapping, ids: Sequence[int], rope_in
     (Checkpoint.rope_factors)."""
     check_supported(spec)
     w = weights if _converted(weights, dtype) else oracle_weights(spec, weights, dtype)
-    if spec.fused_qkv or spec.fused_gate_up:                   # Phi-3: read as the separate linears (views)
-        w = ops.unfuse(w, spec.q_dim, spec.kv_dim)
+    arch = Arch(spec)
     ids = np.asarray(ids, dtype=np.int64)                                        # (T,)
     pos = np.arange(len(ids))                                                    # (T,)
-    cos, sin = ops.rope_tables(pos, spec.head_dim, spec.rope_theta, dtype, rope_factors)      # (T, D/2)
-    x = w["embed"][ids]                                                          # (T, H)
+    tables = arch.rope_tables(pos, dtype, rope_factors)                          # (T, D/2) each
+
+    def lin(x: np.ndarray, name: str) -> np.ndarray:
+        return x @ w[name].T
+
+    def attend(i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return ops.attention(q, k, v, pos, window=arch.window(i), cap=spec.attn_softcap)   # (T, Hq, D)
+
+    x = arch.embed(w["embed"][ids])                                              # (T, H)
     for i in range(spec.num_layers):
-        x = x + _attention(spec, w, i, ops.rmsnorm(x, w[f"layers.{i}.norm.0"], spec.norm_eps), cos, sin,
-                           rope_interleaved)
-        p = f"layers.{i}.mlp"
-        x = x + ops.swiglu(ops.rmsnorm(x, w[f"layers.{i}.norm.1"], spec.norm_eps),
-                           w[f"{p}.gate"], w[f"{p}.up"], w[f"{p}.down"])
-    head = w["head"] if "head" in w else w["embed"]                             # (V, H); tied: the embedding
-    return ops.rmsnorm(x, w["norm.final"], spec.norm_eps) @ head.T              # (T, V)
-
-
-def _attention(spec: ModelSpec, w: Mapping[str, np.ndarray], i: int, xn: np.ndarray, cos: np.ndarray,
-               sin: np.ndarray, interleaved: bool) -> np.ndarray:
-    """Causal GQA self-attention over the whole sequence: xn (T, H) -> (T, H)."""
-    t, p = len(xn), f"layers.{i}.attn"
-    q, k, v = (xn @ w[f"{p}.{n}"].T + (w[f"{p}.{n}.bias"] if spec.qkv_bias else 0) for n in "qkv")
-    qn, kn = (w[f"{p}.{n}_norm"] if spec.qk_norm else None for n in "qk")
-    q = ops.rope(ops.heads(q, spec.num_heads, spec.head_dim, qn, spec.norm_eps), cos, sin, interleaved)   # (T, Hq, D)
-    k = ops.rope(ops.heads(k, spec.num_kv_heads, spec.head_dim, kn, spec.norm_eps), cos, sin, interleaved)
-    out = ops.attention(q, k, v.reshape(t, spec.num_kv_heads, spec.head_dim), np.arange(t))   # (T, Hq, D)
-    return out.reshape(t, -1) @ w[f"{p}.o"].T
+        x = decoder_layer(arch, w, i, x, lin, attend, tables, rope_interleaved)[0]
+    return arch.logits(x, w, lin, "head" if "head" in w else "embed")          # (T, V); tied: the embedding
 
 
 def _converted(weights: Mapping, dtype: type) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 from hwdb import ModelSpec
 from planner.spec import (SCALED_ROPE, ModelSourceError, hf_rope_scaling, spec_from_gguf, spec_from_hf_config,
                           tensors as inventory)
+from refengine.arch import GEMMA_FAMILIES
 from refengine.errors import WeightsError, one_line
 
 ROPE_INTERLEAVED = "gguf-interleaved"     # pairs (x[2j], x[2j+1]): llama.cpp-permuted q/k rows
@@ -103,9 +104,22 @@ HF_NAMES: dict[str, Optional[str]] = {
     "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": "layers.{i}.moe.{e}.down",
 }
 
+# Gemma 2 / 3 norm after attention as well as before the MLP: their post_attention_layernorm is not a Llama's.
+HF_GEMMA_NAMES: dict[str, Optional[str]] = {
+    **HF_NAMES,
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.norm.2",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.norm.1",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.norm.3",
+}
+# An image-text checkpoint's language model (Gemma 3 4B and up): its names under these prefixes, as a text-only
+# checkpoint's under "model."; the vision encoder and projector are not planned or run.
+HF_LANGUAGE_PREFIXES = ("language_model.model.", "model.language_model.")
+HF_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
 # GGUF architecture -> the q/k row layout its converter wrote (llama.cpp llama_model_rope_type: NORM / NEOX).
 GGUF_ROPE_LAYOUT = {"llama": ROPE_INTERLEAVED, "mistral": ROPE_INTERLEAVED, "qwen2": ROPE_HALVES,
-                    "qwen3": ROPE_HALVES, "phi3": ROPE_HALVES, "gemma2": ROPE_HALVES, "falcon": ROPE_HALVES}
+                    "qwen3": ROPE_HALVES, "phi3": ROPE_HALVES, "gemma": ROPE_HALVES, "gemma2": ROPE_HALVES,
+                    "gemma3": ROPE_HALVES, "falcon": ROPE_HALVES}
 
 SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 
@@ -150,7 +164,7 @@ class Checkpoint:
     metadata: Mapping[str, Any] = field(repr=False)   # GGUF key/values, or the HF config.json
     # float32 (head_dim / 2,): each RoPE pair's frequency divisor where spec.rope_scaling is llama3, linear or yarn
     rope_factors: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
-    rope_mscale: float = 1.0     # YaRN's multiplier of cos and sin, already folded into the queries (_fold_mscale)
+    rope_mscale: float = 1.0     # YaRN's multiplier of cos and sin, already folded into the queries (_fold_queries)
 
     def __getitem__(self, name: str) -> TensorRecord:
         return self.tensors[name]
@@ -340,29 +354,40 @@ def _rope_factors(where: Path, spec: ModelSpec, factors: Optional[np.ndarray]) -
     return factors
 
 
-def _fold_mscale(spec: ModelSpec, tensors: Mapping[str, TensorRecord], mscale: float) -> Mapping[str, TensorRecord]:
-    """YaRN multiplies cos and sin by mscale, so every attention logit q.k by mscale^2: the same as queries
-    mscale^2 times larger (RoPE is linear). So the query side is scaled as it is read (Qwen3's q_norm weight,
-    else q_proj's rows and bias), and no engine, oracle or quantizer needs to know: they all read these."""
-    if mscale == 1.0:
+def _fold_queries(spec: ModelSpec, tensors: Mapping[str, TensorRecord], mscale: float) -> Mapping[str, TensorRecord]:
+    """Two constants that multiply every attention logit q.k, folded into the queries as they are read (Qwen3's
+    and Gemma 3's q_norm weight, else q_proj's rows and bias), so that no engine, oracle or quantizer needs to
+    know of them (they all read these tensors):
+    - YaRN multiplies cos and sin by mscale, so q.k by mscale^2 (RoPE is linear);
+    - Gemma divides q.k by sqrt(query_pre_attn_scalar) where the engines divide by sqrt(head_dim)."""
+    scale = mscale * mscale * (math.sqrt(spec.head_dim / spec.query_scale) if spec.query_scale else 1.0)
+    if scale == 1.0:
         return tensors
-    scale, out = np.float32(mscale * mscale), dict(tensors)
+    names = [f"layers.{i}.attn.{n}" for i in range(spec.num_layers)
+             for n in (("q_norm",) if spec.qk_norm else ("qkv", "qkv.bias") if spec.fused_qkv else ("q", "q.bias"))]
+    rows = spec.q_dim if spec.fused_qkv and not spec.qk_norm else None
+    return _scaled(tensors, [n for n in names if n in tensors], np.float32(scale), rows=rows)
 
-    def scaled(rec: TensorRecord, rows: Optional[int]) -> TensorRecord:
+
+def _scaled(tensors: Mapping[str, TensorRecord], names: list[str], scale: np.float32, add: float = 0.0,
+            rows: Optional[int] = None) -> Mapping[str, TensorRecord]:
+    """These tensors read as (w + add) * scale, in float32; rows: only their first rows scaled."""
+    def changed(rec: TensorRecord) -> TensorRecord:
         def read() -> np.ndarray:
-            a = np.array(rec.read(), dtype=np.float32).reshape(rec.shape)
+            a = np.array(rec.read(), dtype=np.float32).reshape(rec.shape) + np.float32(add)
             a[:rows] *= scale
             return a
         return replace(rec, read=read)
+    return MappingProxyType({**tensors, **{n: changed(tensors[n]) for n in names}})
 
-    for i in range(spec.num_layers):
-        p = f"layers.{i}.attn"
-        names = [f"{p}.q_norm"] if spec.qk_norm else [f"{p}.qkv", f"{p}.qkv.bias"] if spec.fused_qkv else \
-            [f"{p}.q", f"{p}.q.bias"]
-        for name in names:
-            if name in out:
-                out[name] = scaled(out[name], spec.q_dim if spec.fused_qkv and not spec.qk_norm else None)
-    return MappingProxyType(out)
+
+def _gemma_norms(spec: ModelSpec, tensors: Mapping[str, TensorRecord]) -> Mapping[str, TensorRecord]:
+    """Gemma's RMSNorms multiply by (1 + w), and a Hugging Face checkpoint stores w: read as 1 + w, the weight
+    every other norm multiplies by (llama.cpp's converter adds the 1 likewise, so a Gemma GGUF needs nothing)."""
+    if spec.family not in GEMMA_FAMILIES:
+        return tensors
+    names = [n for n in tensors if n == "norm.final" or re.fullmatch(r"layers\.\d+\.(norm\.\d|attn\.[qk]_norm)", n)]
+    return _scaled(tensors, names, np.float32(1.0), add=1.0)
 
 
 def _gguf_rope(path: Path, reader: Any, spec: ModelSpec) -> tuple[Optional[np.ndarray], float]:
@@ -435,7 +460,7 @@ def load_gguf(path: Union[str, Path]) -> Checkpoint:
     table = {**GGUF_NAMES, **(GGUF_FUSED_GATE_UP if spec.fused_gate_up else {})}
     tensors = _collect(path, spec, table, _gguf_records(path, reader, table))
     factors, mscale = _gguf_rope(path, reader, spec)
-    return Checkpoint(path, "gguf", spec, _fold_mscale(spec, tensors, mscale), layout,
+    return Checkpoint(path, "gguf", spec, _fold_queries(spec, tensors, mscale), layout,
                       _GGUFMetadata(path, reader.fields), _rope_factors(path, spec, factors), mscale)
 
 
@@ -510,7 +535,10 @@ def _bf16_reader(path: Path, offset: int, count: int) -> Callable[[], np.ndarray
 def _safetensors_records(path: Path, table: Mapping[str, Optional[str]]) -> Iterator[TensorRecord]:
     handle, start, header = _open_safetensors(path)
     for name in handle.keys():
-        hit = _canonical(path, table, name, "Hugging Face")
+        if name.startswith(HF_VISION_PREFIXES):
+            continue
+        language = next((p for p in HF_LANGUAGE_PREFIXES if name.startswith(p)), None)
+        hit = _canonical(path, table, "model." + name[len(language):] if language else name, "Hugging Face")
         if hit is None:
             continue
         target, nums = hit
@@ -550,10 +578,12 @@ def load_safetensors(path_or_dir: Union[str, Path]) -> Checkpoint:
     except ModelSourceError as exc:
         raise WeightsError(one_line(exc)) from None
 
+    table = HF_GEMMA_NAMES if spec.family in GEMMA_FAMILIES and spec.norms_per_layer == 4 else HF_NAMES
+
     def records() -> Iterator[TensorRecord]:
         for f in files:
-            yield from _safetensors_records(f, HF_NAMES)
-    tensors = _collect(path, spec, HF_NAMES, records())
+            yield from _safetensors_records(f, table)
+    tensors = _collect(path, spec, table, records())
     factors, mscale = None, 1.0
     if spec.rope_scaling in SCALED_ROPE:
         from refengine.ops import rope_factors, rope_mscale
@@ -565,7 +595,7 @@ def load_safetensors(path_or_dir: Union[str, Path]) -> Checkpoint:
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{config}: rope_scaling {spec.rope_scaling!r} lacks or misstates a parameter "
                                f"({one_line(exc)}); copy the model's own config.json") from None
-    return Checkpoint(path, "safetensors", spec, _fold_mscale(spec, tensors, mscale), ROPE_HALVES,
+    return Checkpoint(path, "safetensors", spec, _fold_queries(spec, _gemma_norms(spec, tensors), mscale), ROPE_HALVES,
                       MappingProxyType(cfg), _rope_factors(config, spec, factors), mscale)
 
 

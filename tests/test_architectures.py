@@ -1,15 +1,17 @@
 """Each architecture the engines run, against llama.cpp's logits on the same tiny random weights.
 
-benchmarks/llamacpp_architectures.py wrote one tiny random model per architecture (Llama, Qwen2 with q/k/v
-biases, Qwen3 with its per-head q/k norms, one with heads wider than hidden / heads) as an F32 GGUF, ran
+benchmarks/llamacpp_architectures.py wrote one tiny random model per architecture (Llama, Llama 3.1's RoPE,
+Phi-3, Qwen2 with q/k/v biases and with YaRN, Qwen3 with its per-head q/k norms and with heads wider than
+hidden / heads, Gemma 1 / 2 / 3 with sliding windows past their window) as an F32 GGUF, ran
 llama.cpp on it and recorded its teacher-forced logits with a digest of the weights. Here the same weights
 are made again (checked by the digest), written as the same GGUF, read by our loader and run by the oracle
 and the float32 engine, prefill in chunks and token by token. llama.cpp itself is not needed; where it is
 installed, it is also run live.
 
 Bound: 2e-3 of the logit scale. Measured (llama-cpp-python 0.3.36, benchmarks/results/
-llamacpp_architectures.json): at most 2.9e-4, llama.cpp's f16 KV cache and summation order. An
-architecture misread (a Qwen3 without its q/k norms: test below) is off by 0.14.
+llamacpp_architectures.json): at most 3.4e-4, llama.cpp's f16 KV cache and summation order. An
+architecture misread (a Qwen3 without its q/k norms, a Gemma 2 without its window: tests below) is off by 0.03
+to 1.3.
 """
 from __future__ import annotations
 
@@ -87,17 +89,35 @@ def _without_mscale(spec, w):                     # YaRN's factors kept, its q.k
     return spec, {n: (a / m2 if n.endswith(("attn.q", "attn.q.bias")) else a) for n, a in w.items()}
 
 
+def _changed(**fields):
+    def misread(spec, w):
+        return dataclasses.replace(spec, **fields), w
+    misread.__name__ = "_with_" + "_".join(f"{k}_{v}" for k, v in fields.items())
+    return misread
+
+
 def _gate_and_up_swapped(spec, w):
     return spec, {n: (np.concatenate(np.split(a, 2)[::-1]) if n.endswith("gate_up") else a) for n, a in w.items()}
 
 
 @pytest.mark.parametrize("name,misread", [("qwen3", _without_head_norms), ("llama3-rope", _without_rope_factors),
                                           ("qwen2-yarn", _without_rope_factors), ("qwen2-yarn", _without_mscale),
-                                          ("phi3", _gate_and_up_swapped)])
+                                          ("phi3", _gate_and_up_swapped),
+                                          ("gemma", _changed(family="llama")),               # no sqrt(H) embedding
+                                          ("gemma2", _changed(activation="silu")),
+                                          ("gemma2", _changed(sliding_window=0, sliding_window_pattern=0)),
+                                          ("gemma2", _changed(attn_softcap=0.0)),
+                                          ("gemma2", _changed(final_softcap=0.0)),
+                                          ("gemma2", _changed(norms_per_layer=2)),           # no post norms
+                                          ("gemma3", _changed(sliding_rope_theta=0.0)),
+                                          ("gemma3", _without_rope_factors)])
 def test_a_misread_architecture_is_caught(tiny, name, misread):
     """The record discriminates: Qwen3 without its q/k norms, Llama 3.1's RoPE without its factors (the engines
     before 2026-11-27), YaRN without its factors or without its mscale, or Phi-3's gate and up halves swapped
-    land 50 to 250 times past the bound (0.14, 0.19, 0.30, 0.12 and 0.50 of the logit scale)."""
+    land 50 to 250 times past the bound (0.14, 0.19, 0.30, 0.12 and 0.50 of the logit scale). So do Gemma's
+    departures, each left out (measured 2026-11-27): its embedding scale 0.48; Gemma 2 with SwiGLU 0.035, without
+    its window 0.14, its score cap 0.067, its logit cap 1.3, its post norms 0.17; Gemma 3 with one RoPE base
+    0.062, without its global layers' linear factors 0.027."""
     path, want = tiny[name]
     ckpt = load_gguf(path)
     spec, w = misread(ckpt.spec, {n: r.numpy() for n, r in ckpt.tensors.items()})

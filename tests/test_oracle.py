@@ -170,7 +170,8 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_linears_are_their_row_blocks(bias):
-    """A Phi-3 (fused q/k/v and gate/up) is exactly the Llama whose separate linears are its row blocks."""
+    """A Phi-3 (fused q/k/v and gate/up) is the Llama whose separate linears are its row blocks (to float64's
+    rounding: one product of the fused matrix sums in another order than three of its blocks)."""
     fused = make_spec(bias=bias, fused=True)
     w = random_weights(fused, 3)
     plain = dataclasses.replace(fused, family="llama", fused_qkv=False, fused_gate_up=False)
@@ -185,7 +186,7 @@ def test_fused_linears_are_their_row_blocks(bias):
             split[name] = a
     ids = list(np.random.default_rng(3).integers(0, fused.vocab_size, 20))
     want = oracle_logits(plain, split, ids, False)
-    assert np.array_equal(oracle_logits(fused, w, ids, False), want)
+    assert np.allclose(oracle_logits(fused, w, ids, False), want, rtol=0, atol=1e-12 * np.abs(want).max())
     got = engine_logits(fused, w, ids, "fp16", 7, 12, False)
     compare(got, want, fused.num_layers * FP16_KV_ROUNDING)
 

@@ -104,7 +104,7 @@ def test_unsupported_architecture_is_named():
                     experts_per_token=2)
     with pytest.raises(UnsupportedModel, match="num_experts"):
         Transformer(moe, {}, ctx=8)
-    # Gemma's checkpoints name their tensors as a Llama's do: the family itself is refused
-    gemma = dataclasses.replace(moe, family="gemma", num_experts=0, experts_per_token=0)
-    with pytest.raises(UnsupportedModel, match="the gemma architecture is not supported .* runs llama, mistral"):
-        Transformer(gemma, {}, ctx=8)
+    # a Falcon's checkpoint could be named as a Llama's: the family itself is refused
+    falcon = dataclasses.replace(moe, family="falcon", num_experts=0, experts_per_token=0)
+    with pytest.raises(UnsupportedModel, match="the falcon architecture is not supported .* runs llama, mistral"):
+        Transformer(falcon, {}, ctx=8)
