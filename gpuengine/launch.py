@@ -198,7 +198,7 @@ def folds_norm(*lins: DeviceLinear) -> bool:
     return FUSE_NORM and (MATVEC.lane == 32 or on_tensor_cores(*lins))
 
 
-def _tmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple] = None) -> None:
+def _tmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = None) -> None:
     shape = MATVEC_TC
     if shape.tiles not in TC_TILES or not 1 <= shape.warps <= 32:
         raise LaunchError(f"tensor-core matvec {shape.kernel} x {shape.warps} warps is not compiled")
@@ -234,7 +234,7 @@ def _norm_in(norm: Optional[tuple], x: Any, tensor_cores: bool = False) -> np.nd
     return a
 
 
-def _qmatvec(x: Any, mats: list, n: int, glu: bool = False, norm: Optional[tuple] = None,
+def _qmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = None,
              lins: Optional[list] = None) -> None:
     shape = MATVEC
     if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
@@ -294,17 +294,18 @@ def matvec_fused(x: Any, jobs: list, norm: Optional[tuple] = None) -> None:
         _qmatvec(x, mats, n, norm=norm, lins=lins)
 
 
-def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optional[tuple] = None) -> None:
-    """y (n,) = silu(gate x) * (up x) in one launch (the MLP's SwiGLU input to down); gate and up `fusable`
-    and of one shape; norm as matvec_fused's."""
+def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optional[tuple] = None,
+               act: str = "silu") -> None:
+    """y (n,) = act(gate x) * (up x) in one launch (the MLP's SwiGLU or GeGLU input to down); gate and up
+    `fusable` and of one shape; norm as matvec_fused's."""
     if not fusable(gate, up) or gate.shape != up.shape:
         raise LaunchError("gate and up cannot share one matvec launch")
     check_matvec(x, y, gate, None)
     check_matvec(x, y, up, None)
     if on_tensor_cores(gate, up):
-        _tmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm)
+        _tmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=ACT_CODES[act], norm=norm)
     else:
-        _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=True, norm=norm, lins=[gate, up])
+        _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=ACT_CODES[act], norm=norm, lins=[gate, up])
 
 
 # Prefill's dequantization kernel: "slice" (a flat index over the tile, as measured in every GPU run so far)
@@ -363,18 +364,32 @@ def gemm(a16: Any, w16: Any, out: Any, col0: int = 0, accumulate: bool = False) 
                   out.data.ptr + 4 * col0, _R_32F, out.shape[1], _COMPUTE_32F, _GEMM_DEFAULT)
 
 
-def rmsnorm(x: Any, w: Any, out: Any, eps: float) -> None:
+def rmsnorm(x: Any, w: Any, out: Any, eps: float, add: bool = False) -> None:
+    """out (t, h) = ops.rmsnorm(x, w, eps), or with add out += it (then not in place)."""
     t, h = x.shape
     check("x", x, np.float32)
     check("w", w, np.float32, (h,))
     check("out", out, np.float32, (t, h))
-    function("norm", "rmsnorm")((t,), (NORM_THREADS,), (x, w, out, _i(h), _f(eps)))
+    if add and _ptr(x) == _ptr(out):
+        raise LaunchError("rmsnorm: add needs an output apart from its input")
+    function("norm", "rmsnorm")((t,), (NORM_THREADS,), (x, w, out, _i(h), _f(eps), _i(add)))
 
 
-def swiglu(gate: Any, up: Any) -> None:
+# ModelSpec.activation -> the kernels' code for a gated MLP's activation (gated_act in common.cuh)
+ACT_CODES = {"silu": 1, "gelu_tanh": 2}
+
+
+def glu(gate: Any, up: Any, act: str = "silu") -> None:
+    """gate = act(gate) * up, in place (the MLP's input to down, after prefill's GEMMs)."""
     check("gate", gate, np.float32)
     check("up", up, np.float32, gate.shape)
-    function("norm", "swiglu")((_blocks(gate.size),), (THREADS,), (gate, up, np.int64(gate.size)))
+    function("norm", "glu")((_blocks(gate.size),), (THREADS,), (gate, up, np.int64(gate.size), _i(ACT_CODES[act])))
+
+
+def softcap(x: Any, cap: float) -> None:
+    """x = cap tanh(x / cap), in place (Gemma 2's logits)."""
+    check("x", x, np.float32)
+    function("norm", "softcap")((_blocks(x.size),), (THREADS,), (x, np.int64(x.size), _f(cap)))
 
 
 def add_bias(y: Any, b: Any) -> None:
@@ -438,10 +453,12 @@ def attends_in_one_step(hq: int, hkv: int, d: int) -> bool:
     return ATTN_DECODE == "step" and gqa_fits(hq, hkv, d)
 
 
-def attention_split(t: int, ctx: int) -> tuple[int, int]:
-    """(positions per block, blocks per head): one token's context is split into chunks of ATTN_CHUNK (more
-    for long contexts, at most ATTN_MAX_SPLITS of them) so its few heads fill the GPU; a prefill chunk's
-    queries give enough blocks already and each takes its whole context."""
+def attention_split(t: int, ctx: int, window: int = 0) -> tuple[int, int]:
+    """(positions per block, blocks per head): one token's context (a sliding layer's: its window) is split
+    into chunks of ATTN_CHUNK (more for long contexts, at most ATTN_MAX_SPLITS of them) so its few heads fill
+    the GPU; a prefill chunk's queries give enough blocks already and each takes its whole context."""
+    if window:
+        ctx = min(ctx, window)
     if t > 1:
         return ctx, 1
     chunk = max(ATTN_CHUNK, math.ceil(ctx / ATTN_MAX_SPLITS))
@@ -459,9 +476,11 @@ def _check_attention(q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any
     check("partials", partials, np.float32)
 
 
-def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any) -> None:
+def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any, window: int = 0,
+              cap: float = 0.0) -> None:
     """out (t, hq, d) = causal attention of q (t, hq, d) over the caches (ctx, hkv, row bytes) at positions
-    pos (t,); partials: planner.memory's attn_partials (hq, ATTN_MAX_SPLITS, d + 2) float32."""
+    pos (t,); partials: planner.memory's attn_partials (hq, ATTN_MAX_SPLITS, d + 2) float32. window: a sliding
+    layer's (0: none); cap: the scores' soft cap (0: none), both as ops.attention."""
     t, hq, d = q.shape
     ctx, hkv, row_bytes = kc.shape
     _check_attention(q, kc, vc, pos, out, partials)
@@ -472,27 +491,30 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
     if t > 1 and ATTN_PREFILL == "tiled" and d <= ATTN_TILE_D:
         function("attention", f"attention_tiled<{KV_CODES[fmt]}>")(
             (math.ceil(t / ATTN_TQ), hq), (ATTN_THREADS,),
-            (q, kc, vc, pos, out, _i(t), _i(hq), _i(hkv), _i(d), _i(row_bytes)))
+            (q, kc, vc, pos, out, _i(t), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(window), _f(cap)))
         return
-    chunk, nsplit = attention_split(t, ctx)
+    chunk, nsplit = attention_split(t, ctx, window)
     if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
         raise LaunchError(f"attention: {partials.size} partial floats for {hq} heads x {nsplit} splits")
     if t == 1 and ATTN_DECODE in ("gqa", "step") and gqa_fits(hq, hkv, d):
         function("attention", f"attention_gqa<{KV_CODES[fmt]}, 0>")(
             (nsplit, hkv), (ATTN_THREADS,),
             (q, q, q, kc, vc, pos, out, partials, pos, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-             np.float64(0), np.uint64(0), _i(0)))
+             np.float64(0), np.uint64(0), _i(0), _i(window), _f(cap)))
     else:
         function("attention", f"attention<{KV_CODES[fmt]}>")(
             (t * nsplit, hq), (ATTN_THREADS,),
-            (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit)))
+            (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
+             _i(window), _f(cap)))
     if nsplit > 1:
         function("attention", "attention_merge")(
-            (t, hq), (ATTN_THREADS,), (partials, pos, out, _i(t), _i(0), _i(hq), _i(d), _i(chunk), _i(nsplit)))
+            (t, hq), (ATTN_THREADS,),
+            (partials, pos, out, _i(t), _i(0), _i(hq), _i(d), _i(chunk), _i(nsplit), _i(window)))
 
 
 def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: Any,
-                   tickets: Any, theta: float, interleaved: bool, factors: Any = None) -> None:
+                   tickets: Any, theta: float, interleaved: bool, factors: Any = None, window: int = 0,
+                   cap: float = 0.0) -> None:
     """A decode step's attention in one launch: q (1, hq, d) and k (1, hkv, d) rotated (RoPE at pos (1,), on
     the device) inside the kernel (q and k stay as they are), k and v (1, hkv, d) stored in the caches kc, vc
     (ctx, hkv, row bytes) at pos, and out (1, hq, d) = causal attention over positions 0 .. pos: rope_store
@@ -507,14 +529,14 @@ def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any,
     if t != 1 or not gqa_fits(hq, hkv, d):
         raise LaunchError(f"attention_step: {t} queries of {hq} heads over {hkv} KV heads of dim {d} "
                           f"(one query, head dim <= {ATTN_TILE_D} and a multiple of 4, <= {GQA_MAX_G} heads a KV head)")
-    chunk, nsplit = attention_split(1, ctx)
+    chunk, nsplit = attention_split(1, ctx, window)
     if partials.size < hq * nsplit * (d + 2) or tickets.size < hkv:
         raise LaunchError(f"attention_step: {partials.size} partial floats, {tickets.size} tickets for {hq} heads "
                           f"x {nsplit} splits over {hkv} KV heads")
     function("attention", f"attention_gqa<{KV_CODES[fmt]}, 1>")(
         (nsplit, hkv), (ATTN_THREADS,),
         (q, k, v, kc, vc, pos, out, partials, tickets, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-         np.float64(theta), _factors(factors, d), _i(interleaved)))
+         np.float64(theta), _factors(factors, d), _i(interleaved), _i(window), _f(cap)))
 
 
 def argmax(x: Any, out: Any) -> None:

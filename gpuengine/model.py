@@ -18,8 +18,8 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
-from refengine.arch import GEMMA_FAMILIES
-from refengine.model import UnsupportedModel, check_supported, fill_rope_factors
+from refengine.arch import Arch
+from refengine.model import check_supported, fill_rope_factors
 from refengine.ops import unfuse
 from refengine.stream import layer_of
 
@@ -151,9 +151,7 @@ class GPUTransformer:
         import cupyx
 
         check_supported(spec)
-        if spec.family in GEMMA_FAMILIES or spec.sliding_window:
-            raise UnsupportedModel(f"{spec.name}: the CUDA engine does not run {spec.family}'s sliding windows, "
-                                   f"GeGLU or soft caps yet; the reference engine does (vramwise run --engine ref)")
+        self.arch = Arch(spec)
         self.spec, self.ctx = spec, ctx
         self.chunk = min(chunk, ctx)
         self.rope_interleaved = rope_interleaved
@@ -196,7 +194,7 @@ class GPUTransformer:
             raise ValueError(f"{self.pos + t} tokens exceed the planned context of {self.ctx}")
         self.stream.synchronize()                  # the previous step's copies have read the pinned inputs
         self._pinned_pos[:t] = np.arange(self.pos, self.pos + t, dtype=np.int32)
-        self._pinned_x[:t] = self.weights.embed[tokens]                           # (T, H) fp16 -> fp32, host
+        self._pinned_x[:t] = self.arch.embed(self.weights.embed[tokens].astype(np.float32))   # (T, H), host
         with self.stream:
             if t == 1 and self.graphs and self._graph is None and self._eager_decodes >= 1:
                 self.stream.begin_capture()        # the first decode ran eagerly: every kernel is compiled
@@ -227,19 +225,19 @@ class GPUTransformer:
             self._attention(i, w, x, xn, t)
             p, norm = f"layers.{i}.mlp", (w[f"layers.{i}.norm.1"], spec.norm_eps)
             gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                        # (T, F)
-            wg, wu = w[f"{p}.gate"], w[f"{p}.up"]
+            wg, wu, act = w[f"{p}.gate"], w[f"{p}.up"], spec.activation
             if t == 1 and K.fusable(wg, wu) and wg.shape == wu.shape:
                 if K.folds_norm(wg, wu):
-                    K.matvec_glu(x[0], wg, wu, gate[0], norm=norm)                 # silu(gate) * up of rmsnorm(x)
+                    K.matvec_glu(x[0], wg, wu, gate[0], norm=norm, act=act)        # act(gate) * up of rmsnorm(x)
                 else:
                     K.rmsnorm(x, norm[0], xn, norm[1])
-                    K.matvec_glu(xn[0], wg, wu, gate[0])                           # silu(gate) * up
+                    K.matvec_glu(xn[0], wg, wu, gate[0], act=act)                  # act(gate) * up
             else:
                 K.rmsnorm(x, norm[0], xn, norm[1])
                 self._linear(xn, wg, gate)
                 self._linear(xn, wu, up)
-                K.swiglu(gate, up)
-            self._linear(gate, w[f"{p}.down"], x, accumulate=True)
+                K.glu(gate, up, act)
+            self._residual(gate, w[f"{p}.down"], x, xn, w.get(f"layers.{i}.norm.3"))
             self._issue(sched.after(i))
         g = self.weights.globals
         head, logits = g["head"], st["logits"][:t]                                 # (T, V)
@@ -248,6 +246,17 @@ class GPUTransformer:
         else:
             K.rmsnorm(x, g["norm.final"], xn, spec.norm_eps)
             self._linear(xn, head, logits)
+        if spec.final_softcap:
+            K.softcap(logits, spec.final_softcap)
+
+    def _residual(self, a: Any, lin: Any, x: Any, scratch: Any, post_norm: Any) -> None:
+        """x += a W^T, a sublayer's output joining the residual; where the model norms it first (Gemma 2 / 3:
+        norm.2 after attention, norm.3 after the MLP; None elsewhere), through scratch (T, H)."""
+        if post_norm is None:
+            self._linear(a, lin, x, accumulate=True)
+            return
+        self._linear(a, lin, scratch)
+        K.rmsnorm(scratch, post_norm, x, self.spec.norm_eps, add=True)
 
     def _issue(self, ops: list[Op]) -> None:
         """Streaming's copies and the events ordering them (gpuengine.schedule), in issue order."""
@@ -286,14 +295,16 @@ class GPUTransformer:
         q3, k3, v3 = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
         kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]
         out = st["attn_out"][:t]                                                   # (T, Hq*D)
+        theta, factors = ((spec.sliding_rope_theta, None) if self.arch.rope_kind(i) == "local"   # Gemma 3's local
+                          else (spec.rope_theta, self.rope_factors))
+        window, cap = self.arch.window(i), spec.attn_softcap
         if t == 1 and K.attends_in_one_step(hq, hkv, d):                           # RoPE, store, attention
             K.attention_step(st.kv.name, q3, k3, v3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"],
-                             st["attn_tickets"], spec.rope_theta, self.rope_interleaved, self.rope_factors)
+                             st["attn_tickets"], theta, self.rope_interleaved, factors, window, cap)
         else:
-            K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, spec.rope_theta, self.rope_interleaved,
-                         self.rope_factors)
-            K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"])
-        self._linear(out, w[f"{p}.o"], st["x"][:t], accumulate=True)
+            K.rope_store(st.kv.name, q3, k3, v3, kc, vc, pos, theta, self.rope_interleaved, factors)
+            K.attention(st.kv.name, q3, kc, vc, pos, out.reshape(t, hq, d), st["attn_partials"], window, cap)
+        self._residual(out, w[f"{p}.o"], x, xn, w.get(f"layers.{i}.norm.2"))
 
     def _linear(self, x: Any, lin: Any, out: Any, accumulate: bool = False, bias: Any = None) -> None:
         """out (T, N) (+)= x (T, K) W^T (+ bias): the fused matvec for one token, else fp16 tiles + cuBLAS."""

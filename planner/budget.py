@@ -16,7 +16,7 @@ from planner.formats import KVFormat, QuantOption
 from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, Traffic,
                               decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds,
                               memory_bandwidth, prefill_seconds)
-from planner.spec import active_param_count, tensors
+from planner.spec import active_param_count, positions_read, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.
 HOST_OS_RESERVE_BYTES = 4 * mem.GiB
@@ -135,9 +135,9 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
 
 
 def _prefill_flops_per_token(spec: ModelSpec, avg_ctx: float) -> float:
-    """2 FLOPs per active weight, plus QK^T and AV over the average context."""
+    """2 FLOPs per active weight, plus QK^T and AV over the average context (a sliding layer's: its window)."""
     linear = active_param_count(spec) - spec.vocab_size * spec.hidden_size   # the embedding is a lookup
-    return 2.0 * linear + 4.0 * spec.num_layers * spec.q_dim * avg_ctx
+    return 2.0 * linear + 4.0 * spec.q_dim * sum(positions_read(spec, (spec.family,), avg_ctx))
 
 
 def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layout) -> Assessment:
@@ -168,14 +168,16 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     eff = efficiency(gpu)
     overhead_s = eff.decode_overhead_s(gpu, spec.num_layers)
     pos = min(lay.prompt_tokens, lay.ctx)
+    # cached positions each layer's attention reads (vramwise's engines: a sliding layer's window only)
+    seen = positions_read(spec, (spec.family,), pos)
     gpu_layers_read = sum(read_bytes[i] for i in on_gpu)
-    vram = gpu_layers_read + glob["head"] + glob["norm.final"] + len(on_gpu) * pos * kv_token
+    vram = gpu_layers_read + glob["head"] + glob["norm.final"] + sum(seen[i] for i in on_gpu) * kv_token
     hidden = spec.hidden_size * 4
     if lay.mode == "gpu":
         traffic = Traffic(vram_bytes=vram, link_bytes=hidden * 2 * (gpu_count - 1), overhead_s=overhead_s)
         overlap = False
     elif lay.mode == "offload" and not streaming:
-        cpu_read = sum(read_bytes[i] for i in off) + len(off) * pos * kv_token
+        cpu_read = sum(read_bytes[i] for i in off) + sum(seen[i] for i in off) * kv_token
         # CPU layers that exceed RAM are memory-mapped: each token scans them in the same order, and
         # LRU evicts exactly the pages needed next, so all of them come from disk (a streaming engine
         # instead pins what fits and reads only the rest)
@@ -185,7 +187,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         overlap = False
     else:                                   # streamed layers: all (stream), or the host ones (offload)
         streamed = sum(layer_bytes[i] for i in off)
-        vram = sum(read_bytes) + glob["head"] + glob["norm.final"] + spec.num_layers * pos * kv_token
+        vram = sum(read_bytes) + glob["head"] + glob["norm.final"] + sum(seen) * kv_token
         traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
                           overhead_s=overhead_s)
         # a prefetching engine overlaps copies with compute; vramwise's copies each layer in stream order
@@ -197,7 +199,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
         weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
-        gpu_s = engine_decode_seconds(engine, weights, values, len(computed) * pos * kv_token, len(computed), gpu,
+        gpu_s = engine_decode_seconds(engine, weights, values, sum(seen[i] for i in computed) * kv_token, len(computed), gpu,
                                       2 if spec.qk_norm else 0)                # gpuengine's head-norm launches
     decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)

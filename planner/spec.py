@@ -213,7 +213,7 @@ def windowed_layers(spec: ModelSpec, families: tuple[str, ...]) -> list[bool]:
     return [spec.family in families and spec.is_sliding(i) for i in range(spec.num_layers)]
 
 
-def positions_read(spec: ModelSpec, families: tuple[str, ...], depth: int) -> list[int]:
+def positions_read(spec: ModelSpec, families: tuple[str, ...], depth: float) -> list[float]:
     """Cached positions each layer's attention reads for a token `depth` tokens into the context: all of them, or
     on a windowed layer (windowed_layers) only the window's."""
     return [min(depth, spec.sliding_window) if w else depth for w in windowed_layers(spec, families)]

@@ -587,8 +587,10 @@ def load_safetensors(path_or_dir: Union[str, Path]) -> Checkpoint:
     factors, mscale = None, 1.0
     if spec.rope_scaling in SCALED_ROPE:
         from refengine.ops import rope_factors, rope_mscale
-        # YaRN's original context defaults to max_position_embeddings, as transformers reads it
-        params = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), **hf_rope_scaling(cfg)}
+        # YaRN's original context defaults to max_position_embeddings, as transformers reads it; an image-text
+        # checkpoint (Gemma 3 4B and up) keeps both in its language model's text_config
+        text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+        params = {"original_max_position_embeddings": text.get("max_position_embeddings"), **hf_rope_scaling(text)}
         try:
             factors = rope_factors(spec.rope_scaling, params, spec.head_dim, spec.rope_theta)
             mscale = rope_mscale(spec.rope_scaling, params)

@@ -108,11 +108,11 @@ def _matvec_fused(x, jobs, norm=None):
         _matvec(_normed(x, norm), y, lin, None, bias, accumulate)
 
 
-def _matvec_glu(x, gate, up, y, norm=None):
+def _matvec_glu(x, gate, up, y, norm=None, act="silu"):
     if not launch.fusable(gate, up):
         raise launch.LaunchError("not fusable")
     x = _normed(x, norm)
-    y[...] = ops.silu(dense(gate) @ np.asarray(x)) * (dense(up) @ np.asarray(x))
+    y[...] = ops.ACTIVATIONS[act](dense(gate) @ np.asarray(x)) * (dense(up) @ np.asarray(x))
 
 
 def _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved, factors=None):
@@ -137,21 +137,22 @@ def _rope(x, pos, theta, interleaved, factors=None):
     x[...] = ops.rope(np.ascontiguousarray(x), cos, sin, interleaved)
 
 
-def _attention(fmt, q, kc, vc, pos, out, partials):
+def _attention(fmt, q, kc, vc, pos, out, partials, window=0, cap=0.0):
     launch.check("partials", partials, np.float32)
     d, end = q.shape[-1], int(np.max(pos)) + 1
     keys = kv_dequantize(kv_format(fmt), np.asarray(kc[:end]), d)
     values = kv_dequantize(kv_format(fmt), np.asarray(vc[:end]), d)
-    out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos))
+    out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos), window=window, cap=cap)
 
 
-def _attention_step(fmt, q, k, v, kc, vc, pos, out, partials, tickets, theta, interleaved, factors=None):
+def _attention_step(fmt, q, k, v, kc, vc, pos, out, partials, tickets, theta, interleaved, factors=None, window=0,
+                    cap=0.0):
     launch.check("tickets", tickets, np.int32)
     if np.any(np.asarray(tickets)):
         raise launch.LaunchError("attention_step: tickets not zero before the launch")
     q, k = np.array(q), np.array(k)                     # the kernel rotates copies: q and k stay as they are
     _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved, factors)
-    _attention(fmt, q, kc, vc, pos, out, partials)
+    _attention(fmt, q, kc, vc, pos, out, partials, window, cap)
 
 
 def _argmax(x, out):
@@ -167,8 +168,10 @@ LAUNCHERS = {
     "dequantize": _dequantize, "gemm": _gemm, "attention": _attention, "attention_step": _attention_step,
     "argmax": _argmax, "penalize": _penalize,
     "to_half": lambda x, out: out.__setitem__(..., np.asarray(x).astype(np.float16).view(np.uint16)),
-    "rmsnorm": lambda x, w, out, eps: out.__setitem__(..., ops.rmsnorm(np.asarray(x), w, eps)),
-    "swiglu": lambda gate, up: gate.__setitem__(..., ops.silu(np.asarray(gate)) * up),
+    "rmsnorm": lambda x, w, out, eps, add=False: out.__setitem__(..., ops.rmsnorm(np.asarray(x), w, eps)
+                                                                   + (np.asarray(out) if add else 0)),
+    "glu": lambda gate, up, act="silu": gate.__setitem__(..., ops.ACTIVATIONS[act](np.asarray(gate)) * up),
+    "softcap": lambda x, cap: x.__setitem__(..., ops.softcap(np.asarray(x), cap)),
     "add_bias": lambda y, b: y.__setitem__(..., y + b),
 }
 

@@ -36,6 +36,8 @@ def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: 
     """A runnable tiny Llama GGUF with a byte-level BPE vocabulary; raw: name -> (bytes array, GGML type)."""
     w = gguf_writer(path, arch, {**CFG, "layers": layers}, "zz-tiny-name", experts, rope_base=None)
     add_bpe_tokenizer(w, TOKENS, "smollm")
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(16)          # shorter than the tests' contexts, so the window slides
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     for name, a in (tiny_tensors(CFG) if arrays is None else arrays).items():
@@ -48,8 +50,9 @@ def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: 
 
 
 def tiny_family_gguf(path: Path, family: str) -> Path:
-    """tiny_gguf as a Qwen3 (the same tensors plus an RMSNorm weight over each query and key head) or a Phi-3
-    (q / k / v and gate / up each in one tensor)."""
+    """tiny_gguf as a Qwen3 (the same tensors plus an RMSNorm weight over each query and key head), a Phi-3
+    (q / k / v and gate / up each in one tensor) or a Gemma 3 (Qwen3's plus norms after attention and the MLP,
+    a 16-token sliding window)."""
     if family == "phi3":
         return tiny_gguf(path, "phi3", tiny_tensors({**CFG, "fused": True}))
     arrays, hd = tiny_tensors(CFG), CFG["hidden"] // CFG["heads"]
@@ -57,7 +60,10 @@ def tiny_family_gguf(path: Path, family: str) -> Path:
     for i in range(CFG["layers"]):
         for n in "qk":
             arrays[f"blk.{i}.attn_{n}_norm.weight"] = (1 + 0.2 * rng.standard_normal(hd)).astype(np.float32)
-    return tiny_gguf(path, "qwen3", arrays)
+        if family == "gemma3":
+            for n in ("post_attention_norm", "post_ffw_norm"):
+                arrays[f"blk.{i}.{n}.weight"] = (1 + 0.2 * rng.standard_normal(CFG["hidden"])).astype(np.float32)
+    return tiny_gguf(path, family, arrays)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

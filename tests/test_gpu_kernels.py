@@ -137,7 +137,7 @@ def test_matvec_equals_the_dequantized_product(option, n, k, seed, accumulate, b
        seed=st.integers(0, 2**31), shape=block_shapes, data=st.data())
 def test_fused_matvecs_and_swiglu(option, ns, k, seed, shape, data):
     """Up to three linears of different heights in one launch (q, k, v), each with or without bias and
-    accumulation; and gate / up in one launch giving silu(gate x) * (up x)."""
+    accumulation; and gate / up in one launch giving act(gate x) * (up x), SwiGLU's or GeGLU's."""
     import cupy as cp
 
     from gpuengine import launch
@@ -157,12 +157,14 @@ def test_fused_matvecs_and_swiglu(option, ns, k, seed, shape, data):
         assert_rows_close(y.get(), want, magnitude)
     n = ns[0]
     gate, up = ts[0], quantize(rng.standard_normal((n, k)).astype(np.float32), option)
-    y = nan_array(n)
+    y, act = nan_array(n), data.draw(st.sampled_from(sorted(ops.ACTIVATIONS)))
     with block_shape(*shape):
-        launch.matvec_glu(cp.asarray(x), device_linear(gate), device_linear(up), y)
+        launch.matvec_glu(cp.asarray(x), device_linear(gate), device_linear(up), y, act=act)
     (g, mg), (u, mu) = matvec_terms(gate, x), matvec_terms(up, x)
-    # silu's slope is within [-0.1, 1.1], so the errors of g and u reach the product at most as below
-    assert_rows_close(y.get(), ops.silu(g) * u, 1.1 * np.abs(u) * mg + np.abs(ops.silu(g)) * mu)
+    # silu's slope is within [-0.1, 1.1], GELU's within [-0.13, 1.13], so the errors of g and u reach the
+    # product at most as below
+    f = ops.ACTIVATIONS[act]
+    assert_rows_close(y.get(), f(g) * u, 1.13 * np.abs(u) * mg + np.abs(f(g)) * mu)
 
 
 @SETTINGS
@@ -421,15 +423,23 @@ def test_tensor_cores_take_only_what_tmatvec_decodes(monkeypatch):
 
 @SETTINGS
 @given(n=st.integers(1, 5000), seed=st.integers(0, 2**31))
-def test_swiglu_bias_and_half(n, seed):
+def test_glu_softcap_bias_and_half(n, seed):
     import cupy as cp
 
     from gpuengine import launch
     rng = np.random.default_rng(seed)
     g, u = (rng.standard_normal((2, n)) * 4).astype(np.float32)
-    gate = cp.asarray(g)
-    launch.swiglu(gate, cp.asarray(u))
-    assert rel(gate.get(), ops.silu(g) * u) < 1e-6
+    for act, fn in ops.ACTIVATIONS.items():                         # SwiGLU and GeGLU
+        gate = cp.asarray(g)
+        launch.glu(gate, cp.asarray(u), act)
+        assert rel(gate.get(), fn(g) * u) < 1e-6, act
+    capped = cp.asarray(g * 10)
+    launch.softcap(capped, 7.5)
+    assert np.allclose(capped.get(), ops.softcap(g * 10, 7.5), rtol=1e-6, atol=1e-6)
+    x, w = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    out = cp.asarray(w)
+    launch.rmsnorm(cp.asarray(x), cp.asarray(w[0]), out, 1e-6, add=True)          # a post norm into the residual
+    assert np.allclose(out.get(), w + ops.rmsnorm(x, w[0], 1e-6), rtol=1e-6, atol=1e-6)
     y, b = cp.asarray(g.reshape(1, n)), rng.standard_normal(n).astype(np.float32)
     launch.add_bias(y, cp.asarray(b))
     assert np.allclose(y.get()[0], g + b, rtol=0, atol=1e-6)
@@ -491,12 +501,15 @@ def test_fp8_encoding_at_its_edges():
 @given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.one_of(st.integers(1, 6), st.integers(15, 40)), hkv=st.integers(1, 4),
        group=st.sampled_from([1, 2, 4, 7]), d=st.sampled_from([32, 64, 80, 100, 128, 256]),
        past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)), prefill=st.sampled_from(["query", "tiled"]),
-       decode=st.sampled_from(["split", "gqa"]), seed=st.integers(0, 2**31))
-def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, decode, seed, monkeypatch):
+       decode=st.sampled_from(["split", "gqa"]), window=st.sampled_from([0, 1, 5, 40, 700]),
+       cap=st.sampled_from([0.0, 1.5, 50.0]), seed=st.integers(0, 2**31))
+def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, decode, window, cap, seed,
+                                          monkeypatch):
     """Decode (t = 1) splits the context into chunks merged afterwards (more than ATTN_CHUNK positions
     each beyond 64 chunks), a block per query head or (gqa) per KV head; prefill takes each query's whole
     context in one block, or (tiled) tiles of 16 queries over shared key tiles. The candidates fall back to
-    the first kernels outside their shapes (head dim above 128, more than 8 heads a KV head)."""
+    the first kernels outside their shapes (head dim above 128, more than 8 heads a KV head). Each with and
+    without a sliding window (the split then covers the window from its start) and a soft cap."""
     import cupy as cp
 
     from gpuengine import launch
@@ -511,17 +524,19 @@ def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, 
     pos = np.arange(past, past + t, dtype=np.int32)
     out = nan_array((t, hq, d))
     partials = nan_array((hq, ATTN_MAX_SPLITS, d + 2))
-    launch.attention(fmt, cp.asarray(q), cp.asarray(raw_k), cp.asarray(raw_v), cp.asarray(pos), out, partials)
+    launch.attention(fmt, cp.asarray(q), cp.asarray(raw_k), cp.asarray(raw_v), cp.asarray(pos), out, partials,
+                     window, cap)
     want = ops.attention(q.astype(np.float64), kv_dequantize(f, raw_k, d).astype(np.float64),
-                         kv_dequantize(f, raw_v, d).astype(np.float64), pos)
+                         kv_dequantize(f, raw_v, d).astype(np.float64), pos, window=window, cap=cap)
     assert rel(out.get(), want) < 1e-5
 
 
 @SETTINGS
 @given(fmt=st.sampled_from(list(KV_FORMATS)), hkv=st.integers(1, 4), group=st.sampled_from([1, 2, 4, 7, 8]),
        d=st.sampled_from([32, 64, 80, 100, 128]), past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)),
-       interleaved=st.booleans(), scaled=st.booleans(), seed=st.integers(0, 2**31))
-def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, interleaved, scaled, seed):
+       interleaved=st.booleans(), scaled=st.booleans(), window=st.sampled_from([0, 1, 33, 700]),
+       cap=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 2**31))
+def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, interleaved, scaled, window, cap, seed):
     """launch.attention_step, two decode steps in a row: each stores the cache rows rope_store stores (bit for
     bit), leaves q and k as they were, gives attention over the cache it wrote (the new position included),
     and leaves every merge ticket at zero for the next launch (the twin runs blocks in a shuffled order, so
@@ -545,14 +560,14 @@ def test_attention_step_is_rope_store_then_attention(fmt, hkv, group, d, past, i
         gq, gk, out = cp.asarray(q), cp.asarray(k), nan_array((1, hq, d))
         factors = llama3_factors(d, 1e4) if scaled else None
         launch.attention_step(fmt, gq, gk, cp.asarray(v), kc, vc, cp.asarray(pos), out, partials, tickets, 1e4,
-                              interleaved, None if factors is None else cp.asarray(factors))
+                              interleaved, None if factors is None else cp.asarray(factors), window, cap)
         assert np.array_equal(gq.get(), q) and np.array_equal(gk.get(), k)
         assert not tickets.get().any()
         want_q, _, want_kc, want_vc = rope_store(fmt, q, k, v, pos, ctx, 1e4, interleaved, factors)
         assert np.array_equal(kc.get()[p], want_kc[p]) and np.array_equal(vc.get()[p], want_vc[p])
         assert (kc.get()[p + 1:] == 0xFF).all() and (vc.get()[p + 1:] == 0xFF).all()
         want = ops.attention(want_q.astype(np.float64), kv_dequantize(f, kc.get()[:p + 1], d).astype(np.float64),
-                             kv_dequantize(f, vc.get()[:p + 1], d).astype(np.float64), pos)
+                             kv_dequantize(f, vc.get()[:p + 1], d).astype(np.float64), pos, window=window, cap=cap)
         assert rel(out.get(), want) < 1e-5
 
 

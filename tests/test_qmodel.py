@@ -122,11 +122,11 @@ def test_cli_quantize_run_eval(setup, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "short.txt" in err
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3"])
 def test_other_families_plan_quantize_by_gptq_and_run(tmp_path, capsys, family):
-    """Qwen3 and Phi-3 end to end: the plan says `vramwise run` runs them, GPTQ quantizes them (its calibration
-    walk, which applies Qwen3's head norms and Phi-3's fused linears, is checked against the oracle in
-    test_measure.py), the directory holds the planned bytes, and run allocates exactly the plan."""
+    """Qwen3, Phi-3 and Gemma 3 end to end: the plan says `vramwise run` runs them, GPTQ quantizes them (its
+    calibration walk is the engine's decoder layer, refengine.arch; checked against the oracle in test_measure.py),
+    the directory holds the planned bytes, and run allocates exactly the plan."""
     model, plan, out = tiny_family_gguf(tmp_path / "m.gguf", family), tmp_path / "plan.yaml", tmp_path / "q"
     assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "4", "--ctx", "64", "-o", str(plan),
                  "--quiet"]) == 0
@@ -156,3 +156,17 @@ def test_a_scaled_rope_travels_with_the_quantized_directory(tmp_path):
     loaded = load_model(str(out))
     assert loaded.spec.rope_scaling == "llama3" and np.array_equal(loaded.checkpoint.rope_factors, factors)
     assert np.array_equal(loaded.logits(IDS), load_for_plan(load_plan(plan), str(model)).logits(IDS))
+
+
+def test_a_gemma_quantized_directory_runs_as_the_original(tmp_path):
+    """What Gemma computes beyond a Llama (GeGLU, embedding scale, post norms, window, the query scale already in
+    the weights) comes back with the directory alone: its logits are the original's under the same plan."""
+    from test_bad_input import tiny_family_gguf
+    model, plan, out = tiny_family_gguf(tmp_path / "g.gguf", "gemma3"), tmp_path / "plan.yaml", tmp_path / "q"
+    assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "4", "--ctx", "64", "-o", str(plan),
+                 "--quiet"]) == 0
+    quantize_model(load_plan(plan), str(model), out, "rtn")
+    loaded = load_model(str(out))
+    assert (loaded.spec.activation, loaded.spec.sliding_window, loaded.spec.norms_per_layer) == ("gelu_tanh", 16, 4)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, loaded.spec.vocab_size, 40)]   # past the window
+    assert np.array_equal(loaded.logits(ids), load_for_plan(load_plan(plan), str(model)).logits(ids))

@@ -31,8 +31,10 @@ def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        if cfg.get("model_type") == "qwen3":                 # an RMSNorm over each query and key head
+        if cfg.get("model_type") in ("qwen3", "gemma3_text"):        # an RMSNorm over each query and key head
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if cfg.get("model_type") in ("gemma2", "gemma3_text"):       # norms after attention and the MLP too
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
         shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
                        p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),

@@ -115,6 +115,8 @@ __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const f
 
 // Causal GQA attention for t queries q (t, hq, d) at positions pos (t,) over the cache (ctx, hkv, row_bytes):
 // query t sees positions 0 .. pos[t], out (t, hq, d) = softmax(q k / sqrt(d)) v, as ops.attention; d <= 256.
+// A sliding window (window > 0) starts it at window_start(pos[t]); cap > 0 soft-caps each score
+// (cap tanh(s / cap), Gemma 2), both as ops.attention. Every attention kernel here takes both.
 //
 // The positions are split into chunks of `chunk` (flash-decoding), so a decode step's few heads still fill
 // the GPU: block (query, split, head) takes one chunk, its warps take every ATTN_WARPS-th position with lanes
@@ -124,16 +126,22 @@ __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const f
 #define ATTN_WARPS 4
 #define ATTN_MAX_D 256
 
+// The first position a query at p sees: p - window + 1 with a sliding window, else 0.
+__device__ __forceinline__ int window_start(int p, int window) { return window > 0 ? max(0, p - window + 1) : 0; }
+
+__device__ __forceinline__ float soft_cap(float s, float cap) { return cap > 0.0f ? tanhf(s / cap) * cap : s; }
+
 template <int FMT>
 __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
                           const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ part,
-                          int t, int h0, int hq, int hkv, int d, int row_bytes, int chunk, int nsplit) {
+                          int t, int h0, int hq, int hkv, int d, int row_bytes, int chunk, int nsplit, int window,
+                          float cap) {
     __shared__ float wo[ATTN_WARPS][ATTN_MAX_D];
     __shared__ float wm[ATTN_WARPS], wl[ATTN_WARPS];
     const int tq = blockIdx.x / nsplit, c = blockIdx.x % nsplit, hl = blockIdx.y, h = h0 + hl;
     const int kvh = h / (hq / hkv), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int len = pos[tq] + 1, p0 = c * chunk, p1 = min(p0 + chunk, len);
-    if (p0 >= len) return;                                  // attention_merge reads only chunks below len
+    const int len = pos[tq] + 1, p0 = window_start(pos[tq], window) + c * chunk, p1 = min(p0 + chunk, len);
+    if (p0 >= len) return;                                  // attention_merge reads only the chunks below len
     const float* qv = q + ((size_t)tq * hq + h) * d;
     const float root = sqrtf((float)d);
     float qr[ATTN_MAX_D / 32], acc[ATTN_MAX_D / 32];
@@ -151,7 +159,7 @@ __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc
 #pragma unroll
         for (int j = 0; j < ATTN_MAX_D / 32; ++j)
             if (lane + 32 * j < d) s = fmaf(qr[j], kv_elem<FMT>(krow, lane + 32 * j), s);
-        s = warp_sum(s) / root;
+        s = soft_cap(warp_sum(s) / root, cap);
         const float mn = fmaxf(m, s), corr = expf(m - mn), e = expf(s - mn);
         l = fmaf(l, corr, e);
 #pragma unroll
@@ -187,9 +195,9 @@ __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc
 // by their maxima.
 extern "C" __global__ void attention_merge(const float* __restrict__ part, const int* __restrict__ pos,
                                            float* __restrict__ out, int t, int h0, int hq, int d, int chunk,
-                                           int nsplit) {
+                                           int nsplit, int window) {
     const int tq = blockIdx.x, hl = blockIdx.y;
-    const int used = (pos[tq] + chunk) / chunk;                  // chunks holding positions 0 .. pos[tq]
+    const int used = (pos[tq] - window_start(pos[tq], window) + chunk) / chunk;   // chunks holding what it sees
     const float* pr = part + ((size_t)hl * t + tq) * nsplit * (d + 2);
     float gm = -INFINITY;
     for (int c = 0; c < used; ++c) gm = fmaxf(gm, pr[c * (d + 2) + d]);
@@ -238,7 +246,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
                               u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos,
                               float* __restrict__ out, float* __restrict__ part, int* __restrict__ tickets, int hq,
                               int hkv, int d, int row_bytes, int chunk, int nsplit, double theta,
-                              const float* __restrict__ factors, int interleaved) {
+                              const float* __restrict__ factors, int interleaved, int window, float cap) {
     __shared__ __align__(16) float qs[GQA_MAX_G][GQA_MAX_D];
     __shared__ float wo[ATTN_WARPS][GQA_MAX_G][GQA_MAX_D];
     __shared__ float wm[ATTN_WARPS][GQA_MAX_G], wl[ATTN_WARPS][GQA_MAX_G];
@@ -248,8 +256,9 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
     __shared__ int merges;
     const int c = blockIdx.x, kvh = blockIdx.y, G = hq / hkv, h0 = kvh * G;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int cur = pos[0], len = cur + 1, p0 = c * chunk, p1 = min(p0 + chunk, len);
-    if (p0 >= len) return;                                  // attention_merge reads only chunks below len
+    const int cur = pos[0], len = cur + 1, lo = window_start(cur, window), p0 = lo + c * chunk;
+    const int p1 = min(p0 + chunk, len);
+    if (p0 >= len) return;                                  // attention_merge reads only the chunks below len
     const bool holds_new = STEP && p1 == len;               // this chunk holds the new position
     for (int i = threadIdx.x; i < G * d; i += blockDim.x) qs[i / d][i % d] = q[(size_t)h0 * d + i];
     if (STEP) {
@@ -313,7 +322,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
         for (int g = 0; g < GQA_MAX_G; ++g) {
             w[g] = 0.0f;
             if (g < G) {                                    // G is the block's: every lane takes the branch
-                const float sg = in ? s[g] / root : -INFINITY;
+                const float sg = in ? soft_cap(s[g] / root, cap) : -INFINITY;
                 const float mn = fmaxf(m[g], warp_max(sg));
                 const float corr = expf(m[g] - mn);
                 w[g] = in ? expf(sg - mn) : 0.0f;
@@ -370,7 +379,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
     if (!STEP || nsplit == 1) return;
     // the last of the KV head's chunks below len to finish merges: its partial writes, and every other
     // block's, are visible device-wide before the tickets that count them (fence, then the atomic)
-    const int used = (cur + chunk) / chunk;
+    const int used = (cur - lo + chunk) / chunk;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) merges = atomicAdd(&tickets[kvh], 1) == used - 1;
@@ -411,7 +420,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
 template <int FMT>
 __global__ void attention_tiled(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
                                 const int* __restrict__ pos, float* __restrict__ out, int t, int hq, int hkv,
-                                int d, int row_bytes) {
+                                int d, int row_bytes, int window, float cap) {
     __shared__ __align__(16) float qs[ATTN_TQ][ATTN_ROW];
     __shared__ __align__(16) float ks[ATTN_TK][ATTN_ROW];
     __shared__ __align__(16) float vs[ATTN_TK][ATTN_ROW];
@@ -426,13 +435,14 @@ __global__ void attention_tiled(const float* __restrict__ q, const u8* __restric
     }
     if (threadIdx.x < ATTN_TQ) qpos[threadIdx.x] = tq0 + threadIdx.x < t ? pos[tq0 + threadIdx.x] : -1;
     __syncthreads();
-    int last = -1;                                                // the tile's last visible key
-    for (int r = 0; r < ATTN_TQ; ++r) last = max(last, qpos[r]);
-    const int mypos = qpos[qi];
+    int last = -1, first = 0x7fffffff;                             // the tile's last and first visible keys
+    for (int r = 0; r < ATTN_TQ; ++r)
+        if (qpos[r] >= 0) { last = max(last, qpos[r]); first = min(first, window_start(qpos[r], window)); }
+    const int mypos = qpos[qi], mystart = mypos >= 0 ? window_start(mypos, window) : 0;
     float m = -INFINITY, l = 0.0f, o[16];
 #pragma unroll
     for (int j = 0; j < 16; ++j) o[j] = 0.0f;
-    for (int k0 = 0; k0 <= last; k0 += ATTN_TK) {
+    for (int k0 = last >= 0 ? first : 0; k0 <= last; k0 += ATTN_TK) {
         __syncthreads();                                          // the previous tile is used up
         for (int i = threadIdx.x; i < ATTN_TK * (ATTN_TILE_D / 4); i += ATTN_TILE_THREADS) {
             const int r = i / (ATTN_TILE_D / 4), c0 = (i % (ATTN_TILE_D / 4)) * 4, p = k0 + r;
@@ -459,7 +469,8 @@ __global__ void attention_tiled(const float* __restrict__ q, const u8* __restric
         float tmax = -INFINITY;
 #pragma unroll
         for (int j = 0; j < ATTN_TK / 8; ++j) {
-            sc[j] = k0 + g + 8 * j <= mypos ? sc[j] / root : -INFINITY;
+            const int p = k0 + g + 8 * j;
+            sc[j] = p <= mypos && p >= mystart ? soft_cap(sc[j] / root, cap) : -INFINITY;
             tmax = fmaxf(tmax, sc[j]);
         }
 #pragma unroll
@@ -499,15 +510,15 @@ __global__ void attention_tiled(const float* __restrict__ q, const u8* __restric
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
-template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
-template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, int);
-template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
-template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
-template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
-template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int);
-template __global__ void attention_gqa<0, 0>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, int);
-template __global__ void attention_gqa<0, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, int);
-template __global__ void attention_gqa<3, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, int);
-template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
-template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int);
+template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, const float*, int);
+template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, const float*, int);
+template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
+template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
+template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
+template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
+template __global__ void attention_gqa<0, 0>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float);
+template __global__ void attention_gqa<0, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float);
+template __global__ void attention_gqa<3, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float);
+template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float);
+template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float);
 #endif

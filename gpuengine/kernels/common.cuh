@@ -129,3 +129,10 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max) {
     float r = lane < warps ? part[lane] : (is_max ? -INFINITY : 0.0f);
     return is_max ? warp_max(r) : warp_sum(r);
 }
+
+// A gated MLP's activation of its gate value g: act 1 silu, g / (1 + e^-g) (SwiGLU); 2 GELU's tanh form,
+// g / 2 (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) (GeGLU, Gemma); as ops.ACTIVATIONS.
+__device__ __forceinline__ float gated_act(float g, int act) {
+    if (act == 2) return g * 0.5f * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g / (1.0f + expf(-g));
+}

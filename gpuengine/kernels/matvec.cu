@@ -292,11 +292,12 @@ __device__ __forceinline__ QSlice pick_slice(const QMat& m0, const QMat& m1, con
 }
 
 // A block's result for one row: y[row] of matrix `which` from its dot product (+ bias, + y where it
-// accumulates), or with glu, m0.y[row] = silu(gate . x) * (up . x). qmatvec's and tmatvec's epilogue.
+// accumulates), or with glu (1 SwiGLU, 2 GeGLU: gated_act's act), m0.y[row] = act(gate . x) * (up . x).
+// qmatvec's and tmatvec's epilogue.
 __device__ __forceinline__ void qmat_store(const QMat& m0, const QMat& m1, const QMat& m2, int which, int glu,
                                            int row, float dot, float up) {
     if (glu) {
-        m0.y[row] = dot / (1.0f + expf(-dot)) * up;
+        m0.y[row] = gated_act(dot, glu) * up;
         return;
     }
     const float r = dot + (QPICK(has_bias) ? QPICK(bias)[row] : 0.0f);
@@ -306,8 +307,8 @@ __device__ __forceinline__ void qmat_store(const QMat& m0, const QMat& m1, const
 
 // y_m[n] = (accumulate ? y_m[n] : 0) + (has_bias ? bias_m[n] : 0) + W_m[n] . x for matrix m = blockIdx.y of
 // up to three sharing x (q, k and v): block b takes rows b * R .. b * R + R - 1 (rows past the matrix repeat
-// its last row, and are not written). glu: one matrix pair (gate m0, up m1) of one shape, and
-// m0.y[n] = silu(gate . x) * (up . x) (SwiGLU, as ops.silu). U: units per thread whose loads are in flight
+// its last row, and are not written). glu (1 or 2): one matrix pair (gate m0, up m1) of one shape, and
+// m0.y[n] = act(gate . x) * (up . x) (SwiGLU or GeGLU, as qmat_store). U: units per thread whose loads are in flight
 // together; L: values per lane of a unit (8: quads, 32: a unit per lane). N, L = 32 only: bit 0, RMSNorm
 // folded in (NormIn); bit 1, x gathered in the kernel (XMap). Each N its own instances, so the plain ones
 // keep their registers.
@@ -322,7 +323,7 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float sum0 = 0.0f, sum1 = 0.0f, sq = 0.0f;
 #pragma unroll 1
-    for (which = first; which <= first + glu; ++which) {
+    for (which = first; which <= first + (glu != 0); ++which) {
         int rows[R];
         float acc[R];
 #pragma unroll
@@ -623,7 +624,7 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     const int r = threadIdx.x, row = row0 + r;
     if (r >= 8 * T || row >= n) return;
     float sum[2] = {0.0f, 0.0f};
-    for (int m = 0; m <= glu; ++m)
+    for (int m = 0; m <= (glu != 0); ++m)
         for (int wp = 0; wp < warps; ++wp) sum[m] += red[m][r][wp];
     qmat_store(m0, m1, m2, first, glu, row, sum[0] * down * inv, sum[1] * down * inv);
 }

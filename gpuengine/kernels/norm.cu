@@ -1,9 +1,10 @@
 // Row-wise and element-wise ops of the forward pass (refengine/ops.py is their reference).
 
 // out (T, H) = x / sqrt(mean(x^2) + eps) * w, one block per row; the mean in double, as ops.rmsnorm
-// (residual activations of real models reach ~1e4, so their squares lose digits in fp32 sums).
-extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
-                                   float* __restrict__ out, int h, float eps) {
+// (residual activations of real models reach ~1e4, so their squares lose digits in fp32 sums). add: out +=
+// instead (Gemma 2 / 3's norm of a sublayer's output, into the residual). x may be out (each thread reads its
+// elements before it writes them), but not with add.
+extern "C" __global__ void rmsnorm(const float* x, const float* __restrict__ w, float* out, int h, float eps, int add) {
     __shared__ double part[32];
     const float* xr = x + (size_t)blockIdx.x * h;
     float* orow = out + (size_t)blockIdx.x * h;
@@ -22,15 +23,23 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
     }
     __syncthreads();
     const double inv = 1.0 / sqrt(part[0] / h + (double)eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) orow[i] = (float)((double)xr[i] * inv) * w[i];
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        const float y = (float)((double)xr[i] * inv) * w[i];
+        orow[i] = add ? orow[i] + y : y;
+    }
 }
 
-// gate = silu(gate) * up over n values (SwiGLU; silu(x) = x / (1 + e^-x), as ops.silu).
-extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+// gate = act(gate) * up over n values: act 1 silu (SwiGLU), 2 GELU's tanh form (GeGLU), as gated_act
+// (common.cuh) and ops.ACTIVATIONS.
+extern "C" __global__ void glu(float* __restrict__ gate, const float* __restrict__ up, long long n, int act) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        gate[i] = gated_act(gate[i], act) * up[i];
+}
+
+// x = cap tanh(x / cap) over n values (Gemma 2's logits; ops.softcap).
+extern "C" __global__ void softcap(float* __restrict__ x, long long n, float cap) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] = tanhf(x[i] / cap) * cap;
 }
 
 // y (T, n) += b (n): the q/k/v biases of Qwen2-style models after a prefill GEMM.
