@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     hn, wn = cp.empty((1, H), cp.float32), cp.ones(H, cp.float32)
     rows.append({"kernel": f"rmsnorm {H}", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})
     g, u = cp.ones(F, cp.float32), cp.ones(F, cp.float32)
-    rows.append({"kernel": f"swiglu {F}", "us": timed(cp, lambda: launch.swiglu(g, u)), "gb_s": 0})
+    rows.append({"kernel": f"swiglu {F}", "us": timed(cp, lambda: launch.glu(g, u)), "gb_s": 0})
     rows.append({"kernel": "empty launch (argmax of 1)", "us": timed(cp, lambda: launch.argmax(g[:1], cp.empty(1, cp.int32))), "gb_s": 0})
     print(f"{device.name()} ({date.today()})")
     for r in rows:

@@ -199,7 +199,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
         weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
-        gpu_s = engine_decode_seconds(engine, weights, values, sum(seen[i] for i in computed) * kv_token, len(computed), gpu,
+        kv_read = sum(seen[i] for i in computed) * kv_token
+        gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu,
                                       2 if spec.qk_norm else 0)                # gpuengine's head-norm launches
     decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)

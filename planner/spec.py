@@ -193,7 +193,8 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 # families and fields (a tuple: any of those values).
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": (2, 4), "num_experts": 0,
                "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0}
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gemma3_text")
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")     # Gemma 4 is not run (per-layer geometry)
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3") + GEMMA_FAMILIES
 SCALED_ROPE = ("llama3", "linear", "yarn")     # RoPE scalings the engines run, as per-pair frequency factors
 ENGINE_ROPE_SCALING = ("",) + SCALED_ROPE
 
@@ -475,17 +476,16 @@ def spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
                                f"from its hub page)") from None
 
 
-_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
-
-
 def _gemma(cfg: dict, family: str, name: str) -> dict[str, Any]:
     """What a Gemma config.json says beyond a Llama's: GeGLU (every Gemma's modeling code uses GELU's tanh form,
     whatever hidden_act says), query_pre_attn_scalar, Gemma 2's soft caps, Gemma 3's local RoPE base."""
     out: dict[str, Any] = {"activation": "gelu_tanh"}
-    defaults = {"gemma2": (256.0, 50.0, 30.0)}.get(family, (256.0, None, None) if family != "gemma" else (None,) * 3)
-    for (field, key), default in zip((("query_scale", "query_pre_attn_scalar"), ("attn_softcap", "attn_logit_softcapping"),
-                                      ("final_softcap", "final_logit_softcapping")), defaults):
-        value = cfg.get(key, default)            # absent: transformers' Gemma2Config / Gemma3TextConfig defaults
+    # absent keys: transformers' Gemma2Config / Gemma3TextConfig defaults (Gemma 1 has none of them)
+    defaults = {"gemma2": (256.0, 50.0, 30.0), "gemma": (None, None, None)}.get(family, (256.0, None, None))
+    keys = (("query_scale", "query_pre_attn_scalar"), ("attn_softcap", "attn_logit_softcapping"),
+            ("final_softcap", "final_logit_softcapping"))
+    for (field, key), default in zip(keys, defaults):
+        value = cfg.get(key, default)
         if value is not None:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ModelSourceError(f"{name}: {key} {value!r} is not a non-negative number")
@@ -553,7 +553,7 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
         gemma = _gemma4(cfg, name)
         quirks["norms_per_layer"] = gemma.pop("norms_per_layer", quirks["norms_per_layer"])
         args.update(gemma)
-    if family in _GEMMA_FAMILIES:
+    if family in GEMMA_FAMILIES:
         args.update(_gemma(cfg, family, name))
     if "tie_word_embeddings" in cfg:
         quirks["tie_embeddings"] = bool(cfg["tie_word_embeddings"])

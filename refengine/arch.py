@@ -22,9 +22,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from hwdb import ModelSpec
+from planner.spec import GEMMA_FAMILIES
 from refengine import ops
-
-GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
 Linear = Callable[[np.ndarray, str], np.ndarray]                 # (x (N, K), canonical name) -> x W^T (N, out)
 Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]   # (layer, q, k, v) rotated -> (N, Hq, D)

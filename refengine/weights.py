@@ -28,9 +28,8 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 import numpy as np
 
 from hwdb import ModelSpec
-from planner.spec import (SCALED_ROPE, ModelSourceError, hf_rope_scaling, spec_from_gguf, spec_from_hf_config,
-                          tensors as inventory)
-from refengine.arch import GEMMA_FAMILIES
+from planner.spec import (GEMMA_FAMILIES, SCALED_ROPE, ModelSourceError, hf_rope_scaling, spec_from_gguf,
+                          spec_from_hf_config, tensors as inventory)
 from refengine.errors import WeightsError, one_line
 
 ROPE_INTERLEAVED = "gguf-interleaved"     # pairs (x[2j], x[2j+1]): llama.cpp-permuted q/k rows
