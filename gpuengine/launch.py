@@ -410,8 +410,8 @@ def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, the
                factors: Any = None) -> None:
     """One step's q (t, hq, d) and k (t, hkv, d) rotated in place (RoPE at positions pos (t,), int32 on the
     device: the caller keeps them inside the context, as GPUTransformer._step checks; frequencies divided by
-    `factors` (d/2,) where RoPE is scaled), then k and v (t, hkv, d) stored in the caches kc, vc (ctx, hkv,
-    row bytes) at those positions, in one launch."""
+    `factors` (d/2,) where RoPE is scaled), then k and v (t, hkv, d) stored in the caches kc, vc (rows, hkv,
+    row bytes) at those positions (mod rows: a sliding layer's ring, planner.memory.kv_rows), in one launch."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     check("q", q, np.float32)
@@ -425,7 +425,7 @@ def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, the
     function("attention", f"rope_store<{KV_CODES[fmt]}>")(
         (_blocks(t * (hq + 2 * hkv) * 32, 128),), (128,),
         (q, k, v, kc, vc, pos, _i(t), _i(hq), _i(hkv), _i(d), _i(kc.shape[2]), np.float64(theta), _factors(factors, d),
-         _i(interleaved)))
+         _i(interleaved), _i(kc.shape[0])))
 
 
 ATTN_CHUNK = 32                    # decode attention: positions per block, at least (attention.cu)
@@ -491,7 +491,7 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
     if t > 1 and ATTN_PREFILL == "tiled" and d <= ATTN_TILE_D:
         function("attention", f"attention_tiled<{KV_CODES[fmt]}>")(
             (math.ceil(t / ATTN_TQ), hq), (ATTN_THREADS,),
-            (q, kc, vc, pos, out, _i(t), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(window), _f(cap)))
+            (q, kc, vc, pos, out, _i(t), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(window), _f(cap), _i(ctx)))
         return
     chunk, nsplit = attention_split(t, ctx, window)
     if nsplit > 1 and partials.size < hq * t * nsplit * (d + 2):
@@ -500,12 +500,12 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
         function("attention", f"attention_gqa<{KV_CODES[fmt]}, 0>")(
             (nsplit, hkv), (ATTN_THREADS,),
             (q, q, q, kc, vc, pos, out, partials, pos, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-             np.float64(0), np.uint64(0), _i(0), _i(window), _f(cap)))
+             np.float64(0), np.uint64(0), _i(0), _i(window), _f(cap), _i(ctx)))
     else:
         function("attention", f"attention<{KV_CODES[fmt]}>")(
             (t * nsplit, hq), (ATTN_THREADS,),
             (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-             _i(window), _f(cap)))
+             _i(window), _f(cap), _i(ctx)))
     if nsplit > 1:
         function("attention", "attention_merge")(
             (t, hq), (ATTN_THREADS,),
@@ -536,7 +536,7 @@ def attention_step(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any,
     function("attention", f"attention_gqa<{KV_CODES[fmt]}, 1>")(
         (nsplit, hkv), (ATTN_THREADS,),
         (q, k, v, kc, vc, pos, out, partials, tickets, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
-         np.float64(theta), _factors(factors, d), _i(interleaved), _i(window), _f(cap)))
+         np.float64(theta), _factors(factors, d), _i(interleaved), _i(window), _f(cap), _i(ctx)))
 
 
 def argmax(x: Any, out: Any) -> None:

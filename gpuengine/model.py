@@ -38,7 +38,7 @@ class RunState:
 
         self.kv = kv_format(kv_name)
         self.buffers = mem.run_state_buffers(spec, ctx, chunk, logits=True, gemm_staging=True)
-        self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers))
+        self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers), chunk)
         self.arrays = {b.name: cp.empty(b.shape, dtype=_DTYPES[b.dtype]) for b in self.buffers}
         self.arrays["attn_tickets"].fill(0)         # launch.attention_step counts on zero tickets
 

@@ -114,7 +114,8 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
         "weights.layers": sum(layer_bytes[a:b]),
         "weights.head": glob["head"] if last else 0,
         "weights.norm_final": glob["norm.final"] if last else 0,
-        "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card, streaming))),
+        "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card, streaming),
+                                                           lay.chunk)),
         "compute.activations": sum(v for k, v in by_name.items()
                                    if k not in ("scores", *ATTENTION_SCRATCH, "logits", *GPU_STAGING)),
         # the GPU engine's attention scratch: split-context partial sums and their merge tickets (no score
@@ -156,7 +157,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     host_items = {"embedding": glob["embed"]}
     if lay.mode == "offload" and not streaming:
         host_items["weights.cpu_layers"] = sum(layer_bytes[i] for i in off)
-        host_items["kv_cache.cpu_layers"] = len(off) * lay.ctx * kv_token
+        host_items["kv_cache.cpu_layers"] = sum(mem.kv_layer_bytes(spec, lay.ctx, lay.chunk, lay.kv)[i] for i in off)
         host_items["compute.cpu"] = mem.buffers_bytes(mem.run_state_buffers(spec, lay.ctx, lay.chunk, False, False))
     elif lay.mode in ("stream", "offload"):
         host_items["weights.streamed"] = sum(layer_bytes[i] for i in _streamed_layers(spec, lay))
@@ -200,8 +201,9 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         kv_read = sum(seen[i] for i in computed) * kv_token
-        gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu,
-                                      2 if spec.qk_norm else 0)                # gpuengine's head-norm launches
+        # gpuengine's launches a layer beyond a Llama's: Qwen3's / Gemma 3's head norms, Gemma 2 / 3's post norms
+        extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0)
+        gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra)
     decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
 
@@ -230,16 +232,17 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
 
 
 def contiguous_split(layer_bytes: list[int], fixed_per_card: list[int], budgets: list[int],
-                     per_layer_extra: int) -> Optional[tuple[tuple[int, int], ...]]:
-    """Assign layers to cards in order, filling each card before the next; None if they do not fit."""
+                     per_layer_extra: list[int]) -> Optional[tuple[tuple[int, int], ...]]:
+    """Assign layers to cards in order, filling each card before the next (each layer its weights and its
+    per_layer_extra, the KV cache); None if they do not fit."""
     out, start = [], 0
     for card, (budget, fixed) in enumerate(zip(budgets, fixed_per_card)):
         if fixed > budget:              # the card cannot even hold its share of the fixed costs
             return None
         used, end = fixed, start
         last = card == len(budgets) - 1
-        while end < len(layer_bytes) and used + layer_bytes[end] + per_layer_extra <= budget:
-            used += layer_bytes[end] + per_layer_extra
+        while end < len(layer_bytes) and used + layer_bytes[end] + per_layer_extra[end] <= budget:
+            used += layer_bytes[end] + per_layer_extra[end]
             end += 1
         if last and end < len(layer_bytes):
             return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from hwdb import GPUSpec, ModelSpec
 from planner.formats import DTYPE_BYTES, HEAD_OPTION, OPTIONS, PACK_VALUES, KVFormat, QuantOption
@@ -150,10 +150,25 @@ def recurrent_state_bytes(spec: ModelSpec) -> int:
     return 4 * ((spec.linear_conv_kernel - 1) * channels + spec.linear_value_heads * hd * hd)
 
 
-def kv_cache_buffers(spec: ModelSpec, ctx: int, kv: KVFormat, layers: range) -> list[Buffer]:
-    """Per layer one K and one V buffer of raw bytes: (ctx, kv_heads, bytes per head vector)."""
-    shape = (ctx, spec.num_kv_heads, kv.row_bytes(spec.head_dim))
-    return [Buffer(f"kv.{i}.{kv_}", shape, "u8") for i in layers for kv_ in ("k", "v")]
+def kv_rows(spec: ModelSpec, ctx: int, chunk: int, layer: int) -> int:
+    """Positions layer's cache holds in vramwise's engines: the context, or on a sliding layer a ring of the
+    window plus a prefill chunk less one (position p in row p mod rows): a chunk's queries see their own
+    positions and the window - 1 before the first, so no row a query of the chunk needs is overwritten by
+    another's key. llama.cpp sizes its sliding caches likewise (window + ubatch, with swa_full off)."""
+    if not spec.is_sliding(layer):
+        return ctx
+    return min(ctx, spec.sliding_window + min(chunk, ctx) - 1)
+
+
+def kv_cache_buffers(spec: ModelSpec, ctx: int, kv: KVFormat, layers: Iterable[int], chunk: int) -> list[Buffer]:
+    """Per layer one K and one V buffer of raw bytes: (kv_rows, kv_heads, bytes per head vector)."""
+    row = (spec.num_kv_heads, kv.row_bytes(spec.head_dim))
+    return [Buffer(f"kv.{i}.{kv_}", (kv_rows(spec, ctx, chunk, i), *row), "u8") for i in layers for kv_ in ("k", "v")]
+
+
+def kv_layer_bytes(spec: ModelSpec, ctx: int, chunk: int, kv: KVFormat) -> list[int]:
+    """Each layer's cache bytes (kv_cache_buffers')."""
+    return [buffers_bytes(kv_cache_buffers(spec, ctx, kv, [i], chunk)) for i in range(spec.num_layers)]
 
 
 def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True,

@@ -88,8 +88,9 @@ def _assignment(items: _Items, sol: Solution) -> dict[str, QuantOption]:
     return {t.name: opts[i] for t, opts, i in zip(items.linears, items.options, sol.choice)}
 
 
-def _fixed_device_bytes(req: Request, ctx: int, kv_name: str, mode: str, n_cards: int) -> tuple[list[int], int, int]:
-    """Per card: bytes besides the layers' weights and KV; plus per-layer KV bytes and layer extras."""
+def _fixed_device_bytes(req: Request, ctx: int, kv_name: str, mode: str,
+                        n_cards: int) -> tuple[list[int], list[int], int]:
+    """Per card: bytes besides the layers' weights and KV; plus each layer's KV bytes, and the layer extras."""
     spec, kv = req.model, kv_format(kv_name)
     probe = Layout(mode, {}, ctx, kv, min(req.chunk, ctx), tuple((0, 0) for _ in range(n_cards)),
                    reserve(req), req.prompt_tokens)
@@ -97,7 +98,7 @@ def _fixed_device_bytes(req: Request, ctx: int, kv_name: str, mode: str, n_cards
     for card in range(n_cards):
         items = card_items(spec, req.gpu, probe, card, [0] * spec.num_layers)
         per_card.append(sum(items.values()))
-    kv_layer = mem.kv_bytes_per_token(spec, kv) * ctx
+    kv_layer = mem.kv_layer_bytes(spec, ctx, min(req.chunk, ctx), kv)
     unquantized = sum(mem.tensor_bytes(t) for t in tensors(spec) if t.layer >= 0 and not t.quantized)
     return per_card, kv_layer, unquantized
 
@@ -127,7 +128,7 @@ def _fit_gpu(req: Request, items: _Items, ctx: int, kv_name: str) -> Optional[tu
     spec, n = req.model, req.gpu_count
     per_card, kv_layer, unquantized = _fixed_device_bytes(req, ctx, kv_name, "gpu", n)
     budgets = [req.gpu.memory_bytes] * n
-    capacity = sum(budgets) - sum(per_card) - spec.num_layers * kv_layer - unquantized
+    capacity = sum(budgets) - sum(per_card) - sum(kv_layer) - unquantized
     if req.bpw is not None:
         wanted = int(req.bpw * items.params / 8)
         if wanted > capacity:
@@ -171,8 +172,8 @@ def _offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str)
         first = spec.num_layers - k
         fixed = list(per_card)
         if streaming and first:
-            fixed[0] += first * kv_layer + 2 * max(layer_bytes[:first])
-        split = contiguous_split(layer_bytes[first:], fixed, budgets, kv_layer)
+            fixed[0] += sum(kv_layer[:first]) + 2 * max(layer_bytes[:first])
+        split = contiguous_split(layer_bytes[first:], fixed, budgets, kv_layer[first:])
         if split is not None:
             split = tuple((a + first, b + first) for a, b in split)
             return Layout("offload", assignment, ctx, kv_format(kv_name), min(req.chunk, ctx), split,

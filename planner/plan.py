@@ -62,6 +62,7 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
                "bytes": mem.tensor_bytes(t, lay.assignment[t.name])} for t in linears]
     all_weights = mem.all_weight_bytes(spec, lay.assignment)
     kv_token = mem.kv_bytes_per_token(spec, lay.kv)
+    kv_full = [i for i in range(spec.num_layers) if mem.kv_rows(spec, lay.ctx, lay.chunk, i) == lay.ctx]
     budget = gpu.memory_bytes * gpu_count
     return {
         "schema_version": SCHEMA_VERSION, "kind": KIND, "mode": lay.mode,
@@ -83,8 +84,9 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
                                   "bytes": mem.global_weight_bytes(spec)["embed"]},
                     "layers": layers},
         "context": {"length": lay.ctx, "chunk": lay.chunk},
-        "kv_cache": {"dtype": lay.kv.name, "bytes": kv_token * lay.ctx * spec.num_layers,
-                     "bytes_per_token": kv_token * spec.num_layers},
+        "kv_cache": {"dtype": lay.kv.name, "bytes": sum(mem.kv_layer_bytes(spec, lay.ctx, lay.chunk, lay.kv)),
+                     # a position more of context: in the layers that cache every position (not the sliding rings)
+                     "bytes_per_token": kv_token * len(kv_full)},
         "placement": {"gpu_layers": [list(r) for r in lay.gpu_layers], "reserve_bytes": lay.reserve_bytes},
         "memory": {"budget_bytes": budget, "total_bytes": a.total, "free_bytes": budget - a.total,
                    "items": a.items,

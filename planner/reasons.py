@@ -43,6 +43,11 @@ def _common(req: "Request", out: "Outcome", ladder: list[int], kvs: list[str], i
         why = "default, lossless; --kv auto weighs q8/q4 against more weight bits"
     else:
         why = "the lossless fp16 cache did not fit; the least-error format that does"
+    sliding = [i for i in range(spec.num_layers) if spec.is_sliding(i)]
+    ring = mem.kv_rows(spec, lay.ctx, lay.chunk, sliding[0]) if sliding else lay.ctx
+    if ring < lay.ctx:
+        why += (f"; the {len(sliding)} sliding-window layers of {spec.num_layers} each keep a ring of {ring} positions "
+                f"(window {spec.sliding_window} + a {lay.chunk}-token prefill chunk - 1), not {lay.ctx}")
     rows.append(("kv_cache", lay.kv.name, f"{why}; {lay.kv.description}"))
     source = (f"measured errors from {req.measurement.path}" if req.measurement
               else "prior fit to ExLlamaV2's measurement table, weighted by layer type and depth")

@@ -60,7 +60,7 @@ class RunState:
     def __init__(self, spec: ModelSpec, ctx: int, chunk: int, kv_name: str):
         self.kv = kv_format(kv_name)
         self.buffers = mem.run_state_buffers(spec, ctx, chunk, logits=True, gemm_staging=False)
-        self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers))
+        self.buffers += mem.kv_cache_buffers(spec, ctx, self.kv, range(spec.num_layers), chunk)
         dtypes = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u8": np.uint8}
         self.arrays = {b.name: np.zeros(b.shape, dtype=dtypes[b.dtype]) for b in self.buffers}
 
@@ -120,10 +120,15 @@ class Transformer:
         """Store this step's k, v in layer i's cache and attend over it (within the layer's window)."""
         spec, st, t = self.spec, self.state, len(q)
         end, window = self.pos + t, self.arch.window(i)
-        st[f"kv.{i}.k"][self.pos:end] = kv_quantize(st.kv, k)
-        st[f"kv.{i}.v"][self.pos:end] = kv_quantize(st.kv, v)
+        kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]
+        rows = len(kc)                  # a sliding layer's ring: position p in row p % rows (mem.kv_rows)
+        kc[np.arange(self.pos, end) % rows] = kv_quantize(st.kv, k)
+        vc[np.arange(self.pos, end) % rows] = kv_quantize(st.kv, v)
         start = max(0, self.pos - window + 1) if window else 0          # the first position any query here sees
-        kc, vc = st[f"kv.{i}.k"][start:end], st[f"kv.{i}.v"][start:end]
+        if end <= rows:
+            kc, vc = kc[start:end], vc[start:end]
+        else:                           # the ring has wrapped: its rows in position order
+            kc, vc = kc[np.arange(start, end) % rows], vc[np.arange(start, end) % rows]
         if t == 1:               # decode: the Numba kernel reads the raw cache (ops.attention is its oracle)
             return decode_attention(q[0], kc, vc, end - start, st.kv.name, spec.head_dim, cap=spec.attn_softcap)[None]
         keys = kv_dequantize(st.kv, kc, spec.head_dim)                                    # (S, Hkv, D)

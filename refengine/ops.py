@@ -154,9 +154,12 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU's tanh approximation (Gemma's GeGLU; PyTorch's gelu(approximate="tanh"))."""
-    c = x.dtype.type(np.sqrt(2 / np.pi))
-    return x * x.dtype.type(0.5) * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+    """GELU's tanh approximation (Gemma's GeGLU; PyTorch's gelu(approximate="tanh")), x (1 + tanh z) / 2 with
+    z = sqrt(2 / pi) (x + 0.044715 x^3), written as x / (1 + e^(-2z)): the same function, without the
+    cancellation 1 + tanh z suffers in float32 where x is negative (at x = -4 it keeps 3 digits of 7)."""
+    c = x.dtype.type(2 * np.sqrt(2 / np.pi))
+    with np.errstate(over="ignore"):             # e^(-2z) overflows to inf for x below -45: x / inf = -0
+        return x / (1 + np.exp(-c * (x + x.dtype.type(0.044715) * x * x * x)))
 
 
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}     # ModelSpec.activation -> the gated MLP's function

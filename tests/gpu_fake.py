@@ -119,7 +119,7 @@ def _rope_store(fmt, q, k, v, kc, vc, pos, theta, interleaved, factors=None):
     _rope(q, pos, theta, interleaved, factors)
     _rope(k, pos, theta, interleaved, factors)
     for x, cache in ((k, kc), (v, vc)):
-        cache[np.asarray(pos)] = kv_quantize(kv_format(fmt), np.asarray(x))
+        cache[np.asarray(pos) % len(cache)] = kv_quantize(kv_format(fmt), np.asarray(x))    # a sliding layer's ring
 
 
 def _dequantize(lin, row0, tile):
@@ -140,9 +140,10 @@ def _rope(x, pos, theta, interleaved, factors=None):
 def _attention(fmt, q, kc, vc, pos, out, partials, window=0, cap=0.0):
     launch.check("partials", partials, np.float32)
     d, end = q.shape[-1], int(np.max(pos)) + 1
-    keys = kv_dequantize(kv_format(fmt), np.asarray(kc[:end]), d)
-    values = kv_dequantize(kv_format(fmt), np.asarray(vc[:end]), d)
-    out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos), window=window, cap=cap)
+    held = np.arange(max(0, end - len(kc)), end)                      # the positions a ring still holds
+    keys = kv_dequantize(kv_format(fmt), np.asarray(kc)[held % len(kc)], d)
+    values = kv_dequantize(kv_format(fmt), np.asarray(vc)[held % len(vc)], d)
+    out[...] = ops.attention(np.asarray(q), keys, values, np.asarray(pos), held, window=window, cap=cap)
 
 
 def _attention_step(fmt, q, k, v, kc, vc, pos, out, partials, tickets, theta, interleaved, factors=None, window=0,

@@ -502,14 +502,15 @@ def test_fp8_encoding_at_its_edges():
        group=st.sampled_from([1, 2, 4, 7]), d=st.sampled_from([32, 64, 80, 100, 128, 256]),
        past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)), prefill=st.sampled_from(["query", "tiled"]),
        decode=st.sampled_from(["split", "gqa"]), window=st.sampled_from([0, 1, 5, 40, 700]),
-       cap=st.sampled_from([0.0, 1.5, 50.0]), seed=st.integers(0, 2**31))
-def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, decode, window, cap, seed,
+       cap=st.sampled_from([0.0, 1.5, 50.0]), ring=st.booleans(), seed=st.integers(0, 2**31))
+def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, decode, window, cap, ring, seed,
                                           monkeypatch):
     """Decode (t = 1) splits the context into chunks merged afterwards (more than ATTN_CHUNK positions
     each beyond 64 chunks), a block per query head or (gqa) per KV head; prefill takes each query's whole
     context in one block, or (tiled) tiles of 16 queries over shared key tiles. The candidates fall back to
     the first kernels outside their shapes (head dim above 128, more than 8 heads a KV head). Each with and
-    without a sliding window (the split then covers the window from its start) and a soft cap."""
+    without a sliding window (the split then covers the window from its start) and a soft cap; with a window,
+    the cache may be the ring of window + t - 1 rows a sliding layer holds (position p in row p mod rows)."""
     import cupy as cp
 
     from gpuengine import launch
@@ -524,8 +525,12 @@ def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, 
     pos = np.arange(past, past + t, dtype=np.int32)
     out = nan_array((t, hq, d))
     partials = nan_array((hq, ATTN_MAX_SPLITS, d + 2))
-    launch.attention(fmt, cp.asarray(q), cp.asarray(raw_k), cp.asarray(raw_v), cp.asarray(pos), out, partials,
-                     window, cap)
+    kc, vc, rows = raw_k, raw_v, window + t - 1
+    if ring and window and rows < past + t:
+        held = np.arange(past + t - rows, past + t)
+        kc, vc = np.empty_like(raw_k[:rows]), np.empty_like(raw_v[:rows])
+        kc[held % rows], vc[held % rows] = raw_k[held], raw_v[held]
+    launch.attention(fmt, cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(pos), out, partials, window, cap)
     want = ops.attention(q.astype(np.float64), kv_dequantize(f, raw_k, d).astype(np.float64),
                          kv_dequantize(f, raw_v, d).astype(np.float64), pos, window=window, cap=cap)
     assert rel(out.get(), want) < 1e-5

@@ -131,7 +131,7 @@ def test_smollm2_planned_equals_allocated_and_run_reports_the_pool(smol, capsys)
     gpu = load_for_plan(plan, source, engine="gpu")
     spec, lay = gpu.spec, plan.layout
     planned = mem.run_state_buffers(spec, lay.ctx, lay.chunk, logits=True, gemm_staging=True)
-    planned += mem.kv_cache_buffers(spec, lay.ctx, lay.kv, range(spec.num_layers))
+    planned += mem.kv_cache_buffers(spec, lay.ctx, lay.kv, range(spec.num_layers), lay.chunk)
     assert gpu.net.state.nbytes == mem.buffers_bytes(planned)
     assert sum(int(a.nbytes) for a in gpu.net.state.arrays.values()) == gpu.net.state.nbytes
     del gpu

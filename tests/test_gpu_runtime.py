@@ -61,7 +61,7 @@ def test_state_is_exactly_what_the_planner_prices(monkeypatch, ckpt, assignment)
     model = gpu_model(monkeypatch, ckpt, assignment, range(6), "q4", ctx=32, chunk=4)
     spec = ckpt.spec
     planned = mem.run_state_buffers(spec, 32, 4, logits=True, gemm_staging=True)
-    planned += mem.kv_cache_buffers(spec, 32, kv_format("q4"), range(spec.num_layers))
+    planned += mem.kv_cache_buffers(spec, 32, kv_format("q4"), range(spec.num_layers), 4)
     assert model.net.state.nbytes == mem.buffers_bytes(planned)
     # weights: the planner's bytes less the 12-byte slice tables the device does not keep
     headers = sum(SLICE_HEADER_BYTES * len(o.slice_rows(ckpt[n].shape[1])) for n, o in assignment.items())

@@ -144,8 +144,14 @@ def test_planned_bytes_are_the_buffers_bytes():
     spec, kv = DB.find_model("llama2-7b"), KV_FORMATS["q8"]
     out = plan("llama2-7b", ctx=4096, kv="q8")
     card = out.assessment.per_gpu[0]
-    kv_buffers = mem.kv_cache_buffers(spec, 4096, kv, range(spec.num_layers))
+    kv_buffers = mem.kv_cache_buffers(spec, 4096, kv, range(spec.num_layers), 512)
     assert card["kv_cache"] == sum(b.nbytes for b in kv_buffers) == spec.num_layers * 4096 * mem.kv_bytes_per_token(spec, kv)
+    # a sliding layer's cache is a ring of its window and a prefill chunk (Gemma 3 12B: 40 of 48 layers)
+    g3 = DB.find_model("gemma3-12b")
+    g3_card = plan("gemma3-12b", ctx=32768, kv="q8").assessment.per_gpu[0]
+    rows = [mem.kv_rows(g3, 32768, 512, i) for i in range(g3.num_layers)]
+    assert sorted(set(rows)) == [1024 + 512 - 1, 32768] and rows.count(32768) == 8
+    assert g3_card["kv_cache"] == sum(rows) * mem.kv_bytes_per_token(g3, kv)
     state = mem.run_state_buffers(spec, 4096, 512)
     assert (card["compute.activations"] + card["compute.attention_scores"] + card["compute.gemm_staging"]
             + card["compute.logits"]) == sum(b.nbytes for b in state)

@@ -76,7 +76,7 @@ def random_weights(spec: ModelSpec) -> dict[str, np.ndarray]:
 def test_run_state_allocates_exactly_what_was_planned():
     st = RunState(SPEC, 64, 16, "q8")
     planned = mem.buffers_bytes(mem.run_state_buffers(SPEC, 64, 16, logits=True, gemm_staging=False))
-    planned += mem.buffers_bytes(mem.kv_cache_buffers(SPEC, 64, kv_format("q8"), range(SPEC.num_layers)))
+    planned += mem.buffers_bytes(mem.kv_cache_buffers(SPEC, 64, kv_format("q8"), range(SPEC.num_layers), 16))
     assert st.nbytes == planned
 
 

@@ -86,6 +86,10 @@ __device__ __forceinline__ void rotate_pair(float* v, int i, int d, int p, doubl
     rotate_by(v, i, d, rope_cos_sin(i, d, p, theta, factors), interleaved);
 }
 
+// Cache row of position p, KV head h, in a cache of `rows` positions: p itself where the cache holds the
+// whole context (p < rows), else the ring slot p mod rows of a sliding layer (planner.memory.kv_rows).
+__device__ __forceinline__ size_t kv_row(int p, int rows, int hkv, int h) { return (size_t)(p % rows) * hkv + h; }
+
 // A step's q (t, hq, d), k and v (t, hkv, d) after their matvecs, in one launch: q and k rotated in place
 // (rotate_pair), then k and v stored in their caches at positions pos (t,) (read on the device, so a
 // captured decode step replays at any position). One warp per row of q, k or v; a warp's own writes are
@@ -94,7 +98,7 @@ template <int FMT>
 __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
                            u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos, int t, int hq,
                            int hkv, int d, int row_bytes, double theta, const float* __restrict__ factors,
-                           int interleaved) {
+                           int interleaved, int rows) {
     const int lane = threadIdx.x & 31;
     const int warps = (gridDim.x * blockDim.x) >> 5, nq = t * hq, nk = t * hkv;
     for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < nq + 2 * nk; r += warps) {
@@ -105,10 +109,10 @@ __global__ void rope_store(float* __restrict__ q, float* __restrict__ k, const f
             const int p = pos[j / heads];
             for (int i = lane; i < (d >> 1); i += 32) rotate_pair(xr, i, d, p, theta, factors, interleaved);
             __syncwarp();
-            if (!is_q) store_row<FMT>(xr, kc + ((size_t)p * hkv + j % hkv) * row_bytes, d, lane);
+            if (!is_q) store_row<FMT>(xr, kc + kv_row(p, rows, hkv, j % hkv) * row_bytes, d, lane);
         } else {
             const int j = r - nq - nk;
-            store_row<FMT>(v + (size_t)j * d, vc + ((size_t)pos[j / hkv] * hkv + j % hkv) * row_bytes, d, lane);
+            store_row<FMT>(v + (size_t)j * d, vc + kv_row(pos[j / hkv], rows, hkv, j % hkv) * row_bytes, d, lane);
         }
     }
 }
@@ -135,7 +139,7 @@ template <int FMT>
 __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
                           const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ part,
                           int t, int h0, int hq, int hkv, int d, int row_bytes, int chunk, int nsplit, int window,
-                          float cap) {
+                          float cap, int rows) {
     __shared__ float wo[ATTN_WARPS][ATTN_MAX_D];
     __shared__ float wm[ATTN_WARPS], wl[ATTN_WARPS];
     const int tq = blockIdx.x / nsplit, c = blockIdx.x % nsplit, hl = blockIdx.y, h = h0 + hl;
@@ -153,8 +157,8 @@ __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc
     float m = -INFINITY, l = 0.0f;
 #pragma unroll 4
     for (int p = p0 + warp; p < p1; p += ATTN_WARPS) {
-        const u8* krow = kc + ((size_t)p * hkv + kvh) * row_bytes;
-        const u8* vrow = vc + ((size_t)p * hkv + kvh) * row_bytes;
+        const u8* krow = kc + kv_row(p, rows, hkv, kvh) * row_bytes;
+        const u8* vrow = vc + kv_row(p, rows, hkv, kvh) * row_bytes;
         float s = 0.0f;
 #pragma unroll
         for (int j = 0; j < ATTN_MAX_D / 32; ++j)
@@ -246,7 +250,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
                               u8* __restrict__ kc, u8* __restrict__ vc, const int* __restrict__ pos,
                               float* __restrict__ out, float* __restrict__ part, int* __restrict__ tickets, int hq,
                               int hkv, int d, int row_bytes, int chunk, int nsplit, double theta,
-                              const float* __restrict__ factors, int interleaved, int window, float cap) {
+                              const float* __restrict__ factors, int interleaved, int window, float cap, int rows) {
     __shared__ __align__(16) float qs[GQA_MAX_G][GQA_MAX_D];
     __shared__ float wo[ATTN_WARPS][GQA_MAX_G][GQA_MAX_D];
     __shared__ float wm[ATTN_WARPS][GQA_MAX_G], wl[ATTN_WARPS][GQA_MAX_G];
@@ -273,7 +277,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
         if (holds_new && warp == 0) {
             for (int i = lane; i < (d >> 1); i += 32) rotate_by(knew, i, d, cs[i], interleaved);
             __syncwarp();
-            const size_t at = ((size_t)cur * hkv + kvh) * row_bytes;
+            const size_t at = kv_row(cur, rows, hkv, kvh) * row_bytes;
             const float* vnew = v + (size_t)kvh * d;
             store_row<FMT>(knew, krow_new, d, lane);
             store_row<FMT>(knew, kc + at, d, lane);
@@ -300,7 +304,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
 #pragma unroll
         for (int g = 0; g < GQA_MAX_G; ++g) s4[g][0] = s4[g][1] = s4[g][2] = s4[g][3] = 0.0f;
         if (in) {
-            const u8* krow = STEP && p == cur ? krow_new : kc + ((size_t)p * hkv + kvh) * row_bytes;
+            const u8* krow = STEP && p == cur ? krow_new : kc + kv_row(p, rows, hkv, kvh) * row_bytes;
             for (int e = 0; e < d; e += 4) {
                 float kv[4];
                 kv_elem4<FMT>(krow, e, kv);
@@ -334,7 +338,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
         }
         const int np = min(32, p1 - b);
         for (int i = 0; i < np; ++i) {
-            const u8* vrow = STEP && b + i == cur ? vrow_new : vc + ((size_t)(b + i) * hkv + kvh) * row_bytes;
+            const u8* vrow = STEP && b + i == cur ? vrow_new : vc + kv_row(b + i, rows, hkv, kvh) * row_bytes;
             float vv[GQA_MAX_D / 32];
 #pragma unroll
             for (int j = 0; j < GQA_MAX_D / 32; ++j) vv[j] = lane + 32 * j < d ? kv_elem<FMT>(vrow, lane + 32 * j) : 0.0f;
@@ -420,7 +424,7 @@ __global__ void attention_gqa(const float* __restrict__ q, const float* __restri
 template <int FMT>
 __global__ void attention_tiled(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
                                 const int* __restrict__ pos, float* __restrict__ out, int t, int hq, int hkv,
-                                int d, int row_bytes, int window, float cap) {
+                                int d, int row_bytes, int window, float cap, int rows) {
     __shared__ __align__(16) float qs[ATTN_TQ][ATTN_ROW];
     __shared__ __align__(16) float ks[ATTN_TK][ATTN_ROW];
     __shared__ __align__(16) float vs[ATTN_TK][ATTN_ROW];
@@ -446,7 +450,7 @@ __global__ void attention_tiled(const float* __restrict__ q, const u8* __restric
         __syncthreads();                                          // the previous tile is used up
         for (int i = threadIdx.x; i < ATTN_TK * (ATTN_TILE_D / 4); i += ATTN_TILE_THREADS) {
             const int r = i / (ATTN_TILE_D / 4), c0 = (i % (ATTN_TILE_D / 4)) * 4, p = k0 + r;
-            const size_t at = ((size_t)p * hkv + kvh) * row_bytes;
+            const size_t at = kv_row(p, rows, hkv, kvh) * row_bytes;
 #pragma unroll
             for (int c = c0; c < c0 + 4; ++c) {
                 const bool in = p <= last && c < d;
@@ -510,15 +514,15 @@ __global__ void attention_tiled(const float* __restrict__ q, const u8* __restric
 }
 
 #ifdef VRAMWISE_NVCC_CHECK
-template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, const float*, int);
-template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, const float*, int);
-template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
-template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
-template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
-template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float);
-template __global__ void attention_gqa<0, 0>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float);
-template __global__ void attention_gqa<0, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float);
-template __global__ void attention_gqa<3, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float);
-template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float);
-template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float);
+template __global__ void rope_store<0>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, const float*, int, int);
+template __global__ void rope_store<3>(float*, float*, const float*, u8*, u8*, const int*, int, int, int, int, int, double, const float*, int, int);
+template __global__ void attention<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
+template __global__ void attention<1>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
+template __global__ void attention<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
+template __global__ void attention<3>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
+template __global__ void attention_gqa<0, 0>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float, int);
+template __global__ void attention_gqa<0, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float, int);
+template __global__ void attention_gqa<3, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float, int);
+template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float, int);
+template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float, int);
 #endif

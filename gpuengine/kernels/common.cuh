@@ -131,8 +131,9 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max) {
 }
 
 // A gated MLP's activation of its gate value g: act 1 silu, g / (1 + e^-g) (SwiGLU); 2 GELU's tanh form,
-// g / 2 (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) (GeGLU, Gemma); as ops.ACTIVATIONS.
+// g (1 + tanh z) / 2 = g / (1 + e^(-2z)) with z = sqrt(2 / pi) (g + 0.044715 g^3) (GeGLU, Gemma), as
+// ops.gelu_tanh writes it (no cancellation for negative g); as ops.ACTIVATIONS.
 __device__ __forceinline__ float gated_act(float g, int act) {
-    if (act == 2) return g * 0.5f * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    if (act == 2) return g / (1.0f + expf(-1.5957691216057308f * (g + 0.044715f * g * g * g)));
     return g / (1.0f + expf(-g));
 }

@@ -108,7 +108,7 @@ def _fit(req: TargetRequest, ctx: int, mode: str):
     bpw = math.floor(round(top / BPW_STEP, 6)) * BPW_STEP
     while bpw >= max(MIN_BPW, req.min_bpw) - 1e-9:
         layer_bytes = [math.ceil(bpw * p / 8) + n for p, n in zip(params, norms)]
-        split = contiguous_split(layer_bytes, fixed, [req.gpu.memory_bytes] * cards, kv_layer)
+        split = contiguous_split(layer_bytes, fixed, [req.gpu.memory_bytes] * cards, [kv_layer] * spec.num_layers)
         if split is not None:
             return round(bpw, 2), layer_bytes, split
         bpw -= BPW_STEP

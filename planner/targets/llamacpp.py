@@ -199,7 +199,7 @@ def _place(req: TargetRequest, spec, types, ctx, kv, cpu_expert_layers=frozenset
         head_on_gpu = k == n
         fixed = [sum(_card(req, _Layout(spec, types, ctx, kv, tuple((0, 0) for _ in range(cards)), head_on_gpu,
                                         cpu_expert_layers), c, layer_bytes).values()) for c in range(cards)]
-        split = contiguous_split(layer_bytes[n - k:], fixed, budgets, 0)
+        split = contiguous_split(layer_bytes[n - k:], fixed, budgets, [0] * k)
         if split is not None:
             split = tuple((a + n - k, b + n - k) for a, b in split)
             return _Layout(spec, types, ctx, kv, split, head_on_gpu, cpu_expert_layers)
