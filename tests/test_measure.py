@@ -27,9 +27,10 @@ def model(tmp_path_factory):
     return tiny_gguf(tmp_path_factory.mktemp("measure") / "tiny.gguf")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
 def test_the_walk_is_the_models_forward_pass(family, model, tmp_path):
-    """Walk every layer, then the final norm and head: the oracle's logits for each row."""
+    """Walk every layer, then the final norm and head: the oracle's logits for each row (Gemma 3: 24-token rows
+    past its 16-token window)."""
     ckpt = load_checkpoint(model if family == "llama" else tiny_family_gguf(tmp_path / "m.gguf", family))
     assert ckpt.spec.family == family
     ids = calibration_rows(for_checkpoint(ckpt), TEXT, 3, 24)
