@@ -56,6 +56,12 @@ MODELS: dict[str, dict] = {
                   bias=False, qk_norm=True, theta=1000000.0, head_dim=32),
     "qwen3-wide-heads": dict(arch="qwen3", hidden=64, ff=96, layers=3, heads=4, kv=2, vocab=96, tied=True,
                              bias=False, qk_norm=True, theta=1000000.0, head_dim=48),
+    # routed experts: Mixtral (llama.cpp's llama architecture with experts), Qwen3-MoE (its q/k norms too); 4
+    # experts, 2 a token, each expert's gate / up / down stacked in one GGUF tensor
+    "mixtral": dict(arch="llama", hidden=64, ff=48, layers=2, heads=4, kv=2, vocab=96, tied=False,
+                    bias=False, qk_norm=False, theta=1000000.0, experts=4, experts_used=2),
+    "qwen3moe": dict(arch="qwen3moe", hidden=64, ff=48, layers=2, heads=4, kv=2, vocab=96, tied=False,
+                     bias=False, qk_norm=True, theta=1000000.0, head_dim=32, experts=4, experts_used=2),
     # Gemma: GeGLU, embeddings times sqrt(hidden), one KV head (Gemma 2B)
     "gemma": dict(arch="gemma", hidden=64, ff=96, layers=2, heads=2, kv=1, vocab=96, tied=True,
                   bias=False, qk_norm=False, theta=10000.0, head_dim=32),
@@ -90,9 +96,15 @@ def tiny_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         else:
             shapes.update({p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h)})
         shapes.update({p + "attn_output.weight": (h, q)})
-        if not cfg.get("fused"):
+        if cfg.get("experts"):              # stacked (experts, out, in), as llama.cpp's converter writes them
+            e = cfg["experts"]
+            shapes.update({p + "ffn_gate_inp.weight": (e, h), p + "ffn_gate_exps.weight": (e, ff, h),
+                           p + "ffn_up_exps.weight": (e, ff, h), p + "ffn_down_exps.weight": (e, h, ff)})
+        elif not cfg.get("fused"):
             shapes.update({p + "ffn_gate.weight": (ff, h), p + "ffn_up.weight": (ff, h)})
-        shapes.update({p + "ffn_down.weight": (h, ff), p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)})
+        if not cfg.get("experts"):
+            shapes[p + "ffn_down.weight"] = (h, ff)
+        shapes.update({p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,)})
         if cfg["bias"]:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
         if cfg.get("qk_norm"):
@@ -144,6 +156,11 @@ def write_gguf(path: Path, cfg: dict, arrays: dict[str, np.ndarray]) -> Path:
     w.add_context_length(256)
     w.add_embedding_length(cfg["hidden"])
     w.add_feed_forward_length(cfg["ff"])
+    if cfg.get("experts"):
+        w.add_expert_count(cfg["experts"])
+        w.add_expert_used_count(cfg["experts_used"])
+        if cfg["arch"] == "qwen3moe":
+            w.add_expert_feed_forward_length(cfg["ff"])
     w.add_block_count(cfg["layers"])
     w.add_head_count(cfg["heads"])
     w.add_head_count_kv(cfg["kv"])

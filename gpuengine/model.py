@@ -19,7 +19,7 @@ from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
 from refengine.arch import Arch
-from refengine.model import check_supported, fill_rope_factors
+from refengine.model import UnsupportedModel, check_supported, fill_rope_factors
 from refengine.ops import unfuse
 from refengine.stream import layer_of
 
@@ -151,6 +151,9 @@ class GPUTransformer:
         import cupyx
 
         check_supported(spec)
+        if spec.is_moe:
+            raise UnsupportedModel(f"{spec.name}: the CUDA engine does not run routed experts (MoE) yet; the reference "
+                                   f"engine does, on the CPU: vramwise run --engine ref")
         self.arch = Arch(spec)
         self.spec, self.ctx = spec, ctx
         self.chunk = min(chunk, ctx)

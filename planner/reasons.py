@@ -96,13 +96,20 @@ def explain_engine(req: "Request", out: "Outcome") -> None:
     from planner.spec import engine_gaps
     from planner.targets import TargetError, TargetRequest, plan_target
     gaps = engine_gaps(req.model)
-    if not gaps:
+    cpu_only = not gaps and req.model.is_moe          # routed experts: the reference engine only, for now
+    if not gaps and not cpu_only:
         return
     try:
         alt = plan_target("llama.cpp", TargetRequest(req.model, req.gpu, req.host, gpu_count=req.gpu_count, ctx=req.ctx))
         there = f"; `--target llama.cpp` plans it for llama.cpp ({fmt_rate(1 / alt.decode_s)} predicted)"
     except TargetError:
         there = ""
+    if cpu_only:
+        out.decisions.append(("engine", "reference (CPU)", f"vramwise's CUDA engine does not run routed experts "
+                                                          f"(MoE) yet; `vramwise run --engine ref` runs this plan on "
+                                                          f"the CPU: the speeds price the CUDA engine as if it "
+                                                          f"did{there}"))
+        return
     out.decisions.append(("engine", "not yet", f"`vramwise run` does not run this architecture yet "
                                                f"({', '.join(gaps)}): the speeds price vramwise's engine as if it "
                                                f"did{there}"))

@@ -188,13 +188,16 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 
 
 # What vramwise's engines (the reference engine and the CUDA engine) run today: Llama-family decoders, Qwen3's
-# per-head q/k norms, Phi-3's fused q/k/v and gate/up linears, and Gemma 1 / 2 / 3's departures (refengine.arch),
-# whose checkpoints' tensors their name tables know exactly. refengine.model.check_supported refuses the other
-# families and fields (a tuple: any of those values).
-ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": (2, 4), "num_experts": 0,
+# per-head q/k norms, Phi-3's fused q/k/v and gate/up linears, Gemma 1 / 2 / 3's departures, and (the reference
+# engine only) Mixtral's and Qwen3-MoE's routed experts (refengine.arch), whose checkpoints' tensors their name
+# tables know exactly. refengine.model.check_supported refuses the other families and fields (a tuple: any of
+# those values).
+ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": (2, 4), "shared_experts": 0,
+               "router_bias": False, "dense_layers": 0, "shared_expert_gate": False,
                "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0}
+MOE_FAMILIES = ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe", "qwen3moe")   # routed experts: softmax, top-k
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")     # Gemma 4 is not run (per-layer geometry)
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3") + GEMMA_FAMILIES
+ENGINE_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "qwen3moe", "phi3") + GEMMA_FAMILIES
 SCALED_ROPE = ("llama3", "linear", "yarn")     # RoPE scalings the engines run, as per-pair frequency factors
 ENGINE_ROPE_SCALING = ("",) + SCALED_ROPE
 
@@ -205,6 +208,8 @@ def unsupported_fields(spec: ModelSpec) -> list[tuple[str, Any]]:
                                   if getattr(spec, field) not in (want if isinstance(want, tuple) else (want,))]
     if spec.rope_scaling not in ENGINE_ROPE_SCALING:
         out.append(("rope_scaling", ENGINE_ROPE_SCALING))
+    if spec.is_moe and spec.family not in MOE_FAMILIES:
+        out.append(("num_experts", 0))
     return out
 
 

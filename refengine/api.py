@@ -13,7 +13,7 @@ from refengine.errors import EngineError
 from refengine.packed import QuantizedLinear
 from refengine.generate import Sampling, generate
 from refengine.model import Transformer
-from refengine.stream import CachedWeights, LayerStore, StreamedWeights, quantize_tensor
+from refengine.stream import CachedWeights, LayerStore, StreamedWeights, quantize_tensor, stored
 from refengine.tokenizer import Tokenizer, for_checkpoint
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
@@ -24,15 +24,18 @@ if TYPE_CHECKING:
 
 def load_tensor(ckpt: Checkpoint, name: str, assignment: Optional[Mapping[str, QuantOption]] = None):
     """One tensor as the engine holds it: under a plan its linears and the head quantized to their formats
-    (packed), the embedding as the fp16 lookup table the planner prices (memory.EMBED_DTYPE), the rest
-    float32. `head` of a tied model is the embedding matrix."""
+    (packed), the embedding as the fp16 lookup table the planner prices (memory.EMBED_DTYPE), an MoE router in
+    fp16 under a plan (stream.stored), the rest float32. `head` of a tied model is the embedding matrix."""
     if assignment is not None and (name in assignment or name == "head"):
         source = ckpt.lm_head.name if name == "head" else name
         return QuantizedLinear(quantize_tensor(ckpt, source, ckpt[source].numpy(np.float32),
                                                assignment.get(name, HEAD_OPTION)))
     if name == "embed":
         return np.ascontiguousarray(ckpt[name].numpy(np.float32).astype(np.float16))
-    return np.ascontiguousarray(ckpt.lm_head.numpy(np.float32) if name == "head" else ckpt[name].numpy(np.float32))
+    if name == "head":
+        return np.ascontiguousarray(ckpt.lm_head.numpy(np.float32))
+    w = np.ascontiguousarray(ckpt[name].numpy(np.float32))
+    return w if assignment is None else stored(name, w)
 
 
 def _names(ckpt: Checkpoint) -> list[str]:

@@ -8,7 +8,9 @@ A Llama layer is x += attn(rmsnorm(x)); x += mlp(rmsnorm(x)). The departures the
 - Gemma: GeGLU instead of SwiGLU, embeddings times sqrt(hidden), and with four norms a layer (Gemma 2 / 3) each
   sublayer's output normed before it joins the residual (norm.2 after attention, norm.3 after the MLP);
 - sliding-window layers (Mistral 7B v0.1, Gemma 2 / 3) and Gemma 3's own RoPE base for them (unscaled);
-- Gemma 2's soft caps on attention scores and on the logits.
+- Gemma 2's soft caps on attention scores and on the logits;
+- routed experts in place of the MLP (Mixtral, Qwen3-MoE): a softmax over the router's logits, each token's top-k
+  experts weighted by their probabilities renormalized over the k, as llama.cpp's build_moe_ffn (norm_w).
 Gemma's (1 + w) norms and its query_pre_attn_scalar need nothing here: the loaders fold both into the weights
 (refengine/weights.py), as llama.cpp's converter does the first.
 Shape legend as in refengine/ops.py; N rows (tokens, of one or more sequences).
@@ -91,12 +93,49 @@ def decoder_layer(arch: Arch, w: Mapping[str, Any], i: int, x: np.ndarray, lin: 
         out = ops.rmsnorm(out, w[p + "norm.2"], eps)
     x = x + out
     xn2 = ops.rmsnorm(x, w[p + "norm.1"], eps)
-    if spec.fused_gate_up:             # Phi-3: one linear, gate's outputs then up's
-        gate, up = np.split(lin(xn2, p + "mlp.gate_up"), 2, axis=1)
+    inputs = {"attn_in": xn, "attn_out": attn}
+    if spec.is_moe_layer(i):
+        out = _experts(arch, w, i, xn2, lin, inputs)
     else:
-        gate, up = lin(xn2, p + "mlp.gate"), lin(xn2, p + "mlp.up")
-    hidden = ops.ACTIVATIONS[spec.activation](gate) * up                                          # (N, F)
-    out = lin(hidden, p + "mlp.down")
+        inputs["mlp_in"] = xn2
+        out, inputs["mlp_hidden"] = _gated_mlp(arch, xn2, lin, p + "mlp")
     if spec.norms_per_layer == 4:
         out = ops.rmsnorm(out, w[p + "norm.3"], eps)
-    return x + out, {"attn_in": xn, "attn_out": attn, "mlp_in": xn2, "mlp_hidden": hidden}
+    return x + out, inputs
+
+
+def _gated_mlp(arch: Arch, x: np.ndarray, lin: Linear, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """down(act(gate x) * up x) and the hidden act(gate x) * up x (N, F) down reads."""
+    if arch.spec.fused_gate_up:        # Phi-3: one linear, gate's outputs then up's
+        gate, up = np.split(lin(x, prefix + ".gate_up"), 2, axis=1)
+    else:
+        gate, up = lin(x, prefix + ".gate"), lin(x, prefix + ".up")
+    hidden = ops.ACTIVATIONS[arch.spec.activation](gate) * up
+    return lin(hidden, prefix + ".down"), hidden
+
+
+def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k experts (N, k), most probable first, and their weights (N, k): the softmax over all the
+    router's logits (N, E), renormalized over the k chosen."""
+    probs = ops.softmax(logits)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, top, axis=1)
+    return top, weights / weights.sum(axis=1, keepdims=True)
+
+
+def _experts(arch: Arch, w: Mapping[str, Any], i: int, x: np.ndarray, lin: Linear,
+             inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The routed experts' weighted sum (N, H) over x (N, H); each expert runs on the rows routed to it, whose
+    inputs it records (moe.{e}.in, moe.{e}.hidden: what its linears read, for calibration)."""
+    spec, p = arch.spec, f"layers.{i}.moe"
+    top, weights = route(lin(x, p + ".router"), spec.experts_per_token)
+    out = np.zeros_like(x)
+    for e in range(spec.num_experts):
+        rows, slot = np.nonzero(top == e)
+        inputs[f"moe.{e}.in"] = x[rows]
+        if not len(rows):
+            inputs[f"moe.{e}.hidden"] = np.zeros((0, spec.intermediate_size), x.dtype)
+            continue
+        y, inputs[f"moe.{e}.hidden"] = _gated_mlp(arch, x[rows], lin, f"{p}.{e}")
+        out[rows] += weights[rows, slot, None].astype(x.dtype) * y
+    return out

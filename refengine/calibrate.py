@@ -47,11 +47,15 @@ class LayerInputs:
     _grams: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def group(self, linear: str) -> str:
-        """The input a linear reads, by its canonical name (layers.{i}.attn.q) or suffix (attn.q)."""
+        """The input a linear reads, by its canonical name (layers.{i}.attn.q) or suffix (attn.q); an expert's
+        linears (moe.{e}.gate / up / down) read the rows routed to it (refengine.arch)."""
         suffix = linear.split(".", 2)[2] if linear.startswith("layers.") else linear
         for name, members in INPUT_GROUPS.items():
             if suffix in members:
                 return name
+        parts = suffix.split(".")
+        if len(parts) == 3 and parts[0] == "moe" and parts[1].isdigit() and parts[2] in ("gate", "up", "down"):
+            return f"moe.{parts[1]}." + ("hidden" if parts[2] == "down" else "in")
         raise KeyError(linear)
 
     def of(self, linear: str) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from planner import yamlout
 from planner.formats import OPTIONS, QuantOption
 from planner.spec import architecture_digest
-from refengine.calibrate import (INPUT_GROUPS, LayerWalk, WalkCheckpoint, calibration_rows, output_energy,
+from refengine.calibrate import (LayerWalk, WalkCheckpoint, calibration_rows, output_energy,
                                  output_error)
 from refengine.errors import EngineError
 from refengine.quant import QTensor, dequantize, quantize
@@ -61,23 +61,22 @@ def measure_layer(w: dict, inputs, method: str, options: Sequence[QuantOption]) 
     """{linear name: {option name: {rfn_error, bytes}}} for one layer's float32 weights and inputs."""
     quant = quantizer(method)
     table: dict[str, dict] = {}
-    for members in INPUT_GROUPS.values():
-        for suffix in members:
-            name = f"layers.{inputs.layer}.{suffix}"
-            if name not in w:                     # a Phi-3 has attn.qkv where a Llama has attn.q, k and v
-                continue
-            gram = inputs.gram(name)
-            weight = w[name]
-            energy = output_energy(weight, gram)
-            row = {}
-            for option in options:
-                t = quant(weight, option, gram)
-                expected = option.tensor_bytes(*weight.shape)
-                if t.nbytes != expected:          # the registry and the packer must agree to the byte
-                    raise AssertionError(f"{name} {option.name}: packed {t.nbytes} bytes, registry says {expected}")
-                row[option.name] = {"rfn_error": round(output_error(weight, dequantize(t), gram, energy), 8),
-                                    "bytes": expected}
-            table[name] = row
+    for name in w:
+        try:
+            gram = inputs.gram(name)              # the linears: what reads no input group is a norm, bias, router
+        except KeyError:
+            continue
+        weight = w[name]
+        energy = output_energy(weight, gram)
+        row = {}
+        for option in options:
+            t = quant(weight, option, gram)
+            expected = option.tensor_bytes(*weight.shape)
+            if t.nbytes != expected:              # the registry and the packer must agree to the byte
+                raise AssertionError(f"{name} {option.name}: packed {t.nbytes} bytes, registry says {expected}")
+            row[option.name] = {"rfn_error": round(output_error(weight, dequantize(t), gram, energy), 8),
+                                "bytes": expected}
+        table[name] = row
     return table
 
 

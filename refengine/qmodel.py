@@ -31,7 +31,8 @@ from refengine.calibrate import LayerWalk, WalkCheckpoint, calibration_rows
 from refengine.errors import WeightsError
 from refengine.gptq import gptq_quantize
 from refengine.quant import QTensor, dequantize
-from refengine.stream import CachedWeights, LayerStore, file_meta, quantize_tensor, read_tensors, write_tensors
+from refengine.stream import (CachedWeights, LayerStore, file_meta, quantize_tensor, read_tensors, stored,
+                              write_tensors)
 from refengine.weights import ROPE_INTERLEAVED, Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def _gptq_layers(ckpt: Checkpoint, store: LayerStore, assignment: Mapping[str, Q
             if name in assignment:
                 gram = seen.gram(name)
                 weight = quantize_tensor(ckpt, name, weight, assignment[name], lambda a, o: gptq_quantize(a, o, gram))
-            tensors[name] = weight
+            tensors[name] = weight if name in assignment else stored(name, weight)
         store.write_layer(i, tensors)
         walk.step({n: dequantize(t) if isinstance(t, QTensor) else t for n, t in tensors.items()})
         partial.save(i + 1, walk.x, {})

@@ -59,6 +59,12 @@ def quantize_tensor(ckpt: Checkpoint, name: str, w: np.ndarray, option: QuantOpt
                            "the file is corrupt or not a trained model's weights") from None
 
 
+def stored(name: str, w: np.ndarray) -> np.ndarray:
+    """An unquantized tensor as a quantized model stores it (planner.memory's dtypes): an MoE router in fp16
+    (ROUTER_DTYPE; exact in the engines' float32), anything else (norms, biases) in float32."""
+    return w.astype(np.float16) if name.endswith(".moe.router") else w
+
+
 def _array_bytes(value: Any) -> int:
     return value.nbytes if isinstance(value, (np.ndarray, QuantizedLinear)) else 0
 
@@ -174,7 +180,7 @@ class LayerStore:
             for name in self.names[i]:
                 w = self.ckpt[name].numpy(np.float32)
                 tensors[name] = (quantize_tensor(self.ckpt, name, w, self.assignment[name])
-                                 if name in self.assignment else w)
+                                 if name in self.assignment else stored(name, w))
             self.write_layer(i, tensors)
             if progress is not None:
                 progress(done + 1, len(todo))

@@ -98,6 +98,10 @@ HF_NAMES: dict[str, Optional[str]] = {
     "model.layers.{i}.input_layernorm.weight": "layers.{i}.norm.0",
     "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.norm.1",
     "model.layers.{i}.block_sparse_moe.gate.weight": "layers.{i}.moe.router",
+    "model.layers.{i}.mlp.gate.weight": "layers.{i}.moe.router",                 # Qwen3-MoE
+    "model.layers.{i}.mlp.experts.{e}.gate_proj.weight": "layers.{i}.moe.{e}.gate",
+    "model.layers.{i}.mlp.experts.{e}.up_proj.weight": "layers.{i}.moe.{e}.up",
+    "model.layers.{i}.mlp.experts.{e}.down_proj.weight": "layers.{i}.moe.{e}.down",
     "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": "layers.{i}.moe.{e}.gate",
     "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight": "layers.{i}.moe.{e}.up",
     "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": "layers.{i}.moe.{e}.down",
@@ -118,7 +122,7 @@ HF_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_t
 # GGUF architecture -> the q/k row layout its converter wrote (llama.cpp llama_model_rope_type: NORM / NEOX).
 GGUF_ROPE_LAYOUT = {"llama": ROPE_INTERLEAVED, "mistral": ROPE_INTERLEAVED, "qwen2": ROPE_HALVES,
                     "qwen3": ROPE_HALVES, "phi3": ROPE_HALVES, "gemma": ROPE_HALVES, "gemma2": ROPE_HALVES,
-                    "gemma3": ROPE_HALVES, "falcon": ROPE_HALVES}
+                    "gemma3": ROPE_HALVES, "falcon": ROPE_HALVES, "qwen3moe": ROPE_HALVES}
 
 SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 

@@ -52,9 +52,11 @@ def tiny_gguf(path: Path, arch: str = "llama", arrays: dict | None = None, raw: 
 def tiny_family_gguf(path: Path, family: str) -> Path:
     """tiny_gguf as a Qwen3 (the same tensors plus an RMSNorm weight over each query and key head), a Phi-3
     (q / k / v and gate / up each in one tensor) or a Gemma 3 (Qwen3's plus norms after attention and the MLP,
-    a 16-token sliding window)."""
+    a 16-token sliding window), or as a Mixtral-style "moe" (llama with 4 routed experts, 2 a token)."""
     if family == "phi3":
         return tiny_gguf(path, "phi3", tiny_tensors({**CFG, "fused": True}))
+    if family == "moe":
+        return tiny_gguf(path, arrays=moe_tensors(), experts=4)
     arrays, hd = tiny_tensors(CFG), CFG["hidden"] // CFG["heads"]
     rng = np.random.default_rng(3)
     for i in range(CFG["layers"]):
@@ -266,20 +268,37 @@ def test_weights_of_another_architecture_name_the_difference(capsys, work, plan)
     assert "architecture is not the plan's (rope_scaling '' planned, 'llama3' found)" in line
 
 
-def test_moe_model_plans_but_the_llama_engine_refuses_it(capsys, work):
-    """The planner handles experts; the reference engine runs dense Llama-family models only."""
+def moe_tensors() -> dict:
+    """tiny_tensors with each layer's MLP as 4 routed experts (stacked, as llama.cpp's converter writes them)."""
     arrays = {k: v for k, v in tiny_tensors(CFG).items() if "ffn_" not in k or "norm" in k}
     rng = np.random.default_rng(1)
     for i in range(CFG["layers"]):
         arrays[f"blk.{i}.ffn_gate_inp.weight"] = rng.standard_normal((4, 64)).astype(np.float32)
         for n, s in (("gate", (4, 96, 64)), ("up", (4, 96, 64)), ("down", (4, 64, 96))):
-            arrays[f"blk.{i}.ffn_{n}_exps.weight"] = rng.standard_normal(s).astype(np.float32)
-    moe = tiny_gguf(work / "moe.gguf", arrays=arrays, experts=4)
+            arrays[f"blk.{i}.ffn_{n}_exps.weight"] = (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32)
+    return arrays
+
+
+def test_moe_model_plans_and_runs_on_the_reference_engine_only(capsys, work, monkeypatch):
+    """A Mixtral-style GGUF (4 experts, 2 a token): planned, run by the reference engine, and refused in one line
+    by the CUDA engine, which does not run routed experts yet."""
+    moe = tiny_family_gguf(work / "moe.gguf", "moe")
     moe_plan = work / "moe.yaml"
     assert main(["plan", "--gpu", "rtx4090", "--model", str(moe), "--ctx", str(CTX), "-o", str(moe_plan),
                  "--quiet"]) == 0
-    code, out, err = cli(capsys, "run", "--plan", str(moe_plan), "--prompt", "hello", "--json")
-    assert out == "" and "num_experts=4 is not supported" in assert_one_line(code, err, moe)
+    assert "does not run routed experts (MoE) yet" in moe_plan.read_text()
+    code, out, err = cli(capsys, "run", "--plan", str(moe_plan), "--prompt", "hello", "--max-new-tokens", "2",
+                         "--engine", "ref", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["generated_tokens"] == 2
+    assert doc["measured"]["engine_bytes"] == doc["plan"]["weights_and_state_bytes"]   # routers in fp16, as planned
+    import gpu_fake
+    gpu_fake.install_runtime(monkeypatch)               # a CUDA device, as far as the engine can tell
+    from gpuengine.model import GPUTransformer
+    from refengine.model import UnsupportedModel
+    from refengine.weights import load_checkpoint
+    with pytest.raises(UnsupportedModel, match="does not run routed experts .* vramwise run --engine ref"):
+        GPUTransformer(load_checkpoint(moe).spec, {}, ctx=CTX)
 
 
 # --- safetensors --------------------------------------------------------------------------------------

@@ -122,20 +122,22 @@ def test_cli_quantize_run_eval(setup, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "short.txt" in err
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3", "moe"])
 def test_other_families_plan_quantize_by_gptq_and_run(tmp_path, capsys, family):
-    """Qwen3, Phi-3 and Gemma 3 end to end: the plan says `vramwise run` runs them, GPTQ quantizes them (its
-    calibration walk is the engine's decoder layer, refengine.arch; checked against the oracle in test_measure.py),
-    the directory holds the planned bytes, and run allocates exactly the plan."""
+    """Qwen3, Phi-3, Gemma 3 and a Mixtral-style MoE end to end: the plan says `vramwise run` runs them (the MoE
+    on the reference engine), GPTQ quantizes them (its calibration walk is the engine's decoder layer,
+    refengine.arch, each expert calibrated on the rows routed to it; checked against the oracle in
+    test_measure.py), the directory holds the planned bytes, and run allocates exactly the plan."""
     model, plan, out = tiny_family_gguf(tmp_path / "m.gguf", family), tmp_path / "plan.yaml", tmp_path / "q"
     assert main(["plan", "--gpu", "rtx4090", "--model", str(model), "--bpw", "4", "--ctx", "64", "-o", str(plan),
                  "--quiet"]) == 0
-    assert "does not run" not in plan.read_text()
+    assert "does not run this architecture" not in plan.read_text()
     header = quantize_model(load_plan(plan), str(model), out, "gptq", TEXT, "t", rows=2, row_tokens=32)
     assert sum(payload(f) for f in out.glob("*.safetensors")) == header["planned_weight_bytes"]
     assert np.isfinite(load_model(str(out)).logits(IDS)).all()
     capsys.readouterr()
-    assert main(["run", "--plan", str(out), "--prompt", "hello world", "--max-new-tokens", "3", "--json"]) == 0
+    assert main(["run", "--plan", str(out), "--prompt", "hello world", "--max-new-tokens", "3", "--json",
+                 "--engine", "ref"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["generated_tokens"] == 3
     assert doc["measured"]["engine_bytes"] == doc["plan"]["weights_and_state_bytes"]

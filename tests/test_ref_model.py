@@ -101,10 +101,10 @@ def test_context_overflow_is_refused():
 def test_unsupported_architecture_is_named():
     moe = ModelSpec(id="m", name="moe", family="llama", hidden_size=64, intermediate_size=64, num_layers=1,
                     num_heads=4, num_kv_heads=4, vocab_size=10, max_context=8, source="t", num_experts=4,
-                    experts_per_token=2)
-    with pytest.raises(UnsupportedModel, match="num_experts"):
+                    experts_per_token=2, shared_experts=1)          # routed experts run; shared ones not yet
+    with pytest.raises(UnsupportedModel, match="shared_experts"):
         Transformer(moe, {}, ctx=8)
     # a Falcon's checkpoint could be named as a Llama's: the family itself is refused
-    falcon = dataclasses.replace(moe, family="falcon", num_experts=0, experts_per_token=0)
+    falcon = dataclasses.replace(moe, family="falcon", num_experts=0, experts_per_token=0, shared_experts=0)
     with pytest.raises(UnsupportedModel, match="the falcon architecture is not supported .* runs llama, mistral"):
         Transformer(falcon, {}, ctx=8)
