@@ -196,12 +196,17 @@ def _oom_errors() -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
+    auto = args.engine == "auto"
     args.engine = _choose_engine(args.engine)
     quantized = Path(args.plan) if Path(args.plan).is_dir() else None     # a `vramwise quantize` directory
     if quantized and not (quantized / "plan.yaml").exists():
         raise RunError(f"{quantized}: a folder without plan.yaml, so not a `vramwise quantize` directory; pass a "
                        "plan.yaml or the directory quantize wrote")
     plan = load_plan(quantized / "plan.yaml" if quantized else args.plan)
+    if auto and args.engine == "gpu" and plan.spec.is_moe:      # the CUDA engine does not run routed experts yet
+        print("vramwise run: the CUDA engine does not run routed experts (MoE) yet; running on the reference "
+              "engine (CPU)", file=sys.stderr)
+        args.engine = "ref"
     from refengine.api import load_for_plan
     from refengine.generate import Sampling
     try:

@@ -106,9 +106,9 @@ def explain_engine(req: "Request", out: "Outcome") -> None:
         there = ""
     if cpu_only:
         out.decisions.append(("engine", "reference (CPU)", f"vramwise's CUDA engine does not run routed experts "
-                                                          f"(MoE) yet; `vramwise run --engine ref` runs this plan on "
-                                                          f"the CPU: the speeds price the CUDA engine as if it "
-                                                          f"did{there}"))
+                                                          f"(MoE) yet; `vramwise run` runs this plan on the reference "
+                                                          f"engine, on the CPU: the speeds price the CUDA engine as "
+                                                          f"if it did{there}"))
         return
     out.decisions.append(("engine", "not yet", f"`vramwise run` does not run this architecture yet "
                                                f"({', '.join(gaps)}): the speeds price vramwise's engine as if it "

@@ -292,6 +292,10 @@ def test_moe_model_plans_and_runs_on_the_reference_engine_only(capsys, work, mon
     doc = json.loads(out)
     assert code == 0 and doc["generated_tokens"] == 2
     assert doc["measured"]["engine_bytes"] == doc["plan"]["weights_and_state_bytes"]   # routers in fp16, as planned
+    from gpuengine import device
+    monkeypatch.setattr(device, "available", lambda: True)            # a CUDA device: auto still picks the CPU
+    code, out, err = cli(capsys, "run", "--plan", str(moe_plan), "--prompt", "hello", "--max-new-tokens", "2", "--json")
+    assert code == 0 and "running on the reference engine (CPU)" in err and json.loads(out)["generated_tokens"] == 2
     import gpu_fake
     gpu_fake.install_runtime(monkeypatch)               # a CUDA device, as far as the engine can tell
     from gpuengine.model import GPUTransformer

@@ -171,7 +171,8 @@ def test_a_plan_says_when_vramwise_run_cannot_run_the_architecture_yet():
     `vramwise run` refuses the model, and what llama.cpp would make of it; an MoE the reference engine runs says
     that the CUDA engine does not yet; Llama-family, dense Qwen3, Phi-4 and Gemma 2 / 3 plans say nothing."""
     for model, gap in (("gemma4-31b", "family gemma4"), ("phi-4-mini", "rope_scaling='longrope'"),
-                       ("qwen3-30b-a3b", "does not run routed experts (MoE) yet; `vramwise run --engine ref`"),
+                       ("qwen3-30b-a3b", "does not run routed experts (MoE) yet; `vramwise run` runs this plan on the "
+                                         "reference engine"),
                        ("mixtral-8x7b", "does not run routed experts (MoE) yet")):
         out = plan(model, "rtx4090")
         (why,) = [w for what, choice, w in out.decisions if what == "engine"]
