@@ -18,6 +18,7 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
+from planner.spec import cuda_gap
 from refengine.arch import Arch
 from refengine.model import UnsupportedModel, check_supported, fill_rope_factors
 from refengine.ops import unfuse
@@ -151,8 +152,8 @@ class GPUTransformer:
         import cupyx
 
         check_supported(spec)
-        if spec.is_moe:
-            raise UnsupportedModel(f"{spec.name}: the CUDA engine does not run routed experts (MoE) yet; the reference "
+        if cuda_gap(spec):
+            raise UnsupportedModel(f"{spec.name}: the CUDA engine does not run {cuda_gap(spec)} yet; the reference "
                                    f"engine does, on the CPU: vramwise run --engine ref")
         self.arch = Arch(spec)
         self.spec, self.ctx = spec, ctx

@@ -157,7 +157,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     host_items = {"embedding": glob["embed"]}
     if lay.mode == "offload" and not streaming:
         host_items["weights.cpu_layers"] = sum(layer_bytes[i] for i in off)
-        host_items["kv_cache.cpu_layers"] = sum(mem.kv_layer_bytes(spec, lay.ctx, lay.chunk, lay.kv)[i] for i in off)
+        kv_layer = mem.kv_layer_bytes(spec, lay.ctx, lay.chunk, lay.kv)
+        host_items["kv_cache.cpu_layers"] = sum(kv_layer[i] for i in off)
         host_items["compute.cpu"] = mem.buffers_bytes(mem.run_state_buffers(spec, lay.ctx, lay.chunk, False, False))
     elif lay.mode in ("stream", "offload"):
         host_items["weights.streamed"] = sum(layer_bytes[i] for i in _streamed_layers(spec, lay))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from planner import memory as mem
 from planner.plan import load_plan
+from planner.spec import cuda_gap
 from planner.units import fmt_bytes
 
 
@@ -203,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"{quantized}: a folder without plan.yaml, so not a `vramwise quantize` directory; pass a "
                        "plan.yaml or the directory quantize wrote")
     plan = load_plan(quantized / "plan.yaml" if quantized else args.plan)
-    if auto and args.engine == "gpu" and plan.spec.is_moe:      # the CUDA engine does not run routed experts yet
-        print("vramwise run: the CUDA engine does not run routed experts (MoE) yet; running on the reference "
+    if auto and args.engine == "gpu" and cuda_gap(plan.spec):   # what the CUDA engine does not run yet
+        print(f"vramwise run: the CUDA engine does not run {cuda_gap(plan.spec)} yet; running on the reference "
               "engine (CPU)", file=sys.stderr)
         args.engine = "ref"
     from refengine.api import load_for_plan

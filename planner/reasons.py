@@ -93,10 +93,10 @@ def explain_gpu(req: "Request", out: "Outcome", ladder: list[int], kvs: list[str
 
 def explain_engine(req: "Request", out: "Outcome") -> None:
     """A plan for an architecture `vramwise run` cannot run yet says so, and what llama.cpp would make of it."""
-    from planner.spec import engine_gaps
+    from planner.spec import cuda_gap, engine_gaps
     from planner.targets import TargetError, TargetRequest, plan_target
     gaps = engine_gaps(req.model)
-    cpu_only = not gaps and req.model.is_moe          # routed experts: the reference engine only, for now
+    cpu_only = None if gaps else cuda_gap(req.model)   # what the reference engine runs and the CUDA one not yet
     if not gaps and not cpu_only:
         return
     try:
@@ -105,8 +105,8 @@ def explain_engine(req: "Request", out: "Outcome") -> None:
     except TargetError:
         there = ""
     if cpu_only:
-        out.decisions.append(("engine", "reference (CPU)", f"vramwise's CUDA engine does not run routed experts "
-                                                          f"(MoE) yet; `vramwise run` runs this plan on the reference "
+        out.decisions.append(("engine", "reference (CPU)", f"vramwise's CUDA engine does not run {cpu_only} "
+                                                          f"yet; `vramwise run` runs this plan on the reference "
                                                           f"engine, on the CPU: the speeds price the CUDA engine as "
                                                           f"if it did{there}"))
         return

@@ -77,10 +77,10 @@ class LayerWalk:
                  state: np.ndarray | None = None, next_layer: int = 0, rope_factors: np.ndarray | None = None):
         check_supported(spec)
         self.spec, self.ids, self.interleaved = spec, ids, rope_interleaved
-        self.x = (Arch(spec).embed(np.asarray(embed, dtype=np.float32)[ids]) if state is None
+        self.arch = Arch(spec)
+        self.x = (self.arch.embed(np.asarray(embed, dtype=np.float32)[ids]) if state is None
                   else np.asarray(state, dtype=np.float32).reshape(*ids.shape, spec.hidden_size))
         self.next_layer = next_layer
-        self.arch = Arch(spec)
         self.tables = self.arch.rope_tables(np.arange(ids.shape[1]), np.float32, rope_factors)   # (T, D/2) each
 
     def step(self, w: Mapping[str, np.ndarray], advance: bool = True) -> LayerInputs:

@@ -122,8 +122,8 @@ class Transformer:
         end, window = self.pos + t, self.arch.window(i)
         kc, vc = st[f"kv.{i}.k"], st[f"kv.{i}.v"]
         rows = len(kc)                  # a sliding layer's ring: position p in row p % rows (mem.kv_rows)
-        kc[np.arange(self.pos, end) % rows] = kv_quantize(st.kv, k)
-        vc[np.arange(self.pos, end) % rows] = kv_quantize(st.kv, v)
+        slots = np.arange(self.pos, end) % rows
+        kc[slots], vc[slots] = kv_quantize(st.kv, k), kv_quantize(st.kv, v)
         start = max(0, self.pos - window + 1) if window else 0          # the first position any query here sees
         if end <= rows:
             kc, vc = kc[start:end], vc[start:end]
