@@ -87,6 +87,11 @@ class MatvecShape:
         x through a mixed option's slices and permutation (both unit a lane only)."""
         return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {int(norm) | int(gather) << 1}>"
 
+    @property
+    def experts(self) -> str:
+        """The instance running routed experts' slots (qmatvec_moe)."""
+        return f"qmatvec_moe<{self.rows}, {self.units}, {self.lane}>"
+
     @classmethod
     def from_json(cls, d: dict) -> "MatvecShape":
         """From a benchmark's record (runs before the lane layout existed used quads: lane 8)."""
@@ -164,7 +169,7 @@ def _qmat(lin: DeviceLinear, y: Any, bias: Any = None, accumulate: bool = False)
     """One QMat argument (a (1,) structured array, the form CuPy passes by value)."""
     m = lin.meta
     q = np.zeros(1, QMAT)
-    q["y"], q["bias"] = _ptr(y), _ptr(bias) if bias is not None else 0
+    q["y"], q["bias"] = _ptr(y) if y is not None else 0, _ptr(bias) if bias is not None else 0
     q["n"], q["nslices"], q["accumulate"], q["has_bias"] = m.n, len(m.slices), int(accumulate), int(bias is not None)
     q["gshift"] = _gshift(m.group_size)
     for j, s in enumerate(m.slices):
@@ -396,6 +401,144 @@ def add_bias(y: Any, b: Any) -> None:
     check("y", y, np.float32)
     check("b", b, np.float32, (y.shape[-1],))
     function("norm", "add_bias")((_blocks(y.size),), (THREADS,), (y, b, _i(b.size), np.int64(y.size)))
+
+
+# --- routed experts (MoE) ---------------------------------------------------------------------------------
+# A layer's experts run as slots: slot t * k + j is token t's j-th chosen expert (moe_route). Each of gate, up
+# and down is one gather_moe launch (every slot's input in its own expert's layout) and one qmatvec_moe launch
+# over all slots (plus one hmatvec_moe where some experts are fp16), each reading its expert's entry in a
+# device table: the expert's QMat, its XGather and its fp16 matrix (planner.memory.EXPERT_TABLE_BYTES each).
+
+# numpy twin of matvec.cu's XGather (C layout), read by gather_moe from the device table.
+XGATHER = np.dtype([("perm", "u8"), ("nslices", "i4"), ("start", "i4", (3,)), ("rows", "i4", (3,)),
+                    ("len", "i4", (3,)), ("off", "i4", (3,))], align=True)
+ROUTE_THREADS = 32                 # moe_route: one warp a token
+
+
+@dataclass(frozen=True)
+class ExpertTable:
+    """One linear (gate, up or down) of a layer's routed experts as the expert launches read it: the device
+    table's three arrays (per expert: QMat, n = 0 for an fp16 expert; XGather; the fp16 matrix's address, 0
+    for a packed one), the linear's shape, the widest gathered input, and which kinds of experts it holds."""
+
+    mats: Any
+    gathers: Any
+    halves: Any
+    n: int
+    k: int
+    width: int
+    packed: bool
+    half: bool
+
+
+def expert_entries(lins: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table's host arrays for experts 0 .. E - 1 (DeviceLinears of one shape): (E,) QMAT, (E,) XGATHER,
+    (E,) uint64."""
+    shapes = {lin.shape for lin in lins}
+    if len(shapes) != 1:
+        raise LaunchError(f"experts of different shapes {sorted(shapes)}")
+    mats, gathers = np.zeros(len(lins), QMAT), np.zeros(len(lins), XGATHER)
+    halves = np.zeros(len(lins), np.uint64)
+    for e, lin in enumerate(lins):
+        n, k = lin.shape
+        if lin.meta is None:
+            check("weight", lin.half, np.uint16, (n, k))
+            if k % 2:
+                raise LaunchError(f"fp16 matvec needs an even input size, got {k}")
+            halves[e] = _ptr(lin.half)
+            gathers[e] = (0, 1, (0, 0, 0), (k, 0, 0), (k, 0, 0), (0, 0, 0))
+            continue
+        m = lin.meta
+        for j, (sl, w, sc) in enumerate(zip(m.slices, lin.words, lin.scales)):
+            if sl.bits not in (2, 3, 4, 5, 6, 8):
+                raise LaunchError(f"unsupported slice: {sl.bits} bits")
+            check("words", w, np.uint32, (n, sl.units * sl.bits))
+            check("scales", sc, np.uint16, (n, sl.groups))
+        mats[e] = _qmat(lin, None)[0]
+        g = gathers[e:e + 1]
+        g["perm"], g["nslices"] = _ptr(lin.perm) if lin.perm is not None else 0, len(m.slices)
+        for j, sl in enumerate(m.slices):
+            g["start"][0, j], g["rows"][0, j], g["len"][0, j], g["off"][0, j] = (sl.start, sl.rows,
+                                                                                sl.units * PACK_VALUES, sl.xoff)
+    return mats, gathers, halves
+
+
+def expert_table(lins: list, region: Any) -> ExpertTable:
+    """Experts 0 .. E - 1's table written into `region` (device bytes, at least E * EXPERT_TABLE_BYTES)."""
+    from planner.memory import EXPERT_TABLE_BYTES
+    mats, gathers, halves = expert_entries(lins)
+    e = len(lins)
+    if QMAT.itemsize + XGATHER.itemsize + 8 > EXPERT_TABLE_BYTES or region.nbytes < e * EXPERT_TABLE_BYTES:
+        raise LaunchError(f"an expert table of {region.nbytes} bytes for {e} experts")
+    host = np.zeros(region.nbytes, np.uint8)
+    a, b = mats.nbytes, mats.nbytes + gathers.nbytes
+    host[:a], host[a:b], host[b:b + halves.nbytes] = mats.view(np.uint8), gathers.view(np.uint8), halves.view(np.uint8)
+    region.set(host)
+    width = max(int(g["off"][j] + g["len"][j]) for g in gathers for j in range(int(g["nslices"])))
+    n, k = lins[0].shape
+    return ExpertTable(region[:a], region[a:b], region[b:b + halves.nbytes], n, k, width,
+                       any(lin.meta is not None for lin in lins), any(lin.meta is None for lin in lins))
+
+
+def hmatmul(x: Any, lin: DeviceLinear, y: Any) -> None:
+    """y (T, n) = x (T, k) W^T for an fp16 matrix, in fp32 (hmatvec a row of x each): the router's logits,
+    which prefill's fp16 GEMM inputs could tip to other experts than decode picks."""
+    t, k = x.shape
+    n = lin.shape[0]
+    check("x", x, np.float32, (t, k))
+    check("y", y, np.float32, (t, n))
+    check("weight", lin.half, np.uint16, (n, k))
+    if k % 2:
+        raise LaunchError(f"fp16 matvec needs an even input size, got {k}")
+    function("matvec", "hmatvec")((math.ceil(n / WARPS_PER_BLOCK), t), (32 * WARPS_PER_BLOCK,),
+                                  (x, y, lin.half, y, _i(0), _i(0), _i(n), _i(k)))
+
+
+def moe_route(logits: Any, k: int, sel: Any, weight: Any) -> None:
+    """Each token's k experts and their weights (refengine.arch.route) from its router logits (T, E): sel and
+    weight (T * k,), token t's j-th expert at t * k + j."""
+    t, e = logits.shape
+    check("logits", logits, np.float32)
+    check("sel", sel, np.int32, (t * k,))
+    check("weight", weight, np.float32, (t * k,))
+    if not 1 <= k <= e:
+        raise LaunchError(f"{k} experts a token of {e}")
+    function("moe", "moe_route")((t,), (ROUTE_THREADS,), (logits, _i(e), _i(k), sel, weight))
+
+
+def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: Any) -> None:
+    """y[s] (n,) = W_e x[s // per] for every slot s, e = sel[s] (on the device), W_e expert e's linear of
+    `table`; xp (slots, width) is the gathered inputs' scratch."""
+    slots = sel.shape[0]
+    check("x", x, np.float32, (x.shape[0], table.k))
+    check("sel", sel, np.int32, (slots,))
+    check("y", y, np.float32, (slots, table.n))
+    check("gather buffer", xp, np.float32, (slots, xp.shape[1]))
+    if x.shape[0] * per != slots or xp.shape[1] < table.width or xp.shape[1] % 4:
+        raise LaunchError(f"{slots} slots over {x.shape[0]} rows, per {per}; gather rows of {xp.shape[1]}")
+    function("matvec", "gather_moe")((_blocks(table.width), slots), (THREADS,),
+                                     (x, _i(table.k), _i(per), table.gathers, sel, xp, _i(xp.shape[1])))
+    if table.packed:
+        shape = MATVEC
+        if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
+            raise LaunchError(f"matvec {shape.kernel} is not compiled")
+        function("matvec", shape.experts)(
+            (math.ceil(table.n / shape.rows), slots), (32 * shape.warps,),
+            (xp, _i(xp.shape[1]), table.mats, sel, y, _i(table.n)))
+    if table.half:
+        function("matvec", "hmatvec_moe")((math.ceil(table.n / WARPS_PER_BLOCK), slots), (32 * WARPS_PER_BLOCK,),
+                                          (xp, _i(xp.shape[1]), table.halves, sel, y, _i(table.n), _i(table.n),
+                                           _i(table.k)))
+
+
+def moe_combine(x: Any, out: Any, weight: Any, k: int) -> None:
+    """x (T, h) += sum over j of weight[t k + j] out[t k + j]: the slots' down outputs (T * k, h) joining
+    the residual."""
+    t, h = x.shape
+    check("x", x, np.float32)
+    check("out", out, np.float32, (t * k, h))
+    check("weight", weight, np.float32, (t * k,))
+    function("moe", "moe_combine")((_blocks(x.size),), (THREADS,), (x, out, weight, _i(k), _i(h), np.int64(x.size)))
 
 
 def _factors(factors: Any, d: int) -> Any:

@@ -18,9 +18,8 @@ from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
 from planner.roofline import VRAMWISE_CUDA
-from planner.spec import cuda_gap
 from refengine.arch import Arch
-from refengine.model import UnsupportedModel, check_supported, fill_rope_factors
+from refengine.model import check_supported, fill_rope_factors
 from refengine.ops import unfuse
 from refengine.stream import layer_of
 
@@ -152,9 +151,6 @@ class GPUTransformer:
         import cupyx
 
         check_supported(spec)
-        if cuda_gap(spec):
-            raise UnsupportedModel(f"{spec.name}: the CUDA engine does not run {cuda_gap(spec)} yet; the reference "
-                                   f"engine does, on the CPU: vramwise run --engine ref")
         self.arch = Arch(spec)
         self.spec, self.ctx = spec, ctx
         self.chunk = min(chunk, ctx)
@@ -165,6 +161,7 @@ class GPUTransformer:
         self.pos = 0
         self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
         self.schedule = StreamSchedule(spec.num_layers, self.weights.images, OVERLAP if overlap is None else overlap)
+        self.experts = self._expert_tables() if spec.is_moe else {}
         if self.schedule.overlap:
             self.copy_stream = cp.cuda.Stream(non_blocking=True)
             self.events = {name: cp.cuda.Event(disable_timing=True)
@@ -227,21 +224,10 @@ class GPUTransformer:
             self._issue(sched.before(i))
             w = self.weights.view(i, sched.slot.get(i, -1))
             self._attention(i, w, x, xn, t)
-            p, norm = f"layers.{i}.mlp", (w[f"layers.{i}.norm.1"], spec.norm_eps)
-            gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                        # (T, F)
-            wg, wu, act = w[f"{p}.gate"], w[f"{p}.up"], spec.activation
-            if t == 1 and K.fusable(wg, wu) and wg.shape == wu.shape:
-                if K.folds_norm(wg, wu):
-                    K.matvec_glu(x[0], wg, wu, gate[0], norm=norm, act=act)        # act(gate) * up of rmsnorm(x)
-                else:
-                    K.rmsnorm(x, norm[0], xn, norm[1])
-                    K.matvec_glu(xn[0], wg, wu, gate[0], act=act)                  # act(gate) * up
+            if spec.is_moe_layer(i):
+                self._experts(i, w, x, xn, t)
             else:
-                K.rmsnorm(x, norm[0], xn, norm[1])
-                self._linear(xn, wg, gate)
-                self._linear(xn, wu, up)
-                K.glu(gate, up, act)
-            self._residual(gate, w[f"{p}.down"], x, xn, w.get(f"layers.{i}.norm.3"))
+                self._mlp(i, w, x, xn, t)
             self._issue(sched.after(i))
         g = self.weights.globals
         head, logits = g["head"], st["logits"][:t]                                 # (T, V)
@@ -252,6 +238,63 @@ class GPUTransformer:
             self._linear(xn, head, logits)
         if spec.final_softcap:
             K.softcap(logits, spec.final_softcap)
+
+    def _mlp(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
+        """rmsnorm, act(gate) * up, down (into x)."""
+        spec, st = self.spec, self.state
+        p, norm = f"layers.{i}.mlp", (w[f"layers.{i}.norm.1"], spec.norm_eps)
+        gate, up = st["ffn_gate"][:t], st["ffn_up"][:t]                            # (T, F)
+        wg, wu, act = w[f"{p}.gate"], w[f"{p}.up"], spec.activation
+        if t == 1 and K.fusable(wg, wu) and wg.shape == wu.shape:
+            if K.folds_norm(wg, wu):
+                K.matvec_glu(x[0], wg, wu, gate[0], norm=norm, act=act)            # act(gate) * up of rmsnorm(x)
+            else:
+                K.rmsnorm(x, norm[0], xn, norm[1])
+                K.matvec_glu(xn[0], wg, wu, gate[0], act=act)                      # act(gate) * up
+        else:
+            K.rmsnorm(x, norm[0], xn, norm[1])
+            self._linear(xn, wg, gate)
+            self._linear(xn, wu, up)
+            K.glu(gate, up, act)
+        self._residual(gate, w[f"{p}.down"], x, xn, w.get(f"layers.{i}.norm.3"))
+
+    def _experts(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
+        """The routed experts in place of the MLP (refengine.arch): rmsnorm, the router, each token's k experts
+        and their weights (moe_route), then gate, up and down over slots of whole tokens, each one launch for
+        all the slots of the tokens it takes, and their weighted sum into x (moe_combine). Every launch reads
+        the experts chosen from the device, so a decode step stays one captured graph."""
+        spec, st, k = self.spec, self.state, self.spec.experts_per_token
+        K.rmsnorm(x, w[f"layers.{i}.norm.1"], xn, spec.norm_eps)
+        logits = st["router_logits"][:t]                                           # (T, E)
+        router = w[f"layers.{i}.moe.router"]
+        if router.meta is None:                                 # stored fp16 (planner.memory.ROUTER_DTYPE)
+            K.hmatmul(xn, router, logits)
+        else:
+            self._linear(xn, router, logits)
+        table, per = self.experts[i], st["moe_sel"].shape[0] // k                   # tokens a launch takes
+        for a in range(0, t, per):
+            n = min(per, t - a)
+            s = n * k
+            sel, weight, xp = st["moe_sel"][:s], st["moe_weights"][:s], st["moe_in"][:s]
+            gate, up, out = st["moe_gate"][:s], st["moe_up"][:s], st["moe_out"][:s]      # (S, F), (S, F), (S, H)
+            K.moe_route(logits[a:a + n], k, sel, weight)
+            K.matvec_experts(xn[a:a + n], k, table["gate"], sel, xp, gate)
+            K.matvec_experts(xn[a:a + n], k, table["up"], sel, xp, up)
+            K.glu(gate, up, spec.activation)
+            K.matvec_experts(gate, 1, table["down"], sel, xp, out)
+            K.moe_combine(x[a:a + n], out, weight, k)
+
+    def _expert_tables(self) -> dict[int, dict[str, K.ExpertTable]]:
+        """Per MoE layer, its experts' gate, up and down tables (launch.expert_table), in the run state's
+        moe_tables: a resident layer's point into its own buffer, a streamed layer's into its slot."""
+        spec, tables = self.spec, self.state["moe_tables"]
+        out = {}
+        for i in range(spec.num_layers):
+            if spec.is_moe_layer(i):
+                w = self.weights.view(i, self.schedule.slot.get(i, -1))
+                out[i] = {name: K.expert_table([w[f"layers.{i}.moe.{e}.{name}"] for e in range(spec.num_experts)],
+                                               tables[i, c]) for c, name in enumerate(("gate", "up", "down"))}
+        return out
 
     def _residual(self, a: Any, lin: Any, x: Any, scratch: Any, post_norm: Any) -> None:
         """x += a W^T, a sublayer's output joining the residual; where the model norms it first (Gemma 2 / 3:

@@ -202,8 +202,10 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         kv_read = sum(seen[i] for i in computed) * kv_token
-        # gpuengine's launches a layer beyond a Llama's: Qwen3's / Gemma 3's head norms, Gemma 2 / 3's post norms
-        extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0)
+        # gpuengine's launches a layer beyond a Llama's: Qwen3's / Gemma 3's head norms, Gemma 2 / 3's post norms,
+        # and routed experts' 10 (rmsnorm, router, route, gather and matvec for each of gate, up and down, the
+        # activation, the weighted sum) for a Llama MLP's 3
+        extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0) + (7 if spec.is_moe else 0)
         gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra)
     decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
@@ -215,7 +217,9 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
         # pipelined cards run their layers one after another, so one card's peak sets the pace
         if engine is not None:
-            t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu)
+            expert_bytes, expert_values = mem.expert_read(spec, lay.assignment)
+            t = engine_prefill_seconds(engine, flops - tokens * 2.0 * expert_values, spec.num_layers, gpu,
+                                       tokens * expert_bytes, tokens * expert_values)
         else:
             t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from planner import memory as mem
 from planner.plan import load_plan
-from planner.spec import cuda_gap
 from planner.units import fmt_bytes
 
 
@@ -197,17 +196,12 @@ def _oom_errors() -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    auto = args.engine == "auto"
     args.engine = _choose_engine(args.engine)
     quantized = Path(args.plan) if Path(args.plan).is_dir() else None     # a `vramwise quantize` directory
     if quantized and not (quantized / "plan.yaml").exists():
         raise RunError(f"{quantized}: a folder without plan.yaml, so not a `vramwise quantize` directory; pass a "
                        "plan.yaml or the directory quantize wrote")
     plan = load_plan(quantized / "plan.yaml" if quantized else args.plan)
-    if auto and args.engine == "gpu" and cuda_gap(plan.spec):   # what the CUDA engine does not run yet
-        print(f"vramwise run: the CUDA engine does not run {cuda_gap(plan.spec)} yet; running on the reference "
-              "engine (CPU)", file=sys.stderr)
-        args.engine = "ref"
     from refengine.api import load_for_plan
     from refengine.generate import Sampling
     try:

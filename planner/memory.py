@@ -35,6 +35,9 @@ DEQUANT_TILE_ELEMS = 16 * MiB
 # Dtypes of the tensors the optimizer does not choose a format for.
 NORM_DTYPE, BIAS_DTYPE, ROUTER_DTYPE, EMBED_DTYPE = "f32", "f32", "f16", "f16"
 MAX_SLICES = max(len(o.slices) for o in (*OPTIONS, HEAD_OPTION))
+# The GPU engine's table entry for one routed expert's linear (gpuengine.launch.expert_table): its QMat (136
+# bytes), XGather (64) and fp16 matrix address (8), rounded up.
+EXPERT_TABLE_BYTES = 256
 # The GPU engine's decode attention splits the context into at most this many chunks per head (flash-decoding),
 # each leaving head_dim + 2 floats for the merge (gpuengine/kernels/attention.cu).
 ATTN_MAX_SPLITS = 64
@@ -104,6 +107,13 @@ def layer_read_values(spec: ModelSpec) -> list[float]:
         if t.layer >= 0 and t.quantized:
             out[t.layer] += t.numel * t.read_fraction
     return out
+
+
+def expert_read(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> tuple[float, float]:
+    """Bytes and weights of the routed experts read per token, over all layers (k / E of every expert)."""
+    read = [(tensor_bytes(t, assignment.get(t.name)) * t.read_fraction, t.numel * t.read_fraction)
+            for t in tensors(spec) if t.expert and t.quantized]
+    return sum(b for b, _ in read), sum(v for _, v in read)
 
 
 def global_weight_bytes(spec: ModelSpec) -> dict[str, int]:
@@ -192,7 +202,8 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
     if spec.rope_scaling in SCALED_ROPE:               # each RoPE pair's frequency divisor, from the weights
         out.append(Buffer("rope_freqs", (spec.head_dim // 2,), "f32"))
     if spec.is_moe:
-        out += [Buffer("router_logits", (chunk, spec.num_experts), "f32"), Buffer("moe_out", (chunk, h), "f32")]
+        out.append(Buffer("router_logits", (chunk, spec.num_experts), "f32"))
+        out += moe_slot_buffers(spec, chunk) if gemm_staging else [Buffer("moe_out", (chunk, h), "f32")]
     if gemm_staging:
         largest = max(t.numel for t in tensors(spec) if t.quantized)
         widest = max(h, q, f)
@@ -207,6 +218,24 @@ def run_state_buffers(spec: ModelSpec, ctx: int, chunk: int, logits: bool = True
     if logits:
         out.append(Buffer("logits", (chunk, spec.vocab_size), "f32"))
     return out
+
+
+def moe_slots(spec: ModelSpec, chunk: int) -> int:
+    """Expert slots the GPU engine runs in one launch: whole tokens' k chosen experts, as many as a chunk has
+    rows (k where the chunk is shorter)."""
+    k = spec.experts_per_token
+    return k * max(1, chunk // k)
+
+
+def moe_slot_buffers(spec: ModelSpec, chunk: int) -> list[Buffer]:
+    """The GPU engine's routed experts (gpuengine/model.py): each slot's expert and weight, its input gathered
+    in its expert's layout (as matvec_in), its gate, up and down outputs, and a table a layer of every expert's
+    gate, up and down (EXPERT_TABLE_BYTES each)."""
+    s, h, f = moe_slots(spec, chunk), spec.hidden_size, spec.intermediate_size
+    width = -(-max(h, f) // PACK_VALUES) * PACK_VALUES + MAX_SLICES * PACK_VALUES
+    return [Buffer("moe_sel", (s,), "i32"), Buffer("moe_weights", (s,), "f32"), Buffer("moe_in", (s, width), "f32"),
+            Buffer("moe_gate", (s, f), "f32"), Buffer("moe_up", (s, f), "f32"), Buffer("moe_out", (s, h), "f32"),
+            Buffer("moe_tables", (spec.num_layers, 3, spec.num_experts * EXPERT_TABLE_BYTES), "u8")]
 
 
 def buffers_bytes(buffers: list[Buffer]) -> int:

@@ -93,23 +93,16 @@ def explain_gpu(req: "Request", out: "Outcome", ladder: list[int], kvs: list[str
 
 def explain_engine(req: "Request", out: "Outcome") -> None:
     """A plan for an architecture `vramwise run` cannot run yet says so, and what llama.cpp would make of it."""
-    from planner.spec import cuda_gap, engine_gaps
+    from planner.spec import engine_gaps
     from planner.targets import TargetError, TargetRequest, plan_target
     gaps = engine_gaps(req.model)
-    cpu_only = None if gaps else cuda_gap(req.model)   # what the reference engine runs and the CUDA one not yet
-    if not gaps and not cpu_only:
+    if not gaps:
         return
     try:
         alt = plan_target("llama.cpp", TargetRequest(req.model, req.gpu, req.host, gpu_count=req.gpu_count, ctx=req.ctx))
         there = f"; `--target llama.cpp` plans it for llama.cpp ({fmt_rate(1 / alt.decode_s)} predicted)"
     except TargetError:
         there = ""
-    if cpu_only:
-        out.decisions.append(("engine", "reference (CPU)", f"vramwise's CUDA engine does not run {cpu_only} "
-                                                          f"yet; `vramwise run` runs this plan on the reference "
-                                                          f"engine, on the CPU: the speeds price the CUDA engine as "
-                                                          f"if it did{there}"))
-        return
     out.decisions.append(("engine", "not yet", f"`vramwise run` does not run this architecture yet "
                                                f"({', '.join(gaps)}): the speeds price vramwise's engine as if it "
                                                f"did{there}"))

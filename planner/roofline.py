@@ -152,15 +152,25 @@ def engine_decode_seconds(e: EngineSpeed, weight_bytes: float, weight_values: fl
     """Device seconds of one decoded token on vramwise's CUDA engine (link and host time apart); extra_launches:
     small kernels a layer beyond the fitted models' (Qwen3's head norms: 2)."""
     bw, clock = gpu.bandwidth_gb_s * 1e9, _clock_ratio(e, gpu)
-    matvec = max(weight_bytes / (e.weight_bandwidth * bw),
-                 weight_values / (e.values_per_s_per_sm * gpu.sm_count * clock))
     per_layer = e.layer_overhead_s + extra_launches * e.small_launch_s
-    return matvec + kv_bytes / (e.kv_bandwidth * bw) + (layers * per_layer + e.token_overhead_s) / clock
+    return (engine_matvec_seconds(e, weight_bytes, weight_values, gpu) + kv_bytes / (e.kv_bandwidth * bw)
+            + (layers * per_layer + e.token_overhead_s) / clock)
 
 
-def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUSpec") -> float:
-    """Device seconds of one prefill chunk on vramwise's CUDA engine."""
-    return flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / _clock_ratio(e, gpu)
+def engine_matvec_seconds(e: EngineSpeed, weight_bytes: float, weight_values: float, gpu: "GPUSpec") -> float:
+    """Device seconds of the decode matvecs over these weights: their bytes at the bandwidth the kernels reach,
+    or their values at the rate they decode, whichever binds."""
+    return max(weight_bytes / (e.weight_bandwidth * gpu.bandwidth_gb_s * 1e9),
+               weight_values / (e.values_per_s_per_sm * gpu.sm_count * _clock_ratio(e, gpu)))
+
+
+def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUSpec",
+                           expert_bytes: float = 0.0, expert_values: float = 0.0) -> float:
+    """Device seconds of one prefill chunk on vramwise's CUDA engine. Routed experts (expert_bytes and
+    expert_values: what the chunk's tokens read of them, each token its own k experts) run as decode's expert
+    matvecs, a slot a token's expert (gpuengine/model.py), not as GEMMs: flops leaves them out."""
+    return (flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / _clock_ratio(e, gpu)
+            + engine_matvec_seconds(e, expert_bytes, expert_values, gpu))
 
 
 # Host side. Copies over PCIe run at hwdb's practical host_link_gb_s (already ~80% of the link).

@@ -225,11 +225,6 @@ def positions_read(spec: ModelSpec, families: tuple[str, ...], depth: float) -> 
     return [min(depth, spec.sliding_window) if w else depth for w in windowed_layers(spec, families)]
 
 
-def cuda_gap(spec: ModelSpec) -> str | None:
-    """What the CUDA engine does not run of an architecture the reference engine runs (None: nothing)."""
-    return "routed experts (MoE)" if spec.is_moe else None
-
-
 def engine_gaps(spec: ModelSpec) -> list[str]:
     """Why `vramwise run` cannot run this architecture yet ([] if it can)."""
     gaps = [f"{field}={getattr(spec, field)!r}" for field, _ in unsupported_fields(spec)]

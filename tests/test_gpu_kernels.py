@@ -605,3 +605,101 @@ def test_argmax_and_penalty(n, seed, ties):
     launch.penalize(got, cp.asarray(seen), 1.3)
     want = np.where(seen == 1, np.where(x > 0, x / np.float32(1.3), x * np.float32(1.3)), x)
     assert np.allclose(got.get(), want, rtol=1e-6, atol=0)
+
+
+# --- routed experts (MoE) -------------------------------------------------------------------------------
+
+def test_xgather_layout_matches_the_compiler():
+    """launch.XGATHER (gather_moe's per-expert entry) has the CUDA struct's layout, and an expert's table
+    entry fits planner.memory.EXPERT_TABLE_BYTES."""
+    import cupy as cp
+
+    from gpuengine import launch
+    from gpuengine.kernels import function
+    from planner.memory import EXPERT_TABLE_BYTES
+    out = cp.zeros(6, dtype=cp.uint64)
+    function("matvec", "xgather_layout")((1,), (1,), (out,))
+    g = launch.XGATHER
+    assert out.get().tolist() == [g.itemsize, *(g.fields[f][1] for f in ("nslices", "start", "rows", "len", "off"))]
+    assert launch.QMAT.itemsize + g.itemsize + 8 <= EXPERT_TABLE_BYTES
+
+
+@SETTINGS
+@given(e=st.integers(1, 70), data=st.data(), tied=st.booleans(), seed=st.integers(0, 2**31))
+def test_moe_route_equals_the_reference(e, data, tied, seed):
+    """Each token's k experts, most probable first (the lower index among equal probabilities) and their
+    renormalized weights, as refengine.arch.route picks them; tied: logits from a few values, so ties are common."""
+    import cupy as cp
+
+    from gpuengine import launch
+    from refengine.arch import route
+    k, t = data.draw(st.integers(1, min(e, 10))), data.draw(st.integers(1, 6))
+    rng = np.random.default_rng(seed)
+    logits = (rng.integers(-2, 3, (t, e)) if tied else rng.standard_normal((t, e)) * 3).astype(np.float32)
+    sel, weight = cp.full(t * k, -1, dtype=cp.int32), nan_array(t * k)
+    launch.moe_route(cp.asarray(logits), k, sel, weight)
+    top, w = route(logits, k)
+    assert sel.get().tolist() == top.reshape(-1).tolist()
+    np.testing.assert_allclose(weight.get(), w.reshape(-1), rtol=2e-6, atol=1e-7)
+
+
+def expert_linears(rng, opts: list, n: int, k: int):
+    """Experts of one shape: a QTensor each (option) or an fp16 matrix (None), and their device linears."""
+    import cupy as cp
+
+    from gpuengine.layout import DeviceLinear
+    hosts, lins = [], []
+    for o in opts:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        if o is None:
+            h = w.astype(np.float16)
+            hosts.append(h.astype(np.float64))
+            lins.append(DeviceLinear(None, half=cp.asarray(h.view(np.uint16))))
+        else:
+            t = quantize(w, o)
+            hosts.append(dequantize(t).astype(np.float64))
+            lins.append(device_linear(t))
+    return hosts, lins
+
+
+@SETTINGS
+@given(opts=st.lists(st.one_of(st.none(), options), min_size=1, max_size=5), n=st.integers(1, 200),
+       k=st.one_of(st.integers(1, 300).map(lambda v: 2 * v), st.integers(1, 12).map(lambda v: 32 * v)),
+       rows=st.integers(1, 4), per=st.sampled_from((1, 2, 3)), seed=st.integers(0, 2**31), shape=block_shapes)
+def test_expert_matvecs_equal_each_experts_product(opts, n, k, rows, per, seed, shape):
+    """matvec_experts: slot s gets W_e x[s // per], e = sel[s], for experts of mixed options (permuted, padded
+    slices), one-slice options and fp16 matrices in one table, in every compiled matvec shape."""
+    import cupy as cp
+
+    from gpuengine import launch
+    from planner.formats import PACK_VALUES
+    rng = np.random.default_rng(seed)
+    hosts, lins = expert_linears(rng, opts, n, k)
+    region = cp.zeros(len(opts) * 256 + 8, dtype=cp.uint8)
+    table = launch.expert_table(lins, region)
+    slots = rows * per
+    sel = rng.integers(0, len(opts), slots).astype(np.int32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    width = -(-k // PACK_VALUES) * PACK_VALUES + 3 * PACK_VALUES
+    y = nan_array((slots, n))
+    with block_shape(*shape):
+        launch.matvec_experts(cp.asarray(x), per, table, cp.asarray(sel), nan_array((slots, width)), y)
+    got = y.get()
+    for s, e in enumerate(sel):
+        xs = x[s // per].astype(np.float64)
+        assert_rows_close(got[s], hosts[e] @ xs, np.abs(hosts[e]) @ np.abs(xs))
+
+
+@SETTINGS
+@given(t=st.integers(1, 5), k=st.integers(1, 8), h=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_moe_combine_adds_the_weighted_slots(t, k, h, seed):
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    x, out = rng.standard_normal((t, h)).astype(np.float32), rng.standard_normal((t * k, h)).astype(np.float32)
+    w = rng.random(t * k).astype(np.float32)
+    got = cp.asarray(x.copy())
+    launch.moe_combine(got, cp.asarray(out), cp.asarray(w), k)
+    want = x + (w.reshape(t, k, 1) * out.reshape(t, k, h)).sum(axis=1)
+    np.testing.assert_allclose(got.get(), want, rtol=1e-5, atol=1e-5)

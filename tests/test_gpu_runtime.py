@@ -227,7 +227,7 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     both = (False, True)
     assert {s.instance(norm, gather) for s in shapes for norm in both for gather in both if s.lane == 32 or
             not (norm or gather)} | {launch.TcShape(t, 1).instance(norm) for t in TC_TILES for norm in both} \
-        == set(NAME_EXPRESSIONS["matvec"])
+        | {s.experts for s in shapes} == set(NAME_EXPRESSIONS["matvec"])
     assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))
@@ -264,14 +264,14 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
     kernels.module.cache_clear()
     kernels.function.cache_clear()
     try:
-        for name in ("qmatvec<4, 4, 8, 0>", "qmatvec<4, 1, 32, 1>", "tmatvec<2, 0>", "hmatvec"):
+        for name in ("qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 1, 32>", "tmatvec<2, 0>", "hmatvec"):
             assert kernels.function("matvec", name) == name
         kernels.function("attention", "attention<0>")
     finally:
         kernels.module.cache_clear()
         kernels.function.cache_clear()
     quads, lane, tensor, plain, attention = built
-    assert all(", 8, 0>" in n for n in quads) and len(quads) == 4
-    assert all(", 32, " in n for n in lane) and all(n.startswith("tmatvec") for n in tensor) and not plain
+    assert all(n.endswith((", 8, 0>", ", 8>")) for n in quads) and len(quads) == 8      # qmatvec, qmatvec_moe
+    assert all(", 32, " in n or n.endswith(", 32>") for n in lane) and all(n.startswith("tmatvec") for n in tensor) and not plain
     assert set(kernels.NAME_EXPRESSIONS["matvec"]) == quads | lane | tensor
     assert attention == set(kernels.NAME_EXPRESSIONS["attention"])

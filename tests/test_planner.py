@@ -168,17 +168,15 @@ def test_moe_decode_reads_only_routed_experts():
 
 def test_a_plan_says_when_vramwise_run_cannot_run_the_architecture_yet():
     """Gemma 4, Phi-4-mini's LongRoPE, DeepSeek's shared experts: the plan prices the CUDA engine but says
-    `vramwise run` refuses the model, and what llama.cpp would make of it; an MoE the reference engine runs says
-    that the CUDA engine does not yet; Llama-family, dense Qwen3, Phi-4 and Gemma 2 / 3 plans say nothing."""
+    `vramwise run` refuses the model, and what llama.cpp would make of it; Llama-family, dense Qwen3, Phi-4,
+    Gemma 2 / 3 and routed-expert (Mixtral, Qwen3-MoE) plans say nothing."""
     for model, gap in (("gemma4-31b", "family gemma4"), ("phi-4-mini", "rope_scaling='longrope'"),
-                       ("qwen3-30b-a3b", "does not run routed experts (MoE) yet; `vramwise run` runs this plan on the "
-                                         "reference engine"),
-                       ("mixtral-8x7b", "does not run routed experts (MoE) yet")):
+                       ("deepseek-v2-lite", "shared_experts")):
         out = plan(model, "rtx4090")
         (why,) = [w for what, choice, w in out.decisions if what == "engine"]
         assert gap in why and "--target llama.cpp" in why and "tok/s predicted" in why, why
     for model in ("llama2-70b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "qwen3-8b", "phi-4", "llama3.1-8b",
-                  "gemma2-9b", "gemma3-27b"):
+                  "gemma2-9b", "gemma3-27b", "qwen3-30b-a3b", "mixtral-8x7b"):
         assert not [d for d in plan(model, "rtx4090").decisions if d[0] == "engine"]
 
 

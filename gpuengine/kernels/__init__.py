@@ -12,7 +12,8 @@ from planner.formats import KV_CODES
 
 # The packed matvec's compiled shapes, qmatvec<R, U, L, N> (matvec.cu): R rows a block, U units in flight a
 # thread, L values of a unit a lane (8: quads, 32: a unit a lane); each unit-a-lane shape with N = 0 to 3
-# (bit 0: RMSNorm folded in, bit 1: x gathered in the kernel). launch.MATVEC picks a shape.
+# (bit 0: RMSNorm folded in, bit 1: x gathered in the kernel), and each as qmatvec_moe<R, U, L> (routed experts).
+# launch.MATVEC picks a shape.
 MATVEC_INSTANCES = ((1, 4, 8), (2, 4, 8), (2, 8, 8), (4, 4, 8), (2, 1, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32))
 
 # The tensor-core matvec's compiled tiles of 8 rows a warp, tmatvec<T, N> (matvec.cu; launch.MATVEC_TC), each
@@ -25,9 +26,11 @@ NAME_EXPRESSIONS = {
     "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_tiled") for c in KV_CODES.values())
     + tuple(f"attention_gqa<{c}, {step}>" for c in KV_CODES.values() for step in (0, 1)),
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
-                    for n in ((0, 1, 2, 3) if lane == 32 else (0,))) + tuple(f"tmatvec<{t}, {n}>" for t in TC_TILES for n in (0, 1)),
+                    for n in ((0, 1, 2, 3) if lane == 32 else (0,)))
+    + tuple(f"qmatvec_moe<{r}, {u}, {lane}>" for r, u, lane in MATVEC_INSTANCES)
+    + tuple(f"tmatvec<{t}, {n}>" for t in TC_TILES for n in (0, 1)),
 }
-SOURCES = ("matvec", "dequant", "norm", "attention", "sample")
+SOURCES = ("matvec", "dequant", "norm", "attention", "sample", "moe")
 
 
 def source(name: str) -> str:
@@ -47,7 +50,8 @@ def family(module_name: str, kernel: str) -> str:
         return ""
     if kernel.startswith("tmatvec"):
         return "tensor"
-    return "lane" if ", 32," in kernel else "quads"
+    lane = int(kernel[kernel.index("<") + 1:-1].split(",")[2])           # qmatvec<R, U, L, N>, qmatvec_moe<R, U, L>
+    return "lane" if lane == 32 else "quads"
 
 
 @lru_cache(maxsize=None)

@@ -313,10 +313,11 @@ __device__ __forceinline__ void qmat_store(const QMat& m0, const QMat& m1, const
 // folded in (NormIn); bit 1, x gathered in the kernel (XMap). Each N its own instances, so the plain ones
 // keep their registers.
 template <int R, int U, int L, int N>
-__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2, NormIn norm, XMap map) {
+__device__ __forceinline__ void qmatvec_block(const float* __restrict__ x, int glu, const QMat& m0, const QMat& m1,
+                                              const QMat& m2, const NormIn& norm, const XMap& map, int first) {
     static_assert(N == 0 || L == 32, "the fold and the gather are for the unit-a-lane layout only");
     __shared__ float red[2][R * 32];
-    const int first = glu ? 0 : blockIdx.y, row0 = blockIdx.x * R;
+    const int row0 = blockIdx.x * R;
     int which = first;
     const int n = QPICK(n);
     if (row0 >= n) return;                                  // the grid spans the largest matrix
@@ -375,6 +376,26 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     const int row = row0 + threadIdx.x;
     if (threadIdx.x >= R || row >= n) return;
     qmat_store(m0, m1, m2, first, glu, row, sum0, sum1);
+}
+
+template <int R, int U, int L, int N>
+__global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, QMat m2, NormIn norm, XMap map) {
+    qmatvec_block<R, U, L, N>(x, glu, m0, m1, m2, norm, map, glu ? 0 : (int)blockIdx.y);
+}
+
+// Routed experts (MoE): one launch for the same linear (gate, up or down) of every slot's expert. Slot s
+// (blockIdx.y; a token's j-th chosen expert, gpuengine/model.py) runs expert sel[s], whose QMat is tab[sel[s]]
+// (n = 0 where that expert is an fp16 matrix, hmatvec_moe's), on its own input x + s * ldx (gather_moe's
+// layout for that expert's option), into y + s * ldy. No bias, no accumulate: the slots' sums meet in
+// moe_combine.
+template <int R, int U, int L>
+__global__ void qmatvec_moe(const float* __restrict__ x, int ldx, const QMat* __restrict__ tab,
+                            const int* __restrict__ sel, float* __restrict__ y, int ldy) {
+    const int slot = blockIdx.y;
+    QMat m = tab[sel[slot]];
+    if (m.n == 0) return;
+    m.y = y + (size_t)slot * ldy;
+    qmatvec_block<R, U, L, 0>(x + (size_t)slot * ldx, 0, m, m, m, NormIn{}, XMap{}, 0);
 }
 
 // Tensor-core decode (launch.MATVEC_TC, a candidate): slices of every width (2 to 8 bits) with scale groups
@@ -647,18 +668,26 @@ extern "C" __global__ void qmat_layout(unsigned long long* out) {
 
 // The same for an unquantized fp16 matrix (n_rows, k) (models run without a plan): lane l reads
 // columns 2l, 2l + 1, then 64 further on, as one 4-byte word each (k is even; the launcher checks).
-extern "C" __global__ void hmatvec(const float* __restrict__ x, float* __restrict__ y, const u32* __restrict__ w,
-                                   const float* __restrict__ bias, int has_bias, int accumulate, int n_rows, int k) {
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (row >= n_rows) return;
+__device__ __forceinline__ float hrow_dot(const float* __restrict__ x, const u32* __restrict__ w, int row, int k) {
     const u32* wr = w + (size_t)row * (k >> 1);
     float acc = 0.0f;
-    for (int c = lane; c < (k >> 1); c += 32) {
+    for (int c = threadIdx.x & 31; c < (k >> 1); c += 32) {
         const u32 pair = __ldg(wr + c);
         acc = fmaf(h2f((u16)(pair & 0xffffu)), x[2 * c], acc);
         acc = fmaf(h2f((u16)(pair >> 16)), x[2 * c + 1], acc);
     }
-    acc = warp_sum(acc);
+    return warp_sum(acc);
+}
+
+// With a grid of T rows in y: x (T, k) and y (T, n_rows), row t = blockIdx.y (prefill's router logits, in
+// fp32 as decode computes them, so both pick the same experts).
+extern "C" __global__ void hmatvec(const float* __restrict__ x, float* __restrict__ y, const u32* __restrict__ w,
+                                   const float* __restrict__ bias, int has_bias, int accumulate, int n_rows, int k) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    x += (size_t)blockIdx.y * k;
+    y += (size_t)blockIdx.y * n_rows;
+    const float acc = hrow_dot(x, w, row, k);
     if (lane == 0) {
         float r = acc + (has_bias ? bias[row] : 0.0f);
         y[row] = accumulate ? y[row] + r : r;
@@ -681,11 +710,56 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
     xp[off + j] = j < len ? x[has_perm ? perm[src] : src] : 0.0f;
 }
 
+// hmatvec for routed experts stored in fp16 (a model run without a plan): slot s = blockIdx.y runs expert
+// sel[s], the matrix at tab[sel[s]] (0 where that expert is packed, qmatvec_moe's), on x + s * ldx into
+// y + s * ldy.
+extern "C" __global__ void hmatvec_moe(const float* __restrict__ x, int ldx, const unsigned long long* __restrict__ tab,
+                                       const int* __restrict__ sel, float* __restrict__ y, int ldy, int n_rows, int k) {
+    const int slot = blockIdx.y, row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const u32* w = reinterpret_cast<const u32*>(tab[sel[slot]]);
+    if (w == nullptr || row >= n_rows) return;
+    const float acc = hrow_dot(x + (size_t)slot * ldx, w, row, k);
+    if ((threadIdx.x & 31) == 0) y[(size_t)slot * ldy + row] = acc;
+}
+
+// gather_x for routed experts: each slot's input as its expert's option reads it. Slot s = blockIdx.y reads
+// row s / per of x (per = k: a token's normed hidden state, read by each of its k slots; 1: the slot's own
+// row) and writes row s of xp (ldp floats apart) in the layout of XGather tab[sel[s]]: slice j at off[j]
+// holds x[perm[start[j] + i]] for i < rows[j] (x[start[j] + i] where perm is null), then zeros to len[j].
+struct XGather {
+    const int* perm;
+    int nslices;
+    int start[3], rows[3], len[3], off[3];
+};
+
+extern "C" __global__ void gather_moe(const float* __restrict__ x, int ldx, int per, const XGather* __restrict__ tab,
+                                      const int* __restrict__ sel, float* __restrict__ xp, int ldp) {
+    const int slot = blockIdx.y;
+    const XGather g = tab[sel[slot]];
+    const float* xs = x + (size_t)(slot / per) * ldx;
+    float* out = xp + (size_t)slot * ldp;
+    for (int j = 0; j < g.nslices; ++j)
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < g.len[j]; i += gridDim.x * blockDim.x) {
+            const int src = g.start[j] + i;
+            out[g.off[j] + i] = i < g.rows[j] ? xs[g.perm != nullptr ? g.perm[src] : src] : 0.0f;
+        }
+}
+
+// XGather's size and field offsets, for the test that launch.XGATHER matches the compiler's.
+extern "C" __global__ void xgather_layout(unsigned long long* out) {
+    const XGather* p = nullptr;
+    out[0] = sizeof(XGather); out[1] = (unsigned long long)&p->nslices; out[2] = (unsigned long long)&p->start;
+    out[3] = (unsigned long long)&p->rows; out[4] = (unsigned long long)&p->len; out[5] = (unsigned long long)&p->off;
+}
+
 #ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
 #define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn, XMap);
 #define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3)
 QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
 QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
+#define QMATVEC_MOE(R, U, L) template __global__ void qmatvec_moe<R, U, L>(const float*, int, const QMat*, const int*, float*, int);
+QMATVEC_MOE(1, 4, 8) QMATVEC_MOE(2, 4, 8) QMATVEC_MOE(2, 8, 8) QMATVEC_MOE(4, 4, 8)
+QMATVEC_MOE(2, 1, 32) QMATVEC_MOE(4, 1, 32) QMATVEC_MOE(4, 2, 32) QMATVEC_MOE(8, 1, 32)
 #define TMATVEC(T, N) template __global__ void tmatvec<T, N>(const float*, int, QMat, QMat, QMat, NormIn);
 TMATVEC(1, 0) TMATVEC(2, 0) TMATVEC(4, 0) TMATVEC(1, 1) TMATVEC(2, 1) TMATVEC(4, 1)
 #endif
