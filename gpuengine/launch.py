@@ -531,6 +531,26 @@ def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: A
                                            _i(table.k)))
 
 
+def gather_rows_half(x: Any, rows: Any, out: Any) -> None:
+    """out (n, h) fp16 bits = x[rows] (x (T, h) float32, rows (n,) int32 on the device): one expert's tokens as
+    its GEMM input, in grouped prefill."""
+    n, h = out.shape
+    check("x", x, np.float32, (x.shape[0], h))
+    check("rows", rows, np.int32, (n,))
+    check("out", out, np.uint16, (n, h))
+    function("moe", "gather_rows_half")((_blocks(out.size),), (THREADS,), (x, rows, out, _i(h), np.int64(out.size)))
+
+
+def scatter_add(x: Any, y: Any, rows: Any, weight: Any) -> None:
+    """x[rows[j]] += weight[j] y[j] (y (n, h); rows distinct): one expert's outputs joining its tokens' residuals."""
+    n, h = y.shape
+    check("x", x, np.float32, (x.shape[0], h))
+    check("y", y, np.float32, (n, h))
+    check("rows", rows, np.int32, (n,))
+    check("weight", weight, np.float32, (n,))
+    function("moe", "scatter_add")((_blocks(y.size),), (THREADS,), (x, y, rows, weight, _i(h), np.int64(y.size)))
+
+
 def moe_combine(x: Any, out: Any, weight: Any, k: int) -> None:
     """x (T, h) += sum over j of weight[t k + j] out[t k + j]: the slots' down outputs (T * k, h) joining
     the residual."""

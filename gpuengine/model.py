@@ -11,13 +11,13 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from gpuengine import launch as K
+from gpuengine import device, launch as K
 from gpuengine.layout import LayerImage, build_image, image_bytes, row_block, views
 from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
-from planner.roofline import VRAMWISE_CUDA
+from planner.roofline import VRAMWISE_CUDA, moe_prefill_grouped
 from refengine.arch import Arch
 from refengine.model import check_supported, fill_rope_factors
 from refengine.ops import unfuse
@@ -27,6 +27,9 @@ USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the C
 # streamed layers' copies on their own stream (gpuengine.schedule): the planner's model of this engine says
 # whether (planner.roofline.VRAMWISE_CUDA.overlap_streaming), so plans price what runs; off until timed
 OVERLAP = VRAMWISE_CUDA.overlap_streaming
+# How prefill runs routed experts: "auto" (grouped or as slots, whichever the planner's model of this engine
+# prices faster on this device), "grouped" or "slots" (tests and benchmarks)
+MOE_PREFILL = "auto"
 _DTYPES = {"f32": np.float32, "f16": np.uint16, "i32": np.int32, "u8": np.uint8}   # fp16 as raw bits
 
 
@@ -161,6 +164,7 @@ class GPUTransformer:
         self.pos = 0
         self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
         self.schedule = StreamSchedule(spec.num_layers, self.weights.images, OVERLAP if overlap is None else overlap)
+        self.expert_bytes: dict[int, float] = {}                 # a layer's one expert, on average
         self.experts = self._expert_tables() if spec.is_moe else {}
         if self.schedule.overlap:
             self.copy_stream = cp.cuda.Stream(non_blocking=True)
@@ -168,6 +172,9 @@ class GPUTransformer:
                            for name in ("start", "loaded/0", "loaded/1", "freed/0", "freed/1")}
         self._pinned_x = cupyx.empty_pinned((self.chunk, spec.hidden_size), np.float32)
         self._pinned_pos = cupyx.empty_pinned((self.chunk,), np.int32)
+        slots = self.chunk * spec.experts_per_token               # grouped prefill's slots ordered by expert
+        self._pinned_rows = cupyx.empty_pinned((slots,), np.int32)
+        self._pinned_row_weights = cupyx.empty_pinned((slots,), np.float32)
         self.graphs = USE_GRAPHS if graphs is None else graphs
         self._graph: Any = None
         self._eager_decodes = 0
@@ -271,7 +278,10 @@ class GPUTransformer:
             K.hmatmul(xn, router, logits)
         else:
             self._linear(xn, router, logits)
-        table, per = self.experts[i], st["moe_sel"].shape[0] // k                   # tokens a launch takes
+        if self._grouped(i, t):
+            self._experts_grouped(i, w, x, xn, t)
+            return
+        table, per = self.experts[i], st["moe_in"].shape[0] // k                    # tokens a launch takes
         for a in range(0, t, per):
             n = min(per, t - a)
             s = n * k
@@ -284,6 +294,48 @@ class GPUTransformer:
             K.matvec_experts(gate, 1, table["down"], sel, xp, out)
             K.moe_combine(x[a:a + n], out, weight, k)
 
+    def _grouped(self, i: int, t: int) -> bool:
+        """Whether layer i's experts run grouped over these t tokens (MOE_PREFILL; "auto": as the planner's model
+        of this engine prices faster on this device, planner.roofline.moe_prefill_grouped)."""
+        if t == 1 or MOE_PREFILL == "slots":
+            return False
+        return MOE_PREFILL == "grouped" or moe_prefill_grouped(
+            VRAMWISE_CUDA, t, self.spec.experts_per_token, self.spec.num_experts, self.expert_bytes[i],
+            device.bandwidth_gb_s())
+
+    def _experts_grouped(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
+        """Prefill's routed experts grouped: the host reads the chunk's picks (one sync a layer) and orders its
+        slots by expert; each expert some token took then runs once over its tokens' rows, gate / up / down as
+        fp16 GEMMs (as _linear's), its output added into those tokens' residuals weighted."""
+        spec, st, k = self.spec, self.state, self.spec.experts_per_token
+        n, h, f = t * k, spec.hidden_size, spec.intermediate_size
+        sel, weight = st["moe_sel"][:n], st["moe_weights"][:n]
+        K.moe_route(st["router_logits"][:t], k, sel, weight)
+        picked, weights = sel.get(), weight.get()                 # a blocking copy: the stream's work is done
+        order = np.argsort(picked, kind="stable")
+        self._pinned_rows[:n] = order // k                        # slot t k + j is token t's
+        self._pinned_row_weights[:n] = weights[order]
+        rows, row_weights = st["moe_rows"][:n], st["moe_row_weights"][:n]
+        h2d(rows, self._pinned_rows[:n], self.stream)
+        h2d(row_weights, self._pinned_row_weights[:n], self.stream)
+        staging = st["gemm_in"].reshape(-1)
+        a = 0
+        for e, m in enumerate(np.bincount(picked, minlength=spec.num_experts)):
+            if not m:
+                continue
+            p, r, rw = f"layers.{i}.moe.{e}", rows[a:a + m], row_weights[a:a + m]
+            a += m
+            gate, up, out = st["moe_gate"][:m], st["moe_up"][:m], st["moe_out"][:m]
+            x16 = staging[:m * h].reshape(m, h)
+            K.gather_rows_half(xn, r, x16)
+            self._gemm(x16, w[f"{p}.gate"], gate)
+            self._gemm(x16, w[f"{p}.up"], up)
+            K.glu(gate, up, spec.activation)
+            g16 = staging[:m * f].reshape(m, f)
+            K.to_half(gate, g16)
+            self._gemm(g16, w[f"{p}.down"], out)
+            K.scatter_add(x, out, r, rw)
+
     def _expert_tables(self) -> dict[int, dict[str, K.ExpertTable]]:
         """Per MoE layer, its experts' gate, up and down tables (launch.expert_table), in the run state's
         moe_tables: a resident layer's point into its own buffer, a streamed layer's into its slot."""
@@ -292,8 +344,10 @@ class GPUTransformer:
         for i in range(spec.num_layers):
             if spec.is_moe_layer(i):
                 w = self.weights.view(i, self.schedule.slot.get(i, -1))
-                out[i] = {name: K.expert_table([w[f"layers.{i}.moe.{e}.{name}"] for e in range(spec.num_experts)],
-                                               tables[i, c]) for c, name in enumerate(("gate", "up", "down"))}
+                lins = {name: [w[f"layers.{i}.moe.{e}.{name}"] for e in range(spec.num_experts)]
+                        for name in ("gate", "up", "down")}
+                out[i] = {name: K.expert_table(lins[name], tables[i, c]) for c, name in enumerate(lins)}
+                self.expert_bytes[i] = sum(_nbytes(lin) for group in lins.values() for lin in group) / spec.num_experts
         return out
 
     def _residual(self, a: Any, lin: Any, x: Any, scratch: Any, post_norm: Any) -> None:
@@ -359,18 +413,28 @@ class GPUTransformer:
         if t == 1:
             K.matvec(x[0], out[0], lin, st["matvec_in"], bias, accumulate)
             return
-        n, k = lin.shape
+        k = lin.shape[1]
         a16 = st["gemm_in"].reshape(-1)[:t * k].reshape(t, k)
         K.to_half(x, a16)
+        self._gemm(a16, lin, out, accumulate)
+        if bias is not None:
+            K.add_bias(out, bias)
+
+    def _gemm(self, a16: Any, lin: Any, out: Any, accumulate: bool = False) -> None:
+        """out (T, N) (+)= a16 (T, K) W^T, a16 fp16: cuBLAS on an fp16 matrix, or on fp16 tiles of a packed one."""
+        n, k = lin.shape
         if lin.meta is None:
             K.gemm(a16, lin.half, out, 0, accumulate)
         else:
-            tile = st["dequant_tile"]
+            tile = self.state["dequant_tile"]
             rows = tile.size // k
             for r0 in range(0, n, rows):
                 nr = min(rows, n - r0)
                 w16 = tile[:nr * k].reshape(nr, k)
                 K.dequantize(lin, r0, w16)
                 K.gemm(a16, w16, out, r0, accumulate)
-        if bias is not None:
-            K.add_bias(out, bias)
+
+
+def _nbytes(lin: Any) -> int:
+    """Device bytes of a linear's arrays."""
+    return sum(int(a.nbytes) for a in (*lin.words, *lin.scales, lin.perm, lin.half) if a is not None)

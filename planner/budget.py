@@ -13,9 +13,9 @@ from typing import Mapping, Optional
 from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
 from planner.formats import KVFormat, QuantOption
-from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, Traffic,
+from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, EngineSpeed, Traffic,
                               decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds,
-                              memory_bandwidth, prefill_seconds)
+                              memory_bandwidth, moe_prefill_seconds, prefill_seconds)
 from planner.spec import active_param_count, positions_read, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.
@@ -217,9 +217,9 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
         # pipelined cards run their layers one after another, so one card's peak sets the pace
         if engine is not None:
-            expert_bytes, expert_values = mem.expert_read(spec, lay.assignment)
-            t = engine_prefill_seconds(engine, flops - tokens * 2.0 * expert_values, spec.num_layers, gpu,
-                                       tokens * expert_bytes, tokens * expert_values)
+            t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu)
+            if spec.is_moe:
+                t += _engine_experts_prefill(engine, spec, gpu, lay, tokens)
         else:
             t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0
@@ -234,6 +234,20 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         ttft += chunk_seconds(n, start)
         start += n
     return Assessment(per_gpu, host_items, in_ram, decode, chunk_seconds(min(lay.chunk, lay.ctx), 0), ttft, traffic)
+
+
+def _engine_experts_prefill(engine: EngineSpeed, spec: ModelSpec, gpu: GPUSpec, lay: Layout, tokens: int) -> float:
+    """The CUDA engine's routed experts over a prefill chunk beyond their GEMM FLOPs (in the chunk's flops): each
+    layer grouped or as slots, as the engine picks (roofline.moe_prefill_grouped); as slots, their FLOPs are
+    not GEMMs, so those come off."""
+    k, out = spec.experts_per_token, 0.0
+    gemm_s = tokens * 2.0 * mem.expert_values_per_token(spec) / spec.num_layers / (
+        engine.prefill_compute * gpu.fp16_tflops * 1e12)
+    for b in mem.layer_expert_bytes(spec, lay.assignment):
+        if b:
+            slots, grouped = moe_prefill_seconds(engine, tokens, k, spec.num_experts, b, gpu.bandwidth_gb_s)
+            out += grouped if tokens > 1 and grouped < slots else slots - gemm_s
+    return out
 
 
 def contiguous_split(layer_bytes: list[int], fixed_per_card: list[int], budgets: list[int],

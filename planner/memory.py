@@ -109,11 +109,18 @@ def layer_read_values(spec: ModelSpec) -> list[float]:
     return out
 
 
-def expert_read(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> tuple[float, float]:
-    """Bytes and weights of the routed experts read per token, over all layers (k / E of every expert)."""
-    read = [(tensor_bytes(t, assignment.get(t.name)) * t.read_fraction, t.numel * t.read_fraction)
-            for t in tensors(spec) if t.expert and t.quantized]
-    return sum(b for b, _ in read), sum(v for _, v in read)
+def layer_expert_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> list[float]:
+    """Each layer's routed experts' linears, the bytes of one expert on average (0 for a dense layer)."""
+    out = [0.0] * spec.num_layers
+    for t in tensors(spec):
+        if t.expert and t.quantized:
+            out[t.layer] += tensor_bytes(t, assignment.get(t.name)) / spec.num_experts
+    return out
+
+
+def expert_values_per_token(spec: ModelSpec) -> float:
+    """Weights of the routed experts a token multiplies, over all layers (its k experts a layer)."""
+    return sum(t.numel * t.read_fraction for t in tensors(spec) if t.expert and t.quantized)
 
 
 def global_weight_bytes(spec: ModelSpec) -> dict[str, int]:
@@ -228,13 +235,17 @@ def moe_slots(spec: ModelSpec, chunk: int) -> int:
 
 
 def moe_slot_buffers(spec: ModelSpec, chunk: int) -> list[Buffer]:
-    """The GPU engine's routed experts (gpuengine/model.py): each slot's expert and weight, its input gathered
-    in its expert's layout (as matvec_in), its gate, up and down outputs, and a table a layer of every expert's
-    gate, up and down (EXPERT_TABLE_BYTES each)."""
-    s, h, f = moe_slots(spec, chunk), spec.hidden_size, spec.intermediate_size
+    """The GPU engine's routed experts (gpuengine/model.py): each slot's expert and weight, the slots ordered by
+    expert for grouped prefill, each slot's input gathered in its expert's layout (as matvec_in), the gate, up
+    and down outputs, and a table a layer of every expert's gate, up and down (EXPERT_TABLE_BYTES each)."""
+    s, h, f, k = moe_slots(spec, chunk), spec.hidden_size, spec.intermediate_size, spec.experts_per_token
+    rows = max(s, chunk)                # as slots, or one expert's tokens in grouped prefill (at most a chunk)
     width = -(-max(h, f) // PACK_VALUES) * PACK_VALUES + MAX_SLICES * PACK_VALUES
-    return [Buffer("moe_sel", (s,), "i32"), Buffer("moe_weights", (s,), "f32"), Buffer("moe_in", (s, width), "f32"),
-            Buffer("moe_gate", (s, f), "f32"), Buffer("moe_up", (s, f), "f32"), Buffer("moe_out", (s, h), "f32"),
+    return [Buffer("moe_sel", (chunk * k,), "i32"), Buffer("moe_weights", (chunk * k,), "f32"),
+            # grouped prefill: the chunk's slots ordered by expert, as token rows and weights
+            Buffer("moe_rows", (chunk * k,), "i32"), Buffer("moe_row_weights", (chunk * k,), "f32"),
+            Buffer("moe_in", (s, width), "f32"), Buffer("moe_gate", (rows, f), "f32"),
+            Buffer("moe_up", (rows, f), "f32"), Buffer("moe_out", (rows, h), "f32"),
             Buffer("moe_tables", (spec.num_layers, 3, spec.num_experts * EXPERT_TABLE_BYTES), "u8")]
 
 

@@ -115,6 +115,11 @@ class EngineSpeed:
     # (gpuengine.model.OVERLAP) is this, so a plan prices streaming the way the engine runs it. Serial, as
     # measured (1.08x the link bound); the overlapped schedule is built but not yet timed.
     overlap_streaming: bool = False
+    # One eager launch (prefill's, unlike decode's graph replays): SmolLM2-135M decoded eagerly at 54.8 tok/s and
+    # graph-replayed at 716.2 on the H200 (gpu_decode.json, 2026-11-27); the difference, 16.85 ms a token, over
+    # its ~300 launches a step (10 a layer counted on the CPU twin, 30 layers) is 56 us a launch, the host's
+    # Python and CuPy work included. An estimate from one run, not timed launch by launch.
+    eager_launch_s: float = 56e-6
     # One small launch more a layer, for a kernel the fit's models did not run (Qwen3's two head norms): the
     # top of the range the H200 measured for its small kernels graph-replayed (RoPE, cache store, SwiGLU, an
     # empty launch: 1.6 to 2.7 us, benchmarks/results/GPU_NOTES.md); the head-norm kernel itself is not timed.
@@ -164,13 +169,36 @@ def engine_matvec_seconds(e: EngineSpeed, weight_bytes: float, weight_values: fl
                weight_values / (e.values_per_s_per_sm * gpu.sm_count * _clock_ratio(e, gpu)))
 
 
-def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUSpec",
-                           expert_bytes: float = 0.0, expert_values: float = 0.0) -> float:
-    """Device seconds of one prefill chunk on vramwise's CUDA engine. Routed experts (expert_bytes and
-    expert_values: what the chunk's tokens read of them, each token its own k experts) run as decode's expert
-    matvecs, a slot a token's expert (gpuengine/model.py), not as GEMMs: flops leaves them out."""
-    return (flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / _clock_ratio(e, gpu)
-            + engine_matvec_seconds(e, expert_bytes, expert_values, gpu))
+# Launches a routed expert takes in grouped prefill (gpuengine/model.py): gather its tokens' rows, dequantize and
+# GEMM each of gate, up and down (one slice each; a mixed option dequantizes a launch a slice more), the
+# activation, down's fp16 input, and the weighted add into the residual.
+MOE_GROUPED_LAUNCHES = 10
+
+
+def moe_prefill_seconds(e: EngineSpeed, tokens: int, k: int, experts: int, expert_bytes: float,
+                        bandwidth_gb_s: float) -> tuple[float, float]:
+    """Seconds of one layer's routed experts over a prefill chunk of `tokens`, (as slots, grouped): as slots
+    (decode's expert launches) each of the tokens' k slots reads its expert's bytes (expert_bytes: one expert's
+    gate, up and down); grouped, each expert some token took (at most min(E, tokens k)) is read once, at
+    MOE_GROUPED_LAUNCHES eager launches (its GEMMs' FLOPs are priced with the chunk's)."""
+    bw = e.weight_bandwidth * bandwidth_gb_s * 1e9
+    slots = tokens * k * expert_bytes / bw
+    grouped = min(experts, tokens * k) * (MOE_GROUPED_LAUNCHES * e.eager_launch_s + expert_bytes / bw)
+    return slots, grouped
+
+
+def moe_prefill_grouped(e: EngineSpeed, tokens: int, k: int, experts: int, expert_bytes: float,
+                        bandwidth_gb_s: float) -> bool:
+    """Whether the engine runs a prefill chunk's routed experts grouped (each expert's tokens in one GEMM) rather
+    than as slots: whichever moe_prefill_seconds prices faster. The engine asks it with the device's bandwidth,
+    a plan with hwdb's."""
+    slots, grouped = moe_prefill_seconds(e, tokens, k, experts, expert_bytes, bandwidth_gb_s)
+    return tokens > 1 and grouped < slots
+
+
+def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUSpec") -> float:
+    """Device seconds of one prefill chunk on vramwise's CUDA engine (routed experts apart: moe_prefill_seconds)."""
+    return flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / _clock_ratio(e, gpu)
 
 
 # Host side. Copies over PCIe run at hwdb's practical host_link_gb_s (already ~80% of the link).

@@ -703,3 +703,25 @@ def test_moe_combine_adds_the_weighted_slots(t, k, h, seed):
     launch.moe_combine(got, cp.asarray(out), cp.asarray(w), k)
     want = x + (w.reshape(t, k, 1) * out.reshape(t, k, h)).sum(axis=1)
     np.testing.assert_allclose(got.get(), want, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(t=st.integers(1, 9), h=st.integers(1, 300), data=st.data(), seed=st.integers(0, 2**31))
+def test_grouped_prefill_gathers_and_scatters_an_experts_rows(t, h, data, seed):
+    """gather_rows_half: an expert's tokens' rows as fp16 (bit for bit numpy's rounding); scatter_add: its
+    weighted outputs added into exactly those rows."""
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    rows = np.array(data.draw(st.lists(st.integers(0, t - 1), min_size=1, max_size=t, unique=True)), np.int32)
+    x = (rng.standard_normal((t, h)) * 100).astype(np.float32)
+    out = cp.full((len(rows), h), 0xFFFF, dtype=cp.uint16)
+    launch.gather_rows_half(cp.asarray(x), cp.asarray(rows), out)
+    assert np.array_equal(out.get(), x[rows].astype(np.float16).view(np.uint16))
+    y, w = rng.standard_normal((len(rows), h)).astype(np.float32), rng.random(len(rows)).astype(np.float32)
+    got = cp.asarray(x.copy())
+    launch.scatter_add(got, cp.asarray(y), cp.asarray(rows), cp.asarray(w))
+    want = x.copy()
+    want[rows] += w[:, None] * y
+    np.testing.assert_allclose(got.get(), want, rtol=1e-6, atol=1e-4)

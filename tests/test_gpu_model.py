@@ -474,11 +474,16 @@ def half_packed(ckpt) -> dict:
 
 
 @pytest.mark.parametrize("options", ["mixed", "one-slice", "half-packed", "fp16"])
-@pytest.mark.parametrize("chunk", [1, 5])
-def test_moe_matches(tmp_path, options, chunk, backend):
+@pytest.mark.parametrize("path", ["decode", "slots", "grouped"])
+def test_moe_matches(tmp_path, options, path, backend, monkeypatch):
     """Routed experts on the GPU against the reference engine: decode (chunk 1, fp32 all through) and prefill
-    in chunks of 5 (two tokens' slots a launch, so a chunk takes three, the last partial); packed experts of
-    mixed or one-slice options, fp16 ones, and both in one layer."""
+    in chunks of 5, as slots (two tokens' slots a launch, so a chunk takes three, the last partial) or grouped
+    by expert; packed experts of mixed or one-slice options, fp16 ones, and both in one layer."""
+    from gpuengine import model
+    chunk = 1 if path == "decode" else 5
+    if path != "decode":
+        monkeypatch.setattr(model, "MOE_PREFILL", path)
+    launched = record_kernels(monkeypatch)
     ckpt = moe_checkpoint(tmp_path)
     assignment = {"mixed": lambda: assign(ckpt, OPTIONS), "one-slice": lambda: assign(ckpt, FUSABLE),
                   "half-packed": lambda: half_packed(ckpt), "fp16": lambda: None}[options]()
@@ -499,3 +504,4 @@ def test_moe_matches(tmp_path, options, chunk, backend):
         # tiny GGUF) does by 2.4e-2; the typical position is within 1e-3
         rows = np.abs(got - want).max(axis=1) / np.abs(want).max()
         assert err <= 0.1 and np.median(rows) <= 3e-3 and compare(want, got)["top1"] >= TOP1
+    assert ("scatter_add" in launched) == (path == "grouped")

@@ -199,3 +199,15 @@ def test_a_context_past_a_sliding_window_runs():
     for name, ctx in (("mistral-7b", 8192), ("gemma3-4b", 32768)):
         check_supported(DB.find_model(name))
         assert not [d for d in plan(name, "rtx4090", ctx=ctx).decisions if d[0] == "engine"]
+
+
+def test_moe_prefill_groups_few_large_experts_and_slots_many_small_ones():
+    """The CUDA engine's prefill runs Mixtral's 8 experts of 14336 grouped (each read once, ~10 eager launches
+    an expert) and Qwen3-30B-A3B's 128 of 768 as slots (4,096 slot matvecs cost less than 1,280 launches);
+    a single token never groups."""
+    from planner.roofline import VRAMWISE_CUDA, moe_prefill_grouped
+    mixtral, qwen = 3 * 4096 * 14336 * 4.5 / 8, 3 * 2048 * 768 * 4.5 / 8
+    for bw in (1008, 3350):
+        assert moe_prefill_grouped(VRAMWISE_CUDA, 512, 2, 8, mixtral, bw)
+        assert not moe_prefill_grouped(VRAMWISE_CUDA, 512, 8, 128, qwen, bw)
+        assert not moe_prefill_grouped(VRAMWISE_CUDA, 1, 2, 8, mixtral, bw)

@@ -48,3 +48,23 @@ extern "C" __global__ void moe_combine(float* __restrict__ x, const float* __res
         x[i] += acc;
     }
 }
+
+// Prefill with each expert's tokens grouped (gpuengine/model.py): out (n, h) fp16 bits = x[rows[j]] (x (T, h)
+// float32), the rows of the tokens routed to one expert, as its GEMM input.
+extern "C" __global__ void gather_rows_half(const float* __restrict__ x, const int* __restrict__ rows,
+                                            u16* __restrict__ out, int h, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long j = i / h, c = i - j * h;
+        out[i] = f2h(x[(long long)rows[j] * h + c]);
+    }
+}
+
+// x[rows[j]] += weight[j] y[j] for j < n (y (n, h)): one expert's output joining its tokens' residuals (a token
+// takes an expert once, so no two j of a launch write one row).
+extern "C" __global__ void scatter_add(float* __restrict__ x, const float* __restrict__ y, const int* __restrict__ rows,
+                                       const float* __restrict__ weight, int h, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long j = i / h, c = i - j * h;
+        x[(long long)rows[j] * h + c] += weight[j] * y[i];
+    }
+}
