@@ -92,7 +92,7 @@ class RandomWeights(dict):
                 self[t.name] = shared[key]
             elif t.kind == "norm":
                 self[t.name] = np.ones(t.shape[-1], np.float32)
-            elif t.kind == "embed":
+            elif t.kind in ("embed", "router"):
                 self[t.name] = (rng.standard_normal(t.shape) * 0.02).astype(np.float16)
         self["head"] = random_linear(rng, HEAD_OPTION, spec.vocab_size, spec.hidden_size)
 
@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor-cores-from", type=Path,
                     help="gpu_kernels.py's JSON: decode 4-bit linears on the tensor cores (tmatvec) with the shape "
                          "its sweep chose")
+    ap.add_argument("--moe", action="store_true",
+                    help="also routed experts: Qwen3-30B-A3B and a Mixtral 8x7B shape (moe_cases)")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's untimed candidates instead of its defaults: overlapped streaming, "
                          "dequant_rows, tiled prefill attention, GQA decode attention with RoPE, cache store and "
@@ -240,6 +242,8 @@ def main(argv=None) -> int:
     if not args.quick:
         doc["llama2_70b_2.5bpw"] = seventy_b(cp, bw, args.gpu)
         doc["streaming"] = streaming(cp, bw, args.gpu)
+    if args.moe:
+        doc["moe"] = moe_cases(cp, bw, args.gpu)
     table(doc)
     write_json(doc, args.out)
     return 0
@@ -291,6 +295,49 @@ def streaming(cp, bw, gpu) -> dict:
     return out
 
 
+def moe_cases(cp, bw, gpu) -> list[dict]:
+    """Routed experts at 4.0 bpw: Qwen3-30B-A3B whole (128 experts of 768, 8 a token) and a Mixtral 8x7B shape
+    (8 experts of 14336, 2 a token) built with 8 of its 32 layers. Decode (graph) against the bytes a token
+    reads (each layer's attention, router and k experts; head; cache), prefill at 512 tokens with the experts
+    grouped and as slots (gpuengine.model.MOE_PREFILL), and the Mixtral shape with every layer streamed (the
+    slots take attention and router, the experts are read in place in host memory) against its bytes read
+    over the measured host link."""
+    from gpuengine import model
+    rows = []
+    for name, model_id, layers in (("Qwen3-30B-A3B 4.0 bpw", "qwen3-30b-a3b", None),
+                                   ("Mixtral-8x7B shape 4.0 bpw, 8 layers", "mixtral-8x7b", 8)):
+        plan = make_plan(model_id, gpu, 4.0, 2048)
+        net = build(plan, layers)
+        spec, lay = net.spec, plan.layout
+        layer_read = sum(mem.layer_read_bytes(spec, lay.assignment))
+        read = layer_read + mem.global_weight_bytes(spec)["head"] + \
+            spec.num_layers * DECODE_AT * mem.kv_bytes_per_token(spec, lay.kv)
+        s = decode_seconds(net)
+        prefill = {}
+        for mode in ("grouped", "slots"):
+            model.MOE_PREFILL = mode
+            prefill[mode] = PROMPT / prefill_seconds(net)
+        model.MOE_PREFILL = "auto"
+        row = {"case": name, "decode_tok_s": 1 / s, "bytes_per_token": read, "achieved_gb_s": read / s / 1e9,
+               "fraction_of_copy_bw": read / s / 1e9 / bw["device_copy_gb_s"],
+               "prefill_tok_s_grouped": prefill["grouped"], "prefill_tok_s_slots": prefill["slots"],
+               "predicted_decode_tok_s": plan.doc["predicted"]["decode_tokens_per_s"] if layers is None else None,
+               "predicted_prefill_tok_s": plan.doc["predicted"]["prefill_tokens_per_s"] if layers is None else None}
+        del net
+        free(cp)
+        if layers is not None:
+            net = build(plan, layers, resident=range(0))
+            streamed = decode_seconds(net, steps=10)
+            bound = layer_read / (bw["host_to_device_gb_s"] * 1e9)
+            row.update(streamed_seconds_per_token=streamed, streamed_link_bound_s=bound,
+                       streamed_ratio_to_bound=streamed / bound)
+            del net
+            free(cp)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def table(doc: dict) -> None:
     print(f"\n{doc['device']} ({doc['date']}): copy {doc['device_copy_gb_s']:.0f} GB/s, "
           f"host->device {doc['host_to_device_gb_s']:.1f} GB/s")
@@ -311,6 +358,15 @@ def table(doc: dict) -> None:
         if "overlapped" in s:
             o = s["overlapped"]
             print(f"  overlapped copies: {o['seconds_per_token']:.3f} s/token ({o['ratio_to_bound']:.2f}x)")
+    for r in doc.get("moe", []):
+        plan = f"plan {r['predicted_decode_tok_s']:.1f} / {r['predicted_prefill_tok_s']:.0f}" \
+            if r["predicted_decode_tok_s"] is not None else ""
+        print(f"{r['case']}: decode {r['decode_tok_s']:.1f} tok/s ({r['achieved_gb_s']:.0f} GB/s, "
+              f"{r['fraction_of_copy_bw']:.1%} of copy), prefill grouped {r['prefill_tok_s_grouped']:.0f} / slots "
+              f"{r['prefill_tok_s_slots']:.0f} tok/s {plan}")
+        if "streamed_seconds_per_token" in r:
+            print(f"  streamed, experts in place: {r['streamed_seconds_per_token']:.3f} s/token, link bound "
+                  f"{r['streamed_link_bound_s']:.3f} s ({r['streamed_ratio_to_bound']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Shape legend as refengine/ops.py: T tokens, H hidden, Hq / Hkv heads, D head dim
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
@@ -17,6 +18,7 @@ from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
+from planner.spec import is_expert
 from planner.roofline import VRAMWISE_CUDA, moe_prefill_grouped
 from refengine.arch import Arch
 from refengine.model import check_supported, fill_rope_factors
@@ -56,7 +58,11 @@ class RunState:
 class DeviceWeights:
     """Resident layers in their own device buffers; the others in pinned host memory, each copied into one
     of two device slots when it runs (the planner's two stream buffers); head and final norm resident; the
-    embedding table stays on the host (the planner prices it there) and only the step's rows travel."""
+    embedding table stays on the host (the planner prices it there) and only the step's rows travel.
+
+    A streamed layer's routed experts are not copied: they stay in mapped pinned memory, and the expert kernels
+    read the chosen ones in place over the host link (CUDA's unified addressing), so a token moves its k experts'
+    bytes of the layer's E, and the slots hold the rest of the layer (planner.memory.stream_core_bytes)."""
 
     def __init__(self, weights: Mapping[str, Any], spec: ModelSpec, resident: Iterable[int]):
         import cupy as cp
@@ -67,6 +73,7 @@ class DeviceWeights:
         names = list(weights)
         self.views: dict[int, dict] = {}
         self.images: dict[int, LayerImage] = {}
+        self.in_place: dict[int, dict] = {}              # a streamed layer's experts, read in host memory
         self.resident_bytes = 0
         for i in range(spec.num_layers):
             layer = [n for n in names if layer_of(n) == i]
@@ -74,7 +81,12 @@ class DeviceWeights:
             if i in resident:
                 self.views[i] = self._unfused(self._upload(build_image(tensors)))
             else:
-                self.images[i] = build_image(tensors, cupyx.empty_pinned((image_bytes(tensors),), np.uint8))
+                experts = {n: t for n, t in tensors.items() if is_expert(n)}
+                core = {n: t for n, t in tensors.items() if n not in experts}
+                self.images[i] = build_image(core, cupyx.empty_pinned((image_bytes(core),), np.uint8))
+                if experts:
+                    host, dev = mapped(image_bytes(experts))
+                    self.in_place[i] = views(dev, build_image(experts, host))
             _release(weights, layer)
         slot = max((img.nbytes for img in self.images.values()), default=0)
         self.slots = [cp.empty(slot, cp.uint8) for _ in range(2)] if self.images else []
@@ -99,7 +111,7 @@ class DeviceWeights:
         """Layer i's tensors on the device: its own buffer, or the slot a streamed layer was copied into."""
         if i in self.views:
             return self.views[i]
-        return self._unfused(views(self.slots[slot], self.images[i]))
+        return {**self._unfused(views(self.slots[slot], self.images[i])), **self.in_place.get(i, {})}
 
     def _unfused(self, layer: dict) -> dict:
         """Phi-3: the fused linears' row blocks of device memory under the separate linears' names."""
@@ -126,6 +138,21 @@ def h2d(dst: Any, src: np.ndarray, stream: Any) -> None:
         raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
     cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, cp.cuda.runtime.memcpyHostToDevice,
                                 stream.ptr)
+
+
+def mapped(nbytes: int) -> tuple[np.ndarray, Any]:
+    """nbytes of pinned host memory mapped into the device's address space: (the host's view, a CuPy uint8
+    array over the same bytes, which kernels read in place over the host link)."""
+    import cupy as cp
+
+    mem = cp.cuda.PinnedMemory(nbytes, _HOST_ALLOC_PORTABLE | _HOST_ALLOC_MAPPED)
+    host = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(mem.ptr), np.uint8)
+    # under unified addressing (every 64-bit CUDA platform) the host address is the device address too
+    dev = cp.ndarray((nbytes,), cp.uint8, cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(mem.ptr, nbytes, mem), 0))
+    return host, dev
+
+
+_HOST_ALLOC_PORTABLE, _HOST_ALLOC_MAPPED = 1, 2          # cudaHostAlloc's flags (cuda_runtime_api.h)
 
 
 def _release(weights: Mapping[str, Any], names: list[str]) -> None:
@@ -295,11 +322,12 @@ class GPUTransformer:
             K.moe_combine(x[a:a + n], out, weight, k)
 
     def _grouped(self, i: int, t: int) -> bool:
-        """Whether layer i's experts run grouped over these t tokens (MOE_PREFILL; "auto": as the planner's model
-        of this engine prices faster on this device, planner.roofline.moe_prefill_grouped)."""
+        """Whether layer i's experts run grouped over these t tokens (MOE_PREFILL; "auto": always where they are read
+        in host memory, else as the planner's model of this engine prices faster on this device,
+        planner.roofline.moe_prefill_grouped)."""
         if t == 1 or MOE_PREFILL == "slots":
             return False
-        return MOE_PREFILL == "grouped" or moe_prefill_grouped(
+        return MOE_PREFILL == "grouped" or i in self.weights.in_place or moe_prefill_grouped(
             VRAMWISE_CUDA, t, self.spec.experts_per_token, self.spec.num_experts, self.expert_bytes[i],
             device.bandwidth_gb_s())
 

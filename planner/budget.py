@@ -130,8 +130,10 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
     }
     streamed = _streamed_layers(spec, lay)
     if card == 0 and len(streamed) and (lay.mode == "stream" or streaming):
-        # two layer buffers: layer i computes in one while layer i+1 arrives in the other
-        items["weights.stream_buffers"] = 2 * max(layer_bytes[i] for i in streamed)
+        # two layer buffers: layer i computes in one while layer i+1 arrives in the other (its routed experts stay
+        # in host memory, read in place)
+        slot = mem.layer_stream_bytes(spec, lay.assignment)
+        items["weights.stream_buffers"] = 2 * max(slot[i] for i in streamed)
     return items
 
 
@@ -188,7 +190,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
                           disk_bytes=disk, overhead_s=overhead_s)
         overlap = False
     else:                                   # streamed layers: all (stream), or the host ones (offload)
-        streamed = sum(layer_bytes[i] for i in off)
+        # each token moves a streamed layer's bytes but the experts it does not route to (read in place)
+        streamed = sum(read_bytes[i] for i in off)
         vram = sum(read_bytes) + glob["head"] + glob["norm.final"] + sum(seen) * kv_token
         traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
                           overhead_s=overhead_s)
@@ -212,6 +215,9 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
 
     # prefill: every chunk reads all device weights once; offloaded and streamed weights cross the
     # link once per chunk (llama.cpp likewise copies CPU layers' weights to the GPU for large batches)
+    streams = lay.mode == "stream" or (lay.mode == "offload" and streaming)
+    slot_bytes = mem.layer_stream_bytes(spec, lay.assignment) if spec.is_moe else layer_bytes
+    experts = _ExpertCosts.of(spec, lay) if spec.is_moe and engine is not None else None
     def chunk_seconds(tokens: int, start: int) -> float:
         flops = tokens * _prefill_flops_per_token(spec, start + tokens / 2)
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
@@ -219,10 +225,11 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         if engine is not None:
             t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu)
             if spec.is_moe:
-                t += _engine_experts_prefill(engine, spec, gpu, lay, tokens)
+                t += _engine_experts_prefill(engine, spec, gpu, experts, tokens, set(off) if streams else set())
         else:
             t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
-        moved = sum(layer_bytes[i] for i in off) if lay.mode != "gpu" else 0
+        moved = sum(_chunk_link_bytes(spec, i, tokens, layer_bytes, slot_bytes if streams else None)
+                    for i in off) if lay.mode != "gpu" else 0
         link = (moved - from_disk) / (gpu.host_link_gb_s * 1e9) + from_disk / (host.disk_gb_s * 1e9)
         return max(t, link) if lay.mode == "stream" and overlap else t + link
 
@@ -236,18 +243,44 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     return Assessment(per_gpu, host_items, in_ram, decode, chunk_seconds(min(lay.chunk, lay.ctx), 0), ttft, traffic)
 
 
-def _engine_experts_prefill(engine: EngineSpeed, spec: ModelSpec, gpu: GPUSpec, lay: Layout, tokens: int) -> float:
+@dataclass(frozen=True)
+class _ExpertCosts:
+    layer_bytes: list[float]      # one expert of each layer, on average (mem.layer_expert_bytes)
+    values: float                 # weights of the experts a token multiplies, all layers
+
+    @staticmethod
+    def of(spec: ModelSpec, lay: Layout) -> "_ExpertCosts":
+        return _ExpertCosts(mem.layer_expert_bytes(spec, lay.assignment), mem.expert_values_per_token(spec))
+
+
+def _engine_experts_prefill(engine: EngineSpeed, spec: ModelSpec, gpu: GPUSpec, experts: _ExpertCosts, tokens: int,
+                            streamed: set[int]) -> float:
     """The CUDA engine's routed experts over a prefill chunk beyond their GEMM FLOPs (in the chunk's flops): each
     layer grouped or as slots, as the engine picks (roofline.moe_prefill_grouped); as slots, their FLOPs are
-    not GEMMs, so those come off."""
+    not GEMMs, so those come off. A streamed layer's experts always run grouped, their bytes priced with the
+    link's (_chunk_link_bytes), here only their launches."""
     k, out = spec.experts_per_token, 0.0
-    gemm_s = tokens * 2.0 * mem.expert_values_per_token(spec) / spec.num_layers / (
-        engine.prefill_compute * gpu.fp16_tflops * 1e12)
-    for b in mem.layer_expert_bytes(spec, lay.assignment):
-        if b:
-            slots, grouped = moe_prefill_seconds(engine, tokens, k, spec.num_experts, b, gpu.bandwidth_gb_s)
+    gemm_s = tokens * 2.0 * experts.values / spec.num_layers / (engine.prefill_compute * gpu.fp16_tflops * 1e12)
+    for i, b in enumerate(experts.layer_bytes):
+        if not b:
+            continue
+        slots, grouped = moe_prefill_seconds(engine, tokens, k, spec.num_experts, b, gpu.bandwidth_gb_s)
+        if i in streamed and tokens > 1:
+            out += moe_prefill_seconds(engine, tokens, k, spec.num_experts, 0.0, gpu.bandwidth_gb_s)[1]
+        else:
             out += grouped if tokens > 1 and grouped < slots else slots - gemm_s
     return out
+
+
+def _chunk_link_bytes(spec: ModelSpec, i: int, tokens: int, layer_bytes: list[int],
+                      slot_bytes: Optional[list[int]]) -> float:
+    """Bytes of off-GPU layer i that cross the link in a prefill chunk: all of it, except that the GPU engine
+    reads a streamed layer's (slot_bytes given) routed experts in place, each expert some token took once (at
+    most tokens k of the E)."""
+    if slot_bytes is None or not spec.is_moe_layer(i):
+        return layer_bytes[i]
+    core = slot_bytes[i]
+    return core + (layer_bytes[i] - core) * min(1.0, tokens * spec.experts_per_token / spec.num_experts)
 
 
 def contiguous_split(layer_bytes: list[int], fixed_per_card: list[int], budgets: list[int],

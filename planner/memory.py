@@ -91,6 +91,17 @@ def layer_weight_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -
     return out
 
 
+def layer_stream_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> list[int]:
+    """What a stream buffer holds of each layer when it is streamed: the layer without its routed experts, which
+    the GPU engine reads in place in (mapped) host memory, so a token moves its k experts' bytes of the E
+    (gpuengine.model.DeviceWeights)."""
+    out = layer_weight_bytes(spec, assignment)
+    for t in tensors(spec):
+        if t.expert:
+            out[t.layer] -= tensor_bytes(t, assignment.get(t.name))
+    return out
+
+
 def layer_read_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> list[float]:
     """Bytes of each layer read per decoded token (MoE: only the routed experts' share)."""
     out = [0.0] * spec.num_layers

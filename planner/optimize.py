@@ -172,7 +172,7 @@ def _offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str)
         first = spec.num_layers - k
         fixed = list(per_card)
         if streaming and first:
-            fixed[0] += sum(kv_layer[:first]) + 2 * max(layer_bytes[:first])
+            fixed[0] += sum(kv_layer[:first]) + 2 * max(mem.layer_stream_bytes(spec, assignment)[:first])
         split = contiguous_split(layer_bytes[first:], fixed, budgets, kv_layer[first:])
         if split is not None:
             split = tuple((a + first, b + first) for a, b in split)

@@ -124,6 +124,9 @@ def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: floa
     else:
         how = "each copied before it runs" if streaming else "prefetch"
         what = f"all layers streamed over the host link through two layer buffers ({how}), as AirLLM"
+    if spec.is_moe and (streaming or lay.mode == "stream"):
+        what += (f"; a streamed layer's routed experts stay in host memory and each token reads its "
+                 f"{spec.experts_per_token} of {spec.num_experts} in place over the link")
     others = {m: fmt_rate(1 / c[1].decode_s) for m, c in candidates.items() if m != lay.mode}
     compare = "; ".join(f"{m} would give {r}" for m, r in others.items()) or "the other mode does not fit"
     link, cpu = req.gpu.host_link_gb_s, req.host.cpu_bandwidth_gb_s * CPU_DECODE_BANDWIDTH_EFFICIENCY

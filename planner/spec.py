@@ -46,9 +46,13 @@ class Tensor:
 
     @property
     def expert(self) -> bool:
-        """Part of one routed expert (its linears and their biases): layers.{i}.moe.{e}.*"""
-        parts = self.name.split(".")
-        return len(parts) > 4 and parts[2] == "moe" and parts[3].isdigit()
+        return is_expert(self.name)
+
+
+def is_expert(name: str) -> bool:
+    """Part of one routed expert (its linears and their biases): layers.{i}.moe.{e}.*"""
+    parts = name.split(".")
+    return len(parts) > 4 and parts[2] == "moe" and parts[3].isdigit()
 
 
 def _mla(spec: ModelSpec, i: int) -> list[Tensor]:

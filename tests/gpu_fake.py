@@ -185,6 +185,12 @@ def install_runtime(monkeypatch) -> None:
     from gpuengine import model
     monkeypatch.setattr(model, "USE_GRAPHS", False)        # graph capture needs the real device
     monkeypatch.setattr(model, "h2d", lambda dst, src, stream: dst.__setitem__(..., src.reshape(dst.shape)))
+    monkeypatch.setattr(model, "mapped", _mapped)           # mapped pinned memory: one array, host and device
+
+
+def _mapped(nbytes: int) -> tuple[np.ndarray, FakeArray]:
+    host = np.zeros(nbytes, np.uint8)
+    return host, _fake(host)
 
 
 def install(monkeypatch) -> None:

@@ -505,3 +505,20 @@ def test_moe_matches(tmp_path, options, path, backend, monkeypatch):
         rows = np.abs(got - want).max(axis=1) / np.abs(want).max()
         assert err <= 0.1 and np.median(rows) <= 3e-3 and compare(want, got)["top1"] >= TOP1
     assert ("scatter_add" in launched) == (path == "grouped")
+
+
+@pytest.mark.parametrize("prefill", ["slots", "grouped"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_streamed_moe_layers_read_their_experts_in_place(tmp_path, prefill, overlap, backend, monkeypatch):
+    """Streamed MoE layers: the slots take the layer without its experts, which the expert kernels read in
+    host memory; prefill and decode give the resident model's logits exactly."""
+    from gpuengine import model
+    monkeypatch.setattr(model, "MOE_PREFILL", prefill)
+    ckpt = moe_checkpoint(tmp_path)
+    assignment = half_packed(ckpt)
+    ids = list(np.random.default_rng(29).integers(0, ckpt.spec.vocab_size, 30))
+    held, streamed = streamed_pair(ckpt, assignment, range(1, 2), overlap, monkeypatch)
+    weights = streamed.net.weights
+    assert set(weights.in_place) == set(weights.images) == set(range(ckpt.spec.num_layers)) - {1}
+    assert all(".moe.0." not in n for img in weights.images.values() for n in img.parts)
+    assert np.array_equal(decode_rows(streamed, ids, 10), decode_rows(held, ids, 10))

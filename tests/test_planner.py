@@ -211,3 +211,22 @@ def test_moe_prefill_groups_few_large_experts_and_slots_many_small_ones():
         assert moe_prefill_grouped(VRAMWISE_CUDA, 512, 2, 8, mixtral, bw)
         assert not moe_prefill_grouped(VRAMWISE_CUDA, 512, 8, 128, qwen, bw)
         assert not moe_prefill_grouped(VRAMWISE_CUDA, 1, 2, 8, mixtral, bw)
+
+
+def test_streamed_moe_layers_move_only_their_routed_experts():
+    """Mixtral 8x7B on an 8 GB card streams most layers: their slots hold each layer without its experts, and a
+    decoded token moves the streamed layers' attention and router plus 2 of the 8 experts (read in place in
+    host memory), not whole layers."""
+    spec = DB.find_model("mixtral-8x7b")
+    out = plan("mixtral-8x7b", "rtx4060", host=Host(ram_bytes=256 * 2**30))
+    lay, a = out.layout, out.assessment
+    assert lay.mode == "offload"
+    on_gpu = {i for s, e in lay.gpu_layers for i in range(s, e)}
+    off = [i for i in range(spec.num_layers) if i not in on_gpu]
+    whole = mem.layer_weight_bytes(spec, lay.assignment)
+    core = mem.layer_stream_bytes(spec, lay.assignment)
+    read = mem.layer_read_bytes(spec, lay.assignment)
+    assert a.per_gpu[0]["weights.stream_buffers"] == 2 * max(core[i] for i in off) < 0.1 * max(whole)
+    assert a.traffic.link_bytes == pytest.approx(sum(read[i] for i in off))
+    experts = [whole[i] - core[i] for i in off]
+    assert sum(read[i] for i in off) == pytest.approx(sum(core[i] for i in off) + sum(experts) / 4)
