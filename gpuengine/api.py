@@ -24,8 +24,8 @@ class GPUModel(Model):
     """A Model on the GPU: `weights` is the device copy (gpuengine.model.DeviceWeights)."""
 
     def __init__(self, ckpt: Any, tokenizer: Any, ctx: int, kv: str, chunk: int, weights: Mapping,
-                 resident: range):
-        self._host_weights, self._resident = weights, resident
+                 resident: range, host_experts: int = 0):
+        self._host_weights, self._resident, self._host_experts = weights, resident, host_experts
         super().__init__(ckpt, tokenizer, ctx, kv, chunk, weights=weights)
         self.weights = self.net.weights
         self._host_weights = None                # copied to the device (or pinned): the host maps can go
@@ -36,7 +36,7 @@ class GPUModel(Model):
 
         return GPUTransformer(self.spec, self._host_weights, ctx, kv, chunk,
                               self.checkpoint.rope_layout == ROPE_INTERLEAVED, self._resident,
-                              rope_factors=self.checkpoint.rope_factors)
+                              rope_factors=self.checkpoint.rope_factors, host_experts=self._host_experts)
 
     def stream(self, ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling()) -> Iterator[int]:
         """As refengine's Model.stream, with the logits kept on the device and only token ids returned."""
@@ -134,14 +134,15 @@ def load_for_plan(plan: "Plan", source: str, stream: Optional[bool] = None, stor
 
     resident = _resident_layers(plan, stream)
     lay = plan.layout
+    host_experts = lay.host_experts if len(resident) else 0      # streaming all layers reads every expert in place
     if is_quantized_dir(source):
         qdir = plan_quantized_dir(plan, source)
         return GPUModel(qdir.checkpoint(), qdir.tokenizer(), lay.ctx, lay.kv.name, lay.chunk,
-                        QuantizedWeights(qdir), resident)
+                        QuantizedWeights(qdir), resident, host_experts)
     ckpt = plan_checkpoint(plan, source)
     weights = streamed_weights(ckpt, lay.assignment, store_dir, progress=progress)
     try:
-        return GPUModel(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, weights, resident)
+        return GPUModel(ckpt, for_checkpoint(ckpt), lay.ctx, lay.kv.name, lay.chunk, weights, resident, host_experts)
     finally:
         weights.close()
 

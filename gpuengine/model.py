@@ -62,9 +62,10 @@ class DeviceWeights:
 
     A streamed layer's routed experts are not copied: they stay in mapped pinned memory, and the expert kernels
     read the chosen ones in place over the host link (CUDA's unified addressing), so a token moves its k experts'
-    bytes of the layer's E, and the slots hold the rest of the layer (planner.memory.stream_core_bytes)."""
+    bytes of the layer's E, and the slots hold the rest of the layer (planner.memory.layer_stream_bytes). The
+    first host_experts resident layers keep their experts there too (a plan's placement.host_experts)."""
 
-    def __init__(self, weights: Mapping[str, Any], spec: ModelSpec, resident: Iterable[int]):
+    def __init__(self, weights: Mapping[str, Any], spec: ModelSpec, resident: Iterable[int], host_experts: int = 0):
         import cupy as cp
         import cupyx
 
@@ -78,15 +79,15 @@ class DeviceWeights:
         for i in range(spec.num_layers):
             layer = [n for n in names if layer_of(n) == i]
             tensors = {n: weights[n] for n in layer}
+            experts = {n: t for n, t in tensors.items() if is_expert(n) and (i not in resident or i < host_experts)}
+            core = {n: t for n, t in tensors.items() if n not in experts}
+            if experts:
+                host, dev = mapped(image_bytes(experts))
+                self.in_place[i] = views(dev, build_image(experts, host))
             if i in resident:
-                self.views[i] = self._unfused(self._upload(build_image(tensors)))
+                self.views[i] = {**self._unfused(self._upload(build_image(core))), **self.in_place.get(i, {})}
             else:
-                experts = {n: t for n, t in tensors.items() if is_expert(n)}
-                core = {n: t for n, t in tensors.items() if n not in experts}
                 self.images[i] = build_image(core, cupyx.empty_pinned((image_bytes(core),), np.uint8))
-                if experts:
-                    host, dev = mapped(image_bytes(experts))
-                    self.in_place[i] = views(dev, build_image(experts, host))
             _release(weights, layer)
         slot = max((img.nbytes for img in self.images.values()), default=0)
         self.slots = [cp.empty(slot, cp.uint8) for _ in range(2)] if self.images else []
@@ -176,7 +177,7 @@ class GPUTransformer:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, Any], ctx: int, kv_name: str = "fp16",
                  chunk: int = mem.DEFAULT_CHUNK, rope_interleaved: bool = True,
                  resident: Optional[Iterable[int]] = None, graphs: Optional[bool] = None,
-                 overlap: Optional[bool] = None, rope_factors: Optional[np.ndarray] = None):
+                 overlap: Optional[bool] = None, rope_factors: Optional[np.ndarray] = None, host_experts: int = 0):
         import cupy as cp
         import cupyx
 
@@ -187,7 +188,8 @@ class GPUTransformer:
         self.rope_interleaved = rope_interleaved
         self.state = RunState(spec, ctx, self.chunk, kv_name)
         self.rope_factors = fill_rope_factors(self.state.arrays, spec, rope_factors)   # device buffer, or None
-        self.weights = DeviceWeights(weights, spec, range(spec.num_layers) if resident is None else resident)
+        self.weights = DeviceWeights(weights, spec, range(spec.num_layers) if resident is None else resident,
+                                     host_experts)
         self.pos = 0
         self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
         self.schedule = StreamSchedule(spec.num_layers, self.weights.images, OVERLAP if overlap is None else overlap)

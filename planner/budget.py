@@ -41,6 +41,9 @@ class Layout:
     gpu_layers: tuple[tuple[int, int], ...]      # per card, [start, end) of resident layers
     reserve_bytes: int
     prompt_tokens: int
+    # the first this many layers keep their routed experts in host memory, read in place over the link by the
+    # CUDA engine (the rest of each layer resident): an MoE's offload that moves only a token's k experts
+    host_experts: int = 0
 
 
 class CardTotals:
@@ -110,8 +113,11 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
     streaming = streams_offload(gpu)
     state = mem.run_state_buffers(spec, lay.ctx, lay.chunk, logits=last)
     by_name = {buf.name: buf.nbytes for buf in state}
+    host_experts = range(a, min(b, lay.host_experts))
+    kept_out = sum(layer_bytes[i] for i in host_experts) - sum(mem.layer_stream_bytes(spec, lay.assignment)[i]
+                                                                for i in host_experts) if len(host_experts) else 0
     items = {
-        "weights.layers": sum(layer_bytes[a:b]),
+        "weights.layers": sum(layer_bytes[a:b]) - kept_out,
         "weights.head": glob["head"] if last else 0,
         "weights.norm_final": glob["norm.final"] if last else 0,
         "kv_cache": mem.buffers_bytes(mem.kv_cache_buffers(spec, lay.ctx, lay.kv, _kv_layers(spec, lay, card, streaming),
@@ -156,7 +162,15 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
 
     engine = ENGINE_SPEED.get(gpu.vendor)
     streaming = streams_offload(gpu)        # offload means: stream the host layers
+    streams = lay.mode == "stream" or (lay.mode == "offload" and streaming)
+    # a streamed layer's slot holds it without its routed experts; a host-experts layer keeps the same part
+    slot_bytes = mem.layer_stream_bytes(spec, lay.assignment) if spec.is_moe else layer_bytes
+    host_experts = range(lay.host_experts)
+    # what a token reads of routed experts in host memory, in place over the link rather than from VRAM
+    in_place = sum(read_bytes[i] - slot_bytes[i] for i in set(off) | set(host_experts)) if streams else 0
     host_items = {"embedding": glob["embed"]}
+    if lay.host_experts:
+        host_items["weights.host_experts"] = sum(layer_bytes[i] - slot_bytes[i] for i in host_experts)
     if lay.mode == "offload" and not streaming:
         host_items["weights.cpu_layers"] = sum(layer_bytes[i] for i in off)
         kv_layer = mem.kv_layer_bytes(spec, lay.ctx, lay.chunk, lay.kv)
@@ -190,11 +204,14 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
                           disk_bytes=disk, overhead_s=overhead_s)
         overlap = False
     else:                                   # streamed layers: all (stream), or the host ones (offload)
-        # each token moves a streamed layer's bytes but the experts it does not route to (read in place)
-        streamed = sum(read_bytes[i] for i in off)
-        vram = sum(read_bytes) + glob["head"] + glob["norm.final"] + sum(seen) * kv_token
-        traffic = Traffic(vram_bytes=vram, link_bytes=streamed - from_disk, disk_bytes=from_disk,
-                          overhead_s=overhead_s)
+        # each token moves a streamed layer's bytes but the experts it does not route to, and its chosen experts
+        # of the host-experts layers (both read in place)
+        streamed = sum(read_bytes[i] for i in off) + sum(read_bytes[i] - slot_bytes[i] for i in host_experts)
+        vram = sum(read_bytes) - in_place + glob["head"] + glob["norm.final"] + sum(seen) * kv_token
+        # host weights past RAM come from disk in the share they hold of what a token reads (all of it for
+        # whole streamed layers; routed experts read in place are a token's k of E)
+        disk = streamed * from_disk / host_weights if host_weights else 0
+        traffic = Traffic(vram_bytes=vram, link_bytes=streamed - disk, disk_bytes=disk, overhead_s=overhead_s)
         # a prefetching engine overlaps copies with compute; vramwise's copies each layer in stream order
         # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json) unless its
         # overlapped schedule is on (then a step is the larger of link and compute, to within one layer)
@@ -202,7 +219,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     gpu_s = None
     if engine is not None:                 # vramwise's own engine runs the plan: its measured model
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
-        weights = sum(read_bytes[i] for i in computed) + glob["head"] + glob["norm.final"]
+        weights = sum(read_bytes[i] for i in computed) - in_place + glob["head"] + glob["norm.final"]
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         kv_read = sum(seen[i] for i in computed) * kv_token
         # gpuengine's launches a layer beyond a Llama's: Qwen3's / Gemma 3's head norms, Gemma 2 / 3's post norms,
@@ -215,8 +232,6 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
 
     # prefill: every chunk reads all device weights once; offloaded and streamed weights cross the
     # link once per chunk (llama.cpp likewise copies CPU layers' weights to the GPU for large batches)
-    streams = lay.mode == "stream" or (lay.mode == "offload" and streaming)
-    slot_bytes = mem.layer_stream_bytes(spec, lay.assignment) if spec.is_moe else layer_bytes
     experts = _ExpertCosts.of(spec, lay) if spec.is_moe and engine is not None else None
     def chunk_seconds(tokens: int, start: int) -> float:
         flops = tokens * _prefill_flops_per_token(spec, start + tokens / 2)
@@ -225,11 +240,13 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         if engine is not None:
             t = engine_prefill_seconds(engine, flops, spec.num_layers, gpu)
             if spec.is_moe:
-                t += _engine_experts_prefill(engine, spec, gpu, experts, tokens, set(off) if streams else set())
+                t += _engine_experts_prefill(engine, spec, gpu, experts, tokens,
+                                             set(off) | set(host_experts) if streams else set())
         else:
             t = prefill_seconds(flops, device_bytes, eff, gpu.fp16_tflops, gpu.bandwidth_gb_s)
         moved = sum(_chunk_link_bytes(spec, i, tokens, layer_bytes, slot_bytes if streams else None)
                     for i in off) if lay.mode != "gpu" else 0
+        moved += sum(_chunk_link_bytes(spec, i, tokens, layer_bytes, slot_bytes) - slot_bytes[i] for i in host_experts)
         link = (moved - from_disk) / (gpu.host_link_gb_s * 1e9) + from_disk / (host.disk_gb_s * 1e9)
         return max(t, link) if lay.mode == "stream" and overlap else t + link
 

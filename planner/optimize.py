@@ -159,6 +159,37 @@ def _weights_at(items: _Items, bpw: float) -> Solution:
 
 
 def _offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str) -> Optional[Layout]:
+    """Of _layer_offload and, for an MoE on one card of a streaming engine, _expert_offload, the one that fits
+    and decodes faster."""
+    layouts = [lay for lay in (_layer_offload(req, items, sol, ctx, kv_name),
+                               _expert_offload(req, items, sol, ctx, kv_name)) if lay is not None]
+    if len(layouts) < 2:
+        return layouts[0] if layouts else None
+    return min(layouts, key=lambda lay: assess(req.model, req.gpu, req.gpu_count, req.host, lay).decode_s)
+
+
+def _expert_offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str) -> Optional[Layout]:
+    """An MoE with every layer on the GPU but the routed experts of its first n layers, n as small as fits: those
+    stay in host memory and the CUDA engine reads each token's k of them in place over the link (as llama.cpp's
+    --n-cpu-moe keeps experts in RAM, but computed on the GPU). One card, an engine that streams only."""
+    spec = req.model
+    if not spec.is_moe or req.gpu_count != 1 or not streams_offload(req.gpu):
+        return None
+    assignment = _assignment(items, sol)
+    whole, core = mem.layer_weight_bytes(spec, assignment), mem.layer_stream_bytes(spec, assignment)
+    per_card, kv_layer, _ = _fixed_device_bytes(req, ctx, kv_name, "offload", 1)
+    room = req.gpu.memory_bytes - per_card[0] - sum(kv_layer)
+    need = sum(whole)
+    for n in range(spec.num_layers + 1):
+        if need <= room:
+            return Layout("offload", assignment, ctx, kv_format(kv_name), min(req.chunk, ctx), ((0, spec.num_layers),),
+                          reserve(req), req.prompt_tokens, host_experts=n) if n else None
+        if n < spec.num_layers:
+            need -= whole[n] - core[n]
+    return None
+
+
+def _layer_offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name: str) -> Optional[Layout]:
     """The last k layers (and the head) on the GPU(s), k as large as fits; the rest computed by the CPU, or
     on an engine that streams them (streams_offload), copied to card 0's two layer buffers each token, with
     their KV cache there."""

@@ -87,7 +87,8 @@ def build_document(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, la
         "kv_cache": {"dtype": lay.kv.name, "bytes": sum(mem.kv_layer_bytes(spec, lay.ctx, lay.chunk, lay.kv)),
                      # a position more of context: in the layers that cache every position (not the sliding rings)
                      "bytes_per_token": kv_token * len(kv_full)},
-        "placement": {"gpu_layers": [list(r) for r in lay.gpu_layers], "reserve_bytes": lay.reserve_bytes},
+        "placement": {"gpu_layers": [list(r) for r in lay.gpu_layers], "reserve_bytes": lay.reserve_bytes,
+                      **({"host_experts": lay.host_experts} if lay.host_experts else {})},
         "memory": {"budget_bytes": budget, "total_bytes": a.total, "free_bytes": budget - a.total,
                    "items": a.items,
                    "per_gpu": [{"budget_bytes": gpu.memory_bytes, "total_bytes": sum(c.values()), "items": c}
@@ -155,13 +156,19 @@ def _layout_from(doc: dict, spec: ModelSpec, path: Path) -> Layout:
         lay = Layout(str(_get(doc, "mode", path)), assignment, _count(doc, "context.length", path), kv,
                      _count(doc, "context.chunk", path), gpu_layers,
                      _count(doc, "placement.reserve_bytes", path, minimum=0),
-                     _count(doc, "predicted.prompt_tokens", path))
+                     _count(doc, "predicted.prompt_tokens", path),
+                     _count(doc, "placement.host_experts", path, minimum=0)
+                     if "host_experts" in (doc.get("placement") or {}) else 0)
     except (FormatError, TypeError, ValueError) as exc:
         raise PlanFileError(f"{path}: {exc}") from None
     if lay.mode not in ("gpu", "offload", "stream"):
         raise PlanFileError(f"{path}: mode {lay.mode!r} is not one of gpu, offload, stream")
     if not gpu_layers or any(not 0 <= a <= b <= spec.num_layers for a, b in gpu_layers):
         raise PlanFileError(f"{path}: placement.gpu_layers must be [start, end) ranges within 0..{spec.num_layers}")
+    if lay.host_experts and not (spec.is_moe and lay.mode == "offload" and gpu_layers == ((0, spec.num_layers),)
+                                 and lay.host_experts <= spec.num_layers):
+        raise PlanFileError(f"{path}: placement.host_experts {lay.host_experts} needs an MoE offload plan with every "
+                            f"layer on one GPU and at most {spec.num_layers} layers; re-create it with `vramwise plan`")
     return lay
 
 

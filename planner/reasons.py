@@ -116,7 +116,12 @@ def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: floa
             entry["gpu_layers"] = sum(b - a_ for a_, b in clay.gpu_layers)
         out.alternatives[mode] = entry
     streaming = streams_offload(req.gpu)
-    if lay.mode == "offload":
+    if lay.host_experts:
+        what = (f"every layer on the GPU but the routed experts of the first {lay.host_experts} of {spec.num_layers} "
+                f"layers, which stay in host memory: each token reads its {spec.experts_per_token} of "
+                f"{spec.num_experts} there in place over the link (vramwise's CUDA engine computes them on the GPU; "
+                f"llama.cpp's --n-cpu-moe keeps experts in RAM the same way and computes them on the CPU)")
+    elif lay.mode == "offload":
         k = sum(b - a_ for a_, b in lay.gpu_layers)
         rest = ("streamed over the host link through two layer buffers each token (vramwise's CUDA engine "
                 "computes every layer on the GPU)") if streaming else "computed by the CPU"
@@ -124,7 +129,7 @@ def explain_fallback(req: "Request", out: "Outcome", candidates: dict, bpw: floa
     else:
         how = "each copied before it runs" if streaming else "prefetch"
         what = f"all layers streamed over the host link through two layer buffers ({how}), as AirLLM"
-    if spec.is_moe and (streaming or lay.mode == "stream"):
+    if spec.is_moe and (streaming or lay.mode == "stream") and not lay.host_experts:
         what += (f"; a streamed layer's routed experts stay in host memory and each token reads its "
                  f"{spec.experts_per_token} of {spec.num_experts} in place over the link")
     others = {m: fmt_rate(1 / c[1].decode_s) for m, c in candidates.items() if m != lay.mode}

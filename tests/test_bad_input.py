@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import yaml
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -282,7 +283,8 @@ def moe_tensors() -> dict:
 def test_moe_model_plans_and_runs_on_both_engines(capsys, work, monkeypatch):
     """A Mixtral-style GGUF (4 experts, 2 a token): planned with no engine caveat, run by the reference engine
     holding exactly the plan's bytes, and by the CUDA engine (its kernels on the CPU twin) when a device is
-    found, to the same tokens."""
+    found, to the same tokens; on a card too small for it, a plan keeping some layers' experts in host memory
+    runs on the CUDA engine to the reference's tokens too."""
     moe = tiny_family_gguf(work / "moe.gguf", "moe")
     moe_plan = work / "moe.yaml"
     assert main(["plan", "--gpu", "rtx4090", "--model", str(moe), "--ctx", str(CTX), "-o", str(moe_plan),
@@ -307,8 +309,22 @@ def test_moe_model_plans_and_runs_on_both_engines(capsys, work, monkeypatch):
     gpu = json.loads(out)
     assert code == 0 and "gpu" in gpu["engine"] and gpu["text"] == ref["text"], err
     held, planned = gpu["measured"]["engine_bytes"], gpu["plan"]["weights_and_state_bytes"]
-    print(held, planned)
     assert held <= planned
+    # at 4.125 bpw, a card 20 KB smaller than the model needs (a layer's experts are 33 KB; the safety margin is a
+    # share of the card): one layer's experts stay in host memory, read in place, and the tokens do not change
+    tight = work / "moe-tight.yaml"
+    plan_on = ["--bpw", "4.125", "--reserve", "0", "--model", str(moe), "--ctx", str(CTX), "--quiet"]
+    assert main(["plan", "--gpu", "rtx4090", "--vram", "1GiB", *plan_on, "-o", str(tight)]) == 0
+    memory = yaml.safe_load(tight.read_text())["memory"]
+    share = memory["items"]["safety_margin"] / 2**30
+    needed = (memory["total_bytes"] - memory["items"]["safety_margin"]) / (1 - share)
+    assert main(["plan", "--gpu", "rtx4090", "--vram", str(int(needed) - 20_000), *plan_on, "-o", str(tight)]) == 0
+    assert yaml.safe_load(tight.read_text())["placement"]["host_experts"] == 1
+    code, out, err = cli(capsys, "run", "--plan", str(tight), *run[3:])
+    doc = json.loads(out)
+    code_ref, out_ref, _ = cli(capsys, "run", "--plan", str(tight), *run[3:], "--engine", "ref")
+    assert code == code_ref == 0 and doc["text"] == json.loads(out_ref)["text"], err
+    assert "gpu" in doc["engine"] and doc["measured"]["engine_bytes"] < held
 
 
 # --- safetensors --------------------------------------------------------------------------------------

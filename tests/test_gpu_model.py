@@ -522,3 +522,22 @@ def test_streamed_moe_layers_read_their_experts_in_place(tmp_path, prefill, over
     assert set(weights.in_place) == set(weights.images) == set(range(ckpt.spec.num_layers)) - {1}
     assert all(".moe.0." not in n for img in weights.images.values() for n in img.parts)
     assert np.array_equal(decode_rows(streamed, ids, 10), decode_rows(held, ids, 10))
+
+
+def test_host_experts_layers_read_their_experts_in_place(tmp_path, backend, monkeypatch):
+    """Resident MoE layers whose experts stay in host memory (a plan's placement.host_experts): the device holds
+    the layers without them, and prefill (grouped, as in-place experts always run) and decode give the
+    all-resident model's logits exactly."""
+    from gpuengine import model
+    from gpuengine.api import GPUModel
+    monkeypatch.setattr(model, "MOE_PREFILL", "grouped")
+    ckpt = moe_checkpoint(tmp_path)
+    assignment = half_packed(ckpt)
+    tok = Tokenizer(None, None, None, False, None, "none")
+    layers = range(ckpt.spec.num_layers)
+    held = GPUModel(ckpt, tok, 160, "q8", 64, _Weights(ckpt, assignment), layers)
+    kept = GPUModel(ckpt, tok, 160, "q8", 64, _Weights(ckpt, assignment), layers, host_experts=1)
+    assert set(kept.weights.in_place) == {0} and not kept.weights.images
+    assert kept.weights.nbytes() < held.weights.nbytes()
+    ids = list(np.random.default_rng(31).integers(0, ckpt.spec.vocab_size, 30))
+    assert np.array_equal(decode_rows(kept, ids, 10), decode_rows(held, ids, 10))

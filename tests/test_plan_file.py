@@ -107,3 +107,21 @@ def test_damaged_plans_never_raise_anything_but_a_plan_error(plan_path, tmp_path
         load_plan(out)
     except PlanFileError as exc:
         assert "\n" not in str(exc)
+
+
+def test_host_experts_round_trip_and_are_refused_where_they_cannot_run(plan_path, tmp_path):
+    """An MoE offload plan keeping experts in host memory records placement.host_experts and reads back the same
+    layout; the key on a dense model's plan is refused in one line."""
+    moe = tmp_path / "moe.yaml"
+    assert main(["plan", "--gpu", "rtx4060", "--model", "qwen3-30b-a3b", "--ram", "256GiB", "-o", str(moe),
+                 "--quiet"]) == 0
+    plan = load_plan(moe)
+    assert plan.layout.host_experts == plan.doc["placement"]["host_experts"] > 0
+    again = tmp_path / "again.yaml"
+    write_plan(plan.doc, again)
+    assert load_plan(again).layout == plan.layout
+
+    def dense(doc):
+        doc["placement"]["host_experts"] = 3
+    with pytest.raises(PlanFileError, match="host_experts 3 needs an MoE offload plan"):
+        load_plan(edit(plan_path, tmp_path, dense))

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hwdb
 from planner import memory as mem
-from planner.budget import Host, avg_bpw
+from planner.budget import Host, assess, avg_bpw
 from planner.formats import KV_FORMATS
 from planner.optimize import PlanError, Request, make_plan
 from planner.spec import tensors
@@ -217,10 +217,12 @@ def test_streamed_moe_layers_move_only_their_routed_experts():
     """Mixtral 8x7B on an 8 GB card streams most layers: their slots hold each layer without its experts, and a
     decoded token moves the streamed layers' attention and router plus 2 of the 8 experts (read in place in
     host memory), not whole layers."""
-    spec = DB.find_model("mixtral-8x7b")
-    out = plan("mixtral-8x7b", "rtx4060", host=Host(ram_bytes=256 * 2**30))
-    lay, a = out.layout, out.assessment
-    assert lay.mode == "offload"
+    from planner import optimize as O
+    req = O.Request(DB.find_model("mixtral-8x7b"), DB.find_gpu("rtx4060"), Host(ram_bytes=256 * 2**30))
+    spec, items = req.model, O._items(req.model, None)
+    lay = O._layer_offload(req, items, O._weights_at(items, O.FALLBACK_BPW), 4096, "fp16")
+    a = assess(spec, req.gpu, 1, req.host, lay)
+    assert lay.mode == "offload" and lay.host_experts == 0
     on_gpu = {i for s, e in lay.gpu_layers for i in range(s, e)}
     off = [i for i in range(spec.num_layers) if i not in on_gpu]
     whole = mem.layer_weight_bytes(spec, lay.assignment)
@@ -230,3 +232,27 @@ def test_streamed_moe_layers_move_only_their_routed_experts():
     assert a.traffic.link_bytes == pytest.approx(sum(read[i] for i in off))
     experts = [whole[i] - core[i] for i in off]
     assert sum(read[i] for i in off) == pytest.approx(sum(core[i] for i in off) + sum(experts) / 4)
+
+
+def test_an_moe_that_does_not_fit_keeps_the_fewest_layers_experts_in_host_memory():
+    """Qwen3-235B-A22B on an RTX 4090 (256 GiB of RAM): every layer on the GPU but the routed experts of the first
+    n layers, n as small as fits, read in place over the link; that decodes faster than the best layer offload,
+    and the token's link bytes are its k of E experts of those n layers."""
+    from planner import optimize as O
+    req = O.Request(DB.find_model("qwen3-235b-a22b"), DB.find_gpu("rtx4090"), Host(ram_bytes=256 * 2**30))
+    spec, gpu = req.model, req.gpu
+    out = make_plan(req)
+    lay, a = out.layout, out.assessment
+    n = lay.host_experts
+    assert lay.mode == "offload" and lay.gpu_layers == ((0, spec.num_layers),) and 0 < n < spec.num_layers
+    assert a.total <= gpu.memory_bytes
+    assert assess(spec, gpu, 1, req.host, dataclasses.replace(lay, host_experts=n - 1)).total > gpu.memory_bytes
+    whole, core = mem.layer_weight_bytes(spec, lay.assignment), mem.layer_stream_bytes(spec, lay.assignment)
+    assert a.host["weights.host_experts"] == sum(whole[i] - core[i] for i in range(n))
+    read = mem.layer_read_bytes(spec, lay.assignment)
+    assert a.traffic.link_bytes == pytest.approx(sum(read[i] - core[i] for i in range(n)))
+    items = O._items(spec, None)
+    sol = O._weights_at(items, O.FALLBACK_BPW)
+    layered = O._layer_offload(req, items, sol, lay.ctx, lay.kv.name)
+    assert assess(spec, gpu, 1, req.host, layered).decode_s > 1.4 * a.decode_s
+    assert any(what == "mode" and "routed experts of the first" in why for what, _, why in out.decisions)
