@@ -24,6 +24,13 @@ if [ -z "${NO_TESTS:-}" ]; then
 fi
 # NO_BENCH=1 stops here (a first call of two: the tests alone)
 [ -n "${NO_BENCH:-}" ] && exit 0
+# MOE=1: routed experts (gpu_decode.py --quick --moe: Qwen3-30B-A3B, an 8-layer Mixtral 8x7B shape, its experts
+# streamed in place); ONLY_MOE=1 stops after it (a call of its own)
+if [ -n "${MOE:-}" ]; then
+    timeout "${MOE_S:-400}" python3 benchmarks/gpu_decode.py --quick --moe --out "$OUT/gpu_decode_moe.json" 2>&1 \
+        | tee "$OUT/gpu_decode_moe.log" | tail -12
+    [ -n "${ONLY_MOE:-}" ] && exit 0
+fi
 # per-kernel times and the matvec block-shape sweep; the decode benchmark then runs with the shape it chose
 timeout "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
 TUNED=""
