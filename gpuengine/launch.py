@@ -405,9 +405,11 @@ def add_bias(y: Any, b: Any) -> None:
 
 # --- routed experts (MoE) ---------------------------------------------------------------------------------
 # A layer's experts run as slots: slot t * k + j is token t's j-th chosen expert (moe_route). Each of gate, up
-# and down is one gather_moe launch (every slot's input in its own expert's layout) and one qmatvec_moe launch
-# over all slots (plus one hmatvec_moe where some experts are fp16), each reading its expert's entry in a
-# device table: the expert's QMat, its XGather and its fp16 matrix (planner.memory.EXPERT_TABLE_BYTES each).
+# and down is one qmatvec_moe launch over all slots (plus one hmatvec_moe where some experts are fp16), each
+# reading its expert's entry in a device table: the expert's QMat, its XGather and its fp16 matrix
+# (planner.memory.EXPERT_TABLE_BYTES each). Where some expert's option reads a gathered input (a mixed option's
+# slices), a gather_moe launch first lays out every slot's input; else the slots read x as it is, and gate and
+# up share one launch (act(gate x) * up x).
 
 # numpy twin of matvec.cu's XGather (C layout), read by gather_moe from the device table.
 XGATHER = np.dtype([("perm", "u8"), ("nslices", "i4"), ("start", "i4", (3,)), ("rows", "i4", (3,)),
@@ -429,6 +431,7 @@ class ExpertTable:
     width: int
     packed: bool
     half: bool
+    direct: bool          # no expert needs its input gathered: the slots read x as it is
 
 
 def expert_entries(lins: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -477,7 +480,14 @@ def expert_table(lins: list, region: Any) -> ExpertTable:
     width = max(int(g["off"][j] + g["len"][j]) for g in gathers for j in range(int(g["nslices"])))
     n, k = lins[0].shape
     return ExpertTable(region[:a], region[a:b], region[b:b + halves.nbytes], n, k, width,
-                       any(lin.meta is not None for lin in lins), any(lin.meta is None for lin in lins))
+                       any(lin.meta is not None for lin in lins), any(lin.meta is None for lin in lins),
+                       not any(lin.meta is not None and lin.meta.needs_gather for lin in lins))
+
+
+def experts_fusable(gate: ExpertTable, up: ExpertTable) -> bool:
+    """Whether a layer's expert gate and up share one launch: every expert of both packed and reading x as it
+    is, and one shape."""
+    return gate.direct and up.direct and not (gate.half or up.half) and (gate.n, gate.k) == (up.n, up.k)
 
 
 def hmatmul(x: Any, lin: DeviceLinear, y: Any) -> None:
@@ -506,9 +516,11 @@ def moe_route(logits: Any, k: int, sel: Any, weight: Any) -> None:
     function("moe", "moe_route")((t,), (ROUTE_THREADS,), (logits, _i(e), _i(k), sel, weight))
 
 
-def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: Any) -> None:
+def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: Any,
+                   up: Optional[ExpertTable] = None, act: str = "silu") -> None:
     """y[s] (n,) = W_e x[s // per] for every slot s, e = sel[s] (on the device), W_e expert e's linear of
-    `table`; xp (slots, width) is the gathered inputs' scratch."""
+    `table`; with `up` (experts_fusable), y[s] = act(W_e x) * (U_e x), U_e expert e's linear of up. xp (slots,
+    width) is the gathered inputs' scratch."""
     slots = sel.shape[0]
     check("x", x, np.float32, (x.shape[0], table.k))
     check("sel", sel, np.int32, (slots,))
@@ -516,19 +528,28 @@ def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: A
     check("gather buffer", xp, np.float32, (slots, xp.shape[1]))
     if x.shape[0] * per != slots or xp.shape[1] < table.width or xp.shape[1] % 4:
         raise LaunchError(f"{slots} slots over {x.shape[0]} rows, per {per}; gather rows of {xp.shape[1]}")
-    function("matvec", "gather_moe")((_blocks(table.width), slots), (THREADS,),
-                                     (x, _i(table.k), _i(per), table.gathers, sel, xp, _i(xp.shape[1])))
+    if up is not None and not experts_fusable(table, up):
+        raise LaunchError("these experts' gate and up cannot share a launch")
+    if table.direct:
+        src, ld, rows_per = x, table.k, per
+        if _ptr(x) % 16:
+            raise LaunchError("expert matvec input not 16-byte aligned")
+    else:
+        function("matvec", "gather_moe")((_blocks(table.width), slots), (THREADS,),
+                                         (x, _i(table.k), _i(per), table.gathers, sel, xp, _i(xp.shape[1])))
+        src, ld, rows_per = xp, xp.shape[1], 1
     if table.packed:
         shape = MATVEC
         if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
             raise LaunchError(f"matvec {shape.kernel} is not compiled")
         function("matvec", shape.experts)(
             (math.ceil(table.n / shape.rows), slots), (32 * shape.warps,),
-            (xp, _i(xp.shape[1]), table.mats, sel, y, _i(table.n)))
+            (src, _i(ld), _i(rows_per), _i(ACT_CODES[act] if up is not None else 0), table.mats,
+             (up or table).mats, sel, y, _i(table.n)))
     if table.half:
         function("matvec", "hmatvec_moe")((math.ceil(table.n / WARPS_PER_BLOCK), slots), (32 * WARPS_PER_BLOCK,),
-                                          (xp, _i(xp.shape[1]), table.halves, sel, y, _i(table.n), _i(table.n),
-                                           _i(table.k)))
+                                          (src, _i(ld), _i(rows_per), table.halves, sel, y, _i(table.n),
+                                           _i(table.n), _i(table.k)))
 
 
 def gather_rows_half(x: Any, rows: Any, out: Any) -> None:

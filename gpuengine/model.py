@@ -317,9 +317,12 @@ class GPUTransformer:
             sel, weight, xp = st["moe_sel"][:s], st["moe_weights"][:s], st["moe_in"][:s]
             gate, up, out = st["moe_gate"][:s], st["moe_up"][:s], st["moe_out"][:s]      # (S, F), (S, F), (S, H)
             K.moe_route(logits[a:a + n], k, sel, weight)
-            K.matvec_experts(xn[a:a + n], k, table["gate"], sel, xp, gate)
-            K.matvec_experts(xn[a:a + n], k, table["up"], sel, xp, up)
-            K.glu(gate, up, spec.activation)
+            if K.experts_fusable(table["gate"], table["up"]):               # act(gate) * up in one launch
+                K.matvec_experts(xn[a:a + n], k, table["gate"], sel, xp, gate, table["up"], spec.activation)
+            else:
+                K.matvec_experts(xn[a:a + n], k, table["gate"], sel, xp, gate)
+                K.matvec_experts(xn[a:a + n], k, table["up"], sel, xp, up)
+                K.glu(gate, up, spec.activation)
             K.matvec_experts(gate, 1, table["down"], sel, xp, out)
             K.moe_combine(x[a:a + n], out, weight, k)
 

@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 from hwdb import GPUSpec, ModelSpec
 from planner import memory as mem
-from planner.formats import KVFormat, QuantOption
+from planner.formats import PACK_VALUES, KVFormat, QuantOption
 from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, EngineSpeed, Traffic,
                               decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds,
                               memory_bandwidth, moe_prefill_seconds, prefill_seconds)
@@ -223,9 +223,9 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         kv_read = sum(seen[i] for i in computed) * kv_token
         # gpuengine's launches a layer beyond a Llama's: Qwen3's / Gemma 3's head norms, Gemma 2 / 3's post norms,
-        # and routed experts' 10 (rmsnorm, router, route, gather and matvec for each of gate, up and down, the
-        # activation, the weighted sum) for a Llama MLP's 3
-        extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0) + (7 if spec.is_moe else 0)
+        # and routed experts' (_moe_decode_launches) beyond a Llama MLP's 3
+        extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0) + \
+            (_moe_decode_launches(spec, lay.assignment) - 3 if spec.is_moe else 0)
         gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra)
     decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
@@ -258,6 +258,26 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         ttft += chunk_seconds(n, start)
         start += n
     return Assessment(per_gpu, host_items, in_ram, decode, chunk_seconds(min(lay.chunk, lay.ctx), 0), ttft, traffic)
+
+
+def _moe_decode_launches(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> float:
+    """gpuengine's decode launches for a routed-expert layer, on average over the layers: rmsnorm, router and
+    route; gate and up in one launch where every expert of both reads x as it is (one slice, whole packing
+    units), else a matvec each, a gather before each that some expert needs, and the activation; down, with its
+    gather where needed; the weighted sum."""
+    gathers: dict[tuple[int, str], bool] = {}
+    for t in tensors(spec):
+        if t.expert and t.quantized:
+            key = (t.layer, t.name.rsplit(".", 1)[1])
+            option = assignment.get(t.name)
+            gathers[key] = gathers.get(key, False) or (option is not None and len(option.slices) > 1) \
+                or t.shape[1] % PACK_VALUES != 0
+    layers = {i for i, _ in gathers}
+    total = 0
+    for i in layers:
+        g, u, d = (gathers.get((i, m), False) for m in ("gate", "up", "down"))
+        total += 3 + (1 if not (g or u) else 3 + g + u) + 1 + d + 1
+    return total / len(layers) if layers else 0.0
 
 
 @dataclass(frozen=True)

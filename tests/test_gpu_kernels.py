@@ -664,11 +664,13 @@ def expert_linears(rng, opts: list, n: int, k: int):
 
 @SETTINGS
 @given(opts=st.lists(st.one_of(st.none(), options), min_size=1, max_size=5), n=st.integers(1, 200),
-       k=st.one_of(st.integers(1, 300).map(lambda v: 2 * v), st.integers(1, 12).map(lambda v: 32 * v)),
+       k=st.one_of(st.integers(4, 300).map(lambda v: 2 * v), st.integers(1, 12).map(lambda v: 32 * v)),
        rows=st.integers(1, 4), per=st.sampled_from((1, 2, 3)), seed=st.integers(0, 2**31), shape=block_shapes)
 def test_expert_matvecs_equal_each_experts_product(opts, n, k, rows, per, seed, shape):
     """matvec_experts: slot s gets W_e x[s // per], e = sel[s], for experts of mixed options (permuted, padded
-    slices), one-slice options and fp16 matrices in one table, in every compiled matvec shape."""
+    slices), one-slice options and fp16 matrices in one table, in every compiled matvec shape. k from 8, as
+    the matvec test's: at k = 2 a 2-bit row of zero weights leaves the decode's cancellation (sum f x - 1.5
+    sum x) above MATVEC_ERR of a zero magnitude."""
     import cupy as cp
 
     from gpuengine import launch
@@ -725,3 +727,36 @@ def test_grouped_prefill_gathers_and_scatters_an_experts_rows(t, h, data, seed):
     want = x.copy()
     want[rows] += w[:, None] * y
     np.testing.assert_allclose(got.get(), want, rtol=1e-6, atol=1e-4)
+
+
+@SETTINGS
+@given(gate_opts=st.lists(plain_options, min_size=1, max_size=4), data=st.data(), n=st.integers(1, 150),
+       k=st.integers(1, 12).map(lambda v: 32 * v), rows=st.integers(1, 3), seed=st.integers(0, 2**31),
+       shape=block_shapes, act=st.sampled_from(sorted(ops.ACTIVATIONS)))
+def test_expert_gate_and_up_in_one_launch(gate_opts, data, n, k, rows, seed, shape, act, monkeypatch):
+    """Experts that read x as it is: no gather launch, and gate / up in one launch giving act(G_e x) * (U_e x)."""
+    import cupy as cp
+
+    from gpuengine import launch
+    rng = np.random.default_rng(seed)
+    up_opts = [data.draw(plain_options) for _ in gate_opts]
+    (gates, g_lins), (ups, u_lins) = expert_linears(rng, gate_opts, n, k), expert_linears(rng, up_opts, n, k)
+    e = len(gate_opts)
+    gate = launch.expert_table(g_lins, cp.zeros(e * 256, dtype=cp.uint8))
+    up = launch.expert_table(u_lins, cp.zeros(e * 256, dtype=cp.uint8))
+    assert launch.experts_fusable(gate, up)
+    k_slots = 2
+    sel = rng.integers(0, e, rows * k_slots).astype(np.int32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    y = nan_array((rows * k_slots, n))
+    calls = record_kernels(monkeypatch)
+    with block_shape(*shape):
+        launch.matvec_experts(cp.asarray(x), k_slots, gate, cp.asarray(sel), nan_array((rows * k_slots, k + 96)), y,
+                              up, act)
+    assert "gather_moe" not in calls
+    f, got = ops.ACTIVATIONS[act], y.get()
+    for s, ex in enumerate(sel):
+        xs = x[s // k_slots].astype(np.float64)
+        g, u = gates[ex] @ xs, ups[ex] @ xs
+        mg, mu = np.abs(gates[ex]) @ np.abs(xs), np.abs(ups[ex]) @ np.abs(xs)
+        assert_rows_close(got[s], f(g) * u, 1.13 * np.abs(u) * mg + np.abs(f(g)) * mu)

@@ -385,17 +385,21 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 
 // Routed experts (MoE): one launch for the same linear (gate, up or down) of every slot's expert. Slot s
 // (blockIdx.y; a token's j-th chosen expert, gpuengine/model.py) runs expert sel[s], whose QMat is tab[sel[s]]
-// (n = 0 where that expert is an fp16 matrix, hmatvec_moe's), on its own input x + s * ldx (gather_moe's
-// layout for that expert's option), into y + s * ldy. No bias, no accumulate: the slots' sums meet in
+// (n = 0 where that expert is an fp16 matrix, hmatvec_moe's), on row s / per of x (ldx floats apart: the
+// token's input read as it is, per = k, or the slot's own row, per = 1, as gather_moe lays it out for the
+// expert's option), into y + s * ldy. glu (1 or 2): gate and up of the expert in one launch, up's QMat in
+// up[sel[s]], y = act(gate x) * (up x) as qmatvec's. No bias, no accumulate: the slots' sums meet in
 // moe_combine.
 template <int R, int U, int L>
-__global__ void qmatvec_moe(const float* __restrict__ x, int ldx, const QMat* __restrict__ tab,
-                            const int* __restrict__ sel, float* __restrict__ y, int ldy) {
-    const int slot = blockIdx.y;
-    QMat m = tab[sel[slot]];
+__global__ void qmatvec_moe(const float* __restrict__ x, int ldx, int per, int glu, const QMat* __restrict__ tab,
+                            const QMat* __restrict__ up, const int* __restrict__ sel, float* __restrict__ y, int ldy) {
+    const int slot = blockIdx.y, e = sel[slot];
+    QMat m = tab[e];
     if (m.n == 0) return;
     m.y = y + (size_t)slot * ldy;
-    qmatvec_block<R, U, L, 0>(x + (size_t)slot * ldx, 0, m, m, m, NormIn{}, XMap{}, 0);
+    QMat u = m;
+    if (glu) u = up[e];
+    qmatvec_block<R, U, L, 0>(x + (size_t)(slot / per) * ldx, glu, m, u, m, NormIn{}, XMap{}, 0);
 }
 
 // Tensor-core decode (launch.MATVEC_TC, a candidate): slices of every width (2 to 8 bits) with scale groups
@@ -711,14 +715,14 @@ extern "C" __global__ void gather_x(const float* __restrict__ x, const int* __re
 }
 
 // hmatvec for routed experts stored in fp16 (a model run without a plan): slot s = blockIdx.y runs expert
-// sel[s], the matrix at tab[sel[s]] (0 where that expert is packed, qmatvec_moe's), on x + s * ldx into
+// sel[s], the matrix at tab[sel[s]] (0 where that expert is packed, qmatvec_moe's), on row s / per of x into
 // y + s * ldy.
-extern "C" __global__ void hmatvec_moe(const float* __restrict__ x, int ldx, const unsigned long long* __restrict__ tab,
+extern "C" __global__ void hmatvec_moe(const float* __restrict__ x, int ldx, int per, const unsigned long long* __restrict__ tab,
                                        const int* __restrict__ sel, float* __restrict__ y, int ldy, int n_rows, int k) {
     const int slot = blockIdx.y, row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const u32* w = reinterpret_cast<const u32*>(tab[sel[slot]]);
     if (w == nullptr || row >= n_rows) return;
-    const float acc = hrow_dot(x + (size_t)slot * ldx, w, row, k);
+    const float acc = hrow_dot(x + (size_t)(slot / per) * ldx, w, row, k);
     if ((threadIdx.x & 31) == 0) y[(size_t)slot * ldy + row] = acc;
 }
 
@@ -757,7 +761,7 @@ extern "C" __global__ void xgather_layout(unsigned long long* out) {
 #define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3)
 QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
 QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
-#define QMATVEC_MOE(R, U, L) template __global__ void qmatvec_moe<R, U, L>(const float*, int, const QMat*, const int*, float*, int);
+#define QMATVEC_MOE(R, U, L) template __global__ void qmatvec_moe<R, U, L>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
 QMATVEC_MOE(1, 4, 8) QMATVEC_MOE(2, 4, 8) QMATVEC_MOE(2, 8, 8) QMATVEC_MOE(4, 4, 8)
 QMATVEC_MOE(2, 1, 32) QMATVEC_MOE(4, 1, 32) QMATVEC_MOE(4, 2, 32) QMATVEC_MOE(8, 1, 32)
 #define TMATVEC(T, N) template __global__ void tmatvec<T, N>(const float*, int, QMat, QMat, QMat, NormIn);
