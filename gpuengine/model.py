@@ -18,8 +18,8 @@ from gpuengine.schedule import COPY, Op, StreamSchedule
 from hwdb import ModelSpec
 from planner import memory as mem
 from planner.formats import kv_format
-from planner.spec import is_expert
 from planner.roofline import VRAMWISE_CUDA, moe_prefill_grouped
+from planner.spec import is_expert
 from refengine.arch import Arch
 from refengine.model import check_supported, fill_rope_factors
 from refengine.ops import unfuse
@@ -74,7 +74,8 @@ class DeviceWeights:
         names = list(weights)
         self.views: dict[int, dict] = {}
         self.images: dict[int, LayerImage] = {}
-        self.in_place: dict[int, dict] = {}              # a streamed layer's experts, read in host memory
+        # routed experts read in place in host memory: streamed layers', and the first host_experts layers'
+        self.in_place: dict[int, dict] = {}
         self.resident_bytes = 0
         for i in range(spec.num_layers):
             layer = [n for n in names if layer_of(n) == i]
