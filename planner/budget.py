@@ -114,8 +114,10 @@ def card_items(spec: ModelSpec, gpu: GPUSpec, lay: Layout, card: int, layer_byte
     state = mem.run_state_buffers(spec, lay.ctx, lay.chunk, logits=last)
     by_name = {buf.name: buf.nbytes for buf in state}
     host_experts = range(a, min(b, lay.host_experts))
-    kept_out = sum(layer_bytes[i] for i in host_experts) - sum(mem.layer_stream_bytes(spec, lay.assignment)[i]
-                                                                for i in host_experts) if len(host_experts) else 0
+    kept_out = 0
+    if len(host_experts):                    # those layers' routed experts, kept in host memory
+        core = mem.layer_stream_bytes(spec, lay.assignment)
+        kept_out = sum(layer_bytes[i] - core[i] for i in host_experts)
     items = {
         "weights.layers": sum(layer_bytes[a:b]) - kept_out,
         "weights.head": glob["head"] if last else 0,

@@ -199,11 +199,12 @@ def _layer_offload(req: Request, items: _Items, sol: Solution, ctx: int, kv_name
     per_card, kv_layer, _ = _fixed_device_bytes(req, ctx, kv_name, "offload", req.gpu_count)
     budgets = [req.gpu.memory_bytes] * req.gpu_count
     streaming = streams_offload(req.gpu)
+    slot_bytes = mem.layer_stream_bytes(spec, assignment) if streaming else layer_bytes
     for k in range(spec.num_layers, 0, -1):       # at least one layer: k = 0 would be CPU inference
         first = spec.num_layers - k
         fixed = list(per_card)
         if streaming and first:
-            fixed[0] += sum(kv_layer[:first]) + 2 * max(mem.layer_stream_bytes(spec, assignment)[:first])
+            fixed[0] += sum(kv_layer[:first]) + 2 * max(slot_bytes[:first])
         split = contiguous_split(layer_bytes[first:], fixed, budgets, kv_layer[first:])
         if split is not None:
             split = tuple((a + first, b + first) for a, b in split)

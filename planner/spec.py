@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class Tensor:
             n *= d
         return n
 
-    @property
+    @cached_property
     def expert(self) -> bool:
         return is_expert(self.name)
 
