@@ -103,6 +103,9 @@ class ModelSpec:
     attn_output_gate: bool = False   # q_proj twice as wide: half of it gates the attention output (Qwen3-Next)
     qk_norm: bool = False            # an RMSNorm weight over each query and key head (head_dim each)
     shared_expert_gate: bool = False  # MoE: a sigmoid gate (hidden -> 1) on the shared expert's output
+    # MoE: the k chosen experts' softmax probabilities renormalized to sum to 1 (Mixtral; Qwen3-MoE's
+    # norm_topk_prob, true in its checkpoints); False: weighed by the probabilities as they are
+    moe_renormalize: bool = True
     # Full-attention layers of a sliding-window model with their own geometry (Gemma 4): their KV heads and head
     # width (0: the sliding layers' num_kv_heads / head_dim), and global_k_eq_v: no v projection, the values are
     # the k projection's output (llama.cpp still caches them apart: V is normed but not rotated).

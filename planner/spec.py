@@ -192,13 +192,13 @@ def layer_linears(spec: ModelSpec) -> tuple[Tensor, ...]:
 
 
 # What vramwise's engines (the reference engine and the CUDA engine) run today: Llama-family decoders, Qwen3's
-# per-head q/k norms, Phi-3's fused q/k/v and gate/up linears, Gemma 1 / 2 / 3's departures, and (the reference
-# engine only) Mixtral's and Qwen3-MoE's routed experts (refengine.arch), whose checkpoints' tensors their name
+# per-head q/k norms, Phi-3's fused q/k/v and gate/up linears, Gemma 1 / 2 / 3's departures, and Mixtral's and
+# Qwen3-MoE's routed experts (refengine.arch; the k chosen renormalized), whose checkpoints' tensors their name
 # tables know exactly. refengine.model.check_supported refuses the other families and fields (a tuple: any of
 # those values).
 ENGINE_RUNS = {"mlp": "gated", "norm": "rmsnorm", "norms_per_layer": (2, 4), "shared_experts": 0,
                "router_bias": False, "dense_layers": 0, "shared_expert_gate": False,
-               "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0}
+               "extra_bias": False, "attn_sinks": False, "kv_lora_rank": 0, "rotary_dim": 0, "moe_renormalize": True}
 MOE_FAMILIES = ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe", "qwen3moe")   # routed experts: softmax, top-k
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")     # Gemma 4 is not run (per-layer geometry)
 ENGINE_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "qwen3moe", "phi3") + GEMMA_FAMILIES
@@ -247,7 +247,8 @@ def architecture_fields(spec: ModelSpec) -> dict[str, Any]:
              "kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim", "linear_attention_interval",
              "linear_key_heads", "linear_value_heads", "linear_head_dim", "linear_conv_kernel", "attn_output_gate",
              "qk_norm", "shared_expert_gate", "global_kv_heads", "global_head_dim", "global_k_eq_v", "rope_scaling",
-             "rotary_dim", "activation", "query_scale", "attn_softcap", "final_softcap", "sliding_rope_theta")
+             "rotary_dim", "activation", "query_scale", "attn_softcap", "final_softcap", "sliding_rope_theta",
+             "moe_renormalize")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
     fields.update({k: getattr(spec, k) for k in newer if getattr(spec, k) != defaults[k]})   # older digests unchanged
     return fields
@@ -547,6 +548,8 @@ def _spec_from_hf_config(cfg: dict, name: str) -> ModelSpec:
                 args["num_kv_heads"] = 1
     if family == "qwen3_moe":                  # intermediate_size is a dense layer's; the experts are narrower
         args["intermediate_size"] = _first(cfg, "moe_intermediate_size")
+        # transformers' Qwen3MoeConfig leaves norm_topk_prob false when a config.json does not say
+        args["moe_renormalize"] = bool(cfg.get("norm_topk_prob", False))
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise ModelSourceError(f"{name}: Qwen3-MoE with dense layers among the expert ones (mlp_only_layers, "
                                    f"decoder_sparse_step) is not supported")

@@ -141,17 +141,23 @@ def test_hf_config_json(capsys, tmp_path):
 
 def test_hf_config_json_of_newer_families(tmp_path):
     """Qwen3-MoE: the experts' width is moe_intermediate_size and their count num_experts (Qwen3-30B-A3B's
-    config.json: 30.5B parameters, 3.3B active, per its model card); Gemma 3: an image-text config plans its
-    text_config, with Gemma's four norms a layer and tied embeddings."""
-    from planner.spec import active_param_count, param_count, spec_from_hf_config
-    moe = spec_from_hf_config({"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
-                               "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
-                               "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
-                               "num_experts_per_tok": 8, "vocab_size": 151936, "max_position_embeddings": 40960,
-                               "tie_word_embeddings": False}, "Qwen3-30B-A3B")
+    config.json: 30.5B parameters, 3.3B active, per its model card), and its norm_topk_prob says whether the k
+    weights are renormalized (the engines run only that; transformers' default, when the key is absent, is not
+    to); Gemma 3: an image-text config plans its text_config, with Gemma's four norms a layer and tied
+    embeddings."""
+    from planner.spec import active_param_count, engine_gaps, param_count, spec_from_hf_config
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+           "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+           "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "vocab_size": 151936,
+           "max_position_embeddings": 40960, "tie_word_embeddings": False}
+    moe = spec_from_hf_config(cfg, "Qwen3-30B-A3B")
     assert moe.num_experts == 128 and moe.intermediate_size == 768
     assert param_count(moe) == pytest.approx(30.5e9, rel=0.005)
     assert active_param_count(moe) == pytest.approx(3.3e9, rel=0.03)
+    assert moe.moe_renormalize and not engine_gaps(moe)
+    for raw in ({**cfg, "norm_topk_prob": False}, {k: v for k, v in cfg.items() if k != "norm_topk_prob"}):
+        plain = spec_from_hf_config(raw, "Qwen3-MoE, unrenormalized")
+        assert not plain.moe_renormalize and engine_gaps(plain) == ["moe_renormalize=False"]
     gemma = spec_from_hf_config({"model_type": "gemma3", "text_config": {
         "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
         "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208, "max_position_embeddings": 131072,
