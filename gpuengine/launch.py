@@ -43,10 +43,10 @@ def _blocks(n: int, threads: int = THREADS) -> int:
     return max(1, min(math.ceil(n / threads), MAX_BLOCKS))
 
 
-def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
+def check_linear(lin: DeviceLinear) -> None:
+    """A linear's arrays as the matvec kernels read them: an fp16 matrix of even width, or packed slices (at
+    most 3, of the registry's widths, whole packing units a scale group) and their permutation."""
     n, k = lin.shape
-    check("x", x, np.float32, (k,))
-    check("y", y, np.float32, (n,))
     if lin.meta is None:
         check("weight", lin.half, np.uint16, (n, k))
         if k % 2:
@@ -59,12 +59,19 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
             raise LaunchError(f"unsupported slice: {s.bits} bits, group {lin.meta.group_size}")
         check("words", w, np.uint32, (n, s.units * s.bits))
         check("scales", sc, np.uint16, (n, s.groups))
-    if lin.meta.needs_gather and not gathers_in_kernel():
+    if lin.perm is not None:
+        check("perm", lin.perm, np.int32, (k,))
+
+
+def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
+    n, k = lin.shape
+    check("x", x, np.float32, (k,))
+    check("y", y, np.float32, (n,))
+    check_linear(lin)
+    if lin.meta is not None and lin.meta.needs_gather and not gathers_in_kernel():
         check("gather buffer", xp, np.float32)
         if xp.size < lin.meta.gathered_len:
             raise LaunchError(f"gather buffer of {xp.size} floats for {lin.meta.gathered_len}")
-    if lin.perm is not None:
-        check("perm", lin.perm, np.int32, (k,))
 
 
 @dataclass(frozen=True)
@@ -443,20 +450,13 @@ def expert_entries(lins: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mats, gathers = np.zeros(len(lins), QMAT), np.zeros(len(lins), XGATHER)
     halves = np.zeros(len(lins), np.uint64)
     for e, lin in enumerate(lins):
-        n, k = lin.shape
+        check_linear(lin)
         if lin.meta is None:
-            check("weight", lin.half, np.uint16, (n, k))
-            if k % 2:
-                raise LaunchError(f"fp16 matvec needs an even input size, got {k}")
+            k = lin.shape[1]
             halves[e] = _ptr(lin.half)
             gathers[e] = (0, 1, (0, 0, 0), (k, 0, 0), (k, 0, 0), (0, 0, 0))
             continue
         m = lin.meta
-        for j, (sl, w, sc) in enumerate(zip(m.slices, lin.words, lin.scales)):
-            if sl.bits not in (2, 3, 4, 5, 6, 8):
-                raise LaunchError(f"unsupported slice: {sl.bits} bits")
-            check("words", w, np.uint32, (n, sl.units * sl.bits))
-            check("scales", sc, np.uint16, (n, sl.groups))
         mats[e] = _qmat(lin, None)[0]
         g = gathers[e:e + 1]
         g["perm"], g["nslices"] = _ptr(lin.perm) if lin.perm is not None else 0, len(m.slices)
@@ -493,13 +493,13 @@ def experts_fusable(gate: ExpertTable, up: ExpertTable) -> bool:
 def hmatmul(x: Any, lin: DeviceLinear, y: Any) -> None:
     """y (T, n) = x (T, k) W^T for an fp16 matrix, in fp32 (hmatvec a row of x each): the router's logits,
     which prefill's fp16 GEMM inputs could tip to other experts than decode picks."""
-    t, k = x.shape
-    n = lin.shape[0]
+    n, k = lin.shape
+    t = x.shape[0]
+    if lin.meta is not None:
+        raise LaunchError("hmatmul takes an fp16 matrix, not a packed linear")
+    check_linear(lin)
     check("x", x, np.float32, (t, k))
     check("y", y, np.float32, (t, n))
-    check("weight", lin.half, np.uint16, (n, k))
-    if k % 2:
-        raise LaunchError(f"fp16 matvec needs an even input size, got {k}")
     function("matvec", "hmatvec")((math.ceil(n / WARPS_PER_BLOCK), t), (32 * WARPS_PER_BLOCK,),
                                   (x, y, lin.half, y, _i(0), _i(0), _i(n), _i(k)))
 

@@ -15,7 +15,7 @@ from planner import memory as mem
 from planner.formats import PACK_VALUES, KVFormat, QuantOption
 from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, EngineSpeed, Traffic,
                               decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds,
-                              memory_bandwidth, moe_prefill_seconds, prefill_seconds)
+                              memory_bandwidth, moe_prefill_grouped, moe_prefill_seconds, prefill_seconds)
 from planner.spec import active_param_count, positions_read, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.
@@ -298,16 +298,16 @@ def _engine_experts_prefill(engine: EngineSpeed, spec: ModelSpec, gpu: GPUSpec, 
     layer grouped or as slots, as the engine picks (roofline.moe_prefill_grouped); as slots, their FLOPs are
     not GEMMs, so those come off. A streamed layer's experts always run grouped, their bytes priced with the
     link's (_chunk_link_bytes), here only their launches."""
-    k, out = spec.experts_per_token, 0.0
+    k, e, bw, out = spec.experts_per_token, spec.num_experts, gpu.bandwidth_gb_s, 0.0
     gemm_s = tokens * 2.0 * experts.values / spec.num_layers / (engine.prefill_compute * gpu.fp16_tflops * 1e12)
     for i, b in enumerate(experts.layer_bytes):
         if not b:
             continue
-        slots, grouped = moe_prefill_seconds(engine, tokens, k, spec.num_experts, b, gpu.bandwidth_gb_s)
+        slots, grouped = moe_prefill_seconds(engine, tokens, k, e, b, bw)
         if i in streamed and tokens > 1:
-            out += moe_prefill_seconds(engine, tokens, k, spec.num_experts, 0.0, gpu.bandwidth_gb_s)[1]
+            out += moe_prefill_seconds(engine, tokens, k, e, 0.0, bw)[1]
         else:
-            out += grouped if tokens > 1 and grouped < slots else slots - gemm_s
+            out += grouped if moe_prefill_grouped(engine, tokens, k, e, b, bw) else slots - gemm_s
     return out
 
 
