@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 5 and 6 in one call on a lent machine (device/METHOD.md: one short prepared script):
-# the GPU tests, then the benchmark. Logs and JSON go to $OUT (or benchmarks/results/ when OUT is unset).
+# the GPU tests, then the benchmarks, most wanted first. Logs and JSON go to $OUT (or benchmarks/results/ when
+# OUT is unset).
 # Carried along (git-ignored): .whl/ (wheels the machine lacks, e.g. gguf) and .gpuassets/ (a SmolLM2 GGUF
 # small enough to travel, made by benchmarks/truncate_gguf.py; named by VRAMWISE_SMOLLM2).
+#
+# Settings (environment):
+#   DEADLINE=s   seconds this script may take in all: each step's own limit is cut to what is left, so the last
+#                steps shrink rather than the call's limit killing everything (default: no deadline)
+#   PACK=file    after each step, pack $OUT into this .tgz (the device tool returns at most 8 files)
+#   NO_TESTS=1   skip the tests; TESTS, TEST_S, TEST_TIMEOUT (a test's own limit), TEST_WORKERS (pytest-xdist)
+#   NO_BENCH=1   stop after the tests
+#   CANDIDATES=1 the decode benchmark with the engine's untimed candidates on (else its defaults)
+#   QUICK=1      the decode benchmarks on SmolLM2 and the 7B shape only
+#   BASELINE=1   also the defaults' quick decode, for a same-card comparison with the candidates
+#   MOE=1        routed experts (gpu_decode.py --quick --moe); ONLY_MOE=1 runs nothing else after the tests
+#   NCU=1        ncu's view of the chosen matvec
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
@@ -14,46 +28,67 @@ else
 fi
 export PYTHONUNBUFFERED=1
 [ -z "${VRAMWISE_SMOLLM2:-}" ] && [ -f .gpuassets/smollm2-8l.gguf ] && export VRAMWISE_SMOLLM2=.gpuassets/smollm2-8l.gguf
+
+# limit S: S seconds, or what is left before DEADLINE (less a margin for packing) if that is less
+limit() {
+    local left=$(( ${DEADLINE:-1000000} - SECONDS - 8 ))
+    (( left < $1 )) && echo "$left" || echo "$1"
+}
+# step NAME S COMMAND...: run COMMAND under its limit (skipped when under 15 s are left), its output kept in
+# $OUT/NAME.log, then pack $OUT
+step() {
+    local name=$1 s
+    s=$(limit "$2")
+    shift 2
+    if (( s < 15 )); then
+        echo "== $name: skipped, ${s} s left" | tee -a "$OUT/steps.txt"
+        return 0
+    fi
+    echo "== $name (limit ${s} s) at ${SECONDS} s" | tee -a "$OUT/steps.txt"
+    timeout "$s" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc at ${SECONDS} s" | tee -a "$OUT/steps.txt"
+    tail -"${TAIL:-25}" "$OUT/$name.log"
+    [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$OUT" --exclude "$(basename "$PACK")" .
+    return 0
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_device.txt"
 python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" \
     | tee -a "$OUT/gpu_device.txt"
-# NO_TESTS=1 skips them (a second call that only benchmarks, where one call would pass the 10-minute limit)
 if [ -z "${NO_TESTS:-}" ]; then
-    timeout "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --timeout 150 -m gpu ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py} 2>&1 \
-        | tee "$OUT/gpu_tests.log" | tail -60
+    TAIL=40 step gpu_tests "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
+        --timeout "${TEST_TIMEOUT:-150}" ${TEST_WORKERS:+-n "$TEST_WORKERS"} -m gpu \
+        ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py}
 fi
-# NO_BENCH=1 stops here (a first call of two: the tests alone)
 [ -n "${NO_BENCH:-}" ] && exit 0
-# MOE=1: routed experts (gpu_decode.py --quick --moe: Qwen3-30B-A3B, an 8-layer Mixtral 8x7B shape, its experts
-# streamed in place); ONLY_MOE=1 stops after it (a call of its own)
-if [ -n "${MOE:-}" ]; then
-    timeout "${MOE_S:-400}" python3 benchmarks/gpu_decode.py --quick --moe --out "$OUT/gpu_decode_moe.json" 2>&1 \
-        | tee "$OUT/gpu_decode_moe.log" | tail -12
-    [ -n "${ONLY_MOE:-}" ] && exit 0
+if [ -z "${ONLY_MOE:-}" ]; then
+    # per-kernel times, the matvec block-shape sweep and the tensor-core sweep (the JSON is written after each
+    # sweep, so a cut-short run still names its shape); the decode benchmark then runs with the shape it chose
+    TAIL=45 step gpu_kernels "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json"
+    TUNED=""
+    [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
+    # CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention, the
+    # one-launch decode attention, with a unit-a-lane shape the fold and the in-kernel gather)
+    step gpu_decode "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED \
+        ${QUICK:+--quick} ${CANDIDATES:+--candidates} ${BENCH_ARGS:-}
+    # BASELINE=1: the engine's defaults (SmolLM2 and the 7B shape) on the same card
+    [ -n "${BASELINE:-}" ] && TAIL=8 step gpu_decode_baseline 120 python3 benchmarks/gpu_decode.py --quick \
+        --out "$OUT/gpu_decode_baseline.json"
 fi
-# per-kernel times and the matvec block-shape sweep; the decode benchmark then runs with the shape it chose
-timeout "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -45
-TUNED=""
-[ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
-# BASELINE=1: the engine's defaults too (SmolLM2 and the 7B shape), for a card with no earlier run to compare
-if [ -n "${BASELINE:-}" ]; then
-    timeout 120 python3 benchmarks/gpu_decode.py --quick --out "$OUT/gpu_decode_baseline.json" 2>&1 \
-        | tee "$OUT/gpu_decode_baseline.log" | tail -8
-fi
-# CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention, the one-launch
-# decode attention, with a unit-a-lane shape the fold and the in-kernel gather)
-timeout "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED \
-    ${CANDIDATES:+--candidates} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_decode.log" | tail -25
-# CANDIDATES=1 also: the same candidates with linears on the tensor cores (tmatvec, the sweep's shape),
-# quick (SmolLM2 and the 7B shape): beside gpu_decode.json, what the tensor cores add
+# MOE=1: routed experts (Qwen3-30B-A3B, an 8-layer Mixtral 8x7B shape, its experts streamed in place)
+[ -n "${MOE:-}" ] && TAIL=12 step gpu_decode_moe "${MOE_S:-400}" python3 benchmarks/gpu_decode.py --quick --moe \
+    --out "$OUT/gpu_decode_moe.json"
+[ -n "${ONLY_MOE:-}" ] && exit 0
+# CANDIDATES=1 also: the same candidates with linears on the tensor cores (tmatvec, the sweep's shape), quick
 if [ -n "${CANDIDATES:-}" ] && [ -f "$OUT/gpu_kernels.json" ]; then
-    timeout "${TC_S:-120}" python3 benchmarks/gpu_decode.py --quick --candidates --out "$OUT/gpu_decode_tc.json" \
-        $TUNED --tensor-cores-from "$OUT/gpu_kernels.json" 2>&1 | tee "$OUT/gpu_decode_tc.log" | tail -8
+    TAIL=8 step gpu_decode_tc "${TC_S:-120}" python3 benchmarks/gpu_decode.py --quick --candidates \
+        --out "$OUT/gpu_decode_tc.json" $TUNED --tensor-cores-from "$OUT/gpu_kernels.json"
 fi
 # ncu's view of the chosen matvec (skipped where ncu is absent)
 if [ -n "${NCU:-}" ] && command -v ncu > /dev/null && [ -f "$OUT/gpu_kernels.json" ]; then
-    timeout 90 ncu --clock-control none -k regex:qmatvec -s 2 -c 1 --section SpeedOfLight --section Occupancy \
+    step ncu_qmatvec 90 ncu --clock-control none -k regex:qmatvec -s 2 -c 1 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        python3 benchmarks/gpu_one_matvec.py --matvec-from "$OUT/gpu_kernels.json" > "$OUT/ncu_qmatvec.txt" 2>&1
-    grep -E "Throughput|Occupancy|Registers|Issue|Stall|Warp Cycles|Eligible|Duration" "$OUT/ncu_qmatvec.txt" | head -40
+        python3 benchmarks/gpu_one_matvec.py --matvec-from "$OUT/gpu_kernels.json"
 fi
+exit 0

@@ -91,8 +91,18 @@ def main(argv=None) -> int:
     best = min(sweep, key=lambda r: r["total_us"])
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
+    tc_sweep, tc_best = [], None
+
+    def save(complete: bool) -> None:
+        """The JSON as it stands: written after each sweep too, so a run cut short still names its shapes."""
+        write_json({"device": device.name(), "date": date.today().isoformat(), "complete": complete,
+                    "matvec_block_sweep": sweep, "matvec_best": best,
+                    "tensor_core_sweep": tc_sweep,
+                    "tensor_core_best": {k: tc_best[k] for k in ("tiles", "warps")} if tc_best else None,
+                    "kernels": rows}, args.out)
+
+    save(False)
     # the tensor-core candidate (tmatvec, sm_80+) on the same 4-bit shapes
-    tc_sweep = []
     if device.compute_capability() >= launch.TC_MIN_CAPABILITY:
         for tiles in TC_TILES:
             for warps in (2, 4, 8):
@@ -100,6 +110,7 @@ def main(argv=None) -> int:
                 tc_sweep.append(sweep_point(launch.MATVEC_TC))
         tc_best = min(tc_sweep, key=lambda r: r["total_us"])
         launch.MATVEC_TC = launch.TcShape(tc_best["tiles"], tc_best["warps"])
+        save(False)
         tc_label = f"(tensor cores, {launch.MATVEC_TC.kernel} x {launch.MATVEC_TC.warps})"
         for n, k in shapes:                                  # beside the rows below: GB/s of the same weights
             us = timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
@@ -228,10 +239,7 @@ def main(argv=None) -> int:
     print(f"{device.name()} ({date.today()})")
     for r in rows:
         print(f"{r['kernel']:45} {r['us']:9.1f} us {r['gb_s']:8.0f} GB/s")
-    write_json({"device": device.name(), "date": date.today().isoformat(), "matvec_block_sweep": sweep,
-                "matvec_best": asdict(launch.MATVEC), "tensor_core_sweep": tc_sweep,
-                "tensor_core_best": {k: tc_best[k] for k in ("tiles", "warps")} if tc_sweep else None,
-                "kernels": rows}, args.out)
+    save(True)
     return 0
 
 
