@@ -9,8 +9,10 @@
 #   DEADLINE=s   seconds this script may take in all: each step's own limit is cut to what is left, so the last
 #                steps shrink rather than the call's limit killing everything (default: no deadline)
 #   PACK=file    after each step, pack $OUT into this .tgz (the device tool returns at most 8 files)
-#   NO_TESTS=1   skip the tests; TESTS, TEST_S, TEST_TIMEOUT (a test's own limit), TEST_WORKERS (pytest-xdist)
+#   NO_TESTS=1   skip the tests; TESTS, TEST_S, TEST_TIMEOUT (a test's own limit), TEST_WORKERS (pytest-xdist);
+#                TESTS_LAST=1 runs them after the benchmarks
 #   NO_BENCH=1   stop after the tests
+#   NO_KERNELS=1 skip the per-kernel times and sweeps (the decode benchmarks then run the engine's defaults)
 #   CANDIDATES=1 the decode benchmark with the engine's untimed candidates on (else its defaults)
 #   QUICK=1      the decode benchmarks on SmolLM2 and the 7B shape only
 #   BASELINE=1   also the defaults' quick decode, for a same-card comparison with the candidates
@@ -56,17 +58,20 @@ step() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_device.txt"
 python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" \
     | tee -a "$OUT/gpu_device.txt"
-if [ -z "${NO_TESTS:-}" ]; then
+tests() {
+    [ -n "${NO_TESTS:-}" ] && return 0
     TAIL=40 step gpu_tests "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
         --timeout "${TEST_TIMEOUT:-150}" ${TEST_WORKERS:+-n "$TEST_WORKERS"} -m gpu \
         ${TESTS:-tests/test_gpu_kernels.py tests/test_gpu_model.py}
-fi
+}
+[ -z "${TESTS_LAST:-}" ] && tests
 [ -n "${NO_BENCH:-}" ] && exit 0
+TUNED=""
 if [ -z "${ONLY_MOE:-}" ]; then
     # per-kernel times, the matvec block-shape sweep and the tensor-core sweep (the JSON is written after each
     # sweep, so a cut-short run still names its shape); the decode benchmark then runs with the shape it chose
-    TAIL=45 step gpu_kernels "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json"
-    TUNED=""
+    [ -z "${NO_KERNELS:-}" ] && TAIL=45 step gpu_kernels "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py \
+        --out "$OUT/gpu_kernels.json"
     [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
     # CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention, the
     # one-launch decode attention, with a unit-a-lane shape the fold and the in-kernel gather)
@@ -79,7 +84,10 @@ fi
 # MOE=1: routed experts (Qwen3-30B-A3B, an 8-layer Mixtral 8x7B shape, its experts streamed in place)
 [ -n "${MOE:-}" ] && TAIL=12 step gpu_decode_moe "${MOE_S:-400}" python3 benchmarks/gpu_decode.py --quick --moe \
     --out "$OUT/gpu_decode_moe.json"
-[ -n "${ONLY_MOE:-}" ] && exit 0
+if [ -n "${ONLY_MOE:-}" ]; then
+    [ -n "${TESTS_LAST:-}" ] && tests
+    exit 0
+fi
 # CANDIDATES=1 also: the same candidates with linears on the tensor cores (tmatvec, the sweep's shape), quick
 if [ -n "${CANDIDATES:-}" ] && [ -f "$OUT/gpu_kernels.json" ]; then
     TAIL=8 step gpu_decode_tc "${TC_S:-120}" python3 benchmarks/gpu_decode.py --quick --candidates \
@@ -91,4 +99,5 @@ if [ -n "${NCU:-}" ] && command -v ncu > /dev/null && [ -f "$OUT/gpu_kernels.jso
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
         python3 benchmarks/gpu_one_matvec.py --matvec-from "$OUT/gpu_kernels.json"
 fi
+[ -n "${TESTS_LAST:-}" ] && tests
 exit 0

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     # decode attention of a GQA model (4 query heads a KV head, as Llama 3 8B's 32 on 8): each kernel
     gkv = hq // 4
     decode_attention("fp16", gkv, LENGTHS[1:], f"fp16 {hq}q/{gkv}kv heads")
-    # prefill's kernels, measured (dequant_slice, per-query attention) against their untimed candidates
+    # prefill's kernels, each beside its alternative (dequant_slice / dequant_rows, per-query / tiled attention)
+    saved = launch.DEQUANT, launch.ATTN_PREFILL
     for option in ("1:4b g128", "0.1:5b/0.9:4b g128"):
         w, nbytes = rotation(option, H, H)
         tile = cp.empty((H, H), cp.uint16)
@@ -218,7 +219,6 @@ def main(argv=None) -> int:
             us = timed(cp, lambda: launch.dequantize(w(), 0, tile))
             rows.append({"kernel": f"dequantize {kernel} {option} {H}x{H}", "us": us,
                          "gb_s": (nbytes + tile.nbytes) / us / 1e3})
-    launch.DEQUANT = "slice"
     t, f = PREFILL_T, kv_format("fp16")
     cache = cp.asarray(rng.integers(0, 120, (ctx, hkv, f.row_bytes(d)), dtype=np.uint8))
     q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         us = timed(cp, lambda: launch.attention("fp16", q, cache, cache, pos, out, partials))
         rows.append({"kernel": f"attention prefill {kernel} fp16 {t} queries", "us": us,
                      "gb_s": 2 * t * hkv * f.row_bytes(d) / us / 1e3})
-    launch.ATTN_PREFILL = "query"
+    launch.DEQUANT, launch.ATTN_PREFILL = saved
     h = cp.asarray(rng.standard_normal((1, H)).astype(np.float32))
     hn, wn = cp.empty((1, H), cp.float32), cp.ones(H, cp.float32)
     rows.append({"kernel": f"rmsnorm {H}", "us": timed(cp, lambda: launch.rmsnorm(h, wn, hn, 1e-5)), "gb_s": 0})

@@ -105,9 +105,11 @@ class MatvecShape:
         return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"])
 
 
-# The shape every matvec launches with: chosen by benchmarks/gpu_kernels.py's sweep on an H200 (its JSON
-# names every time). The lane-per-unit instances are compiled and tested but were not yet timed on a GPU.
-MATVEC = MatvecShape(rows=4, units=4, lane=8, warps=2)
+# The shape every matvec launches with: chosen by benchmarks/gpu_kernels.py's sweep of all 24 shapes on an H200
+# (run 9, 2026-11-28; benchmarks/results/gpu_kernels.json names every time): a unit a lane, 8 rows a block,
+# 4 warps. Its 4-bit 4096x4096 / 11008x4096 / 4096x11008 took 8.2 / 16.8 / 15.7 us against 8.5 / 18.4 / 19.6
+# for the quads (4 rows, 4 units, 2 warps) that every earlier run used.
+MATVEC = MatvecShape(rows=8, units=1, lane=32, warps=4)
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,8 @@ class TcShape:
 # Decode of linears of one slice (any width), scale groups of 128 values and x read as it is, on the tensor
 # cores, x split into two fp16 parts (tmatvec in matvec.cu): None (off: every GPU run so far used the CUDA
 # cores) or a TcShape. Needs sm_80 or later; other linears keep `MATVEC`. Folds RMSNorm in as the unit-a-lane
-# layout does (FUSE_NORM).
-# Tested on the CPU twin, not yet timed on a GPU.
+# layout does (FUSE_NORM). Off: on an H200 (run 9) its best shape, tmatvec<2> x 8 warps, took 10.7 / 24.5 /
+# 25.0 us for the 4-bit shapes MATVEC takes 8.2 / 16.8 / 15.7 us for, and lost at 2 and 8 bits too.
 MATVEC_TC: Optional[TcShape] = None
 TC_MIN_CAPABILITY = 80
 TC_BITS = (2, 3, 4, 5, 6, 8)       # tc_decode's widths: every width of the registry
@@ -146,13 +148,15 @@ XMAP = np.dtype([("perm", "u8", (3,)), ("start", "i4", (3, 3)), ("rows", "i4", (
 _NO_NORM, _NO_XMAP = np.zeros(1, NORM_IN), np.zeros(1, XMAP)     # the arguments of a launch without them
 
 # Decode folds each RMSNorm into the matvec that reads its output (NormIn in matvec.cu) where the linears are
-# `fusable` and the matvec layout is a unit a lane: two launches fewer a layer. Tested on the CPU twin, not
-# yet timed on a GPU, so off.
+# `fusable` and the matvec layout is a unit a lane: two launches fewer a layer. Off: on an H200 (run 9) the
+# folded 7B q/k/v took 31.0 us where rmsnorm then the matvec took 21.8, and gate/up 54.6 against 35.1 (each
+# block works out the norm of x again: more than the launch it saves).
 FUSE_NORM = False
 
 # Where a mixed option's input is gathered (permuted, each slice padded to whole units): "launch", by gather_x
 # before each matvec (as measured), or "kernel", read in place by a unit-a-lane matvec (XMap in matvec.cu),
-# which also lets mixed q / k / v and gate / up share launches. Tested on the CPU twin, not yet timed.
+# which also lets mixed q / k / v and gate / up share launches. "launch": on an H200 (run 9) a 4096x4096
+# 0.1:5b/0.9:4b matvec took 11.7 us after gather_x, 25.9 us gathering in the kernel (scalar x loads).
 GATHER = "launch"
 
 
@@ -320,9 +324,10 @@ def matvec_glu(x: Any, gate: DeviceLinear, up: DeviceLinear, y: Any, norm: Optio
         _qmatvec(x, [_qmat(gate, y), _qmat(up, y)], gate.meta.n, glu=ACT_CODES[act], norm=norm, lins=[gate, up])
 
 
-# Prefill's dequantization kernel: "slice" (a flat index over the tile, as measured in every GPU run so far)
-# or "rows" (a 2D grid, no 64-bit division; bit-identical output, tested on the CPU twin, not yet timed).
-DEQUANT = "slice"
+# Prefill's dequantization kernel: "slice" (a flat index over the tile) or "rows" (a 2D grid, no 64-bit
+# division; bit-identical output). "rows": on an H200 (run 9) a 4096x4096 4-bit tile took 57.6 us against
+# 97.3 (and 205.7 against 207.5 for a mixed option).
+DEQUANT = "rows"
 
 
 def dequantize(lin: DeviceLinear, row0: int, tile: Any) -> None:
@@ -614,15 +619,18 @@ def rope_store(fmt: str, q: Any, k: Any, v: Any, kc: Any, vc: Any, pos: Any, the
 
 ATTN_CHUNK = 32                    # decode attention: positions per block, at least (attention.cu)
 ATTN_TILE_D, ATTN_TQ = 128, 16     # attention_tiled: largest head dim, queries per block (attention.cu)
-# Prefill's attention: "query" (a block per query and head, as measured in every GPU run so far) or "tiled"
-# (attention_tiled: K / V tiles shared by 16 queries; tested on the CPU twin, not yet timed on a GPU).
-ATTN_PREFILL = "query"
+# Prefill's attention: "query" (a block per query and head) or "tiled" (attention_tiled: K / V tiles shared
+# by 16 queries). "tiled": on an H200 (run 9) 512 queries of 32 heads took 564 us against 789.
+ATTN_PREFILL = "tiled"
 # Decode's attention: "split" (`attention`: a block per query head and chunk, as measured), "gqa"
 # (attention_gqa: a block per KV head and chunk, for all its query heads, a lane per position for the
 # scores), or "step" (attention_gqa<FMT, 1>: the same, with RoPE, the cache store and the merge of the
 # chunks inside, so a decode step's attention is one launch where rope_store, attention and
-# attention_merge are three). Both tested on the CPU twin, not yet timed. attention_gqa takes head dims up
-# to 128 (multiples of 4) and up to 8 query heads a KV head; outside that decode uses `attention`.
+# attention_merge are three). attention_gqa takes head dims up to 128 (multiples of 4) and up to 8 query
+# heads a KV head; outside that decode uses `attention`. "split": on an H200 (run 9) at 512 positions, 32
+# heads, fp16, rope_store + attention took 18.7 us, rope_store + attention_gqa 34.7, the one-launch step 40.3;
+# with 32 query heads on 8 KV heads 18.5, 25.5 and 29.3 (a lane a position leaves the gqa kernels too few
+# blocks for a decode step).
 ATTN_DECODE = "split"
 GQA_MAX_G = 8
 

@@ -89,9 +89,9 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     out = tmp_path / "decode.json"
     assert gpu_decode.main(["--out", str(out), "--candidates"]) == 0
     doc = json.loads(out.read_text())
-    assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": True, "dequant": "rows",
-                             "prefill_attention": "tiled", "decode_attention": "step", "norm_folded": False,
-                             "gather_in_kernel": False, "tensor_cores": None}
+    assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": False, "dequant": "rows",
+                             "prefill_attention": "tiled", "decode_attention": "step", "norm_folded": True,
+                             "gather_in_kernel": True, "tensor_cores": None}
     assert [c["case"] for c in doc["cases"]] == ["SmolLM2-135M 4.0 bpw", "Llama-2-7B shape 4.0 bpw",
                                                  "Llama-2-7B shape 2.5 bpw"]
     # the tensor-core matvec, with the shape a gpu_kernels.py sweep chose
@@ -106,4 +106,6 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     assert gpu_decode.main(["--out", str(tmp_path / "tc.json"), "--quick", "--tensor-cores-from", str(kernels)]) == 0
     assert json.loads((tmp_path / "tc.json").read_text())["engine"]["tensor_cores"] == {"tiles": 2, "warps": 4}
     # the 70B figure is a slope between two timed runs: on the twin, beside other work, it can come out any sign
+    assert [r["case"] for r in doc["architectures"]] == [name for name, _ in gpu_decode.ARCHITECTURES]
+    assert not [r["error"] for r in doc["architectures"] if "error" in r]
     assert "overlapped" in doc["streaming"] and math.isfinite(doc["llama2_70b_2.5bpw"]["decode_tok_s_extrapolated"])

@@ -203,7 +203,14 @@ def test_random_model_decode_path_matches_in_each_cache_format(other, kv, backen
 @pytest.mark.parametrize("kv", ["fp8", "q4"])
 def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv, backend, monkeypatch):
     """launch.ATTN_DECODE = "step": every decode step's RoPE, cache store and attention in one launch a
-    layer (the KV heads' merge tickets shared by the layers, each launch leaving them at zero)."""
+    layer (the KV heads' merge tickets shared by the layers, each launch leaving them at zero).
+
+    q4 is held to the teacher-forced distributions (assert_close), not to the logits' largest difference:
+    the step's attention sums in another order than the reference's, and where that rounding flips a 4-bit
+    code (one step is an eighth of its block's largest value) the flip carries into every later layer and
+    position. On an H200 (run 9) that took the largest difference to 4.4e-3 of the largest logit. That each
+    launch stores the rows rope_store stores, bit for bit, and attends within 1e-5 is
+    test_gpu_kernels.py's test_attention_step_is_rope_store_then_attention."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "ATTN_DECODE", "step")
     launched = record_kernels(monkeypatch)
@@ -211,8 +218,11 @@ def test_random_model_decode_path_matches_with_attention_in_one_launch(other, kv
     ref, gpu = models(ckpt, assignment, kv, chunk=1)
     ids = list(np.random.default_rng(8).integers(0, CONFIG["vocab_size"], 60))
     want, got = ref.logits(ids), gpu.logits(ids)
-    assert np.isfinite(got).all()
-    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
+    if kv == "q4":
+        assert_close(want, got)
+    else:
+        assert np.isfinite(got).all()
+        assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
     assert f"attention_gqa<{KV_CODES[kv]}, 1>" in launched and not {"rope_store", "attention_merge"} & launched
     assert not gpu.net.state["attn_tickets"].get().any()
 
@@ -254,6 +264,7 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     monkeypatch.setattr(launch, "FUSE_NORM", fold)
     ckpt, _ = other
     ref, gpu = models(ckpt, assign(ckpt, FUSABLE), "fp16", chunk=1)
+    gpu.net.graphs = False          # every step launches (a replayed graph calls no launch function)
     calls = {"rmsnorm": 0, "matvec_fused": 0, "matvec_glu": 0}
     for name in calls:
         def counted(*args, _f=getattr(launch, name), _n=name, **kw):
@@ -270,15 +281,15 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
                      "rmsnorm": 0 if folded else len(ids) * (1 + 2 * CONFIG["num_hidden_layers"])}
 
 
-@pytest.mark.parametrize("candidates", [False, True], ids=["measured", "candidates"])
-def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
-    """Prefill and decode with the kernels every GPU run measured, and with every untimed candidate:
-    dequant_rows, attention_tiled, attention_gqa with RoPE, cache store and merge inside (one launch), and a
-    unit-a-lane matvec that folds the RMSNorms in and
-    reads the mixed options' inputs in place, so q / k / v and gate / up of mixed options share launches."""
+@pytest.mark.parametrize("alternatives", [False, True], ids=["defaults", "alternatives"])
+def test_random_model_prefill_matches(other, alternatives, backend, monkeypatch):
+    """Prefill and decode with the engine's defaults, and with each alternative run 9 timed slower on an H200:
+    dequant_slice, per-query prefill attention, attention_gqa with RoPE, cache store and merge inside (one
+    launch), and a unit-a-lane matvec that folds the RMSNorms in and reads the mixed options' inputs in
+    place, so q / k / v and gate / up of mixed options share launches."""
     from gpuengine import launch
-    if candidates:
-        for name, value in dict(DEQUANT="rows", ATTN_PREFILL="tiled", ATTN_DECODE="step", GATHER="kernel",
+    if alternatives:
+        for name, value in dict(DEQUANT="slice", ATTN_PREFILL="query", ATTN_DECODE="step", GATHER="kernel",
                                 FUSE_NORM=True, MATVEC=launch.MatvecShape(4, 2, 32, 2)).items():
             monkeypatch.setattr(launch, name, value)
     launched = record_kernels(monkeypatch)
@@ -287,7 +298,9 @@ def test_random_model_prefill_matches(other, candidates, backend, monkeypatch):
     ids = list(np.random.default_rng(1).integers(0, CONFIG["vocab_size"], 150))
     assert_close(ref.logits(ids), gpu.logits(ids))                    # 3 prefill chunks of 64, 64, 22
     assert_close(decode_rows(ref, ids[:100], 30), decode_rows(gpu, ids[:100], 30))
-    if candidates:         # mixed options fused, no gather launch; decode's attention one launch, no merge
+    prefill = {"dequant_slice", "attention<0>"} if alternatives else {"dequant_rows", "attention_tiled<0>"}
+    assert prefill <= launched
+    if alternatives:       # mixed options fused, no gather launch; decode's attention one launch, no merge
         assert "gather_x" not in launched and {"qmatvec<4, 2, 32, 3>", "attention_gqa<0, 1>"} <= launched
         assert "attention_merge" not in launched
 

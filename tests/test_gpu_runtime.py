@@ -243,8 +243,9 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
 
 
 def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
-    """kernels.function compiles a source with the template instances of the asked kernel's family: the default
-    quads never wait for the unit-a-lane or tensor-core instances (gpuengine.kernels.family)."""
+    """kernels.function compiles a source with the template instances of the asked kernel's family: a matvec
+    shape with its variants (every N, and its routed experts' instance), never waiting for the other shapes or
+    the tensor-core instances (gpuengine.kernels.family)."""
     import sys
     import types
 
@@ -271,7 +272,9 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
         kernels.module.cache_clear()
         kernels.function.cache_clear()
     quads, lane, tensor, plain, attention = built
-    assert all(n.endswith((", 8, 0>", ", 8>")) for n in quads) and len(quads) == 8      # qmatvec, qmatvec_moe
-    assert all(", 32, " in n or n.endswith(", 32>") for n in lane) and all(n.startswith("tmatvec") for n in tensor) and not plain
-    assert set(kernels.NAME_EXPRESSIONS["matvec"]) == quads | lane | tensor
+    assert quads == {"qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 4, 8>"} and not plain
+    assert lane == {f"qmatvec<4, 1, 32, {n}>" for n in range(4)} | {"qmatvec_moe<4, 1, 32>"}
+    assert all(n.startswith("tmatvec") for n in tensor) and len(tensor) == 2 * len(kernels.TC_TILES)
+    shapes = {kernels.family("matvec", n) for n in kernels.NAME_EXPRESSIONS["matvec"]}
+    assert len(shapes) == len(kernels.MATVEC_INSTANCES) + 1                             # + the tensor cores
     assert attention == set(kernels.NAME_EXPRESSIONS["attention"])

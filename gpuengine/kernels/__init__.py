@@ -42,16 +42,17 @@ def source(name: str) -> str:
 
 
 def family(module_name: str, kernel: str) -> str:
-    """Which compile of a source holds a kernel. matvec.cu's template instances come in three families, each
-    compiled on first use only: the quads (the default), the unit-a-lane shapes and the tensor-core matvec.
-    Instantiating all of them took nvcc 49 s for sm_90 on a 2-core VM; the quads alone 3.2 s, the tensor-core
-    matvec 6.1 s (a run needs one family)."""
+    """Which compile of a source holds a kernel. matvec.cu's template instances are compiled on first use only,
+    a family at a time: each packed shape (R, U, L) with its variants (qmatvec<R, U, L, N> for every N, and
+    qmatvec_moe<R, U, L>), and the tensor-core matvec. A run needs the one shape launch.MATVEC names.
+    Instantiating every shape at once took nvcc 49 s for sm_90 on a 2-core VM; the quads alone 3.2 s, the
+    tensor-core matvec 6.1 s."""
     if module_name != "matvec" or "<" not in kernel:
         return ""
     if kernel.startswith("tmatvec"):
         return "tensor"
-    lane = int(kernel[kernel.index("<") + 1:-1].split(",")[2])           # qmatvec<R, U, L, N>, qmatvec_moe<R, U, L>
-    return "lane" if lane == 32 else "quads"
+    r, u, lane = kernel[kernel.index("<") + 1:-1].split(",")[:3]     # qmatvec<R, U, L, N>, qmatvec_moe<R, U, L>
+    return f"{r.strip()}x{u.strip()}x{lane.strip()}"
 
 
 @lru_cache(maxsize=None)
