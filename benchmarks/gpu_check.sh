@@ -13,7 +13,8 @@
 #                TESTS_LAST=1 runs them after the benchmarks
 #   NO_BENCH=1   stop after the tests
 #   NO_KERNELS=1 skip the per-kernel times and sweeps (the decode benchmarks then run the engine's defaults)
-#   CANDIDATES=1 the decode benchmark with the engine's untimed candidates on (else its defaults)
+#   CANDIDATES=1 the decode benchmark with the engine's alternatives to its defaults on (run 9 timed each
+#                kernel slower), and the same with the tensor cores (else the defaults)
 #   QUICK=1      the decode benchmarks on SmolLM2 and the 7B shape only
 #   BASELINE=1   also the defaults' quick decode, for a same-card comparison with the candidates
 #   MOE=1        routed experts (gpu_decode.py --quick --moe); ONLY_MOE=1 runs nothing else after the tests
@@ -73,8 +74,7 @@ if [ -z "${ONLY_MOE:-}" ]; then
     [ -z "${NO_KERNELS:-}" ] && TAIL=45 step gpu_kernels "${KERNELS_S:-240}" python3 benchmarks/gpu_kernels.py \
         --out "$OUT/gpu_kernels.json"
     [ -f "$OUT/gpu_kernels.json" ] && TUNED="--matvec-from $OUT/gpu_kernels.json"
-    # CANDIDATES=1: the untimed candidates (overlapped streaming, dequant_rows, tiled prefill attention, the
-    # one-launch decode attention, with a unit-a-lane shape the fold and the in-kernel gather)
+    # CANDIDATES=1: the alternatives (the one-launch decode attention, the norm fold, the in-kernel gather)
     step gpu_decode "${BENCH_S:-200}" python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" $TUNED \
         ${QUICK:+--quick} ${CANDIDATES:+--candidates} ${BENCH_ARGS:-}
     # BASELINE=1: the engine's defaults (SmolLM2 and the 7B shape) on the same card

@@ -39,23 +39,13 @@ def name() -> str:
     return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
 
 
-# When the device does not say (the attributes below are missing): an RTX 4090's 1,008 GB/s.
-DEFAULT_BANDWIDTH_GB_S = 1008.0
-
-
 @lru_cache(maxsize=1)
-def bandwidth_gb_s() -> float:
-    """The current device's peak memory bandwidth, from its memory clock and bus width (two transfers a clock):
-    what the engine weighs its own choices by (planner.roofline.moe_prefill_grouped), as plans weigh hwdb's."""
+def sm_count() -> int:
+    """The current device's multiprocessor count (cudaDevAttrMultiProcessorCount): with the plans' model of the
+    engine (planner.roofline.moe_prefill_grouped), what its routed experts' prefill path is weighed by."""
     import cupy
-    try:        # cudaDeviceAttr values 36 and 37 (CUDA 13 keeps these where it dropped cudaDeviceProp's fields)
-        rt = cupy.cuda.runtime
-        dev = cupy.cuda.Device().id
-        khz = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMemoryClockRate", 36), dev)
-        bits = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrGlobalMemoryBusWidth", 37), dev)
-    except Exception:                        # noqa: BLE001 - a runtime without these attributes
-        return DEFAULT_BANDWIDTH_GB_S
-    return 2 * khz * 1e3 * bits / 8 / 1e9 if khz > 0 and bits > 0 else DEFAULT_BANDWIDTH_GB_S
+    rt = cupy.cuda.runtime
+    return int(rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMultiProcessorCount", 16), cupy.cuda.Device().id))
 
 
 @lru_cache(maxsize=1)

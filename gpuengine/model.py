@@ -27,7 +27,8 @@ from refengine.stream import layer_of
 
 USE_GRAPHS = True          # capture decode steps as CUDA graphs (tests on the CPU stand-in turn this off)
 # streamed layers' copies on their own stream (gpuengine.schedule): the planner's model of this engine says
-# whether (planner.roofline.VRAMWISE_CUDA.overlap_streaming), so plans price what runs; off until timed
+# whether (planner.roofline.VRAMWISE_CUDA.overlap_streaming), so plans price what runs; on since an H200 ran
+# the 7B shape streamed at 1.00x the link bound overlapped, 1.06x serial (run 10)
 OVERLAP = VRAMWISE_CUDA.overlap_streaming
 # How prefill runs routed experts: "auto" (grouped or as slots, whichever the planner's model of this engine
 # prices faster on this device), "grouped" or "slots" (tests and benchmarks)
@@ -194,7 +195,7 @@ class GPUTransformer:
         self.pos = 0
         self.stream = cp.cuda.Stream(non_blocking=True)            # all of this model's work, in order
         self.schedule = StreamSchedule(spec.num_layers, self.weights.images, OVERLAP if overlap is None else overlap)
-        self.expert_bytes: dict[int, float] = {}                 # a layer's one expert, on average
+        self.expert_values: dict[int, float] = {}                # a layer's one expert's weights
         self.experts = self._expert_tables() if spec.is_moe else {}
         if self.schedule.overlap:
             self.copy_stream = cp.cuda.Stream(non_blocking=True)
@@ -334,8 +335,8 @@ class GPUTransformer:
         if t == 1 or MOE_PREFILL == "slots":
             return False
         return MOE_PREFILL == "grouped" or i in self.weights.in_place or moe_prefill_grouped(
-            VRAMWISE_CUDA, t, self.spec.experts_per_token, self.spec.num_experts, self.expert_bytes[i],
-            device.bandwidth_gb_s())
+            VRAMWISE_CUDA, t, self.spec.experts_per_token, self.spec.num_experts, self.expert_values[i],
+            device.sm_count())
 
     def _experts_grouped(self, i: int, w: dict, x: Any, xn: Any, t: int) -> None:
         """Prefill's routed experts grouped: the host reads the chunk's picks (one sync a layer) and orders its
@@ -381,7 +382,7 @@ class GPUTransformer:
                 lins = {name: [w[f"layers.{i}.moe.{e}.{name}"] for e in range(spec.num_experts)]
                         for name in ("gate", "up", "down")}
                 out[i] = {name: K.expert_table(lins[name], tables[i, c]) for c, name in enumerate(lins)}
-                self.expert_bytes[i] = sum(_nbytes(lin) for group in lins.values() for lin in group) / spec.num_experts
+                self.expert_values[i] = float(sum(np.prod(group[0].shape) for group in lins.values()))
         return out
 
     def _residual(self, a: Any, lin: Any, x: Any, scratch: Any, post_norm: Any) -> None:
@@ -467,8 +468,3 @@ class GPUTransformer:
                 w16 = tile[:nr * k].reshape(nr, k)
                 K.dequantize(lin, r0, w16)
                 K.gemm(a16, w16, out, r0, accumulate)
-
-
-def _nbytes(lin: Any) -> int:
-    """Device bytes of a linear's arrays."""
-    return sum(int(a.nbytes) for a in (*lin.words, *lin.scales, lin.perm, lin.half) if a is not None)

@@ -15,7 +15,8 @@ from planner import memory as mem
 from planner.formats import PACK_VALUES, KVFormat, QuantOption
 from planner.roofline import (DEFAULT_CPU_BANDWIDTH_GB_S, DEFAULT_DISK_GB_S, ENGINE_SPEED, EngineSpeed, Traffic,
                               decode_seconds, efficiency, engine_decode_seconds, engine_prefill_seconds,
-                              memory_bandwidth, moe_prefill_grouped, moe_prefill_seconds, prefill_seconds)
+                              memory_bandwidth, moe_prefill_grouped, moe_prefill_seconds, prefill_seconds,
+                              clock_ratio)
 from planner.spec import active_param_count, positions_read, tensors
 
 # Host RAM kept for the operating system and other programs when deciding what stays in RAM.
@@ -213,7 +214,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         # host weights past RAM come from disk in the share they hold of what a token reads (all of it for
         # whole streamed layers; routed experts read in place are a token's k of E)
         disk = streamed * from_disk / host_weights if host_weights else 0
-        traffic = Traffic(vram_bytes=vram, link_bytes=streamed - disk, disk_bytes=disk, overhead_s=overhead_s)
+        traffic = Traffic(vram_bytes=vram, link_bytes=streamed - disk, disk_bytes=disk, overhead_s=overhead_s,
+                          in_place_bytes=in_place * (1 - from_disk / host_weights) if host_weights else 0.0)
         # a prefetching engine overlaps copies with compute; vramwise's copies each layer in stream order
         # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json) unless its
         # overlapped schedule is on (then a step is the larger of link and compute, to within one layer)
@@ -225,10 +227,16 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         values = sum(read_values[i] for i in computed) + spec.vocab_size * spec.hidden_size
         kv_read = sum(seen[i] for i in computed) * kv_token
         # gpuengine's launches a layer beyond a Llama's: Qwen3's / Gemma 3's head norms, Gemma 2 / 3's post norms,
-        # and routed experts' (_moe_decode_launches) beyond a Llama MLP's 3
+        # and routed experts' gathers (_moe_decode_launches beyond the 6 of the fitted MoE layers)
         extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0) + \
-            (_moe_decode_launches(spec, lay.assignment) - 3 if spec.is_moe else 0)
-        gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra)
+            (_moe_decode_launches(spec, lay.assignment) - MOE_FUSED_LAUNCHES if spec.is_moe else 0)
+        moe = [i for i in computed if spec.is_moe_layer(i)]
+        expert_values = mem.expert_values_per_token(spec) * len(moe) / max(1, sum(map(spec.is_moe_layer,
+                                                                                       range(spec.num_layers))))
+        # decode attention reads a KV head's rows once for each of its query heads (gpuengine's `attention`: a
+        # block per query head; on an H200, 32 query heads on 8 KV heads took as long as on 32, run 9)
+        gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra, expert_values,
+                                      len(moe), spec.num_heads / spec.num_kv_heads)
     decode = decode_seconds(traffic, eff, memory_bandwidth(gpu, eff), gpu.host_link_gb_s, host.cpu_bandwidth_gb_s,
                             host.disk_gb_s, overlap, gpu_s)
 
@@ -262,6 +270,11 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
     return Assessment(per_gpu, host_items, in_ram, decode, chunk_seconds(min(lay.chunk, lay.ctx), 0), ttft, traffic)
 
 
+# gpuengine's decode launches for a routed-expert layer whose experts all read x as it is (the fitted models'):
+# rmsnorm, router, route, gate / up, down, the weighted sum
+MOE_FUSED_LAUNCHES = 6
+
+
 def _moe_decode_launches(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> float:
     """gpuengine's decode launches for a routed-expert layer, on average over the layers: rmsnorm, router and
     route; gate and up in one launch where every expert of both reads x as it is (one slice, whole packing
@@ -284,12 +297,14 @@ def _moe_decode_launches(spec: ModelSpec, assignment: Mapping[str, QuantOption])
 
 @dataclass(frozen=True)
 class _ExpertCosts:
-    layer_bytes: list[float]      # one expert of each layer, on average (mem.layer_expert_bytes)
+    layer_values: list[float]     # one expert's weights in each layer (0 for a dense layer)
     values: float                 # weights of the experts a token multiplies, all layers
 
     @staticmethod
     def of(spec: ModelSpec, lay: Layout) -> "_ExpertCosts":
-        return _ExpertCosts(mem.layer_expert_bytes(spec, lay.assignment), mem.expert_values_per_token(spec))
+        values = mem.expert_values_per_token(spec)
+        one = values / spec.experts_per_token / max(1, sum(map(spec.is_moe_layer, range(spec.num_layers))))
+        return _ExpertCosts([one if spec.is_moe_layer(i) else 0.0 for i in range(spec.num_layers)], values)
 
 
 def _engine_experts_prefill(engine: EngineSpeed, spec: ModelSpec, gpu: GPUSpec, experts: _ExpertCosts, tokens: int,
@@ -298,16 +313,18 @@ def _engine_experts_prefill(engine: EngineSpeed, spec: ModelSpec, gpu: GPUSpec, 
     layer grouped or as slots, as the engine picks (roofline.moe_prefill_grouped); as slots, their FLOPs are
     not GEMMs, so those come off. A streamed layer's experts always run grouped, their bytes priced with the
     link's (_chunk_link_bytes), here only their launches."""
-    k, e, bw, out = spec.experts_per_token, spec.num_experts, gpu.bandwidth_gb_s, 0.0
-    gemm_s = tokens * 2.0 * experts.values / spec.num_layers / (engine.prefill_compute * gpu.fp16_tflops * 1e12)
-    for i, b in enumerate(experts.layer_bytes):
-        if not b:
+    k, e, sms, out = spec.experts_per_token, spec.num_experts, gpu.sm_count, 0.0
+    clock = clock_ratio(engine, gpu)
+    moe_layers = sum(1 for v in experts.layer_values if v)
+    gemm_s = tokens * 2.0 * experts.values / max(1, moe_layers) / (engine.prefill_compute * gpu.fp16_tflops * 1e12)
+    for i, v in enumerate(experts.layer_values):
+        if not v:
             continue
-        slots, grouped = moe_prefill_seconds(engine, tokens, k, e, b, bw)
-        if i in streamed and tokens > 1:
-            out += moe_prefill_seconds(engine, tokens, k, e, 0.0, bw)[1]
+        slots, grouped = moe_prefill_seconds(engine, tokens, k, e, v, sms, clock)
+        if i in streamed and tokens > 1:            # dequantized as they cross the link: priced with its bytes
+            out += moe_prefill_seconds(engine, tokens, k, e, 0.0, sms, clock)[1]
         else:
-            out += grouped if moe_prefill_grouped(engine, tokens, k, e, b, bw) else slots - gemm_s
+            out += grouped if moe_prefill_grouped(engine, tokens, k, e, v, sms) else slots - gemm_s
     return out
 
 

@@ -11,6 +11,7 @@ vendor, and AMD's GCN-lineage chips apart (efficiency_group). Plans for vramwise
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,7 +102,8 @@ class EngineSpeed:
 
     values_per_s_per_sm: float    # packed weights decoded per second per SM (scaled by hwdb sm_count)
     weight_bandwidth: float       # share of peak bandwidth the matvecs reach where bytes bind
-    kv_bandwidth: float           # share of peak bandwidth decode attention reads the cache at
+    kv_read_per_s_per_sm: float   # cache bytes decode attention reads per second per SM, a KV head's rows
+                                  # counted once per query head (a block per query head reads them so)
     layer_overhead_s: float       # per layer per decoded token
     token_overhead_s: float       # per decoded token
     prefill_compute: float        # share of fp16 peak in prefill FLOPs
@@ -112,35 +114,46 @@ class EngineSpeed:
     # a card with no clock in hwdb is taken at this one.
     clock_mhz: float = 1980.0
     # Whether the engine copies streamed layers beside compute (gpuengine.schedule): the engine's default
-    # (gpuengine.model.OVERLAP) is this, so a plan prices streaming the way the engine runs it. Serial, as
-    # measured (1.08x the link bound); the overlapped schedule is built but not yet timed.
+    # (gpuengine.model.OVERLAP) is this, so a plan prices streaming the way the engine runs it.
     overlap_streaming: bool = False
-    # One eager launch (prefill's, unlike decode's graph replays): SmolLM2-135M decoded eagerly at 54.8 tok/s and
-    # graph-replayed at 716.2 on the H200 (gpu_decode.json, 2026-11-27); the difference, 16.85 ms a token, over
-    # its ~300 launches a step (10 a layer counted on the CPU twin, 30 layers) is 56 us a launch, the host's
-    # Python and CuPy work included. An estimate from one run, not timed launch by launch.
-    eager_launch_s: float = 56e-6
-    # One small launch more a layer, for a kernel the fit's models did not run (Qwen3's two head norms): the
-    # top of the range the H200 measured for its small kernels graph-replayed (RoPE, cache store, SwiGLU, an
-    # empty launch: 1.6 to 2.7 us, benchmarks/results/GPU_NOTES.md); the head-norm kernel itself is not timed.
+    # One small launch more a layer, for a kernel the fit's models did not run (Qwen3's two head norms, a mixed
+    # option's gather): the top of the range the H200 measured for its small kernels graph-replayed (RoPE, cache
+    # store, SwiGLU, an empty launch: 1.6 to 3.8 us, benchmarks/results/gpu_kernels.json).
     small_launch_s: float = 2.7e-6
+    # Routed experts (benchmarks/calibrate_engine.py's MoE fit, exact on two runs: Qwen3-30B-A3B and a Mixtral
+    # 8x7B shape built with 8 layers, benchmarks/results/gpu_decode_moe.json). Decode: the experts' weights a
+    # token multiplies, decoded at their own rate per SM (qmatvec_moe), and a cost per MoE layer (routing, the
+    # weighted sum, the expert table's loads) in place of a Llama MLP's. Prefill as slots: a cost per slot per
+    # layer beyond its values at the decode rate; grouped: a cost per expert some token took (the host's
+    # ordering, its launches) and its values dequantized at their rate per SM (GEMM FLOPs are the chunk's).
+    expert_values_per_s_per_sm: float = 0.0      # 0: values_per_s_per_sm
+    moe_layer_s: float = 0.0
+    moe_slot_s: float = 0.0
+    moe_expert_s: float = 0.0
+    dequant_values_per_s_per_sm: float = float("inf")
 
 
 # Fit by `python benchmarks/calibrate_engine.py` (output benchmarks/results/engine_calibration.json) to
-# benchmarks/results/gpu_decode.json and gpu_kernels.json: NVIDIA H200, 2026-11-27, kernels v3 (variant 1).
-# weight_bandwidth: the measured device copy rate (4,115 GB/s) over the H200's 4,800 GB/s, the ceiling where
-# bytes bind (they do not on the H200: untested); kv_bandwidth: decode attention over 2,048 fp16 positions
-# (1,198 GB/s) over 4,800; the decode rate and overheads: least squares over SmolLM2-135M, the Llama-2-7B
-# shape at 4.0 and 2.5 bpw and the Llama-2-70B shape built with 10 and 20 layers, decoding at 512 positions
-# (the per-token cost came out negative, so it is 0: the head is in the weights term); prefill: solved on
-# the 7B shape and SmolLM2 at 512 tokens. Other NVIDIA cards: the H200's rate per SM and fixed costs,
+# benchmarks/results/gpu_decode.json, gpu_decode_moe.json and gpu_kernels.json: NVIDIA H200, 2026-11-28, runs 9
+# and 10 (the unit-a-lane matvec, 8 rows x 4 warps). weight_bandwidth: the measured device copy rate (4,236
+# GB/s) over the H200's 4,800 GB/s, the ceiling where bytes bind (they do not on the H200: untested);
+# kv_read_per_s_per_sm: decode attention over 2,048 fp16 positions, 32 query heads on 32 KV heads (1,100 GB/s)
+# over 132 SMs (32 on 8 KV heads took as long: run 9); the decode rate and overheads: least squares over
+# SmolLM2-135M, the Llama-2-7B shape at 4.0 and 2.5 bpw and the Llama-2-70B shape built with 10 and 20 layers,
+# decoding at 512 positions (the per-token cost came out negative, so it is 0: the head is in the weights
+# term); prefill: solved on the 7B shape and SmolLM2 at 512 tokens; routed experts: solved on Qwen3-30B-A3B and
+# an 8-layer Mixtral 8x7B shape (EngineSpeed's comments). Held out (gpu_decode.json's architectures): Llama 3
+# 8B decode +5.7%, Qwen3-8B +4.2%, Gemma-2-9B +18.2% (its head dim of 256 and 256k vocabulary; prefill +71%:
+# its attention takes the per-query kernel). Other NVIDIA cards: the H200's rates per SM and fixed costs,
 # scaled by their rated boost clock over the H200's 1,980 MHz (EngineSpeed.clock_mhz; not measured on another
 # card: their sustained clocks may sit above or below the rated boost).
 VRAMWISE_CUDA = EngineSpeed(
-    values_per_s_per_sm=2.24e+10, weight_bandwidth=0.8572, kv_bandwidth=0.2496,
-    layer_overhead_s=4.668e-05, token_overhead_s=0, prefill_compute=0.1210,
-    prefill_layer_s=0.0009198,
-    fit="vramwise CUDA engine, NVIDIA H200 2026-11-27: decode within 4.1% on 4 models, streaming 8% (not fitted), prefill fit to 2")
+    values_per_s_per_sm=3.278e+10, weight_bandwidth=0.8826, kv_read_per_s_per_sm=8.332e+09,
+    layer_overhead_s=5.147e-05, token_overhead_s=0, prefill_compute=0.1979,
+    prefill_layer_s=0.001017, overlap_streaming=True,
+    expert_values_per_s_per_sm=2.341e+10, moe_layer_s=3.629e-05, moe_slot_s=2.098e-06,
+    moe_expert_s=1.162e-05, dequant_values_per_s_per_sm=1.834e+09,
+    fit="vramwise CUDA engine, NVIDIA H200 2026-11-28 (run 10): decode fit to 4 models, prefill to 2, routed experts to 2")
 
 
 # vramwise's own engine by vendor: CUDA (CuPy) runs on NVIDIA cards; elsewhere plans keep the vendor factors
@@ -148,57 +161,61 @@ VRAMWISE_CUDA = EngineSpeed(
 ENGINE_SPEED = {"nvidia": VRAMWISE_CUDA}
 
 
-def _clock_ratio(e: EngineSpeed, gpu: "GPUSpec") -> float:
+def clock_ratio(e: EngineSpeed, gpu: "GPUSpec") -> float:
     return (gpu.boost_clock_mhz or e.clock_mhz) / e.clock_mhz
 
 
 def engine_decode_seconds(e: EngineSpeed, weight_bytes: float, weight_values: float, kv_bytes: float,
-                          layers: int, gpu: "GPUSpec", extra_launches: int = 0) -> float:
+                          layers: int, gpu: "GPUSpec", extra_launches: float = 0, expert_values: float = 0.0,
+                          moe_layers: int = 0, kv_group: float = 1.0) -> float:
     """Device seconds of one decoded token on vramwise's CUDA engine (link and host time apart); extra_launches:
-    small kernels a layer beyond the fitted models' (Qwen3's head norms: 2)."""
-    bw, clock = gpu.bandwidth_gb_s * 1e9, _clock_ratio(e, gpu)
+    small kernels a layer beyond the fitted models' (Qwen3's head norms: 2); expert_values: the share of
+    weight_values that are routed experts' (decoded at their own rate), in moe_layers layers; kv_group: query
+    heads a KV head (attention reads the cache once from memory, once per query head in its blocks)."""
+    bw, clock = gpu.bandwidth_gb_s * 1e9, clock_ratio(e, gpu)
     per_layer = e.layer_overhead_s + extra_launches * e.small_launch_s
-    return (engine_matvec_seconds(e, weight_bytes, weight_values, gpu) + kv_bytes / (e.kv_bandwidth * bw)
-            + (layers * per_layer + e.token_overhead_s) / clock)
+    dense_equivalent = weight_values + expert_values * (e.values_per_s_per_sm / _expert_rate(e) - 1)
+    attention = max(kv_bytes / (e.weight_bandwidth * bw),
+                    kv_bytes * kv_group / (e.kv_read_per_s_per_sm * gpu.sm_count * clock))
+    return (engine_matvec_seconds(e, weight_bytes, dense_equivalent, gpu) + attention
+            + (layers * per_layer + moe_layers * e.moe_layer_s + e.token_overhead_s) / clock)
+
+
+def _expert_rate(e: EngineSpeed) -> float:
+    return e.expert_values_per_s_per_sm or e.values_per_s_per_sm
 
 
 def engine_matvec_seconds(e: EngineSpeed, weight_bytes: float, weight_values: float, gpu: "GPUSpec") -> float:
     """Device seconds of the decode matvecs over these weights: their bytes at the bandwidth the kernels reach,
     or their values at the rate they decode, whichever binds."""
     return max(weight_bytes / (e.weight_bandwidth * gpu.bandwidth_gb_s * 1e9),
-               weight_values / (e.values_per_s_per_sm * gpu.sm_count * _clock_ratio(e, gpu)))
+               weight_values / (e.values_per_s_per_sm * gpu.sm_count * clock_ratio(e, gpu)))
 
 
-# Launches a routed expert takes in grouped prefill (gpuengine/model.py): gather its tokens' rows, dequantize and
-# GEMM each of gate, up and down (one slice each; a mixed option dequantizes a launch a slice more), the
-# activation, down's fp16 input, and the weighted add into the residual.
-MOE_GROUPED_LAUNCHES = 10
-
-
-def moe_prefill_seconds(e: EngineSpeed, tokens: int, k: int, experts: int, expert_bytes: float,
-                        bandwidth_gb_s: float) -> tuple[float, float]:
-    """Seconds of one layer's routed experts over a prefill chunk of `tokens`, (as slots, grouped): as slots
-    (decode's expert launches) each of the tokens' k slots reads its expert's bytes (expert_bytes: one expert's
-    gate, up and down); grouped, each expert some token took (at most min(E, tokens k)) is read once, at
-    MOE_GROUPED_LAUNCHES eager launches (its GEMMs' FLOPs are priced with the chunk's)."""
-    bw = e.weight_bandwidth * bandwidth_gb_s * 1e9
-    slots = tokens * k * expert_bytes / bw
-    grouped = min(experts, tokens * k) * (MOE_GROUPED_LAUNCHES * e.eager_launch_s + expert_bytes / bw)
+def moe_prefill_seconds(e: EngineSpeed, tokens: int, k: int, experts: int, expert_values: float, sms: int,
+                        clock: float = 1.0) -> tuple[float, float]:
+    """Seconds of one layer's routed experts over a prefill chunk of `tokens`, (as slots, grouped); expert_values:
+    one expert's gate, up and down weights; sms, clock: the card's SM count and its clock over the fit's. As
+    slots (decode's expert launches) each of the tokens' k slots decodes its expert's values; grouped, each
+    expert some token took (at most min(E, tokens k)) is dequantized once (its GEMMs' FLOPs are priced with
+    the chunk's)."""
+    slots = tokens * k * (e.moe_slot_s / clock + expert_values / (_expert_rate(e) * sms * clock))
+    grouped = min(experts, tokens * k) * (e.moe_expert_s / clock
+                                          + expert_values / (e.dequant_values_per_s_per_sm * sms * clock))
     return slots, grouped
 
 
-def moe_prefill_grouped(e: EngineSpeed, tokens: int, k: int, experts: int, expert_bytes: float,
-                        bandwidth_gb_s: float) -> bool:
+def moe_prefill_grouped(e: EngineSpeed, tokens: int, k: int, experts: int, expert_values: float, sms: int) -> bool:
     """Whether the engine runs a prefill chunk's routed experts grouped (each expert's tokens in one GEMM) rather
-    than as slots: whichever moe_prefill_seconds prices faster. The engine asks it with the device's bandwidth,
+    than as slots: whichever moe_prefill_seconds prices faster. The engine asks it with the device's SM count,
     a plan with hwdb's."""
-    slots, grouped = moe_prefill_seconds(e, tokens, k, experts, expert_bytes, bandwidth_gb_s)
+    slots, grouped = moe_prefill_seconds(e, tokens, k, experts, expert_values, sms)
     return tokens > 1 and grouped < slots
 
 
 def engine_prefill_seconds(e: EngineSpeed, flops: float, layers: int, gpu: "GPUSpec") -> float:
     """Device seconds of one prefill chunk on vramwise's CUDA engine (routed experts apart: moe_prefill_seconds)."""
-    return flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / _clock_ratio(e, gpu)
+    return flops / (e.prefill_compute * gpu.fp16_tflops * 1e12) + layers * e.prefill_layer_s / clock_ratio(e, gpu)
 
 
 # Host side. Copies over PCIe run at hwdb's practical host_link_gb_s (already ~80% of the link).
@@ -220,6 +237,8 @@ class Traffic:
     cpu_bytes: float = 0.0
     disk_bytes: float = 0.0
     overhead_s: float = 0.0
+    in_place_bytes: float = 0.0     # of link_bytes: read over the link by the kernels as they run (routed experts
+                                    # in host memory), so never overlapped with compute as copies can be
 
 
 def decode_seconds(t: Traffic, eff: Efficiency, bandwidth_gb_s: float, link_gb_s: float,
@@ -227,12 +246,13 @@ def decode_seconds(t: Traffic, eff: Efficiency, bandwidth_gb_s: float, link_gb_s
     """Seconds per token. overlap: transfers run beside compute (prefetch), so the slower one counts.
     gpu_s: the device's seconds where an engine model gives them (engine_decode_seconds; overheads included)."""
     if gpu_s is not None:
-        t = Traffic(t.vram_bytes, t.link_bytes, t.cpu_bytes, t.disk_bytes, 0.0)
+        t = dataclasses.replace(t, overhead_s=0.0)
     gpu = t.vram_bytes / (eff.decode_bandwidth * bandwidth_gb_s * 1e9) if gpu_s is None else gpu_s
-    link = t.link_bytes / (link_gb_s * 1e9)
+    link = (t.link_bytes - t.in_place_bytes) / (link_gb_s * 1e9)
+    in_place = t.in_place_bytes / (link_gb_s * 1e9)
     cpu = t.cpu_bytes / (CPU_DECODE_BANDWIDTH_EFFICIENCY * cpu_gb_s * 1e9)
     disk = t.disk_bytes / (disk_gb_s * 1e9)
-    moved = max(gpu, link + disk) if overlap else gpu + link + disk
+    moved = (max(gpu, link + disk) if overlap else gpu + link + disk) + in_place
     return moved + cpu + t.overhead_s
 
 

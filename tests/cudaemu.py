@@ -176,6 +176,7 @@ def install(monkeypatch: Any) -> None:
 
     gpu_fake.install_runtime(monkeypatch)
     monkeypatch.setattr(device, "compute_capability", lambda: 90)       # the twin's mma is sm_80+'s
+    monkeypatch.setattr(device, "sm_count", lambda: 132)
     monkeypatch.setattr(kernels, "function", function)
     monkeypatch.setattr(launch, "function", function)
     monkeypatch.setattr(launch, "gemm", gpu_fake.LAUNCHERS["gemm"])

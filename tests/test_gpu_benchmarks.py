@@ -89,7 +89,7 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     out = tmp_path / "decode.json"
     assert gpu_decode.main(["--out", str(out), "--candidates"]) == 0
     doc = json.loads(out.read_text())
-    assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": False, "dequant": "rows",
+    assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": True, "dequant": "rows",
                              "prefill_attention": "tiled", "decode_attention": "step", "norm_folded": True,
                              "gather_in_kernel": True, "tensor_cores": None}
     assert [c["case"] for c in doc["cases"]] == ["SmolLM2-135M 4.0 bpw", "Llama-2-7B shape 4.0 bpw",
