@@ -17,7 +17,8 @@
 #                kernel slower), and the same with the tensor cores (else the defaults)
 #   QUICK=1      the decode benchmarks on SmolLM2 and the 7B shape only
 #   BASELINE=1   also the defaults' quick decode, for a same-card comparison with the candidates
-#   MOE=1        routed experts (gpu_decode.py --quick --moe); ONLY_MOE=1 runs nothing else after the tests
+#   MOE=1        routed experts (gpu_decode.py --quick --moe); ONLY_MOE=1 runs nothing else after the tests;
+#                REGS=1 runs them again with the matvec's register caps (--regs)
 #   NCU=1        ncu's view of the chosen matvec
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +85,8 @@ fi
 # MOE=1: routed experts (Qwen3-30B-A3B, an 8-layer Mixtral 8x7B shape, its experts streamed in place)
 [ -n "${MOE:-}" ] && TAIL=12 step gpu_decode_moe "${MOE_S:-400}" python3 benchmarks/gpu_decode.py --quick --moe \
     --out "$OUT/gpu_decode_moe.json"
+[ -n "${MOE:-}" ] && [ -n "${REGS:-}" ] && TAIL=12 step gpu_decode_moe_regs "${MOE_S:-400}" python3 \
+    benchmarks/gpu_decode.py --quick --moe --regs --out "$OUT/gpu_decode_moe_regs.json"
 if [ -n "${ONLY_MOE:-}" ]; then
     [ -n "${TESTS_LAST:-}" ] && tests
     exit 0

@@ -202,11 +202,14 @@ def main(argv=None) -> int:
                          "its sweep chose")
     ap.add_argument("--moe", action="store_true",
                     help="also routed experts: Qwen3-30B-A3B and a Mixtral 8x7B shape (moe_cases)")
+    ap.add_argument("--regs", action="store_true",
+                    help="the packed matvec's register caps (launch.MATVEC_REGS: the fold, the in-kernel gather and "
+                         "routed experts' matvecs held to fewer registers)")
     ap.add_argument("--candidates", action="store_true",
                     help="the engine's alternatives to its defaults (run 9 timed each kernel slower on an H200): "
                          "GQA decode attention with RoPE, cache store and merge in its launch, and with a "
                          "unit-a-lane matvec, RMSNorm folded in (the final one into the head) and mixed options' "
-                         "inputs gathered in the kernel")
+                         "inputs gathered in the kernel, all with the register caps (--regs)")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -219,11 +222,14 @@ def main(argv=None) -> int:
         best = sweep_choice(args.tensor_cores_from, "tensor_core_best", "tensor-core")
         launch.MATVEC_TC = launch.TcShape(best["tiles"], best["warps"])
     if args.candidates:
-        launch.FUSE_NORM, launch.ATTN_DECODE, launch.GATHER = True, "step", "kernel"
+        launch.FUSE_NORM, launch.ATTN_DECODE, launch.GATHER, launch.MATVEC_REGS = True, "step", "kernel", True
+    if args.regs:
+        launch.MATVEC_REGS = True
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
                 "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
                 "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel(),
-                "tensor_cores": dataclasses.asdict(launch.MATVEC_TC) if launch.MATVEC_TC else None}
+                "tensor_cores": dataclasses.asdict(launch.MATVEC_TC) if launch.MATVEC_TC else None,
+                "register_caps": launch.MATVEC_REGS}
     bw = copy_bandwidth(cp)
     free(cp)                                   # the copy buffers stay out of the pool figures below
     print(f"{device.name()}: device copy {bw['device_copy_gb_s']:.0f} GB/s, host->device {bw['host_to_device_gb_s']:.1f} GB/s",

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         return {**asdict(shape), "us": us, "total_us": sum(us.values())}
 
     for instance in MATVEC_INSTANCES:
-        for warps in (1, 2, 4):
+        for warps in (1, 2, 4, 8):             # 8: K split over more warps (run 11's ncu: too few warps in flight)
             launch.MATVEC = launch.MatvecShape(*instance, warps)
             sweep.append(sweep_point(launch.MATVEC))
     best = min(sweep, key=lambda r: r["total_us"])
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         launch.MATVEC = launch.MatvecShape.from_json(min(sweep_32, key=lambda r: r["total_us"]))
         nw, xn = cp.ones(H, cp.float32), cp.empty((1, H), cp.float32)
         x2 = x[:H].reshape(1, H)
-        for label, run in (
+        folds = (
                 ("rmsnorm, then fused q,k,v", lambda: (launch.rmsnorm(x2, nw, xn, 1e-5), launch.matvec_fused(
                     xn[0], [(y, w(), None, False) for y, (w, _) in zip(ys, qkv)]))),
                 ("fused q,k,v with the norm folded in", lambda: launch.matvec_fused(
@@ -159,19 +159,43 @@ def main(argv=None) -> int:
                 ("rmsnorm, then gate+up+swiglu", lambda: (launch.rmsnorm(x2, nw, xn, 1e-5), launch.matvec_glu(
                     xn[0], gate[0](), up[0](), yg))),
                 ("gate+up+swiglu with the norm folded in", lambda: launch.matvec_glu(
-                    x[:H], gate[0](), up[0](), yg, norm=(nw, 1e-5)))):
+                    x[:H], gate[0](), up[0](), yg, norm=(nw, 1e-5))))
+        for label, run in folds:
             rows.append({"kernel": f"{label} ({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": timed(cp, run),
                          "gb_s": 0})
+        launch.MATVEC_REGS = True                     # the folds again with the register caps
+        for label, run in folds[1::2]:
+            rows.append({"kernel": f"{label}, registers capped ({launch.MATVEC.kernel} x {launch.MATVEC.warps})",
+                         "us": timed(cp, run), "gb_s": 0})
+        launch.MATVEC_REGS = False
         # a mixed option's input gathered by gather_x before the matvec, or read in place by it
         mixed, nbytes = rotation("0.1:5b/0.9:4b g128", H, H)
         ym = cp.empty(H, cp.float32)
-        for gather in ("launch", "kernel"):
-            launch.GATHER = gather
+        for gather, regs in (("launch", False), ("kernel", False), ("kernel", True)):
+            launch.GATHER, launch.MATVEC_REGS = gather, regs
             us = timed(cp, lambda: launch.matvec(x[:H], ym, mixed(), xp))
-            rows.append({"kernel": f"matvec 0.1:5b/0.9:4b g128 {H}x{H}, gathered by {gather} "
-                                   f"({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": us, "gb_s": nbytes / us / 1e3})
-        launch.GATHER = "launch"
+            rows.append({"kernel": f"matvec 0.1:5b/0.9:4b g128 {H}x{H}, gathered by {gather}"
+                                   + (", registers capped" if regs else "")
+                                   + f" ({launch.MATVEC.kernel} x {launch.MATVEC.warps})", "us": us, "gb_s": nbytes / us / 1e3})
+        launch.GATHER, launch.MATVEC_REGS = "launch", False
         launch.MATVEC = chosen
+    # routed experts' matvec (qmatvec_moe, the chosen shape), uncapped and with the register caps: Mixtral's
+    # gate (8 experts of 14336 x 4096, 2 a token) and Qwen3-30B-A3B's (128 of 768 x 2048, 8 a token), 4-bit
+    for label, experts, k_slots, n, k in (("Mixtral gate", 8, 2, 14336 * H // 4096, H),
+                                          ("Qwen3-30B-A3B gate", 128, 8, 768 * H // 4096, H // 2)):
+        images = [build_image({"w": random_linear(rng, parse_option("1:4b g128"), n, k)}) for _ in range(experts)]
+        lins = [views(cp.asarray(img.data), img)["w"] for img in images]
+        table = launch.expert_table(lins, cp.zeros(experts * 256, cp.uint8))
+        sel = cp.asarray(rng.choice(experts, k_slots, replace=False).astype(np.int32))
+        xe, ye = cp.asarray(rng.standard_normal((1, k)).astype(np.float32)), cp.empty((k_slots, n), cp.float32)
+        xpe = cp.empty((k_slots, table.width), cp.float32)
+        for regs in (False, True):
+            launch.MATVEC_REGS = regs
+            us = timed(cp, lambda: launch.matvec_experts(xe, k_slots, table, sel, xpe, ye))
+            rows.append({"kernel": f"experts {label} {k_slots}x{n}x{k} 1:4b g128" + (", registers capped" if regs else "")
+                                   + f" ({launch.MATVEC.experts} x {launch.MATVEC.warps})",
+                         "us": us, "gb_s": k_slots * images[0].nbytes / us / 1e3})
+        launch.MATVEC_REGS = False
     t, hq, hkv, d, ctx = 1, HEADS, HEADS, HEAD_D, CTX
     q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
     out = cp.empty((t, hq, d), cp.float32)

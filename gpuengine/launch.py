@@ -160,6 +160,20 @@ FUSE_NORM = False
 GATHER = "launch"
 
 
+# Register caps on the packed matvec's variants (matvec.cu, VRAMWISE_MATVEC_REGS): the unit-a-lane instances
+# that fold the norm in or gather x at 128 registers a thread, the routed experts' qmatvec_moe at 168; the
+# plain instances stay as measured (their machine code is byte-identical with the switch). Off: not yet timed.
+# nvcc 13 for sm_90 without caps: qmatvec<8, 1, 32, N> 128 registers at N = 0, 174 with the fold, 168
+# gathering, and qmatvec_moe<8, 1, 32> 255, so an SM holds 2 blocks of 128 threads of those, 4 of the plain
+# one: run 9 measured the fold and the gather slower, and run 10 the experts' weights at 71% of the dense
+# rate. Capped: 128 registers with 20 bytes of spills (fold), 60 (gather); qmatvec_moe 168, no spills.
+MATVEC_REGS = False
+
+
+def _matvec_module() -> str:
+    return "matvec:regs" if MATVEC_REGS else "matvec"
+
+
 def gathers_in_kernel() -> bool:
     return GATHER == "kernel" and MATVEC.lane == 32
 
@@ -261,7 +275,7 @@ def _qmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = N
         raise LaunchError("matvec input not 16-byte aligned")
     grid = (math.ceil(n / shape.rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function("matvec", shape.instance(norm is not None, gather))(
+    function(_matvec_module(), shape.instance(norm is not None, gather))(
         grid, (32 * shape.warps,), (x, _i(glu), *padded, norm_in, xmap))
 
 
@@ -547,7 +561,7 @@ def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: A
         shape = MATVEC
         if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
             raise LaunchError(f"matvec {shape.kernel} is not compiled")
-        function("matvec", shape.experts)(
+        function(_matvec_module(), shape.experts)(
             (math.ceil(table.n / shape.rows), slots), (32 * shape.warps,),
             (src, _i(ld), _i(rows_per), _i(ACT_CODES[act] if up is not None else 0), table.mats,
              (up or table).mats, sel, y, _i(table.n)))

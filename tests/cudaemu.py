@@ -162,7 +162,8 @@ class Kernel:
 
 
 def function(module_name: str, kernel: str) -> Kernel:
-    """gpuengine.kernels.function's stand-in."""
+    """gpuengine.kernels.function's stand-in (a variant's options are the GPU compiler's: the twin ignores them)."""
+    module_name = module_name.partition(":")[0]
     found = module(module_name)
     if kernel not in found:
         raise EmulationError(f"{module_name}.cu has no kernel {kernel!r} (it has {', '.join(found)})")

@@ -30,12 +30,12 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     monkeypatch.setattr(gpu_kernels, "timed", lambda cp, fn, **kw: (launched.append(fn()), 1.0)[1])
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
     defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
-    for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE", "GATHER", "MATVEC_TC"):   # restored after
+    for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE", "GATHER", "MATVEC_TC", "MATVEC_REGS"):   # restored after
         monkeypatch.setattr(launch, name, getattr(launch, name))
     out = tmp_path / "kernels.json"
     assert gpu_kernels.main(["--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert len(doc["matvec_block_sweep"]) == 3 * len(MATVEC_INSTANCES) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
+    assert len(doc["matvec_block_sweep"]) == 4 * len(MATVEC_INSTANCES) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
     assert doc["tensor_core_best"]["tiles"] in TC_TILES
     names = " | ".join(r["kernel"] for r in doc["kernels"])
     for expected in ("(gqa)", "8q/2kv heads", "dequantize rows", "dequantize slice", "attention prefill tiled",
@@ -44,11 +44,12 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
                      "attention step fp16 len 64", "attention step q8 len 8", "attention step fp16 8q/2kv heads len 64",
                      "matvec 1:4b g128 128x128 (tensor cores", "matvec fused q,k,v 1:4b g128 3x128x128 (tensor cores",
                      "matvec gate+up+swiglu 1:4b g128 2x256x128 (tensor cores", "matvec 1:2b g128 128x128 (tensor cores",
-                     "matvec 1:8b g128 128x128 (tensor cores"):
+                     "matvec 1:8b g128 128x128 (tensor cores", "gate+up+swiglu with the norm folded in, registers capped",
+                     "gathered by kernel, registers capped", "experts Mixtral gate", "experts Qwen3-30B-A3B gate 8x24x64 1:4b g128, registers capped"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
     assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:] and launch.GATHER == "launch"
-    assert launch.MATVEC_TC is None
+    assert launch.MATVEC_TC is None and launch.MATVEC_REGS is False
     assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and "attention_gqa<0, 1>" in kernels
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
@@ -70,7 +71,7 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     cp.__version__ = "CPU twin"
     cp.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 1, free_all_blocks=lambda: None)
     for module, name in ((engine, "OVERLAP"), (launch, "DEQUANT"), (launch, "ATTN_PREFILL"), (launch, "ATTN_DECODE"),
-                         (launch, "FUSE_NORM"), (launch, "MATVEC"), (launch, "GATHER")):
+                         (launch, "FUSE_NORM"), (launch, "MATVEC"), (launch, "GATHER"), (launch, "MATVEC_REGS")):
         monkeypatch.setattr(module, name, getattr(module, name))             # restored after the test
     monkeypatch.setattr(device, "require", lambda: None)
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
@@ -91,7 +92,7 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     doc = json.loads(out.read_text())
     assert doc["engine"] == {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": True, "dequant": "rows",
                              "prefill_attention": "tiled", "decode_attention": "step", "norm_folded": True,
-                             "gather_in_kernel": True, "tensor_cores": None}
+                             "gather_in_kernel": True, "tensor_cores": None, "register_caps": True}
     assert [c["case"] for c in doc["cases"]] == ["SmolLM2-135M 4.0 bpw", "Llama-2-7B shape 4.0 bpw",
                                                  "Llama-2-7B shape 2.5 bpw"]
     # the tensor-core matvec, with the shape a gpu_kernels.py sweep chose

@@ -170,10 +170,12 @@ def test_fused_matvecs_and_swiglu(option, ns, k, seed, shape, data):
 @SETTINGS
 @given(option=plain_options, ns=st.lists(st.integers(1, 300), min_size=1, max_size=3), k=st.integers(1, 40).map(lambda v: 32 * v),
        scale=st.sampled_from([1e-2, 1.0, 3e3]), seed=st.integers(0, 2**31),
-       instance=st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]), warps=st.sampled_from((1, 2, 4)))
-def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, warps):
+       instance=st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]), warps=st.sampled_from((1, 2, 4)),
+       regs=st.booleans())
+def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, warps, regs):
     """matvec_fused and matvec_glu with norm = (w, eps) equal rmsnorm then the matvec (residual-stream
-    scales from 1e-2 to 3e3), and a quad-layout matvec refuses the fold."""
+    scales from 1e-2 to 3e3), with the register caps (launch.MATVEC_REGS) or without, and a quad-layout
+    matvec refuses the fold."""
     import cupy as cp
 
     from gpuengine import launch
@@ -183,7 +185,7 @@ def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, wa
     xn = ops.rmsnorm(x[None], g, 1e-5)[0].astype(np.float64)
     ts = [quantize(rng.standard_normal((n, k)).astype(np.float32), option) for n in ns]
     ys = [nan_array(n) for n in ns]
-    with block_shape(instance, warps):
+    with block_shape(instance, warps), launch_setting("MATVEC_REGS", regs):
         launch.matvec_fused(cp.asarray(x), [(y, device_linear(t), None, False) for y, t in zip(ys, ts)],
                             norm=(cp.asarray(g), 1e-5))
     for y, t in zip(ys, ts):
@@ -191,7 +193,7 @@ def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, wa
         assert_rows_close(y.get(), wx, magnitude)
     up = quantize(rng.standard_normal((ns[0], k)).astype(np.float32), option)
     y = nan_array(ns[0])
-    with block_shape(instance, warps):
+    with block_shape(instance, warps), launch_setting("MATVEC_REGS", regs):
         launch.matvec_glu(cp.asarray(x), device_linear(ts[0]), device_linear(up), y, norm=(cp.asarray(g), 1e-5))
     (gx, mg), (ux, mu) = matvec_terms(ts[0], xn), matvec_terms(up, xn)
     assert_rows_close(y.get(), ops.silu(gx) * ux, 1.1 * np.abs(ux) * mg + np.abs(ops.silu(gx)) * mu)
@@ -202,8 +204,9 @@ def test_rmsnorm_folded_into_the_matvec(option, ns, k, scale, seed, instance, wa
 @SETTINGS
 @given(options=st.lists(options, min_size=1, max_size=3), k=st.one_of(st.integers(8, 900), st.integers(1, 28).map(lambda v: 32 * v)),
        seed=st.integers(0, 2**31), norm=st.booleans(),
-       instance=st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]), warps=st.sampled_from((1, 2, 4)))
-def test_mixed_options_gathered_in_the_kernel(options, k, seed, norm, instance, warps, monkeypatch):
+       instance=st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]), warps=st.sampled_from((1, 2, 4)),
+       regs=st.booleans())
+def test_mixed_options_gathered_in_the_kernel(options, k, seed, norm, instance, warps, regs, monkeypatch):
     """launch.GATHER = "kernel": unit-a-lane matvecs read a mixed option's permuted, padded input in place
     (no gather_x), alone, as q / k / v of different options in one launch, and as gate / up, with or without
     the folded RMSNorm."""
@@ -211,6 +214,7 @@ def test_mixed_options_gathered_in_the_kernel(options, k, seed, norm, instance, 
 
     from gpuengine import launch
     monkeypatch.setattr(launch, "GATHER", "kernel")
+    monkeypatch.setattr(launch, "MATVEC_REGS", regs)            # the register caps (both ways)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(k) * 3).astype(np.float32)
     g = rng.standard_normal(k).astype(np.float32)
@@ -665,10 +669,12 @@ def expert_linears(rng, opts: list, n: int, k: int):
 @SETTINGS
 @given(opts=st.lists(st.one_of(st.none(), options), min_size=1, max_size=5), n=st.integers(1, 200),
        k=st.one_of(st.integers(4, 300).map(lambda v: 2 * v), st.integers(1, 12).map(lambda v: 32 * v)),
-       rows=st.integers(1, 4), per=st.sampled_from((1, 2, 3)), seed=st.integers(0, 2**31), shape=block_shapes)
-def test_expert_matvecs_equal_each_experts_product(opts, n, k, rows, per, seed, shape):
+       rows=st.integers(1, 4), per=st.sampled_from((1, 2, 3)), seed=st.integers(0, 2**31), shape=block_shapes,
+       regs=st.booleans())
+def test_expert_matvecs_equal_each_experts_product(opts, n, k, rows, per, seed, shape, regs):
     """matvec_experts: slot s gets W_e x[s // per], e = sel[s], for experts of mixed options (permuted, padded
-    slices), one-slice options and fp16 matrices in one table, in every compiled matvec shape. k from 8, as
+    slices), one-slice options and fp16 matrices in one table, in every compiled matvec shape, with the
+    register caps (launch.MATVEC_REGS) or without. k from 8, as
     the matvec test's: at k = 2 a 2-bit row of zero weights leaves the decode's cancellation (sum f x - 1.5
     sum x) above MATVEC_ERR of a zero magnitude."""
     import cupy as cp
@@ -684,7 +690,7 @@ def test_expert_matvecs_equal_each_experts_product(opts, n, k, rows, per, seed, 
     x = rng.standard_normal((rows, k)).astype(np.float32)
     width = -(-k // PACK_VALUES) * PACK_VALUES + 3 * PACK_VALUES
     y = nan_array((slots, n))
-    with block_shape(*shape):
+    with block_shape(*shape), launch_setting("MATVEC_REGS", regs):
         launch.matvec_experts(cp.asarray(x), per, table, cp.asarray(sel), nan_array((slots, width)), y)
     got = y.get()
     for s, e in enumerate(sel):

@@ -250,12 +250,13 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
     import types
 
     from gpuengine import kernels
-    built = []
+    built, compiled = [], []
 
     class RawModule:
         def __init__(self, code, options, name_expressions):
             self.names = set(name_expressions)
             built.append(self.names)
+            compiled.append(options)
 
         def get_function(self, name):
             assert name in self.names or "<" not in name, f"{name} not instantiated"
@@ -278,3 +279,10 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
     shapes = {kernels.family("matvec", n) for n in kernels.NAME_EXPRESSIONS["matvec"]}
     assert len(shapes) == len(kernels.MATVEC_INSTANCES) + 1                             # + the tensor cores
     assert attention == set(kernels.NAME_EXPRESSIONS["attention"])
+    assert all("-DVRAMWISE_MATVEC_REGS" not in o for o in compiled)
+    try:                          # a variant (launch.MATVEC_REGS): the same family, compiled with its options
+        assert kernels.function("matvec:regs", "qmatvec<4, 1, 32, 1>") == "qmatvec<4, 1, 32, 1>"
+    finally:
+        kernels.module.cache_clear()
+        kernels.function.cache_clear()
+    assert built[-1] == lane and "-DVRAMWISE_MATVEC_REGS" in compiled[-1]

@@ -55,15 +55,24 @@ def family(module_name: str, kernel: str) -> str:
     return f"{r.strip()}x{u.strip()}x{lane.strip()}"
 
 
+# A source's variant, after a colon in the module name launch asks for: "matvec:regs" compiles matvec.cu with
+# its register caps (VRAMWISE_MATVEC_REGS: launch.MATVEC_REGS).
+VARIANTS = {"regs": ("-DVRAMWISE_MATVEC_REGS",)}
+
+
 @lru_cache(maxsize=None)
-def module(name: str, fam: str = ""):
-    """One source compiled with the template instances of one family (its extern "C" kernels always)."""
+def module(name: str, fam: str = "", variant: str = ""):
+    """One source compiled with the template instances of one family (its extern "C" kernels always), and the
+    options of a variant (VARIANTS)."""
     import cupy
 
     names = tuple(e for e in NAME_EXPRESSIONS.get(name, ()) if family(name, e) in (fam, ""))
-    return cupy.RawModule(code=source(name), options=("--std=c++17",), name_expressions=names)
+    return cupy.RawModule(code=source(name), options=("--std=c++17", *VARIANTS.get(variant, ())),
+                          name_expressions=names)
 
 
 @lru_cache(maxsize=None)
 def function(module_name: str, kernel: str):
-    return module(module_name, family(module_name, kernel)).get_function(kernel)
+    """A kernel of module `name` or `name:variant` (VARIANTS)."""
+    name, _, variant = module_name.partition(":")
+    return module(name, family(name, kernel), variant).get_function(kernel)

@@ -390,8 +390,15 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 // expert's option), into y + s * ldy. glu (1 or 2): gate and up of the expert in one launch, up's QMat in
 // up[sel[s]], y = act(gate x) * (up x) as qmatvec's. No bias, no accumulate: the slots' sums meet in
 // moe_combine.
+// launch.MATVEC_REGS: at most 168 registers (uncapped, qmatvec_moe<8, 1, 32> takes 255: 2 blocks of 128 threads
+// an SM; capped, 3 and no spills)
+#ifdef VRAMWISE_MATVEC_REGS
+#define QMATVEC_MOE_REGS __maxnreg__(168)
+#else
+#define QMATVEC_MOE_REGS
+#endif
 template <int R, int U, int L>
-__global__ void qmatvec_moe(const float* __restrict__ x, int ldx, int per, int glu, const QMat* __restrict__ tab,
+__global__ void QMATVEC_MOE_REGS qmatvec_moe(const float* __restrict__ x, int ldx, int per, int glu, const QMat* __restrict__ tab,
                             const QMat* __restrict__ up, const int* __restrict__ sel, float* __restrict__ y, int ldy) {
     const int slot = blockIdx.y, e = sel[slot];
     QMat m = tab[e];
@@ -755,6 +762,20 @@ extern "C" __global__ void xgather_layout(unsigned long long* out) {
     out[0] = sizeof(XGather); out[1] = (unsigned long long)&p->nslices; out[2] = (unsigned long long)&p->start;
     out[3] = (unsigned long long)&p->rows; out[4] = (unsigned long long)&p->len; out[5] = (unsigned long long)&p->off;
 }
+
+// Register caps (launch.MATVEC_REGS: NVRTC's -DVRAMWISE_MATVEC_REGS). A unit-a-lane instance that folds the
+// norm in or gathers x takes 168 to 174 registers uncapped, half the plain instance's blocks an SM; these
+// explicit specializations hold them to 128 (a few words spill). The plain instances are not specialized:
+// their code is the same either way.
+#ifdef VRAMWISE_MATVEC_REGS
+#define QMATVEC_CAPPED(R, U, N) \
+    template <> __global__ void __maxnreg__(128) qmatvec<R, U, 32, N>(const float* __restrict__ x, int glu, QMat m0, \
+                                                                    QMat m1, QMat m2, NormIn norm, XMap map) { \
+        qmatvec_block<R, U, 32, N>(x, glu, m0, m1, m2, norm, map, glu ? 0 : (int)blockIdx.y); \
+    }
+#define QMATVEC_CAPPED_SHAPE(R, U) QMATVEC_CAPPED(R, U, 1) QMATVEC_CAPPED(R, U, 2) QMATVEC_CAPPED(R, U, 3)
+QMATVEC_CAPPED_SHAPE(2, 1) QMATVEC_CAPPED_SHAPE(4, 1) QMATVEC_CAPPED_SHAPE(4, 2) QMATVEC_CAPPED_SHAPE(8, 1)
+#endif
 
 #ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
 #define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn, XMap);
