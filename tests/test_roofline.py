@@ -63,6 +63,23 @@ def test_plans_predict_the_engines_measured_speed(row, model, bpw):
     assert 1 / out.assessment.decode_s == pytest.approx(measured, rel=0.15)
 
 
+# gpu_decode.json's architectures (not in the fit): decode within 10% where the engine's model covers what ran
+HELD_OUT = [("Llama-3-8B 4.0 bpw", "llama3-8b"), ("Qwen3-8B 4.0 bpw", "qwen3-8b")]
+
+
+@pytest.mark.parametrize("row,model", HELD_OUT)
+def test_plans_predict_held_out_architectures(row, model):
+    """GQA models the fit never saw (32 query heads on 8 KV heads; Qwen3's head norms): their decode within 10%
+    of the H200's (Llama 3 8B's needs attention priced by the query heads that read the cache: by the cache's
+    bytes alone it comes out 11% fast). Gemma-2-9B, also measured, is left out: +18% decode, +71% prefill,
+    its head dim of 256 unmodelled (README)."""
+    doc = json.loads((ROOT / "benchmarks/results/gpu_decode.json").read_text())
+    db = hwdb.load()
+    out = make_plan(Request(db.find_model(model), db.find_gpu(doc["device"]), Host(64 * 2**30), ctx=2048, bpw=4.0))
+    case = next(c for c in doc["architectures"] if c["case"] == row)
+    assert 1 / out.assessment.decode_s == pytest.approx(case["decode_tok_s"], rel=0.10)
+
+
 def test_decode_is_bandwidth_bound():
     db = hwdb.load()
     spec = db.find_model("llama2-7b")
