@@ -230,9 +230,10 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         # and routed experts' gathers (_moe_decode_launches beyond the 6 of the fitted MoE layers)
         extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0) + \
             (_moe_decode_launches(spec, lay.assignment) - MOE_FUSED_LAUNCHES if spec.is_moe else 0)
-        moe = [i for i in computed if spec.is_moe_layer(i)]
+        moe = [i for i in computed if spec.is_moe_layer(i)] if spec.is_moe else []
         expert_values = mem.expert_values_per_token(spec) * len(moe) / max(1, sum(map(spec.is_moe_layer,
-                                                                                       range(spec.num_layers))))
+                                                                                       range(spec.num_layers)))) \
+            if moe else 0.0
         # decode attention reads a KV head's rows once for each of its query heads (gpuengine's `attention`: a
         # block per query head; on an H200, 32 query heads on 8 KV heads took as long as on 32, run 9)
         gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra, expert_values,
