@@ -170,6 +170,13 @@ GATHER = "launch"
 MATVEC_REGS = False
 
 
+def _compiled_matvec() -> MatvecShape:
+    """MATVEC, refused where no compiled instance has its shape (kernels.MATVEC_INSTANCES)."""
+    if (MATVEC.rows, MATVEC.units, MATVEC.lane) not in MATVEC_INSTANCES:
+        raise LaunchError(f"matvec {MATVEC.kernel} is not compiled")
+    return MATVEC
+
+
 def _matvec_module() -> str:
     return "matvec:regs" if MATVEC_REGS else "matvec"
 
@@ -266,9 +273,7 @@ def _norm_in(norm: Optional[tuple], x: Any, tensor_cores: bool = False) -> np.nd
 
 def _qmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = None,
              lins: Optional[list] = None) -> None:
-    shape = MATVEC
-    if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
-        raise LaunchError(f"matvec {shape.kernel} is not compiled")
+    shape = _compiled_matvec()
     norm_in = _norm_in(norm, x)                                  # refuses a fold into the quad layout
     xmap, gather = _xmap(lins or [])
     if _ptr(x) % 16:
@@ -558,9 +563,7 @@ def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: A
                                          (x, _i(table.k), _i(per), table.gathers, sel, xp, _i(xp.shape[1])))
         src, ld, rows_per = xp, xp.shape[1], 1
     if table.packed:
-        shape = MATVEC
-        if (shape.rows, shape.units, shape.lane) not in MATVEC_INSTANCES:
-            raise LaunchError(f"matvec {shape.kernel} is not compiled")
+        shape = _compiled_matvec()
         function(_matvec_module(), shape.experts)(
             (math.ceil(table.n / shape.rows), slots), (32 * shape.warps,),
             (src, _i(ld), _i(rows_per), _i(ACT_CODES[act] if up is not None else 0), table.mats,
