@@ -220,6 +220,7 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         # before it runs (measured: 1.08x the link bound, benchmarks/results/gpu_decode.json) unless its
         # overlapped schedule is on (then a step is the larger of link and compute, to within one layer)
         overlap = not streaming or (engine is not None and engine.overlap_streaming)
+    experts = _ExpertCosts.of(spec) if spec.is_moe and engine is not None else None
     gpu_s = None
     if engine is not None:                 # vramwise's own engine runs the plan: its measured model
         computed = range(spec.num_layers) if lay.mode != "gpu" else sorted(on_gpu)
@@ -230,10 +231,8 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
         # and routed experts' gathers (_moe_decode_launches beyond the 6 of the fitted MoE layers)
         extra = (2 if spec.qk_norm else 0) + (2 if spec.norms_per_layer == 4 else 0) + \
             (_moe_decode_launches(spec, lay.assignment) - MOE_FUSED_LAUNCHES if spec.is_moe else 0)
-        moe = [i for i in computed if spec.is_moe_layer(i)] if spec.is_moe else []
-        expert_values = mem.expert_values_per_token(spec) * len(moe) / max(1, sum(map(spec.is_moe_layer,
-                                                                                       range(spec.num_layers)))) \
-            if moe else 0.0
+        moe = [i for i in computed if experts and experts.layer_values[i]]
+        expert_values = spec.experts_per_token * sum(experts.layer_values[i] for i in moe) if moe else 0.0
         # decode attention reads a KV head's rows once for each of its query heads (gpuengine's `attention`: a
         # block per query head; on an H200, 32 query heads on 8 KV heads took as long as on 32, run 9)
         gpu_s = engine_decode_seconds(engine, weights, values, kv_read, len(computed), gpu, extra, expert_values,
@@ -243,7 +242,6 @@ def assess(spec: ModelSpec, gpu: GPUSpec, gpu_count: int, host: Host, lay: Layou
 
     # prefill: every chunk reads all device weights once; offloaded and streamed weights cross the
     # link once per chunk (llama.cpp likewise copies CPU layers' weights to the GPU for large batches)
-    experts = _ExpertCosts.of(spec, lay) if spec.is_moe and engine is not None else None
     def chunk_seconds(tokens: int, start: int) -> float:
         flops = tokens * _prefill_flops_per_token(spec, start + tokens / 2)
         device_bytes = sum(layer_bytes[i] for i in on_gpu) + glob["head"]
@@ -302,7 +300,7 @@ class _ExpertCosts:
     values: float                 # weights of the experts a token multiplies, all layers
 
     @staticmethod
-    def of(spec: ModelSpec, lay: Layout) -> "_ExpertCosts":
+    def of(spec: ModelSpec) -> "_ExpertCosts":
         values = mem.expert_values_per_token(spec)
         one = values / spec.experts_per_token / max(1, sum(map(spec.is_moe_layer, range(spec.num_layers))))
         return _ExpertCosts([one if spec.is_moe_layer(i) else 0.0 for i in range(spec.num_layers)], values)

@@ -120,15 +120,6 @@ def layer_read_values(spec: ModelSpec) -> list[float]:
     return out
 
 
-def layer_expert_bytes(spec: ModelSpec, assignment: Mapping[str, QuantOption]) -> list[float]:
-    """Each layer's routed experts' linears, the bytes of one expert on average (0 for a dense layer)."""
-    out = [0.0] * spec.num_layers
-    for t in tensors(spec):
-        if t.expert and t.quantized:
-            out[t.layer] += tensor_bytes(t, assignment.get(t.name)) / spec.num_experts
-    return out
-
-
 def expert_values_per_token(spec: ModelSpec) -> float:
     """Weights of the routed experts a token multiplies, over all layers (its k experts a layer)."""
     return sum(t.numel * t.read_fraction for t in tensors(spec) if t.expert and t.quantized)
