@@ -152,6 +152,12 @@ struct Fiber {
     int warp = 0;
     bool shuffle = false;              // waiting at a shuffle (full mask): every lane must be there
     unsigned shuffles = 0;             // shuffles done: their parity picks the exchange buffer
+    // cp.async: copies issued since the last commit, then the committed groups, oldest first. A copy lands
+    // only when a wait_group completes its group, so a kernel reading its slot before waiting reads what was
+    // there before (poison, shared memory's fill) and fails its test.
+    struct Copy { void* dst; const void* src; int n; };
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups;
 };
 
 constexpr size_t STACK = 256 * 1024;
@@ -166,6 +172,8 @@ struct Block {
     std::function<void()> body;
     std::string error;
     unsigned long long rng = 0x9e3779b97f4a7c15ull;
+    size_t dynamic_bytes = 0;                      // the launch's dynamic shared memory (extern __shared__)
+    std::vector<unsigned char> dynamic;            // refilled with 0xCD for every block: no block sees another's
 };
 
 inline Block& block() {
@@ -208,6 +216,7 @@ inline bool run_block() {
     Block& b = block();
     const int n = (int)(blockDim.x * blockDim.y * blockDim.z);
     b.fibers.assign(n, Fiber{});
+    b.dynamic.assign(b.dynamic_bytes + 16, 0xCD);
     for (auto& e : b.exchange) e.assign(((n + 31) / 32) * 32, 0);
     for (auto& e : b.fragments) e.assign(((n + 31) / 32) * 32 * 6, 0);
     for (int i = 0; i < n; ++i) {
@@ -267,9 +276,32 @@ inline bool run_block() {
     }
 }
 
+// The block's dynamic shared memory (common.cuh's DYNAMIC_SHARED), 16-byte aligned.
+inline unsigned char* dynamic_shared() {
+    unsigned char* p = block().dynamic.data();
+    return p + ((16 - ((uintptr_t)p & 15)) & 15);
+}
+
+// cp.async for the twin (common.cuh's cp_async, cp_async_commit, cp_async_wait): queued per thread, done at
+// the wait that completes their group, in order.
+inline void async_copy(void* dst, const void* src, int n) { self().open.push_back({dst, src, n}); }
+inline void async_commit() {
+    Fiber& f = self();
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+inline void async_wait(int pending) {
+    Fiber& f = self();
+    while ((int)f.groups.size() > pending) {
+        for (const Fiber::Copy& c : f.groups.front()) std::memcpy(c.dst, c.src, (size_t)c.n);
+        f.groups.erase(f.groups.begin());
+    }
+}
+
 template <class F>
-inline bool launch(dim3 grid, dim3 blk, F&& kernel, std::string& err) {
+inline bool launch(dim3 grid, dim3 blk, size_t dynamic_bytes, F&& kernel, std::string& err) {
     Block& b = block();
+    b.dynamic_bytes = dynamic_bytes;
     gridDim = grid;
     blockDim = blk;
     b.body = std::forward<F>(kernel);

@@ -77,16 +77,16 @@ def program(source: str, names: list[str]) -> str:
     """The C++ translation unit: the header, the kernel source, and a table of launch entry points."""
     glue = ["", "namespace {"]
     for i, name in enumerate(names):
-        glue.append(f"bool vw_launch_{i}(dim3 g, dim3 b, void** a, std::string& e) "
-                    f"{{ return emu::launch(g, b, [a] {{ emu::call(&{name}, a); }}, e); }}")
+        glue.append(f"bool vw_launch_{i}(dim3 g, dim3 b, size_t d, void** a, std::string& e) "
+                    f"{{ return emu::launch(g, b, d, [a] {{ emu::call(&{name}, a); }}, e); }}")
     glue.append("}")
     glue.append('extern "C" int vw_signature(int i, long long* sizes) { switch (i) {')
     glue += [f"    case {i}: return emu::signature(&{name}, sizes);" for i, name in enumerate(names)]
     glue.append("} return -1; }")
     glue.append('extern "C" int vw_launch(int i, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-                'unsigned bz, void** args, char* err, int errlen) {')
+                'unsigned bz, unsigned long long shared, void** args, char* err, int errlen) {')
     glue.append("    std::string e; bool ok = false; dim3 g{gx, gy, gz}, b{bx, by, bz}; switch (i) {")
-    glue += [f"    case {i}: ok = vw_launch_{i}(g, b, args, e); break;" for i in range(len(names))]
+    glue += [f"    case {i}: ok = vw_launch_{i}(g, b, (size_t)shared, args, e); break;" for i in range(len(names))]
     glue.append("    default: e = \"no such kernel\"; }")
     glue.append("    if (!ok) snprintf(err, errlen, \"%s\", e.c_str()); return ok; }")
     return f'#include "{HEADER}"\n{source}\n' + "\n".join(glue) + "\n"
@@ -115,7 +115,8 @@ def build(label: str, source: str, names: list[str]) -> dict[str, "Kernel"]:
         os.replace(tmp, so)                        # atomic: a parallel build never loads half a file
     lib = ctypes.CDLL(str(so))
     lib.vw_launch.restype = ctypes.c_int
-    lib.vw_launch.argtypes = [ctypes.c_int] + [ctypes.c_uint] * 6 + [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    lib.vw_launch.argtypes = ([ctypes.c_int] + [ctypes.c_uint] * 6
+                              + [ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int])
     return {name: Kernel(lib, i, name) for i, name in enumerate(names)}
 
 
@@ -125,14 +126,32 @@ def module(name: str) -> dict[str, "Kernel"]:
     return build(name, kernels.source(name), kernel_names(name))
 
 
+# Dynamic shared memory a block may have: 48 KiB unless the kernel's max_dynamic_shared_size_bytes is raised,
+# as CUDA's launch refuses more; at most the 227 KiB of an sm_90 SM's opt-in.
+DEFAULT_DYNAMIC_SHARED, MAX_DYNAMIC_SHARED = 48 * 1024, 227 * 1024
+
+
 class Kernel:
-    """One kernel, called as CuPy's RawModule functions are: kernel(grid, block, args)."""
+    """One kernel, called as CuPy's RawModule functions are: kernel(grid, block, args, shared_mem=0), with
+    CuPy Function's settable max_dynamic_shared_size_bytes."""
 
     def __init__(self, lib: ctypes.CDLL, index: int, name: str):
         self.lib, self.index, self.name = lib, index, name
         sizes = (ctypes.c_longlong * 64)()
         self.sizes = list(sizes[:self.lib.vw_signature(self.index, sizes)])
-    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        self._max_dynamic = DEFAULT_DYNAMIC_SHARED
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self._max_dynamic
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, n: int) -> None:
+        if not 0 <= n <= MAX_DYNAMIC_SHARED:
+            raise EmulationError(f"{self.name}: {n} bytes of dynamic shared memory (at most {MAX_DYNAMIC_SHARED})")
+        self._max_dynamic = n
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         if len(args) != len(self.sizes):
             raise EmulationError(f"{self.name}: {len(args)} arguments for {len(self.sizes)} parameters")
         keep, ptrs = [], (ctypes.c_void_p * max(1, len(args)))()
@@ -156,8 +175,11 @@ class Kernel:
         b = (tuple(block) + (1, 1))[:3]
         if min(g) < 1 or min(b) < 1 or int(np.prod(b)) > 1024:
             raise EmulationError(f"{self.name}: launch of grid {g}, block {b}")
+        if not 0 <= shared_mem <= self._max_dynamic:
+            raise EmulationError(f"{self.name}: {shared_mem} bytes of dynamic shared memory, over the kernel's "
+                                 f"{self._max_dynamic} (max_dynamic_shared_size_bytes)")
         err = ctypes.create_string_buffer(512)
-        if not self.lib.vw_launch(self.index, *g, *b, ptrs, err, len(err)):
+        if not self.lib.vw_launch(self.index, *g, *b, shared_mem, ptrs, err, len(err)):
             raise EmulationError(f"{self.name}: {err.value.decode()}")
 
 
@@ -178,6 +200,7 @@ def install(monkeypatch: Any) -> None:
     gpu_fake.install_runtime(monkeypatch)
     monkeypatch.setattr(device, "compute_capability", lambda: 90)       # the twin's mma is sm_80+'s
     monkeypatch.setattr(device, "sm_count", lambda: 132)
+    monkeypatch.setattr(device, "max_shared_per_block", lambda: MAX_DYNAMIC_SHARED)
     monkeypatch.setattr(kernels, "function", function)
     monkeypatch.setattr(launch, "function", function)
     monkeypatch.setattr(launch, "gemm", gpu_fake.LAUNCHERS["gemm"])

@@ -94,9 +94,27 @@ extern "C" __global__ void mma_tile(const unsigned short* A, const unsigned shor
     D[g * 8 + 2 * t] = d[0]; D[g * 8 + 2 * t + 1] = d[1];
     D[(g + 8) * 8 + 2 * t] = d[2]; D[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
+
+// cp.async as common.cuh's cp_async / cp_async_commit / cp_async_wait call it: thread t copies x[t] and then
+// x[T + t] into its words of the dynamic shared memory, two groups, and reads them back before and between
+// the waits.
+extern "C" __global__ void async_copies(const unsigned* x, unsigned* out) {
+    unsigned* s = reinterpret_cast<unsigned*>(emu::dynamic_shared());
+    const int t = threadIdx.x, T = blockDim.x;
+    emu::async_copy(s + t, x + t, 4);
+    emu::async_commit();
+    emu::async_copy(s + T + t, x + T + t, 4);
+    emu::async_commit();
+    out[4 * t] = s[t];
+    emu::async_wait(1);
+    out[4 * t + 1] = s[t];
+    out[4 * t + 2] = s[T + t];
+    emu::async_wait(0);
+    out[4 * t + 3] = s[T + t];
+}
 """
 NAMES = ["ids", "reduce", "shuffles", "racy", "fixed", "shuffle_after_exit", "mixed_barriers", "takes", "last_block",
-         "mma_tile"]
+         "mma_tile", "async_copies"]
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +202,25 @@ def test_mma_follows_the_ptx_fragment_layout(k):
     k["mma_tile"]((1,), (32,), (a.view(np.uint16).copy(), b.view(np.uint16).copy(), d))
     want = a.astype(np.float64) @ b.astype(np.float64) + 1.0
     assert np.abs(d - want).max() < 1e-5
+
+
+def test_async_copies_land_at_the_wait_that_completes_their_group(k):
+    """A cp.async lands when a wait completes its group, in order, so a kernel reading its slot before the
+    wait reads shared memory's fill (0xCD bytes) and fails its test instead of passing by the twin's timing;
+    dynamic shared memory past 48 KiB needs the kernel's limit raised, as on a GPU."""
+    x = np.arange(1, 129, dtype=np.uint32)
+    out = np.zeros((64, 4), np.uint32)
+    k["async_copies"]((1,), (64,), (x, out), shared_mem=8 * 64)
+    fill = 0xCDCDCDCD
+    assert (out[:, 0] == fill).all() and (out[:, 2] == fill).all()
+    assert out[:, 1].tolist() == x[:64].tolist() and out[:, 3].tolist() == x[64:].tolist()
+    with pytest.raises(cudaemu.EmulationError, match="over the kernel's 49152"):
+        k["async_copies"]((1,), (64,), (x, out), shared_mem=64 * 1024)
+    k["async_copies"].max_dynamic_shared_size_bytes = 64 * 1024
+    k["async_copies"]((1,), (64,), (x, out), shared_mem=64 * 1024)
+    assert out[:, 3].tolist() == x[64:].tolist()
+    with pytest.raises(cudaemu.EmulationError, match="at most"):
+        k["async_copies"].max_dynamic_shared_size_bytes = 300 * 1024
 
 
 def test_the_engine_sources_build_with_every_kernel_they_name():

@@ -118,6 +118,55 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Asynchronous copies global -> shared (cp.async, sm_80 and later): each thread's copies go in groups
+// (cp_async_commit closes one), and cp_async_wait<N> returns once all but the newest N of the thread's groups
+// have landed, the data then visible to that thread. The copies are issued where the code puts them: the
+// compiler cannot sink them towards their use as it does plain loads into registers (ptxas moved the unit-a-lane
+// matvec's weight loads down to one row ahead of their use, GPU_NOTES.md), so a thread keeps as many bytes in
+// flight as it issues. Before sm_80 each copy is a load and a store, done at once (correct, not asynchronous).
+// N bytes: 4, 8 or 16, both addresses N-aligned.
+template <int N>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+    static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(VRAMWISE_CUDA_EMU)
+    emu::async_copy(smem, gmem, N);
+#elif __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    if constexpr (N == 16)                                  // .cg: L2 only, as the weights are read once
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(N) : "memory");
+#else
+    if constexpr (N == 16) *reinterpret_cast<uint4*>(smem) = __ldg(reinterpret_cast<const uint4*>(gmem));
+    else if constexpr (N == 8) *reinterpret_cast<uint2*>(smem) = __ldg(reinterpret_cast<const uint2*>(gmem));
+    else *reinterpret_cast<u32*>(smem) = __ldg(reinterpret_cast<const u32*>(gmem));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(VRAMWISE_CUDA_EMU)
+    emu::async_commit();
+#elif __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(VRAMWISE_CUDA_EMU)
+    emu::async_wait(N);
+#elif __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// The launch's dynamic shared memory (its shared_mem bytes) as a 16-byte aligned u8 array `name`.
+#ifdef VRAMWISE_CUDA_EMU
+#define DYNAMIC_SHARED(name) u8* name = emu::dynamic_shared()
+#else
+#define DYNAMIC_SHARED(name) extern __shared__ __align__(16) u8 name[]
+#endif
+
 // Block-wide sum / max (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ __forceinline__ float block_reduce(float v, bool is_max) {
     __shared__ float part[32];
