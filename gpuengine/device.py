@@ -53,3 +53,12 @@ def compute_capability() -> int:
     """The current device's compute capability as major * 10 + minor (90 for Hopper)."""
     import cupy
     return int(cupy.cuda.Device().compute_capability)
+
+
+@lru_cache(maxsize=1)
+def max_shared_per_block() -> int:
+    """The most shared memory a block may have on the current device, opted in (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+    227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86 / sm_89): the staged matvec's limit."""
+    import cupy
+    rt = cupy.cuda.runtime
+    return int(rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97), cupy.cuda.Device().id))

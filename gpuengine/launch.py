@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from gpuengine import device
-from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES, function
+from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES, function
 from gpuengine.layout import DeviceLinear
 from planner.formats import KV_CODES, PACK_VALUES
 from planner.memory import ATTN_MAX_SPLITS
@@ -78,12 +78,16 @@ def check_matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any) -> None:
 class MatvecShape:
     """A launch of the packed matvec: `rows` output rows a block, `units` packing units a thread has in
     flight, `lane` values of a unit a lane takes (8: quads, 32: a whole unit; the three name a template
-    instance, kernels.MATVEC_INSTANCES lists those compiled), `warps` warps a block splitting the units."""
+    instance, kernels.MATVEC_INSTANCES lists those compiled), `warps` warps a block splitting the units.
+    `staged`: a unit a lane (units 1), each thread's weights copied into shared memory by cp.async, all of a
+    unit's rows in flight at once (matvec.cu's staged_rows; kernels.MATVEC_STAGED lists the rows compiled);
+    it neither folds RMSNorm in nor gathers x."""
 
     rows: int
     units: int
     lane: int
     warps: int
+    staged: bool = False
 
     @property
     def kernel(self) -> str:
@@ -91,18 +95,30 @@ class MatvecShape:
 
     def instance(self, norm: bool, gather: bool = False) -> str:
         """The template instance: with norm, the one that folds RMSNorm in; with gather, the one that reads
-        x through a mixed option's slices and permutation (both unit a lane only)."""
-        return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {int(norm) | int(gather) << 1}>"
+        x through a mixed option's slices and permutation (both unit a lane only, not staged)."""
+        if self.staged and (norm or gather):
+            raise LaunchError("the staged matvec neither folds RMSNorm in nor gathers x")
+        flags = 4 if self.staged else int(norm) | int(gather) << 1
+        return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {flags}>"
 
     @property
     def experts(self) -> str:
         """The instance running routed experts' slots (qmatvec_moe)."""
-        return f"qmatvec_moe<{self.rows}, {self.units}, {self.lane}>"
+        return f"qmatvec_moe<{self.rows}, {self.units}, {self.lane}{', 4' if self.staged else ''}>"
+
+    @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory of a launch: the staged ring (matvec.cu's StagedRing<R>::STRIDE bytes a
+        thread: R 32-byte slots and R scale words, in an odd number of 16-byte lines), else none."""
+        if not self.staged:
+            return 0
+        lines = (36 * self.rows + 15) // 16
+        return 16 * (lines | 1) * 32 * self.warps
 
     @classmethod
     def from_json(cls, d: dict) -> "MatvecShape":
         """From a benchmark's record (runs before the lane layout existed used quads: lane 8)."""
-        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"])
+        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"], d.get("staged", False))
 
 
 # The shape every matvec launches with: chosen by benchmarks/gpu_kernels.py's sweep of all 24 shapes on an H200
@@ -110,6 +126,10 @@ class MatvecShape:
 # 4 warps. Its 4-bit 4096x4096 / 11008x4096 / 4096x11008 took 8.2 / 16.8 / 15.7 us against 8.5 / 18.4 / 19.6
 # for the quads (4 rows, 4 units, 2 warps) that every earlier run used.
 MATVEC = MatvecShape(rows=8, units=1, lane=32, warps=4)
+# Staged shapes (MatvecShape(R, 1, 32, warps, staged=True), R in kernels.MATVEC_STAGED) are in that sweep since
+# 2026-11-28 and not yet timed: built without a GPU after the SASS of this default showed ptxas issuing each row's
+# weight load about one row ahead of its use (GPU_NOTES.md). nvcc 13, sm_90: qmatvec<8, 1, 32, 4> 128 registers,
+# 4.0 SASS instructions a 4-bit weight against this default's 3.7 (benchmarks/matvec_sass.py).
 
 
 @dataclass(frozen=True)
@@ -171,10 +191,30 @@ MATVEC_REGS = False
 
 
 def _compiled_matvec() -> MatvecShape:
-    """MATVEC, refused where no compiled instance has its shape (kernels.MATVEC_INSTANCES)."""
-    if (MATVEC.rows, MATVEC.units, MATVEC.lane) not in MATVEC_INSTANCES:
+    """MATVEC, refused where no compiled instance has its shape (kernels.MATVEC_INSTANCES, MATVEC_STAGED)."""
+    if MATVEC.staged:
+        compiled = MATVEC.units == 1 and MATVEC.lane == 32 and MATVEC.rows in MATVEC_STAGED
+    else:
+        compiled = (MATVEC.rows, MATVEC.units, MATVEC.lane) in MATVEC_INSTANCES
+    if not compiled:
         raise LaunchError(f"matvec {MATVEC.kernel} is not compiled")
     return MATVEC
+
+
+def _shared(kernel: Any, shape: MatvecShape) -> dict:
+    """The launch's keyword for the shape's dynamic shared memory ({} for none), raising the kernel's limit
+    past CUDA's default 48 KiB where the shape needs it (up to the device's opt-in maximum)."""
+    need = shape.shared_bytes
+    if not need:
+        return {}
+    if need > 48 * 1024:
+        most = device.max_shared_per_block()
+        if need > most:
+            raise LaunchError(f"matvec {shape.kernel} x {shape.warps} warps needs {need} bytes of shared memory "
+                              f"a block, over this device's {most}: use fewer warps or rows")
+        if kernel.max_dynamic_shared_size_bytes < need:
+            kernel.max_dynamic_shared_size_bytes = need
+    return {"shared_mem": need}
 
 
 def _matvec_module() -> str:
@@ -182,7 +222,7 @@ def _matvec_module() -> str:
 
 
 def gathers_in_kernel() -> bool:
-    return GATHER == "kernel" and MATVEC.lane == 32
+    return GATHER == "kernel" and MATVEC.lane == 32 and not MATVEC.staged
 
 
 def _ptr(a: Any) -> int:
@@ -232,7 +272,7 @@ def on_tensor_cores(*lins: DeviceLinear) -> bool:
 def folds_norm(*lins: DeviceLinear) -> bool:
     """Whether a decode matvec of these (fusable) linears takes the RMSNorm before it in (launch.FUSE_NORM):
     the unit-a-lane layout and the tensor-core matvec can, the quads cannot."""
-    return FUSE_NORM and (MATVEC.lane == 32 or on_tensor_cores(*lins))
+    return FUSE_NORM and ((MATVEC.lane == 32 and not MATVEC.staged) or on_tensor_cores(*lins))
 
 
 def _tmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = None) -> None:
@@ -264,7 +304,7 @@ def _norm_in(norm: Optional[tuple], x: Any, tensor_cores: bool = False) -> np.nd
         return _NO_NORM
     w, eps = norm
     check("norm weight", w, np.float32, x.shape)
-    if MATVEC.lane != 32 and not tensor_cores:
+    if (MATVEC.lane != 32 or MATVEC.staged) and not tensor_cores:
         raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
     a = np.zeros(1, NORM_IN)
     a["w"], a["eps"], a["h"] = _ptr(w), eps, w.size
@@ -280,8 +320,8 @@ def _qmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = N
         raise LaunchError("matvec input not 16-byte aligned")
     grid = (math.ceil(n / shape.rows), 1 if glu else len(mats))       # blockIdx.y picks the matrix
     padded = mats + [mats[0]] * (3 - len(mats))
-    function(_matvec_module(), shape.instance(norm is not None, gather))(
-        grid, (32 * shape.warps,), (x, _i(glu), *padded, norm_in, xmap))
+    kernel = function(_matvec_module(), shape.instance(norm is not None, gather))
+    kernel(grid, (32 * shape.warps,), (x, _i(glu), *padded, norm_in, xmap), **_shared(kernel, shape))
 
 
 def matvec(x: Any, y: Any, lin: DeviceLinear, xp: Any, bias: Any = None, accumulate: bool = False) -> None:
@@ -564,10 +604,10 @@ def matvec_experts(x: Any, per: int, table: ExpertTable, sel: Any, xp: Any, y: A
         src, ld, rows_per = xp, xp.shape[1], 1
     if table.packed:
         shape = _compiled_matvec()
-        function(_matvec_module(), shape.experts)(
-            (math.ceil(table.n / shape.rows), slots), (32 * shape.warps,),
-            (src, _i(ld), _i(rows_per), _i(ACT_CODES[act] if up is not None else 0), table.mats,
-             (up or table).mats, sel, y, _i(table.n)))
+        kernel = function(_matvec_module(), shape.experts)
+        kernel((math.ceil(table.n / shape.rows), slots), (32 * shape.warps,),
+               (src, _i(ld), _i(rows_per), _i(ACT_CODES[act] if up is not None else 0), table.mats,
+                (up or table).mats, sel, y, _i(table.n)), **_shared(kernel, shape))
     if table.half:
         function("matvec", "hmatvec_moe")((math.ceil(table.n / WARPS_PER_BLOCK), slots), (32 * WARPS_PER_BLOCK,),
                                           (src, _i(ld), _i(rows_per), table.halves, sel, y, _i(table.n),

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
+from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
 from planner.formats import HEAD_OPTION, KV_FORMATS, OPTIONS, kv_format, parse_option
 from planner.memory import ATTN_MAX_SPLITS
 from refengine import ops
@@ -86,13 +86,18 @@ def launch_setting(name, value):
         setattr(launch, name, saved)
 
 
-def block_shape(instance, warps):
-    """The matvec launched as one compiled instance (rows, units, lane) with `warps` warps a block."""
+def block_shape(instance, warps, staged=False):
+    """The matvec launched as one compiled instance (rows, units, lane) with `warps` warps a block, staged
+    through shared memory or not."""
     from gpuengine import launch
-    return launch_setting("MATVEC", launch.MatvecShape(*instance, warps))
+    return launch_setting("MATVEC", launch.MatvecShape(*instance, warps, staged))
 
 
-block_shapes = st.tuples(st.sampled_from(MATVEC_INSTANCES), st.sampled_from((1, 2, 4, 8)))
+# every compiled shape: the plain instances, and the staged ones (whose 16 rows at 8 warps take 148 KiB of
+# shared memory a block, past CUDA's default 48 KiB: the launcher raises the kernel's limit)
+block_shapes = st.one_of(st.tuples(st.sampled_from(MATVEC_INSTANCES), st.sampled_from((1, 2, 4, 8))),
+                         st.tuples(st.sampled_from([(r, 1, 32) for r in MATVEC_STAGED]), st.sampled_from((1, 2, 4, 8)),
+                                   st.just(True)))
 plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.slices) == 1])
 
 
@@ -110,6 +115,25 @@ def test_qmat_layout_matches_the_compiler():
             q.fields["sl"][1] + s.fields["bits"][1], q.fields["sl"][1] + s.fields["xoff"][1], q.fields["gshift"][1],
             r.itemsize, *(r.fields[f][1] for f in ("eps", "h")), g.itemsize, g.fields["start"][1], g.fields["rows"][1]]
     assert out.get().tolist() == want
+
+
+def test_staged_ring_matches_the_compiler(monkeypatch):
+    """launch.MatvecShape.shared_bytes sizes the staged matvec's ring as matvec.cu's StagedRing lays it out,
+    and a shape past the device's shared memory a block is refused before launch."""
+    import cupy as cp
+
+    from gpuengine import device, launch
+    from gpuengine.kernels import function
+    out = cp.zeros(3, dtype=cp.uint64)
+    function("matvec", "staged_layout")((1,), (1,), (out,))
+    assert MATVEC_STAGED == (4, 8, 16)
+    assert [launch.MatvecShape(r, 1, 32, 1, True).shared_bytes // 32 for r in MATVEC_STAGED] == out.get().tolist()
+    assert launch.MatvecShape(8, 1, 32, 4).shared_bytes == 0
+    monkeypatch.setattr(device, "max_shared_per_block", lambda: 99 * 1024)           # an sm_89 card's
+    t = quantize(np.ones((4, 64), np.float32), OPTIONS[0])
+    with launch_setting("MATVEC", launch.MatvecShape(16, 1, 32, 8, True)), \
+            pytest.raises(launch.LaunchError, match="148 KiB|151552 bytes of shared memory"):
+        launch.matvec(cp.ones(64, cp.float32), nan_array(4), device_linear(t), nan_array(64 + 96))
 
 
 @settings(SETTINGS, max_examples=60)

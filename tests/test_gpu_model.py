@@ -253,12 +253,14 @@ def test_random_model_decode_path_matches_on_tensor_cores(other, widths, fold, b
     assert ("rmsnorm" in launched) == (not fold)       # folded, every norm: the 6-bit head is on the tensor cores
 
 
-@pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True)],
-                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads"])
+@pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True),
+                                             ((16, 1, 32, 2, True), True)],
+                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads", "staged"])
 def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, fold, backend, monkeypatch):
     """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
     the default launch.MATVEC, as the benchmark's sweep may pick one; and with RMSNorm folded into the
-    matvecs (launch.FUSE_NORM: every norm, the final one into the head), which the quad layout ignores."""
+    matvecs (launch.FUSE_NORM: every norm, the final one into the head), which the quad layout and the staged
+    matvec ignore."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(*instance))
     monkeypatch.setattr(launch, "FUSE_NORM", fold)
@@ -275,7 +277,7 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     want, got = ref.logits(ids), gpu.logits(ids)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
-    layers, folded = CONFIG["num_hidden_layers"] * len(ids), fold and instance[2] == 32
+    layers, folded = CONFIG["num_hidden_layers"] * len(ids), fold and instance[2] == 32 and not launch.MATVEC.staged
     # every step, every layer fused; folded, the final norm goes into the (packed) head's matvec as well
     assert calls == {"matvec_fused": layers + (len(ids) if folded else 0), "matvec_glu": layers,
                      "rmsnorm": 0 if folded else len(ids) * (1 + 2 * CONFIG["num_hidden_layers"])}

@@ -222,12 +222,15 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     instances NVRTC compiles, and the structured argument holds the linear's arrays and slice table."""
     from gpuengine import launch
     from gpuengine.kernels import NAME_EXPRESSIONS
-    from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
+    from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
     shapes = [launch.MatvecShape(*i, 1) for i in MATVEC_INSTANCES]
+    staged = [launch.MatvecShape(r, 1, 32, 1, True) for r in MATVEC_STAGED]
     both = (False, True)
     assert {s.instance(norm, gather) for s in shapes for norm in both for gather in both if s.lane == 32 or
             not (norm or gather)} | {launch.TcShape(t, 1).instance(norm) for t in TC_TILES for norm in both} \
-        | {s.experts for s in shapes} == set(NAME_EXPRESSIONS["matvec"])
+        | {s.experts for s in shapes + staged} | {s.kernel for s in staged} == set(NAME_EXPRESSIONS["matvec"])
+    with pytest.raises(launch.LaunchError, match="staged"):
+        staged[0].instance(norm=True)
     assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))
@@ -266,18 +269,19 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
     kernels.module.cache_clear()
     kernels.function.cache_clear()
     try:
-        for name in ("qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 1, 32>", "tmatvec<2, 0>", "hmatvec"):
+        for name in ("qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 1, 32>", "qmatvec<4, 1, 32, 4>", "tmatvec<2, 0>", "hmatvec"):
             assert kernels.function("matvec", name) == name
         kernels.function("attention", "attention<0>")
     finally:
         kernels.module.cache_clear()
         kernels.function.cache_clear()
-    quads, lane, tensor, plain, attention = built
+    quads, lane, staged, tensor, plain, attention = built
     assert quads == {"qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 4, 8>"} and not plain
     assert lane == {f"qmatvec<4, 1, 32, {n}>" for n in range(4)} | {"qmatvec_moe<4, 1, 32>"}
+    assert staged == {"qmatvec<4, 1, 32, 4>", "qmatvec_moe<4, 1, 32, 4>"}
     assert all(n.startswith("tmatvec") for n in tensor) and len(tensor) == 2 * len(kernels.TC_TILES)
     shapes = {kernels.family("matvec", n) for n in kernels.NAME_EXPRESSIONS["matvec"]}
-    assert len(shapes) == len(kernels.MATVEC_INSTANCES) + 1                             # + the tensor cores
+    assert len(shapes) == len(kernels.MATVEC_INSTANCES) + len(kernels.MATVEC_STAGED) + 1    # + the tensor cores
     assert attention == set(kernels.NAME_EXPRESSIONS["attention"])
     assert all("-DVRAMWISE_MATVEC_REGS" not in o for o in compiled)
     try:                          # a variant (launch.MATVEC_REGS): the same family, compiled with its options

@@ -164,6 +164,35 @@ __device__ __forceinline__ float unit_code(const u32 (&w)[BITS], int i) {   // i
     return __uint_as_float(and_or<((1u << BITS) - 1u) << top, 0x3f800000u>(t));
 }
 
+// sum_i (code_i - 2^(BITS-1)) x_i / 2^BITS over one unit (x's sum sx given): its dot product before the scale.
+template <int BITS>
+__device__ __forceinline__ float unit_dot(const u32 (&w)[BITS], const float (&xf)[32], float sx) {
+    float d0 = 0.0f, d1 = 0.0f;                              // two chains: half the FMA latency in line
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        d0 = fmaf(unit_code<BITS>(w, i), xf[i], d0);
+        d1 = fmaf(unit_code<BITS>(w, i + 16), xf[i + 16], d1);
+    }
+    return fmaf(-1.5f, sx, d0 + d1);
+}
+
+// x's 32 values of one unit (16-byte aligned), and their sum in a fixed order.
+__device__ __forceinline__ void load_x32(const float* p, float (&xf)[32]) {
+    const float4* xv = reinterpret_cast<const float4*>(p);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const float4 a = xv[q];
+        xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
+    }
+}
+
+__device__ __forceinline__ float sum32(const float (&xf)[32]) {
+    float part[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) part[q] = (xf[4 * q] + xf[4 * q + 1]) + (xf[4 * q + 2] + xf[4 * q + 3]);
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 template <int BITS, int R, int U, bool NORM, bool GATHER, bool BOUND = false>
 __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R], const XSrc& src,
                                           int u, int step, int gshift, float (&acc)[R], float& sq) {
@@ -191,12 +220,7 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
                 if constexpr (NORM) gf[i] = in ? __ldg(src.w + at) : 0.0f;
             }
         } else {
-            const float4* xv = reinterpret_cast<const float4*>(src.x + (size_t)(u + j * step) * 32);
-#pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                const float4 a = xv[q];
-                xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
-            }
+            load_x32(src.x + (size_t)(u + j * step) * 32, xf);
             if constexpr (NORM) {
                 const float4* wv = reinterpret_cast<const float4*>(src.w + (size_t)(u + j * step) * 32);
 #pragma unroll
@@ -217,20 +241,9 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
                 }
             sq += (s4[0] + s4[1]) + (s4[2] + s4[3]);
         }
-        float part[8];
+        const float sx = sum32(xf);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) part[q] = (xf[4 * q] + xf[4 * q + 1]) + (xf[4 * q + 2] + xf[4 * q + 3]);
-        const float sx = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float d0 = 0.0f, d1 = 0.0f;                      // two chains: half the FMA latency in line
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                d0 = fmaf(unit_code<BITS>(w[j][r], i), xf[i], d0);
-                d1 = fmaf(unit_code<BITS>(w[j][r], i + 16), xf[i + 16], d1);
-            }
-            acc[r] = fmaf(sc[j][r], fmaf(-1.5f, sx, d0 + d1), acc[r]);
-        }
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(sc[j][r], unit_dot<BITS>(w[j][r], xf, sx), acc[r]);
     }
 }
 
@@ -260,11 +273,108 @@ __device__ __forceinline__ void unit_rows(const QSlice& sl, XSrc src, int gshift
         for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM, true, true>(wr, sr, src, u, step, gshift, acc, sq);
 }
 
-// One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows).
+// Staged (N bit 2, launch.MatvecShape.staged): the unit-a-lane layout with every weight copied into shared
+// memory by cp.async before it is decoded, each thread's copies its own. The plain kernel's PTX loads all R rows
+// of a unit before decoding any, but ptxas sinks each load to about one row ahead of its use (SASS of
+// qmatvec<8, 1, 32, 0>, sm_90), so a warp has one or two rows' loads in flight, and on the H200 the kernel took
+// 8 to 9 us for a 4096x4096 matrix at 2, 4 and 8 bits alike (GPU_NOTES.md, runs 9 and 11: DRAM 20% busy,
+// warps waiting on loads). Staged, a thread issues all R rows of its first unit at once, a cp.async group a
+// row, waits for row r alone before decoding it, and refills row r's slot with the row's next unit as soon as
+// it is decoded: R rows' bytes stay in flight while it decodes.
+//
+// Each thread has its own STRIDE bytes of the block's dynamic shared memory: R slots of 32 bytes (a unit of
+// any width, 4 * BITS bytes, copied in vectors as load_unit reads it), then R words of scales. STRIDE is an odd
+// number of 16-byte lines, so the 16-byte reads of 8 consecutive threads fall in distinct banks, and every
+// address is a thread's base plus a constant (no per-row addresses held in registers). A unit's fp16 scale is
+// copied as the aligned 4-byte word holding it and read back at its half; where that word would reach outside
+// the slice's scales (their first or last, alone in its word), the thread loads the scale itself.
+template <int R>
+struct StagedRing {
+    static constexpr int SCALES = 32 * R, LINES = (36 * R + 15) / 16, STRIDE = 16 * (LINES | 1);
+};
+
+template <int BITS>
+struct UnitCopy {                                         // as load_unit's loads: layout.py's row alignment
+    static constexpr int VB = (BITS == 4 || BITS == 8) ? 16 : (BITS == 2 || BITS == 6) ? 8 : 4, NV = 4 * BITS / VB;
+};
+
+// Row r's unit at w (its scale at s; the slice's scales are [s0, s1)) into the thread's slot r at `mine`.
+// EDGE: the block holds the matrix's first or last row, the only rows whose scales may be alone in a word.
+template <int BITS, int R, bool EDGE>
+__device__ __forceinline__ void stage_unit(u8* mine, int r, const u8* w, const u16* s, const u16* s0, const u16* s1) {
+    using C = UnitCopy<BITS>;
+#pragma unroll
+    for (int c = 0; c < C::NV; ++c) cp_async<C::VB>(mine + 32 * r + c * C::VB, w + c * C::VB);
+    u8* sd = mine + StagedRing<R>::SCALES + 4 * r;
+    const u16* word = reinterpret_cast<const u16*>((size_t)s & ~(size_t)3);
+    if (!EDGE || (word >= s0 && word + 2 <= s1)) cp_async<4>(sd, word);
+    else *reinterpret_cast<u16*>(sd + ((size_t)s & 2)) = __ldg(s);
+}
+
+template <int BITS, int R, bool EDGE>
+__device__ __forceinline__ void staged_rows(const QSlice& sl, const float* __restrict__ x, int n, int gshift,
+                                            const int (&rows)[R], float (&acc)[R], u8* mine) {
+    const int T = blockDim.x;
+    const u16 *s0 = sl.s, *s1 = sl.s + (size_t)n * sl.groups;
+    const float scale = (float)(1 << BITS);
+    // row r's words and scales lie these far from the block's first row's, the same for every thread (rows
+    // past the matrix repeat its last; R rows of words are far under 4 GiB): one address a step is the thread's
+    u32 woff[R];
+    int soff[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        woff[r] = (u32)(rows[r] - rows[0]) * (u32)sl.units * (BITS * 4);
+        soff[r] = (rows[r] - rows[0]) * sl.groups;
+    }
+    const u8* w0 = reinterpret_cast<const u8*>(sl.w + (size_t)rows[0] * sl.units * BITS);
+    const u16* g0 = s0 + (size_t)rows[0] * sl.groups;
+    int u = threadIdx.x;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {                          // the first unit of every row, a group a row
+        if (u < sl.units)
+            stage_unit<BITS, R, EDGE>(mine, r, w0 + woff[r] + u * BITS * 4, g0 + soff[r] + (u >> gshift), s0, s1);
+        cp_async_commit();
+    }
+    for (; u < sl.units; u += T) {
+        float xf[32];
+        load_x32(x + sl.xoff + (size_t)u * 32, xf);
+        const float sx = sum32(xf);
+        const int next = u + T;
+        const u16* su = g0 + (u >> gshift);
+        const u8* wn = w0 + (size_t)next * BITS * 4;
+        const u16* sn = g0 + (next >> gshift);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            cp_async_wait<R - 1>();                        // row r's group: the oldest of the R in flight
+            u32 buf[8], wv[BITS];                          // 16-byte reads past the unit's bytes: unused
+            const uint4 q0 = *reinterpret_cast<const uint4*>(mine + 32 * r);
+            buf[0] = q0.x; buf[1] = q0.y; buf[2] = q0.z; buf[3] = q0.w;
+            if constexpr (BITS > 4) {
+                const uint4 q1 = *reinterpret_cast<const uint4*>(mine + 32 * r + 16);
+                buf[4] = q1.x; buf[5] = q1.y; buf[6] = q1.z; buf[7] = q1.w;
+            }
+#pragma unroll
+            for (int i = 0; i < BITS; ++i) wv[i] = buf[i];
+            const u16 h = *reinterpret_cast<const u16*>(mine + StagedRing<R>::SCALES + 4 * r + ((size_t)(su + soff[r]) & 2));
+            acc[r] = fmaf(h2f(h) * scale, unit_dot<BITS>(wv, xf, sx), acc[r]);
+            if (next < sl.units)                           // the slot is free: the row's next unit into it
+                stage_unit<BITS, R, EDGE>(mine, r, wn + woff[r], sn + soff[r], s0, s1);
+            cp_async_commit();
+        }
+    }
+    cp_async_wait<0>();                                    // what is left are empty groups: the slots are free
+}
+
+// One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows; staged
+// through shared memory with N's bit 2, staged_rows).
 template <int BITS, int R, int U, int L, int N>
-__device__ __forceinline__ void slice_dot(const QSlice& sl, const XSrc& src, int gshift, const int (&rows)[R],
-                                          float (&acc)[R], float& sq) {
+__device__ __forceinline__ void slice_dot(const QSlice& sl, const XSrc& src, int n, int gshift, const int (&rows)[R],
+                                          float (&acc)[R], float& sq, u8* mine) {
     if constexpr (L == 8) slice_rows<BITS, R, U>(sl, src.x, gshift, rows, acc);
+    else if constexpr ((N & 4) != 0) {                  // the checks of a lone scale, in the edge blocks only
+        if (rows[0] == 0 || rows[R - 1] == n - 1) staged_rows<BITS, R, true>(sl, src.x, n, gshift, rows, acc, mine);
+        else staged_rows<BITS, R, false>(sl, src.x, n, gshift, rows, acc, mine);
+    }
     else unit_rows<BITS, R, U, (N & 1) != 0, (N & 2) != 0>(sl, src, gshift, rows, acc, sq);
 }
 
@@ -316,11 +426,17 @@ template <int R, int U, int L, int N>
 __device__ __forceinline__ void qmatvec_block(const float* __restrict__ x, int glu, const QMat& m0, const QMat& m1,
                                               const QMat& m2, const NormIn& norm, const XMap& map, int first) {
     static_assert(N == 0 || L == 32, "the fold and the gather are for the unit-a-lane layout only");
+    static_assert((N & 4) == 0 || (N == 4 && U == 1), "staged: plain (no fold, no gather), a unit at a time");
     __shared__ float red[2][R * 32];
     const int row0 = blockIdx.x * R;
     int which = first;
     const int n = QPICK(n);
     if (row0 >= n) return;                                  // the grid spans the largest matrix
+    u8* mine = nullptr;                                     // staged: this thread's part of the ring
+    if constexpr ((N & 4) != 0) {
+        DYNAMIC_SHARED(ring);
+        mine = ring + threadIdx.x * StagedRing<R>::STRIDE;
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float sum0 = 0.0f, sum1 = 0.0f, sq = 0.0f;
 #pragma unroll 1
@@ -342,12 +458,12 @@ __device__ __forceinline__ void qmatvec_block(const float* __restrict__ x, int g
                 src.rows = pick3x3(map.rows, which, s);
             }
             switch (sl.bits) {
-                case 2: slice_dot<2, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
-                case 3: slice_dot<3, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
-                case 4: slice_dot<4, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
-                case 5: slice_dot<5, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
-                case 6: slice_dot<6, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
-                case 8: slice_dot<8, R, U, L, N>(sl, src, gshift, rows, acc, sqr); break;
+                case 2: slice_dot<2, R, U, L, N>(sl, src, n, gshift, rows, acc, sqr, mine); break;
+                case 3: slice_dot<3, R, U, L, N>(sl, src, n, gshift, rows, acc, sqr, mine); break;
+                case 4: slice_dot<4, R, U, L, N>(sl, src, n, gshift, rows, acc, sqr, mine); break;
+                case 5: slice_dot<5, R, U, L, N>(sl, src, n, gshift, rows, acc, sqr, mine); break;
+                case 6: slice_dot<6, R, U, L, N>(sl, src, n, gshift, rows, acc, sqr, mine); break;
+                case 8: slice_dot<8, R, U, L, N>(sl, src, n, gshift, rows, acc, sqr, mine); break;
             }
         }
         float* rd = red[which - first];
@@ -390,6 +506,7 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 // expert's option), into y + s * ldy. glu (1 or 2): gate and up of the expert in one launch, up's QMat in
 // up[sel[s]], y = act(gate x) * (up x) as qmatvec's. No bias, no accumulate: the slots' sums meet in
 // moe_combine.
+// N = 4: staged, as qmatvec's N bit 2 (launch sizes the dynamic shared memory for the table's widest expert).
 // launch.MATVEC_REGS: at most 168 registers (uncapped, qmatvec_moe<8, 1, 32> takes 255: 2 blocks of 128 threads
 // an SM; capped, 3 and no spills)
 #ifdef VRAMWISE_MATVEC_REGS
@@ -397,7 +514,7 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 #else
 #define QMATVEC_MOE_REGS
 #endif
-template <int R, int U, int L>
+template <int R, int U, int L, int N = 0>
 __global__ void QMATVEC_MOE_REGS qmatvec_moe(const float* __restrict__ x, int ldx, int per, int glu, const QMat* __restrict__ tab,
                             const QMat* __restrict__ up, const int* __restrict__ sel, float* __restrict__ y, int ldy) {
     const int slot = blockIdx.y, e = sel[slot];
@@ -406,7 +523,7 @@ __global__ void QMATVEC_MOE_REGS qmatvec_moe(const float* __restrict__ x, int ld
     m.y = y + (size_t)slot * ldy;
     QMat u = m;
     if (glu) u = up[e];
-    qmatvec_block<R, U, L, 0>(x + (size_t)(slot / per) * ldx, glu, m, u, m, NormIn{}, XMap{}, 0);
+    qmatvec_block<R, U, L, N>(x + (size_t)(slot / per) * ldx, glu, m, u, m, NormIn{}, XMap{}, 0);
 }
 
 // Tensor-core decode (launch.MATVEC_TC, a candidate): slices of every width (2 to 8 bits) with scale groups
@@ -663,6 +780,12 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 
 // Sizes and offsets of QMat's, NormIn's and XMap's fields, for the test that launch.py's structured dtypes
 // match the compiler's.
+// The staged ring's bytes a thread for each compiled R (kernels.MATVEC_STAGED), for the test that
+// launch.MatvecShape.shared_bytes matches.
+extern "C" __global__ void staged_layout(unsigned long long* out) {
+    out[0] = StagedRing<4>::STRIDE; out[1] = StagedRing<8>::STRIDE; out[2] = StagedRing<16>::STRIDE;
+}
+
 extern "C" __global__ void qmat_layout(unsigned long long* out) {
     const QMat* p = nullptr;
     out[0] = sizeof(QMat); out[1] = sizeof(QSlice);
@@ -785,6 +908,8 @@ QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
 #define QMATVEC_MOE(R, U, L) template __global__ void qmatvec_moe<R, U, L>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
 QMATVEC_MOE(1, 4, 8) QMATVEC_MOE(2, 4, 8) QMATVEC_MOE(2, 8, 8) QMATVEC_MOE(4, 4, 8)
 QMATVEC_MOE(2, 1, 32) QMATVEC_MOE(4, 1, 32) QMATVEC_MOE(4, 2, 32) QMATVEC_MOE(8, 1, 32)
+#define QMATVEC_STAGED(R) QMATVEC(R, 1, 32, 4) template __global__ void qmatvec_moe<R, 1, 32, 4>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
+QMATVEC_STAGED(4) QMATVEC_STAGED(8) QMATVEC_STAGED(16)
 #define TMATVEC(T, N) template __global__ void tmatvec<T, N>(const float*, int, QMat, QMat, QMat, NormIn);
 TMATVEC(1, 0) TMATVEC(2, 0) TMATVEC(4, 0) TMATVEC(1, 1) TMATVEC(2, 1) TMATVEC(4, 1)
 #endif
