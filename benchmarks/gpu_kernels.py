@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import cupy as cp
 
     from gpuengine import device, launch
-    from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES
+    from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
     from gpuengine.layout import build_image, views
     rng = np.random.default_rng(0)
     rows = []
@@ -84,14 +84,27 @@ def main(argv=None) -> int:
               + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
         return {**asdict(shape), "us": us, "total_us": sum(us.values())}
 
-    for instance in MATVEC_INSTANCES:
-        for warps in (1, 2, 4, 8):             # 8: K split over more warps (run 11's ncu: too few warps in flight)
-            launch.MATVEC = launch.MatvecShape(*instance, warps)
-            sweep.append(sweep_point(launch.MATVEC))
+    shapes_swept = [launch.MatvecShape(*i, w) for i in MATVEC_INSTANCES for w in (1, 2, 4, 8)]
+    # staged: each thread's weights through shared memory by cp.async, all of a unit's rows in flight
+    shapes_swept += [launch.MatvecShape(r, 1, 32, w, True) for r in MATVEC_STAGED for w in (1, 2, 4, 8)]
+    for shape in shapes_swept:                 # 8 warps: K split over more warps (run 11's ncu: too few in flight)
+        launch.MATVEC = shape
+        sweep.append(sweep_point(shape))
     best = min(sweep, key=lambda r: r["total_us"])
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
     tc_sweep, tc_best = [], None
+    # the best plain shape against the best staged one at every width (4096x4096; the sweep is 4-bit only)
+    bests = [launch.MatvecShape.from_json(min((r for r in sweep if r.get("staged", False) == staged),
+                                              key=lambda r: r["total_us"])) for staged in (False, True)]
+    for option in ("1:2b g128", "1:3b g128", "1:5b g128", "1:6b g128", "1:8b g128"):
+        w, nbytes = rotation(option, H, H)
+        for shape in bests:
+            launch.MATVEC = shape
+            us = timed(cp, lambda: launch.matvec(x[:H], outs[H], w(), xp))
+            rows.append({"kernel": f"matvec {option} {H}x{H} ({shape.kernel} x {shape.warps})", "us": us,
+                         "gb_s": nbytes / us / 1e3})
+    launch.MATVEC = launch.MatvecShape.from_json(best)
 
     def save(complete: bool) -> None:
         """The JSON as it stands: written after each sweep too, so a run cut short still names its shapes."""
@@ -189,13 +202,14 @@ def main(argv=None) -> int:
         sel = cp.asarray(rng.choice(experts, k_slots, replace=False).astype(np.int32))
         xe, ye = cp.asarray(rng.standard_normal((1, k)).astype(np.float32)), cp.empty((k_slots, n), cp.float32)
         xpe = cp.empty((k_slots, table.width), cp.float32)
-        for regs in (False, True):
-            launch.MATVEC_REGS = regs
+        chosen = launch.MATVEC
+        for regs, shape in ((False, chosen), (True, chosen), (False, bests[1 - chosen.staged])):
+            launch.MATVEC_REGS, launch.MATVEC = regs, shape       # and the best shape of the other kind
             us = timed(cp, lambda: launch.matvec_experts(xe, k_slots, table, sel, xpe, ye))
             rows.append({"kernel": f"experts {label} {k_slots}x{n}x{k} 1:4b g128" + (", registers capped" if regs else "")
                                    + f" ({launch.MATVEC.experts} x {launch.MATVEC.warps})",
                          "us": us, "gb_s": k_slots * images[0].nbytes / us / 1e3})
-        launch.MATVEC_REGS = False
+        launch.MATVEC_REGS, launch.MATVEC = False, chosen
     t, hq, hkv, d, ctx = 1, HEADS, HEADS, HEAD_D, CTX
     q = cp.asarray(rng.standard_normal((t, hq, d)).astype(np.float32))
     out = cp.empty((t, hq, d), cp.float32)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from benchlib import ROOT, write_json
 
-from gpuengine.kernels import MATVEC_INSTANCES, TC_TILES, source  # noqa: E402
+from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES, source  # noqa: E402
 
 # the decode's mask of a code in a float's top mantissa bits (matvec.cu's code_float / unit_code): its
 # immediate names the bit width of the loop it appears in, and each occurrence is one decoded weight
@@ -131,6 +131,12 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
                     row[f"instructions_per_weight_{label}"] = round(found[bits][1] / found[bits][0], 2)
                     row[f"registers_{label}"] = regs.get(variants[label])
             rows.append(row)
+    for r in MATVEC_STAGED:                     # staged through shared memory (qmatvec<R, 1, 32, 4>)
+        mangled = f"_Z7qmatvecILi{r}ELi1ELi32ELi4EEvPKfi4QMatS2_S2_6NormIn4XMap"
+        for bits, (weights, n_ins) in sorted(main_loops(sass, mangled).items()):
+            rows.append({"instance": f"qmatvec<{r}, 1, 32, 4>", "layout": "staged", "bits": bits,
+                         "registers": regs.get(mangled), "loop_instructions": n_ins, "weights_per_iteration": weights,
+                         "instructions_per_weight": round(n_ins / weights, 2)})
     return rows
 
 
