@@ -81,13 +81,15 @@ class MatvecShape:
     instance, kernels.MATVEC_INSTANCES lists those compiled), `warps` warps a block splitting the units.
     `staged`: a unit a lane (units 1), each thread's weights copied into shared memory by cp.async, all of a
     unit's rows in flight at once (matvec.cu's staged_rows; kernels.MATVEC_STAGED lists the rows compiled);
-    it neither folds RMSNorm in nor gathers x."""
+    it neither folds RMSNorm in nor gathers x. `idot` (staged only): 2-, 4- and 8-bit slices summed by dp4a
+    against x as 23-bit integers in three byte planes (matvec.cu's x_planes)."""
 
     rows: int
     units: int
     lane: int
     warps: int
     staged: bool = False
+    idot: bool = False
 
     @property
     def kernel(self) -> str:
@@ -98,13 +100,20 @@ class MatvecShape:
         x through a mixed option's slices and permutation (both unit a lane only, not staged)."""
         if self.staged and (norm or gather):
             raise LaunchError("the staged matvec neither folds RMSNorm in nor gathers x")
-        flags = 4 if self.staged else int(norm) | int(gather) << 1
+        flags = self._staged_flags if self.staged or self.idot else int(norm) | int(gather) << 1
         return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {flags}>"
+
+    @property
+    def _staged_flags(self) -> int:
+        if self.idot and not self.staged:
+            raise LaunchError("the integer dot runs in the staged matvec only")
+        return 4 | (8 if self.idot else 0)
 
     @property
     def experts(self) -> str:
         """The instance running routed experts' slots (qmatvec_moe)."""
-        return f"qmatvec_moe<{self.rows}, {self.units}, {self.lane}{', 4' if self.staged else ''}>"
+        flags = f", {self._staged_flags}" if self.staged or self.idot else ""
+        return f"qmatvec_moe<{self.rows}, {self.units}, {self.lane}{flags}>"
 
     @property
     def shared_bytes(self) -> int:
@@ -118,7 +127,7 @@ class MatvecShape:
     @classmethod
     def from_json(cls, d: dict) -> "MatvecShape":
         """From a benchmark's record (runs before the lane layout existed used quads: lane 8)."""
-        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"], d.get("staged", False))
+        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"], d.get("staged", False), d.get("idot", False))
 
 
 # The shape every matvec launches with: chosen by benchmarks/gpu_kernels.py's sweep of all 24 shapes on an H200
@@ -129,7 +138,8 @@ MATVEC = MatvecShape(rows=8, units=1, lane=32, warps=4)
 # Staged shapes (MatvecShape(R, 1, 32, warps, staged=True), R in kernels.MATVEC_STAGED) are in that sweep since
 # 2026-11-28 and not yet timed: built without a GPU after the SASS of this default showed ptxas issuing each row's
 # weight load about one row ahead of its use (GPU_NOTES.md). nvcc 13, sm_90: qmatvec<8, 1, 32, 4> 128 registers,
-# 4.0 SASS instructions a 4-bit weight against this default's 3.7 (benchmarks/matvec_sass.py).
+# 4.0 SASS instructions a 4-bit weight against this default's 3.7 (benchmarks/matvec_sass.py); with the integer
+# dot (idot=True) qmatvec<16, 1, 32, 12> 2.5 against the staged float decode's 3.9.
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,8 @@ def _compiled_matvec() -> MatvecShape:
     """MATVEC, refused where no compiled instance has its shape (kernels.MATVEC_INSTANCES, MATVEC_STAGED)."""
     if MATVEC.staged:
         compiled = MATVEC.units == 1 and MATVEC.lane == 32 and MATVEC.rows in MATVEC_STAGED
+    elif MATVEC.idot:
+        raise LaunchError("the integer dot runs in the staged matvec only")
     else:
         compiled = (MATVEC.rows, MATVEC.units, MATVEC.lane) in MATVEC_INSTANCES
     if not compiled:

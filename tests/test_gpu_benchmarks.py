@@ -35,7 +35,7 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     out = tmp_path / "kernels.json"
     assert gpu_kernels.main(["--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert len(doc["matvec_block_sweep"]) == 4 * (len(MATVEC_INSTANCES) + len(MATVEC_STAGED)) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
+    assert len(doc["matvec_block_sweep"]) == 4 * (len(MATVEC_INSTANCES) + 2 * len(MATVEC_STAGED)) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
     assert doc["tensor_core_best"]["tiles"] in TC_TILES
     names = " | ".join(r["kernel"] for r in doc["kernels"])
     for expected in ("(gqa)", "8q/2kv heads", "dequantize rows", "dequantize slice", "attention prefill tiled",
@@ -47,13 +47,14 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
                      "matvec 1:8b g128 128x128 (tensor cores", "gate+up+swiglu with the norm folded in, registers capped",
                      "gathered by kernel, registers capped", "experts Mixtral gate", "experts Qwen3-30B-A3B gate 8x24x64 1:4b g128, registers capped",
                      "matvec 1:5b g128 128x128 (qmatvec<4, 1, 32, 4> x 1)", "matvec 1:3b g128 128x128 (qmatvec<1, 4, 8, 0>",
-                     "(qmatvec_moe<4, 1, 32, 4> x 1)"):
+                     "(qmatvec_moe<4, 1, 32, 4> x 1)", "matvec 1:8b g128 128x128 (qmatvec<4, 1, 32, 12> x 1)",
+                     "(qmatvec_moe<4, 1, 32, 12> x 1)"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
     assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:] and launch.GATHER == "launch"
     assert launch.MATVEC_TC is None and launch.MATVEC_REGS is False
     assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and "attention_gqa<0, 1>" in kernels
-    assert {f"qmatvec<{r}, 1, 32, 4>" for r in MATVEC_STAGED} <= kernels
+    assert {f"qmatvec<{r}, 1, 32, {n}>" for r in MATVEC_STAGED for n in (4, 12)} <= kernels
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
 

@@ -254,8 +254,8 @@ def test_random_model_decode_path_matches_on_tensor_cores(other, widths, fold, b
 
 
 @pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True),
-                                             ((16, 1, 32, 2, True), True)],
-                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads", "staged"])
+                                             ((16, 1, 32, 2, True), True), ((8, 1, 32, 4, True, True), False)],
+                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads", "staged", "staged-integer-dot"])
 def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, fold, backend, monkeypatch):
     """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
     the default launch.MATVEC, as the benchmark's sweep may pick one; and with RMSNorm folded into the

@@ -224,13 +224,15 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     from gpuengine.kernels import NAME_EXPRESSIONS
     from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
     shapes = [launch.MatvecShape(*i, 1) for i in MATVEC_INSTANCES]
-    staged = [launch.MatvecShape(r, 1, 32, 1, True) for r in MATVEC_STAGED]
+    staged = [launch.MatvecShape(r, 1, 32, 1, True, idot) for r in MATVEC_STAGED for idot in (False, True)]
     both = (False, True)
     assert {s.instance(norm, gather) for s in shapes for norm in both for gather in both if s.lane == 32 or
             not (norm or gather)} | {launch.TcShape(t, 1).instance(norm) for t in TC_TILES for norm in both} \
         | {s.experts for s in shapes + staged} | {s.kernel for s in staged} == set(NAME_EXPRESSIONS["matvec"])
     with pytest.raises(launch.LaunchError, match="staged"):
         staged[0].instance(norm=True)
+    with pytest.raises(launch.LaunchError, match="integer dot"):
+        launch.MatvecShape(8, 1, 32, 4, idot=True).kernel
     assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))
@@ -278,7 +280,7 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
     quads, lane, staged, tensor, plain, attention = built
     assert quads == {"qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 4, 8>"} and not plain
     assert lane == {f"qmatvec<4, 1, 32, {n}>" for n in range(4)} | {"qmatvec_moe<4, 1, 32>"}
-    assert staged == {"qmatvec<4, 1, 32, 4>", "qmatvec_moe<4, 1, 32, 4>"}
+    assert staged == {f"{k}<4, 1, 32, {n}>" for k in ("qmatvec", "qmatvec_moe") for n in (4, 12)}
     assert all(n.startswith("tmatvec") for n in tensor) and len(tensor) == 2 * len(kernels.TC_TILES)
     shapes = {kernels.family("matvec", n) for n in kernels.NAME_EXPRESSIONS["matvec"]}
     assert len(shapes) == len(kernels.MATVEC_INSTANCES) + len(kernels.MATVEC_STAGED) + 1    # + the tensor cores

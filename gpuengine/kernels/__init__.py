@@ -16,8 +16,9 @@ from planner.formats import KV_CODES
 # launch.MATVEC picks a shape.
 MATVEC_INSTANCES = ((1, 4, 8), (2, 4, 8), (2, 8, 8), (4, 4, 8), (2, 1, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32))
 
-# The staged matvec's rows a block: qmatvec<R, 1, 32, 4> and qmatvec_moe<R, 1, 32, 4> (a unit a lane, each
-# thread's weights copied into shared memory by cp.async; launch.MatvecShape.staged).
+# The staged matvec's rows a block: qmatvec<R, 1, 32, N> and qmatvec_moe<R, 1, 32, N> (a unit a lane, each
+# thread's weights copied into shared memory by cp.async; launch.MatvecShape.staged), N = 4, or 12 with the
+# integer dot (launch.MatvecShape.idot).
 MATVEC_STAGED = (4, 8, 16)
 
 # The tensor-core matvec's compiled tiles of 8 rows a warp, tmatvec<T, N> (matvec.cu; launch.MATVEC_TC), each
@@ -32,7 +33,7 @@ NAME_EXPRESSIONS = {
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
                     for n in ((0, 1, 2, 3) if lane == 32 else (0,)))
     + tuple(f"qmatvec_moe<{r}, {u}, {lane}>" for r, u, lane in MATVEC_INSTANCES)
-    + tuple(f"{k}<{r}, 1, 32, 4>" for r in MATVEC_STAGED for k in ("qmatvec", "qmatvec_moe"))
+    + tuple(f"{k}<{r}, 1, 32, {n}>" for r in MATVEC_STAGED for n in (4, 12) for k in ("qmatvec", "qmatvec_moe"))
     + tuple(f"tmatvec<{t}, {n}>" for t in TC_TILES for n in (0, 1)),
 }
 SOURCES = ("matvec", "dequant", "norm", "attention", "sample", "moe")
@@ -49,7 +50,8 @@ def source(name: str) -> str:
 def family(module_name: str, kernel: str) -> str:
     """Which compile of a source holds a kernel. matvec.cu's template instances are compiled on first use only,
     a family at a time: each packed shape (R, U, L) with its variants (qmatvec<R, U, L, N> for every N, and
-    qmatvec_moe<R, U, L>), each staged shape (qmatvec<R, 1, 32, 4> and qmatvec_moe<R, 1, 32, 4>: "Rx1x32s"), and
+    qmatvec_moe<R, U, L>), each staged shape (qmatvec<R, 1, 32, N> and qmatvec_moe<R, 1, 32, N>, N = 4 and 12:
+    "Rx1x32s"), and
     the tensor-core matvec. A run needs the one shape launch.MATVEC names.
     Instantiating every shape at once took nvcc 49 s for sm_90 on a 2-core VM; the quads alone 3.2 s, the
     tensor-core matvec 6.1 s."""
@@ -58,7 +60,7 @@ def family(module_name: str, kernel: str) -> str:
     if kernel.startswith("tmatvec"):
         return "tensor"
     r, u, lane, *n = (v.strip() for v in kernel[kernel.index("<") + 1:-1].split(","))   # qmatvec<R, U, L, N>
-    return f"{r}x{u}x{lane}" + ("s" if n == ["4"] else "")                             # qmatvec_moe<R, U, L[, 4]>
+    return f"{r}x{u}x{lane}" + ("s" if n in (["4"], ["12"]) else "")                   # qmatvec_moe<R, U, L[, N]>
 
 
 # A source's variant, after a colon in the module name launch asks for: "matvec:regs" compiles matvec.cu with

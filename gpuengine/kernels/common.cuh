@@ -160,6 +160,24 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// c + the dot product of a's and b's four bytes (dp4a, sm_61 and later), a's unsigned, b's unsigned or (SIGNED)
+// signed. Exact in 32-bit integers.
+template <bool SIGNED>
+__device__ __forceinline__ int dp4a(u32 a, u32 b, int c) {
+#ifdef VRAMWISE_CUDA_EMU
+    for (int i = 0; i < 4; ++i) {
+        const u32 bb = (b >> (8 * i)) & 255u;
+        c += (int)((a >> (8 * i)) & 255u) * (SIGNED ? (int)(signed char)bb : (int)bb);
+    }
+    return c;
+#else
+    int d;
+    if constexpr (SIGNED) asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    else asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+#endif
+}
+
 // The launch's dynamic shared memory (its shared_mem bytes) as a 16-byte aligned u8 array `name`.
 #ifdef VRAMWISE_CUDA_EMU
 #define DYNAMIC_SHARED(name) u8* name = emu::dynamic_shared()

@@ -311,7 +311,80 @@ __device__ __forceinline__ void stage_unit(u8* mine, int r, const u8* w, const u
     else *reinterpret_cast<u16*>(sd + ((size_t)s & 2)) = __ldg(s);
 }
 
-template <int BITS, int R, bool EDGE>
+// Integer dot (N bit 3, staged only; 2-, 4- and 8-bit slices, others decode as above): x's unit as 23-bit
+// integers q_i = round(x_i 2^22 / m), m = max |x_i| of the unit (the float's own rounding: x_i (2^22 - 1) / m
+// + 1.5 2^23 has q_i + 2^22 in its low 23 bits), in three byte planes (q's bytes 0 and 1 unsigned, byte 2
+// signed), each plane's 32 bytes in the order a width's codes come out of their words four at a time
+// (code_bytes), so sum c_i q_i is 3 dp4a a 4 codes, exact in integers. The codes' offset 2^(BITS-1) comes
+// off with sum q. Against the float decode (3 instructions a weight) a 4-bit word of 8 weights costs 3 to
+// split its codes and 6 dp4a; the planes cost about 190 instructions a unit, shared by the R rows. x's error
+// is at most m / (2^23 - 2) a value (fp32 rounds x_i to |x_i| 2^-24): the test bound is the float path's.
+template <int BITS>
+__device__ __forceinline__ u32 code_bytes(const u32 (&w)[BITS], int t) {   // codes of vector t, t < 8, a byte each
+    if constexpr (BITS == 8) return w[t];
+    else if constexpr (BITS == 4) return t & 1 ? (w[t >> 1] >> 4) & 0x0f0f0f0fu : w[t >> 1] & 0x0f0f0f0fu;
+    else return (w[t >> 2] >> (2 * (t & 3))) & 0x03030303u;
+}
+
+template <int BITS>
+__device__ __forceinline__ int code_index(int t, int j) {   // the unit's value in byte j of vector t
+    if constexpr (BITS == 8) return 4 * t + j;
+    else if constexpr (BITS == 4) return 8 * (t >> 1) + 2 * j + (t & 1);
+    else return 16 * (t >> 2) + 4 * j + (t & 3);
+}
+
+struct XPlanes {
+    u32 p[3][8];
+    float step;                                            // x_i = q_i * step (about)
+    float sum;                                             // sum q_i (exact below 2^24)
+};
+
+template <int BITS>
+__device__ __forceinline__ XPlanes x_planes(const float (&xf)[32]) {
+    XPlanes x;
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) m = fmaxf(m, fabsf(xf[i]));
+    const float inv = m > 0.0f ? 4194303.0f / m : 0.0f;
+    x.step = m * (1.0f / 4194303.0f);
+    u32 b[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) b[i] = __float_as_uint(fmaf(xf[i], inv, 12582912.0f));   // 2^22 + q_i below bit 23
+    int s0 = 0, s1 = 0, s2 = 0;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const u32 *v0 = &b[code_index<BITS>(t, 0)], *v1 = &b[code_index<BITS>(t, 1)];
+        const u32 *v2 = &b[code_index<BITS>(t, 2)], *v3 = &b[code_index<BITS>(t, 3)];
+#pragma unroll
+        for (int pl = 0; pl < 3; ++pl) {
+            const u32 sel = (u32)pl | ((u32)(pl + 4) << 4);
+            x.p[pl][t] = __byte_perm(__byte_perm(*v0, *v1, sel), __byte_perm(*v2, *v3, sel), 0x5410);
+        }
+        u32 top = x.p[2][t] ^ 0x40404040u;                 // bits 16-22 of 2^22 + q, less 64: q's byte 2, signed
+        x.p[2][t] = top | ((top & 0x40404040u) << 1);
+        s0 = dp4a<false>(x.p[0][t], 0x01010101u, s0);
+        s1 = dp4a<false>(x.p[1][t], 0x01010101u, s1);
+        s2 = dp4a<true>(0x01010101u, x.p[2][t], s2);
+    }
+    x.sum = (float)(s0 + 256 * s1 + 65536 * s2);
+    return x;
+}
+
+// sum_i (c_i - 2^(BITS-1)) q_i for a unit of codes w.
+template <int BITS>
+__device__ __forceinline__ float unit_idot(const u32 (&w)[BITS], const XPlanes& x) {
+    int a0 = 0, a1 = 0, a2 = 0;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const u32 c = code_bytes<BITS>(w, t);
+        a0 = dp4a<false>(c, x.p[0][t], a0);
+        a1 = dp4a<false>(c, x.p[1][t], a1);
+        a2 = dp4a<true>(c, x.p[2][t], a2);
+    }
+    return fmaf((float)a2, 65536.0f, fmaf((float)a1, 256.0f, (float)a0)) - (float)(1 << (BITS - 1)) * x.sum;
+}
+
+template <int BITS, int R, bool EDGE, bool IDOT = false>
 __device__ __forceinline__ void staged_rows(const QSlice& sl, const float* __restrict__ x, int n, int gshift,
                                             const int (&rows)[R], float (&acc)[R], u8* mine) {
     const int T = blockDim.x;
@@ -335,10 +408,14 @@ __device__ __forceinline__ void staged_rows(const QSlice& sl, const float* __res
             stage_unit<BITS, R, EDGE>(mine, r, w0 + woff[r] + u * BITS * 4, g0 + soff[r] + (u >> gshift), s0, s1);
         cp_async_commit();
     }
+    constexpr bool INT = IDOT && (BITS == 2 || BITS == 4 || BITS == 8);
     for (; u < sl.units; u += T) {
         float xf[32];
         load_x32(x + sl.xoff + (size_t)u * 32, xf);
-        const float sx = sum32(xf);
+        float sx = 0.0f;
+        XPlanes xq;
+        if constexpr (INT) xq = x_planes<BITS>(xf);
+        else sx = sum32(xf);
         const int next = u + T;
         const u16* su = g0 + (u >> gshift);
         const u8* wn = w0 + (size_t)next * BITS * 4;
@@ -356,7 +433,8 @@ __device__ __forceinline__ void staged_rows(const QSlice& sl, const float* __res
 #pragma unroll
             for (int i = 0; i < BITS; ++i) wv[i] = buf[i];
             const u16 h = *reinterpret_cast<const u16*>(mine + StagedRing<R>::SCALES + 4 * r + ((size_t)(su + soff[r]) & 2));
-            acc[r] = fmaf(h2f(h) * scale, unit_dot<BITS>(wv, xf, sx), acc[r]);
+            if constexpr (INT) acc[r] = fmaf(h2f(h) * xq.step, unit_idot<BITS>(wv, xq), acc[r]);
+            else acc[r] = fmaf(h2f(h) * scale, unit_dot<BITS>(wv, xf, sx), acc[r]);
             if (next < sl.units)                           // the slot is free: the row's next unit into it
                 stage_unit<BITS, R, EDGE>(mine, r, wn + woff[r], sn + soff[r], s0, s1);
             cp_async_commit();
@@ -372,8 +450,9 @@ __device__ __forceinline__ void slice_dot(const QSlice& sl, const XSrc& src, int
                                           float (&acc)[R], float& sq, u8* mine) {
     if constexpr (L == 8) slice_rows<BITS, R, U>(sl, src.x, gshift, rows, acc);
     else if constexpr ((N & 4) != 0) {                  // the checks of a lone scale, in the edge blocks only
-        if (rows[0] == 0 || rows[R - 1] == n - 1) staged_rows<BITS, R, true>(sl, src.x, n, gshift, rows, acc, mine);
-        else staged_rows<BITS, R, false>(sl, src.x, n, gshift, rows, acc, mine);
+        constexpr bool IDOT = (N & 8) != 0;
+        if (rows[0] == 0 || rows[R - 1] == n - 1) staged_rows<BITS, R, true, IDOT>(sl, src.x, n, gshift, rows, acc, mine);
+        else staged_rows<BITS, R, false, IDOT>(sl, src.x, n, gshift, rows, acc, mine);
     }
     else unit_rows<BITS, R, U, (N & 1) != 0, (N & 2) != 0>(sl, src, gshift, rows, acc, sq);
 }
@@ -426,7 +505,8 @@ template <int R, int U, int L, int N>
 __device__ __forceinline__ void qmatvec_block(const float* __restrict__ x, int glu, const QMat& m0, const QMat& m1,
                                               const QMat& m2, const NormIn& norm, const XMap& map, int first) {
     static_assert(N == 0 || L == 32, "the fold and the gather are for the unit-a-lane layout only");
-    static_assert((N & 4) == 0 || (N == 4 && U == 1), "staged: plain (no fold, no gather), a unit at a time");
+    static_assert((N & 4) == 0 || ((N & 3) == 0 && U == 1), "staged: plain (no fold, no gather), a unit at a time");
+    static_assert((N & 8) == 0 || (N & 4) != 0, "the integer dot is staged");
     __shared__ float red[2][R * 32];
     const int row0 = blockIdx.x * R;
     int which = first;
@@ -778,14 +858,14 @@ __global__ void tmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
     qmat_store(m0, m1, m2, first, glu, row, sum[0] * down * inv, sum[1] * down * inv);
 }
 
-// Sizes and offsets of QMat's, NormIn's and XMap's fields, for the test that launch.py's structured dtypes
-// match the compiler's.
 // The staged ring's bytes a thread for each compiled R (kernels.MATVEC_STAGED), for the test that
 // launch.MatvecShape.shared_bytes matches.
 extern "C" __global__ void staged_layout(unsigned long long* out) {
     out[0] = StagedRing<4>::STRIDE; out[1] = StagedRing<8>::STRIDE; out[2] = StagedRing<16>::STRIDE;
 }
 
+// Sizes and offsets of QMat's, NormIn's and XMap's fields, for the test that launch.py's structured dtypes
+// match the compiler's.
 extern "C" __global__ void qmat_layout(unsigned long long* out) {
     const QMat* p = nullptr;
     out[0] = sizeof(QMat); out[1] = sizeof(QSlice);
@@ -908,7 +988,8 @@ QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
 #define QMATVEC_MOE(R, U, L) template __global__ void qmatvec_moe<R, U, L>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
 QMATVEC_MOE(1, 4, 8) QMATVEC_MOE(2, 4, 8) QMATVEC_MOE(2, 8, 8) QMATVEC_MOE(4, 4, 8)
 QMATVEC_MOE(2, 1, 32) QMATVEC_MOE(4, 1, 32) QMATVEC_MOE(4, 2, 32) QMATVEC_MOE(8, 1, 32)
-#define QMATVEC_STAGED(R) QMATVEC(R, 1, 32, 4) template __global__ void qmatvec_moe<R, 1, 32, 4>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
+#define QMATVEC_STAGED_N(R, N) QMATVEC(R, 1, 32, N) template __global__ void qmatvec_moe<R, 1, 32, N>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
+#define QMATVEC_STAGED(R) QMATVEC_STAGED_N(R, 4) QMATVEC_STAGED_N(R, 12)
 QMATVEC_STAGED(4) QMATVEC_STAGED(8) QMATVEC_STAGED(16)
 #define TMATVEC(T, N) template __global__ void tmatvec<T, N>(const float*, int, QMat, QMat, QMat, NormIn);
 TMATVEC(1, 0) TMATVEC(2, 0) TMATVEC(4, 0) TMATVEC(1, 1) TMATVEC(2, 1) TMATVEC(4, 1)
