@@ -85,8 +85,10 @@ def main(argv=None) -> int:
         return {**asdict(shape), "us": us, "total_us": sum(us.values())}
 
     shapes_swept = [launch.MatvecShape(*i, w) for i in MATVEC_INSTANCES for w in (1, 2, 4, 8)]
-    # staged: each thread's weights through shared memory by cp.async, all of a unit's rows in flight
-    shapes_swept += [launch.MatvecShape(r, 1, 32, w, True) for r in MATVEC_STAGED for w in (1, 2, 4, 8)]
+    # staged: each thread's weights through shared memory by cp.async, all of a unit's rows in flight; and
+    # with the integer dot (dp4a against x as 23-bit integers)
+    shapes_swept += [launch.MatvecShape(r, 1, 32, w, True, idot) for idot in (False, True) for r in MATVEC_STAGED
+                     for w in (1, 2, 4, 8)]
     for shape in shapes_swept:                 # 8 warps: K split over more warps (run 11's ncu: too few in flight)
         launch.MATVEC = shape
         sweep.append(sweep_point(shape))
@@ -94,9 +96,10 @@ def main(argv=None) -> int:
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
     tc_sweep, tc_best = [], None
-    # the best plain shape against the best staged one at every width (4096x4096; the sweep is 4-bit only)
-    bests = [launch.MatvecShape.from_json(min((r for r in sweep if r.get("staged", False) == staged),
-                                              key=lambda r: r["total_us"])) for staged in (False, True)]
+    # the best plain, staged and integer-dot shapes against each other at every width (4096x4096; the sweep
+    # is 4-bit only)
+    bests = [launch.MatvecShape.from_json(min((r for r in sweep if (r.get("staged", False), r.get("idot", False)) == kind),
+                                              key=lambda r: r["total_us"])) for kind in ((False, False), (True, False), (True, True))]
     for option in ("1:2b g128", "1:3b g128", "1:5b g128", "1:6b g128", "1:8b g128"):
         w, nbytes = rotation(option, H, H)
         for shape in bests:
@@ -203,8 +206,8 @@ def main(argv=None) -> int:
         xe, ye = cp.asarray(rng.standard_normal((1, k)).astype(np.float32)), cp.empty((k_slots, n), cp.float32)
         xpe = cp.empty((k_slots, table.width), cp.float32)
         chosen = launch.MATVEC
-        for regs, shape in ((False, chosen), (True, chosen), (False, bests[1 - chosen.staged])):
-            launch.MATVEC_REGS, launch.MATVEC = regs, shape       # and the best shape of the other kind
+        for regs, shape in [(False, chosen), (True, chosen)] + [(False, b) for b in bests if b != chosen]:
+            launch.MATVEC_REGS, launch.MATVEC = regs, shape       # and the best shape of each other kind
             us = timed(cp, lambda: launch.matvec_experts(xe, k_slots, table, sel, xpe, ye))
             rows.append({"kernel": f"experts {label} {k_slots}x{n}x{k} 1:4b g128" + (", registers capped" if regs else "")
                                    + f" ({launch.MATVEC.experts} x {launch.MATVEC.warps})",

@@ -71,6 +71,14 @@ def compile_matvec(arch: str, work: Path) -> tuple[str, dict[str, int], str]:
     return sass, regs, version
 
 
+def function_body(sass: str, mangled: str) -> str:
+    """One kernel's part of the disassembly."""
+    m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
+    if not m:
+        sys.exit(f"error: {mangled} not in the disassembly")
+    return m.group(1)
+
+
 def loops(body: str) -> list[list[str]]:
     """Each backward branch's body (address order), as instruction texts."""
     ins = [(int(a, 16), op.strip()) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
@@ -101,11 +109,8 @@ def main_loops(sass: str, mangled: str) -> dict[int, tuple[int, int]]:
     """bits -> (weights an iteration, instructions) of each width's main loop in one kernel: the most weights
     an iteration, and of loops with as many, the shortest (the others are the same step bounded for a slice's
     last unit, or a variant the compiler split off on a runtime condition)."""
-    m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
-    if not m:
-        sys.exit(f"error: {mangled} not in the disassembly")
     found: dict[int, list[tuple[int, int]]] = {}
-    for loop in loops(m.group(1)):
+    for loop in loops(function_body(sass, mangled)):
         if (w := width_of(loop)):
             found.setdefault(w[0], []).append((w[1], len(loop)))
     out = {}
@@ -137,7 +142,28 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
             rows.append({"instance": f"qmatvec<{r}, 1, 32, 4>", "layout": "staged", "bits": bits,
                          "registers": regs.get(mangled), "loop_instructions": n_ins, "weights_per_iteration": weights,
                          "instructions_per_weight": round(n_ins / weights, 2)})
+        mangled = mangled.replace("ELi4EE", "ELi12EE")      # and with the integer dot (2, 4 and 8 bits)
+        for bits, (weights, n_ins) in sorted(idot_loops(sass, mangled, r).items()):
+            rows.append({"instance": f"qmatvec<{r}, 1, 32, 12>", "layout": "staged, dp4a", "bits": bits,
+                         "registers": regs.get(mangled), "loop_instructions": n_ins, "weights_per_iteration": weights,
+                         "instructions_per_weight": round(n_ins / weights, 2)})
     return rows
+
+
+def idot_loops(sass: str, mangled: str, rows: int) -> dict[int, tuple[int, int]]:
+    """bits -> (weights an iteration, instructions) of the integer dot's loops (IDP.4A, matvec.cu's
+    unit_idot): 4 bits split their codes by the mask 0x0f0f0f0f, 2 bits by 0x03030303, 8 bits by neither; an
+    iteration is a unit of each of the R rows; of a width's loops, the shortest (the blocks off the matrix's
+    first and last rows)."""
+    found: dict[int, tuple[int, int]] = {}
+    for loop in loops(function_body(sass, mangled)):
+        if not any("IDP.4A" in op for op in loop):
+            continue
+        text = " ".join(loop)
+        bits = 4 if "0xf0f0f0f" in text else 2 if "0x3030303" in text else 8
+        if len(loop) < found.get(bits, (0, 1 << 30))[1]:
+            found[bits] = (32 * rows, len(loop))
+    return found
 
 
 # tmatvec's decode takes each width's offset off its codes by an HADD2 or HFMA2 of a constant (tc_decode,
@@ -150,11 +176,8 @@ def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
     is told by its offset constant). Each m16n8k16 takes 8 rows x 16 k of weights, 4 a lane, so a lane's
     weights an iteration are 4 x its HMMAs."""
     def inner_loops(mangled: str) -> dict[int, tuple[int, int]]:
-        m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
-        if not m:
-            sys.exit(f"error: {mangled} not in the disassembly")
         found: dict[int, tuple[int, int]] = {}
-        for loop in loops(m.group(1)):
+        for loop in loops(function_body(sass, mangled)):
             hmma = sum(op.startswith("HMMA") for op in loop)
             widths = {bits for op in loop if op.startswith(("HADD2", "HFMA2")) for imm, bits in TC_OFFSETS.items()
                       if imm in op}
