@@ -16,25 +16,32 @@ pytestmark = pytest.mark.cudaemu
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkeypatch):
+def run_gpu_kernels(tmp_path, monkeypatch) -> tuple[dict, set]:
+    """gpu_kernels.py on the CPU twin at small shapes, every launch timed as 1 us: (its JSON, the kernels it
+    launched)."""
     cudaemu.install(monkeypatch)
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import gpu_kernels
 
     from gpuengine import device, launch
-    from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
     for name, value in dict(H=128, F=256, HEADS=8, HEAD_D=32, CTX=64, LENGTHS=(8, 32, 64), PREFILL_T=24,
                             COLD_BYTES=1).items():
         monkeypatch.setattr(gpu_kernels, name, value)
     launched, kernels = [], record_kernels(monkeypatch)
     monkeypatch.setattr(gpu_kernels, "timed", lambda cp, fn, **kw: (launched.append(fn()), 1.0)[1])
     monkeypatch.setattr(device, "name", lambda: "CPU twin")
-    defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
     for name in ("MATVEC", "DEQUANT", "ATTN_PREFILL", "ATTN_DECODE", "GATHER", "MATVEC_TC", "MATVEC_REGS"):   # restored after
         monkeypatch.setattr(launch, name, getattr(launch, name))
     out = tmp_path / "kernels.json"
     assert gpu_kernels.main(["--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
+    return json.loads(out.read_text()), kernels
+
+
+def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkeypatch):
+    from gpuengine import launch
+    from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
+    defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
+    doc, kernels = run_gpu_kernels(tmp_path, monkeypatch)
     assert len(doc["matvec_block_sweep"]) == 4 * (len(MATVEC_INSTANCES) + 2 * len(MATVEC_STAGED)) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
     assert doc["tensor_core_best"]["tiles"] in TC_TILES
     names = " | ".join(r["kernel"] for r in doc["kernels"])
@@ -56,6 +63,28 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and "attention_gqa<0, 1>" in kernels
     assert {f"qmatvec<{r}, 1, 32, {n}>" for r in MATVEC_STAGED for n in (4, 12)} <= kernels
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
+
+
+def test_gpu_kernels_sweep_skips_a_candidate_that_fails_or_is_wrong(tmp_path, monkeypatch):
+    """A sweep shape whose launch fails, or whose results are not the default matvec's, is recorded with
+    why and never picked; the others are timed."""
+    from gpuengine import launch
+    matvec = launch.matvec
+
+    def flawed(x, y, lin, xp, *args, **kw):
+        if launch.MATVEC.rows == 16:
+            raise launch.LaunchError("no such shape here")
+        matvec(x, y, lin, xp, *args, **kw)
+        if launch.MATVEC.idot:
+            y *= 1.001
+
+    monkeypatch.setattr(launch, "matvec", flawed)
+    doc, _ = run_gpu_kernels(tmp_path, monkeypatch)
+    sweep = doc["matvec_block_sweep"]
+    assert all("no such shape" in r["error"] for r in sweep if r["rows"] == 16)
+    assert all("differ" in r["error"] for r in sweep if r.get("idot") and r["rows"] != 16)
+    assert all("total_us" in r for r in sweep if r["rows"] != 16 and not r.get("idot"))
+    assert doc["matvec_best"]["rows"] != 16 and not doc["matvec_best"].get("idot")
 
 
 def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypatch):
