@@ -124,6 +124,16 @@ def main(argv=None) -> int:
     launch.MATVEC = launch.MatvecShape.from_json(best)
     print(f"best: {launch.MATVEC.kernel} x {launch.MATVEC.warps} warps", flush=True)
     tc_sweep, tc_best = [], None
+
+    def save(complete: bool) -> None:
+        """The JSON as it stands: written after each sweep too, so a run cut short still names its shapes."""
+        write_json({"device": device.name(), "date": date.today().isoformat(), "complete": complete,
+                    "matvec_block_sweep": sweep, "matvec_best": best,
+                    "tensor_core_sweep": tc_sweep,
+                    "tensor_core_best": {k: tc_best[k] for k in ("tiles", "warps")} if tc_best else None,
+                    "kernels": rows}, args.out)
+
+    save(False)
     # the best plain, staged and integer-dot shapes against each other at every width (4096x4096; the sweep
     # is 4-bit only)
     kinds = [[r for r in sweep if (r.get("staged", False), r.get("idot", False)) == kind and "total_us" in r]
@@ -137,15 +147,6 @@ def main(argv=None) -> int:
             rows.append({"kernel": f"matvec {option} {H}x{H} ({shape.kernel} x {shape.warps})", "us": us,
                          "gb_s": nbytes / us / 1e3})
     launch.MATVEC = launch.MatvecShape.from_json(best)
-
-    def save(complete: bool) -> None:
-        """The JSON as it stands: written after each sweep too, so a run cut short still names its shapes."""
-        write_json({"device": device.name(), "date": date.today().isoformat(), "complete": complete,
-                    "matvec_block_sweep": sweep, "matvec_best": best,
-                    "tensor_core_sweep": tc_sweep,
-                    "tensor_core_best": {k: tc_best[k] for k in ("tiles", "warps")} if tc_best else None,
-                    "kernels": rows}, args.out)
-
     save(False)
     # the tensor-core candidate (tmatvec, sm_80+) on the same 4-bit shapes
     if device.compute_capability() >= launch.TC_MIN_CAPABILITY:
