@@ -79,15 +79,21 @@ def function_body(sass: str, mangled: str) -> str:
     return m.group(1)
 
 
-def loops(body: str) -> list[list[str]]:
-    """Each backward branch's body (address order), as instruction texts."""
+def loop_ranges(body: str) -> list[tuple[int, int, list[str]]]:
+    """Each backward branch's body: (first address, last address, instruction texts in address order)."""
     ins = [(int(a, 16), op.strip()) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
     out = []
     for addr, op in ins:
         m = re.search(r"BRA\s+(?:\w+\s+)?0x([0-9a-f]+)", op)
         if m and int(m.group(1), 16) < addr:
-            out.append([o for a, o in ins if int(m.group(1), 16) <= a <= addr])
+            start = int(m.group(1), 16)
+            out.append((start, addr, [o for a, o in ins if start <= a <= addr]))
     return out
+
+
+def loops(body: str) -> list[list[str]]:
+    """Each backward branch's body (address order), as instruction texts."""
+    return [texts for _, _, texts in loop_ranges(body)]
 
 
 def width_of(loop: list[str]) -> tuple[int, int] | None:
@@ -103,6 +109,26 @@ def width_of(loop: list[str]) -> tuple[int, int] | None:
         return None
     (bits, n), = found.items()
     return bits, n
+
+
+def controls(body: str) -> list[tuple[int, str, str]]:
+    """Each instruction of a kernel's disassembly as (address, text, its control bits decoded): sm_70 and
+    later keep them in the top bits of an instruction's second 64-bit word (bit 41 on): stall cycles (S), the
+    scoreboard a variable-latency instruction sets when its result lands (W) or its sources are read (R), and
+    the scoreboards it waits for first. A load's first use waits on the load's W: how far apart the two are is
+    how long the load had in flight."""
+    out = []
+    for addr, text, hi in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);[^\n]*\n\s*/\* 0x([0-9a-f]{16}) \*/", body):
+        ctl = int(hi, 16) >> 41
+        bits = [f"S{ctl & 15:02d}"]
+        if (ctl >> 5) & 7 != 7:
+            bits.append(f"W{(ctl >> 5) & 7}")
+        if (ctl >> 8) & 7 != 7:
+            bits.append(f"R{(ctl >> 8) & 7}")
+        if (ctl >> 11) & 63:
+            bits.append("wait[" + ",".join(str(b) for b in range(6) if (ctl >> (11 + b)) & 1) + "]")
+        out.append((int(addr, 16), " ".join(text.split()), " ".join(bits)))
+    return out
 
 
 def main_loops(sass: str, mangled: str) -> dict[int, tuple[int, int]]:
@@ -206,9 +232,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "matvec_sass.json")
+    ap.add_argument("--controls", metavar="R,U,L,N",
+                    help="print instead the main loop of qmatvec<R, U, L, N> at --bits, each instruction with its "
+                         "control bits (where each load is issued against where it is first waited for)")
+    ap.add_argument("--bits", type=int, default=4)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         sass, regs, version = compile_matvec(args.arch, Path(work))
+    if args.controls:
+        r, u, lane, n = (int(v) for v in args.controls.split(","))
+        body = function_body(sass, f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi{n}EEvPKfi4QMatS2_S2_6NormIn4XMap")
+        ins = controls(body)
+        chosen, span = None, None
+        for first, last, loop in loop_ranges(body):
+            found = width_of(loop)
+            bits = found[0] if found else None
+            if any("IDP.4A" in op for op in loop):     # the integer dot: told by its code masks
+                text = " ".join(loop)
+                bits = 4 if "0xf0f0f0f" in text else 2 if "0x3030303" in text else 8
+            if bits == args.bits and (chosen is None or len(loop) < len(chosen)):
+                chosen, span = loop, (first, last)
+        if chosen is None:
+            sys.exit(f"error: no {args.bits}-bit loop in qmatvec<{args.controls}>")
+        for a, t, c in ins:
+            if span[0] <= a <= span[1]:
+                print(f"{a:06x}  {t:70} {c}")
+        return 0
     rows = analyse(sass, regs) + tensor_core_rows(sass, regs)
     print(f"{'instance':20} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13} "
           f"{'norm folded':>12} {'gathered':>9}")

@@ -312,8 +312,8 @@ __device__ __forceinline__ void stage_unit(u8* mine, int r, const u8* w, const u
 }
 
 // Integer dot (N bit 3, staged only; 2-, 4- and 8-bit slices, others decode as above): x's unit as 23-bit
-// integers q_i = round(x_i 2^22 / m), m = max |x_i| of the unit (the float's own rounding: x_i (2^22 - 1) / m
-// + 1.5 2^23 has q_i + 2^22 in its low 23 bits), in three byte planes (q's bytes 0 and 1 unsigned, byte 2
+// integers q_i = round(x_i (2^22 - 1) / m), m = max |x_i| of the unit (the float's own rounding: that plus
+// 1.5 2^23 has q_i + 2^22 in its low 23 bits), in three byte planes (q's bytes 0 and 1 unsigned, byte 2
 // signed), each plane's 32 bytes in the order a width's codes come out of their words four at a time
 // (code_bytes), so sum c_i q_i is 3 dp4a a 4 codes, exact in integers. The codes' offset 2^(BITS-1) comes
 // off with sum q. Against the float decode (3 instructions a weight) a 4-bit word of 8 weights costs 3 to
