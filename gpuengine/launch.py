@@ -204,9 +204,7 @@ def _compiled_matvec() -> MatvecShape:
     """MATVEC, refused where no compiled instance has its shape (kernels.MATVEC_INSTANCES, MATVEC_STAGED)."""
     if MATVEC.staged:
         compiled = MATVEC.units == 1 and MATVEC.lane == 32 and MATVEC.rows in MATVEC_STAGED
-    elif MATVEC.idot:
-        raise LaunchError("the integer dot runs in the staged matvec only")
-    else:
+    else:                                     # (an integer dot that is not staged is refused by its instance)
         compiled = (MATVEC.rows, MATVEC.units, MATVEC.lane) in MATVEC_INSTANCES
     if not compiled:
         raise LaunchError(f"matvec {MATVEC.kernel} is not compiled")
@@ -283,7 +281,7 @@ def on_tensor_cores(*lins: DeviceLinear) -> bool:
 
 def folds_norm(*lins: DeviceLinear) -> bool:
     """Whether a decode matvec of these (fusable) linears takes the RMSNorm before it in (launch.FUSE_NORM):
-    the unit-a-lane layout and the tensor-core matvec can, the quads cannot."""
+    the unit-a-lane layout and the tensor-core matvec can, the quads and the staged matvec cannot."""
     return FUSE_NORM and ((MATVEC.lane == 32 and not MATVEC.staged) or on_tensor_cores(*lins))
 
 
