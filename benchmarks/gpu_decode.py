@@ -202,6 +202,8 @@ def main(argv=None) -> int:
                          "its sweep chose")
     ap.add_argument("--moe", action="store_true",
                     help="also routed experts: Qwen3-30B-A3B and a Mixtral 8x7B shape (moe_cases)")
+    ap.add_argument("--attention", choices=("split", "gqa", "lanes", "step"),
+                    help="decode attention kernel (launch.ATTN_DECODE; default: the engine's)")
     ap.add_argument("--regs", action="store_true",
                     help="the packed matvec's register caps (launch.MATVEC_REGS: the fold, the in-kernel gather and "
                          "routed experts' matvecs held to fewer registers)")
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
         launch.FUSE_NORM, launch.ATTN_DECODE, launch.GATHER, launch.MATVEC_REGS = True, "step", "kernel", True
     if args.regs:
         launch.MATVEC_REGS = True
+    if args.attention:
+        launch.ATTN_DECODE = args.attention
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
                 "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
                 "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel(),

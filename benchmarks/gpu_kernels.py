@@ -258,15 +258,14 @@ def main(argv=None) -> int:
         for length in lengths:
             pos = cp.asarray(np.array([length - 1], np.int32))
             gb = 2 * length * kv_heads * f.row_bytes(d) / 1e3
-            for kernel in ("split", "gqa"):                 # measured kernel, then the candidate
+            for kernel in ("split", "gqa", "lanes"):        # the measured kernel, then the candidates
                 launch.ATTN_DECODE = kernel
+                tag = "" if kernel == "split" else f" ({kernel})"
                 us = timed(cp, lambda: launch.attention(fmt, q, cache, cache, pos, out, partials))
-                rows.append({"kernel": f"attention {label} len {length}" + (" (gqa)" if kernel == "gqa" else ""),
-                             "us": us, "gb_s": gb / us})
+                rows.append({"kernel": f"attention {label} len {length}{tag}", "us": us, "gb_s": gb / us})
                 us = timed(cp, lambda: (launch.rope_store(fmt, q, kx, kx, cache, cache, pos, 1e4, True),
                                         launch.attention(fmt, q, cache, cache, pos, out, partials)))
-                rows.append({"kernel": f"rope_store + attention {label} len {length}"
-                             + (" (gqa)" if kernel == "gqa" else ""), "us": us, "gb_s": gb / us})
+                rows.append({"kernel": f"rope_store + attention {label} len {length}{tag}", "us": us, "gb_s": gb / us})
             launch.ATTN_DECODE = "split"
             us = timed(cp, lambda: launch.attention_step(fmt, q, kx, kx, cache, cache, pos, out, partials, tickets,
                                                          1e4, True))

@@ -697,7 +697,9 @@ ATTN_PREFILL = "tiled"
 # heads a KV head; outside that decode uses `attention`. "split": on an H200 (run 9) at 512 positions, 32
 # heads, fp16, rope_store + attention took 18.7 us, rope_store + attention_gqa 34.7, the one-launch step 40.3;
 # with 32 query heads on 8 KV heads 18.5, 25.5 and 29.3 (a lane a position leaves the gqa kernels too few
-# blocks for a decode step).
+# blocks for a decode step). "lanes" (attention_lanes, built 2026-11-28, not yet timed): `attention`'s grid and
+# partials, the chunk taken 32 positions at a time, a lane a position for the scores (the warps splitting the
+# head dim), one max and one sum reduction a tile where `attention` has a 5-shuffle sum a position.
 ATTN_DECODE = "split"
 GQA_MAX_G = 8
 
@@ -761,7 +763,8 @@ def attention(fmt: str, q: Any, kc: Any, vc: Any, pos: Any, out: Any, partials: 
             (q, q, q, kc, vc, pos, out, partials, pos, _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
              np.float64(0), np.uint64(0), _i(0), _i(window), _f(cap), _i(ctx)))
     else:
-        function("attention", f"attention<{KV_CODES[fmt]}>")(
+        kernel = "attention_lanes" if t == 1 and ATTN_DECODE == "lanes" else "attention"
+        function("attention", f"{kernel}<{KV_CODES[fmt]}>")(
             (t * nsplit, hq), (ATTN_THREADS,),
             (q, kc, vc, pos, out, partials, _i(t), _i(0), _i(hq), _i(hkv), _i(d), _i(row_bytes), _i(chunk), _i(nsplit),
              _i(window), _f(cap), _i(ctx)))

@@ -55,12 +55,13 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
                      "gathered by kernel, registers capped", "experts Mixtral gate", "experts Qwen3-30B-A3B gate 8x24x64 1:4b g128, registers capped",
                      "matvec 1:5b g128 128x128 (qmatvec<4, 1, 32, 4> x 1)", "matvec 1:3b g128 128x128 (qmatvec<1, 4, 8, 0>",
                      "(qmatvec_moe<4, 1, 32, 4> x 1)", "matvec 1:8b g128 128x128 (qmatvec<4, 1, 32, 12> x 1)",
-                     "(qmatvec_moe<4, 1, 32, 12> x 1)"):
+                     "(qmatvec_moe<4, 1, 32, 12> x 1)", "attention fp16 len 64 (lanes)",
+                     "rope_store + attention q8 len 8 (lanes)"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
     assert (launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE) == defaults[1:] and launch.GATHER == "launch"
     assert launch.MATVEC_TC is None and launch.MATVEC_REGS is False
-    assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and "attention_gqa<0, 1>" in kernels
+    assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and {"attention_gqa<0, 1>", "attention_lanes<2>"} <= kernels
     assert {f"qmatvec<{r}, 1, 32, {n}>" for r in MATVEC_STAGED for n in (4, 12)} <= kernels
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
@@ -139,6 +140,14 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     monkeypatch.setattr(launch, "MATVEC_TC", None)
     assert gpu_decode.main(["--out", str(tmp_path / "tc.json"), "--quick", "--tensor-cores-from", str(kernels)]) == 0
     assert json.loads((tmp_path / "tc.json").read_text())["engine"]["tensor_cores"] == {"tiles": 2, "warps": 4}
+    # a sweep's staged, integer-dot pick, with the lane-a-position decode attention
+    monkeypatch.setattr(launch, "MATVEC_TC", None)
+    staged = {"rows": 8, "units": 1, "lane": 32, "warps": 2, "staged": True, "idot": True}
+    kernels.write_text(json.dumps({"matvec_best": staged}))
+    assert gpu_decode.main(["--out", str(tmp_path / "staged.json"), "--quick", "--matvec-from", str(kernels),
+                            "--attention", "lanes"]) == 0
+    engine = json.loads((tmp_path / "staged.json").read_text())["engine"]
+    assert engine["matvec"] == staged and engine["decode_attention"] == "lanes"
     # the 70B figure is a slope between two timed runs: on the twin, beside other work, it can come out any sign
     assert [r["case"] for r in doc["architectures"]] == [name for name, _ in gpu_decode.ARCHITECTURES]
     assert not [r["error"] for r in doc["architectures"] if "error" in r]

@@ -531,13 +531,13 @@ def test_fp8_encoding_at_its_edges():
 @given(fmt=st.sampled_from(list(KV_FORMATS)), t=st.one_of(st.integers(1, 6), st.integers(15, 40)), hkv=st.integers(1, 4),
        group=st.sampled_from([1, 2, 4, 7]), d=st.sampled_from([32, 64, 80, 100, 128, 256]),
        past=st.one_of(st.integers(0, 300), st.integers(2000, 9000)), prefill=st.sampled_from(["query", "tiled"]),
-       decode=st.sampled_from(["split", "gqa"]), window=st.sampled_from([0, 1, 5, 40, 700]),
+       decode=st.sampled_from(["split", "gqa", "lanes"]), window=st.sampled_from([0, 1, 5, 40, 700]),
        cap=st.sampled_from([0.0, 1.5, 50.0]), ring=st.booleans(), seed=st.integers(0, 2**31))
 def test_attention_over_each_cache_format(fmt, t, hkv, group, d, past, prefill, decode, window, cap, ring, seed,
                                           monkeypatch):
     """Decode (t = 1) splits the context into chunks merged afterwards (more than ATTN_CHUNK positions
-    each beyond 64 chunks), a block per query head or (gqa) per KV head; prefill takes each query's whole
-    context in one block, or (tiled) tiles of 16 queries over shared key tiles. The candidates fall back to
+    each beyond 64 chunks), a block per query head (split, or lanes: a lane a position) or (gqa) per KV
+    head; prefill takes each query's whole context in one block, or (tiled) tiles of 16 queries over shared key tiles. The candidates fall back to
     the first kernels outside their shapes (head dim above 128, more than 8 heads a KV head). Each with and
     without a sliding window (the split then covers the window from its start) and a soft cap; with a window,
     the cache may be the ring of window + t - 1 rows a sliding layer holds (position p in row p mod rows)."""

@@ -260,10 +260,13 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
     the default launch.MATVEC, as the benchmark's sweep may pick one; and with RMSNorm folded into the
     matvecs (launch.FUSE_NORM: every norm, the final one into the head), which the quad layout and the staged
-    matvec ignore."""
+    matvec ignore. The staged integer-dot case decodes its attention a lane a position (launch.ATTN_DECODE =
+    "lanes") as well."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(*instance))
     monkeypatch.setattr(launch, "FUSE_NORM", fold)
+    if launch.MATVEC.idot:
+        monkeypatch.setattr(launch, "ATTN_DECODE", "lanes")
     ckpt, _ = other
     ref, gpu = models(ckpt, assign(ckpt, FUSABLE), "fp16", chunk=1)
     gpu.net.graphs = False          # every step launches (a replayed graph calls no launch function)

@@ -28,7 +28,8 @@ TC_TILES = (1, 2, 4)
 # Template instantiations per source: the KV-cache kernels take the format code (planner.formats.KV_CODES);
 # attention_gqa<FMT, STEP> also whether it is a decode step's whole attention (RoPE, cache store, merge).
 NAME_EXPRESSIONS = {
-    "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_tiled") for c in KV_CODES.values())
+    "attention": tuple(f"{k}<{c}>" for k in ("rope_store", "attention", "attention_lanes", "attention_tiled")
+                       for c in KV_CODES.values())
     + tuple(f"attention_gqa<{c}, {step}>" for c in KV_CODES.values() for step in (0, 1)),
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
                     for n in ((0, 1, 2, 3) if lane == 32 else (0,)))

@@ -195,6 +195,72 @@ __global__ void attention(const float* __restrict__ q, const u8* __restrict__ kc
     if (nsplit > 1 && threadIdx.x == 0) { dst[d] = bm; dst[d + 1] = bl; }
 }
 
+// The same attention with a lane a position (launch.ATTN_DECODE = "lanes"): `attention`'s warps take one
+// position at a time, so each position's score waits on its loads, then a 5-shuffle sum, then two expf,
+// one dependent chain after another (run 9 on an H200: 14.8 us at 512 positions, 32 heads, fp16: 0.57 TB/s).
+// Here the block takes its chunk 32 positions at a time, lane l position l of the tile: each warp sums its
+// quarter of the head dim for all 32 (the lanes' loads independent), the quarters meet in shared memory, one
+// max and one sum reduction serve the tile's online-softmax step, and the threads, a dim each (two for d above
+// 128), add the tile's weighted V rows (the weights read from shared memory, one broadcast each). Same grid,
+// partials and merge as `attention`.
+template <int FMT>
+__global__ void attention_lanes(const float* __restrict__ q, const u8* __restrict__ kc, const u8* __restrict__ vc,
+                                const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ part,
+                                int t, int h0, int hq, int hkv, int d, int row_bytes, int chunk, int nsplit,
+                                int window, float cap, int rows) {
+    __shared__ float qs[ATTN_MAX_D];
+    __shared__ float dots[ATTN_WARPS][32];
+    __shared__ float wts[32];
+    const int tq = blockIdx.x / nsplit, c = blockIdx.x % nsplit, hl = blockIdx.y, h = h0 + hl;
+    const int kvh = h / (hq / hkv), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int len = pos[tq] + 1, p0 = window_start(pos[tq], window) + c * chunk, p1 = min(p0 + chunk, len);
+    if (p0 >= len) return;                                  // attention_merge reads only the chunks below len
+    const float* qv = q + ((size_t)tq * hq + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = qv[i];
+    const float root = sqrtf((float)d);
+    const int quarter = (d + ATTN_WARPS - 1) / ATTN_WARPS, i0 = warp * quarter, i1 = min(i0 + quarter, d);
+    const int i = threadIdx.x;                              // this thread's dims: i and i + 128
+    float acc0 = 0.0f, acc1 = 0.0f, m = -INFINITY, l = 0.0f;
+    __syncthreads();
+    for (int tile = p0; tile < p1; tile += 32) {
+        const int p = tile + lane;
+        float dot = 0.0f;
+        if (p < p1) {
+            const u8* krow = kc + kv_row(p, rows, hkv, kvh) * row_bytes;
+            for (int k = i0; k < i1; ++k) dot = fmaf(qs[k], kv_elem<FMT>(krow, k), dot);
+        }
+        dots[warp][lane] = dot;
+        __syncthreads();
+        float s = -INFINITY;
+        if (p < p1) {
+            s = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; ++w) s += dots[w][lane];
+            s = soft_cap(s / root, cap);
+        }
+        const float mn = fmaxf(m, warp_max(s));             // every warp works out the same tile
+        const float corr = expf(m - mn), e = p < p1 ? expf(s - mn) : 0.0f;
+        l = fmaf(l, corr, warp_sum(e));
+        m = mn;
+        if (warp == 0) wts[lane] = e;
+        __syncthreads();                                    // dots read, wts written
+        const int n = min(32, p1 - tile);
+        acc0 *= corr;
+        acc1 *= corr;
+        for (int j = 0; j < n; ++j) {
+            const u8* vrow = vc + kv_row(tile + j, rows, hkv, kvh) * row_bytes;
+            const float wj = wts[j];
+            if (i < d) acc0 = fmaf(wj, kv_elem<FMT>(vrow, i), acc0);
+            if (i + 128 < d) acc1 = fmaf(wj, kv_elem<FMT>(vrow, i + 128), acc1);
+        }
+        __syncthreads();                                    // wts read before the next tile writes it
+    }
+    float* dst = nsplit == 1 ? out + ((size_t)tq * hq + h) * d : part + (((size_t)hl * t + tq) * nsplit + c) * (d + 2);
+    if (i < d) dst[i] = nsplit == 1 ? acc0 / l : acc0;
+    if (i + 128 < d) dst[i + 128] = nsplit == 1 ? acc1 / l : acc1;
+    if (nsplit > 1 && threadIdx.x == 0) { dst[d] = m; dst[d + 1] = l; }
+}
+
 // out (t, hq, d) from attention's partials: one block per (query, head), the chunks below its length merged
 // by their maxima.
 extern "C" __global__ void attention_merge(const float* __restrict__ part, const int* __restrict__ pos,
@@ -523,6 +589,8 @@ template __global__ void attention<3>(const float*, const u8*, const u8*, const 
 template __global__ void attention_gqa<0, 0>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float, int);
 template __global__ void attention_gqa<0, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float, int);
 template __global__ void attention_gqa<3, 1>(const float*, const float*, const float*, u8*, u8*, const int*, float*, float*, int*, int, int, int, int, int, int, double, const float*, int, int, float, int);
+template __global__ void attention_lanes<0>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
+template __global__ void attention_lanes<2>(const float*, const u8*, const u8*, const int*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
 template __global__ void attention_tiled<0>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float, int);
 template __global__ void attention_tiled<3>(const float*, const u8*, const u8*, const int*, float*, int, int, int, int, int, int, float, int);
 #endif
