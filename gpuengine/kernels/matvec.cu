@@ -134,23 +134,27 @@ __device__ __forceinline__ void slice_rows(const QSlice& sl, const float* __rest
 // 32: the decode, 3 instructions a value, is left as most of the loop. Whole steps of U units run with no
 // bounds test, then single units to the end of the slice.
 
+// How a unit's BITS words are read: NV vectors of VB bytes (layout.py aligns 4- and 8-bit rows to 16 bytes, 2- and
+// 6-bit rows to 8, 3- and 5-bit rows to words). load_unit's loads and the staged matvec's copies.
+template <int BITS>
+struct UnitCopy {
+    static constexpr int VB = (BITS == 4 || BITS == 8) ? 16 : (BITS == 2 || BITS == 6) ? 8 : 4, NV = 4 * BITS / VB;
+};
+
 template <int BITS>
 __device__ __forceinline__ void load_unit(const u32* __restrict__ p, u32 (&w)[BITS]) {
-    if constexpr (BITS == 4 || BITS == 8) {
+    using C = UnitCopy<BITS>;
 #pragma unroll
-        for (int v = 0; v < BITS / 4; ++v) {
+    for (int v = 0; v < C::NV; ++v) {
+        if constexpr (C::VB == 16) {
             const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + v);
             w[4 * v] = q.x; w[4 * v + 1] = q.y; w[4 * v + 2] = q.z; w[4 * v + 3] = q.w;
-        }
-    } else if constexpr (BITS == 2 || BITS == 6) {
-#pragma unroll
-        for (int v = 0; v < BITS / 2; ++v) {
+        } else if constexpr (C::VB == 8) {
             const uint2 q = __ldg(reinterpret_cast<const uint2*>(p) + v);
             w[2 * v] = q.x; w[2 * v + 1] = q.y;
+        } else {
+            w[v] = __ldg(p + v);
         }
-    } else {
-#pragma unroll
-        for (int v = 0; v < BITS; ++v) w[v] = __ldg(p + v);
     }
 }
 
@@ -291,11 +295,6 @@ __device__ __forceinline__ void unit_rows(const QSlice& sl, XSrc src, int gshift
 template <int R>
 struct StagedRing {
     static constexpr int SCALES = 32 * R, LINES = (36 * R + 15) / 16, STRIDE = 16 * (LINES | 1);
-};
-
-template <int BITS>
-struct UnitCopy {                                         // as load_unit's loads: layout.py's row alignment
-    static constexpr int VB = (BITS == 4 || BITS == 8) ? 16 : (BITS == 2 || BITS == 6) ? 8 : 4, NV = 4 * BITS / VB;
 };
 
 // Row r's unit at w (its scale at s; the slice's scales are [s0, s1)) into the thread's slot r at `mine`.
@@ -586,7 +585,8 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 // expert's option), into y + s * ldy. glu (1 or 2): gate and up of the expert in one launch, up's QMat in
 // up[sel[s]], y = act(gate x) * (up x) as qmatvec's. No bias, no accumulate: the slots' sums meet in
 // moe_combine.
-// N = 4: staged, as qmatvec's N bit 2 (launch sizes the dynamic shared memory for the table's widest expert).
+// N = 4: staged, 12: staged with the integer dot, as qmatvec's N bits 2 and 3 (launch sizes the dynamic shared
+// memory: StagedRing<R>, the same for every width).
 // launch.MATVEC_REGS: at most 168 registers (uncapped, qmatvec_moe<8, 1, 32> takes 255: 2 blocks of 128 threads
 // an SM; capped, 3 and no spills)
 #ifdef VRAMWISE_MATVEC_REGS
