@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         launch.ATTN_DECODE = args.attention
     settings = {"matvec": dataclasses.asdict(launch.MATVEC), "overlap_streaming": engine.OVERLAP,
                 "dequant": launch.DEQUANT, "prefill_attention": launch.ATTN_PREFILL, "decode_attention": launch.ATTN_DECODE,
-                "norm_folded": launch.FUSE_NORM and launch.MATVEC.lane == 32, "gather_in_kernel": launch.gathers_in_kernel(),
+                "norm_folded": launch.FUSE_NORM and launch.MATVEC.takes_variants, "gather_in_kernel": launch.gathers_in_kernel(),
                 "tensor_cores": dataclasses.asdict(launch.MATVEC_TC) if launch.MATVEC_TC else None,
                 "register_caps": launch.MATVEC_REGS}
     bw = copy_bandwidth(cp)

@@ -104,6 +104,12 @@ class MatvecShape:
         return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {flags}>"
 
     @property
+    def takes_variants(self) -> bool:
+        """Whether its layout has the variants that fold RMSNorm in and gather x in the kernel: a unit a lane,
+        not staged."""
+        return self.lane == 32 and not self.staged
+
+    @property
     def _staged_flags(self) -> int:
         if self.idot and not self.staged:
             raise LaunchError("the integer dot runs in the staged matvec only")
@@ -232,7 +238,7 @@ def _matvec_module() -> str:
 
 
 def gathers_in_kernel() -> bool:
-    return GATHER == "kernel" and MATVEC.lane == 32 and not MATVEC.staged
+    return GATHER == "kernel" and MATVEC.takes_variants
 
 
 def _ptr(a: Any) -> int:
@@ -282,7 +288,7 @@ def on_tensor_cores(*lins: DeviceLinear) -> bool:
 def folds_norm(*lins: DeviceLinear) -> bool:
     """Whether a decode matvec of these (fusable) linears takes the RMSNorm before it in (launch.FUSE_NORM):
     the unit-a-lane layout and the tensor-core matvec can, the quads and the staged matvec cannot."""
-    return FUSE_NORM and ((MATVEC.lane == 32 and not MATVEC.staged) or on_tensor_cores(*lins))
+    return FUSE_NORM and (MATVEC.takes_variants or on_tensor_cores(*lins))
 
 
 def _tmatvec(x: Any, mats: list, n: int, glu: int = 0, norm: Optional[tuple] = None) -> None:
@@ -314,7 +320,7 @@ def _norm_in(norm: Optional[tuple], x: Any, tensor_cores: bool = False) -> np.nd
         return _NO_NORM
     w, eps = norm
     check("norm weight", w, np.float32, x.shape)
-    if (MATVEC.lane != 32 or MATVEC.staged) and not tensor_cores:
+    if not MATVEC.takes_variants and not tensor_cores:
         raise LaunchError(f"RMSNorm folds into the unit-a-lane matvec only, not {MATVEC.kernel}")
     a = np.zeros(1, NORM_IN)
     a["w"], a["eps"], a["h"] = _ptr(w), eps, w.size
