@@ -228,11 +228,20 @@ def tensor_core_rows(sass: str, regs: dict[str, int]) -> list[dict]:
     return rows
 
 
+def instance(text: str) -> tuple[int, int, int, int]:
+    """--controls's R,U,L,N: a qmatvec instance's four template arguments."""
+    try:
+        r, u, lane, n = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not R,U,L,N (four integers, e.g. 8,1,32,0)") from None
+    return r, u, lane, n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "matvec_sass.json")
-    ap.add_argument("--controls", metavar="R,U,L,N",
+    ap.add_argument("--controls", metavar="R,U,L,N", type=instance,
                     help="print instead the main loop of qmatvec<R, U, L, N> at --bits, each instruction with its "
                          "control bits (where each load is issued against where it is first waited for)")
     ap.add_argument("--bits", type=int, default=4)
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         sass, regs, version = compile_matvec(args.arch, Path(work))
     if args.controls:
-        r, u, lane, n = (int(v) for v in args.controls.split(","))
+        r, u, lane, n = args.controls
         body = function_body(sass, f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi{n}EEvPKfi4QMatS2_S2_6NormIn4XMap")
         ins = controls(body)
         chosen, span = None, None
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             if bits == args.bits and (chosen is None or len(loop) < len(chosen)):
                 chosen, span = loop, (first, last)
         if chosen is None:
-            sys.exit(f"error: no {args.bits}-bit loop in qmatvec<{args.controls}>")
+            sys.exit(f"error: no {args.bits}-bit loop in qmatvec<{r}, {u}, {lane}, {n}>")
         for a, t, c in ins:
             if span[0] <= a <= span[1]:
                 print(f"{a:06x}  {t:70} {c}")
