@@ -20,6 +20,7 @@
 #   MOE=1        routed experts (gpu_decode.py --quick --moe); ONLY_MOE=1 runs nothing else after the tests;
 #                REGS=1 runs them again with the matvec's register caps (--regs)
 #   NCU=1        ncu's view of the chosen matvec
+#   NO_WARM=1    skip compiling every kernel first in parallel (benchmarks/warm_kernels.py; WARM_S its limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -60,6 +61,10 @@ step() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_device.txt"
 python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" \
     | tee -a "$OUT/gpu_device.txt"
+# every kernel program compiled at once, a process each (CuPy's disk cache then serves the tests and benchmarks;
+# one after another NVRTC takes minutes: benchmarks/results/nvrtc_check.json); NO_WARM=1 skips it
+[ -z "${NO_WARM:-}" ] && TAIL=6 step warm_kernels "${WARM_S:-150}" python3 benchmarks/warm_kernels.py \
+    ${REGS:+--variant regs}
 tests() {
     [ -n "${NO_TESTS:-}" ] && return 0
     TAIL=40 step gpu_tests "${TEST_S:-260}" python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 \

@@ -292,3 +292,55 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
         kernels.module.cache_clear()
         kernels.function.cache_clear()
     assert built[-1] == lane and "-DVRAMWISE_MATVEC_REGS" in compiled[-1]
+
+
+def test_programs_cover_every_instance_once_a_variant():
+    """kernels.programs lists each compile the engine may ask for: every template instance in exactly one
+    program of each matvec variant (its family's), each other source once."""
+    from gpuengine import kernels
+    progs = kernels.programs()
+    assert len(progs) == len(set(progs))
+    for variant in ("", *kernels.VARIANTS):
+        mine = [(n, f) for n, f, v in progs if v == variant and n == "matvec"]
+        taken = [e for n, f in mine for e in kernels.expressions(n, f)]
+        assert sorted(taken) == sorted(kernels.NAME_EXPRESSIONS["matvec"])
+    assert {(n, f) for n, f, v in progs if n != "matvec"} == {(n, "") for n in kernels.SOURCES if n != "matvec"}
+    assert all(v == "" for n, f, v in progs if n != "matvec")
+
+
+WARM_STUB = """
+import json, os
+class RawModule:
+    def __init__(self, code, options, name_expressions):
+        self.code, self.options, self.names = code, list(options), sorted(name_expressions)
+    def compile(self):
+        if os.environ.get("WARM_FAIL") and os.environ["WARM_FAIL"] in self.code:
+            raise ValueError("NVRTC says no")
+        with open(os.environ["WARM_LOG"], "a") as f:
+            f.write(json.dumps({"options": self.options, "names": self.names, "pid": os.getpid()}) + "\\n")
+"""
+
+
+def test_warm_compiles_each_program_in_worker_processes(tmp_path, monkeypatch):
+    """kernels.warm compiles each program it is given once, in worker processes (a stand-in cupy records what
+    each compile was asked), and a program that fails stops it with a RuntimeError naming the program."""
+    import json
+    import os
+
+    from gpuengine import kernels
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(WARM_STUB)
+    monkeypatch.syspath_prepend(str(tmp_path))             # spawned workers start with this sys.path
+    log = tmp_path / "log"
+    monkeypatch.setenv("WARM_LOG", str(log))
+    todo = [("matvec", "8x1x32s", ""), ("matvec", "8x1x32s", "regs"), ("norm", "", "")]
+    got = dict(kernels.warm(2, todo))
+    assert set(got) == set(todo) and all(t >= 0 for t in got.values())
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(map(tuple, (r["names"] for r in seen))) == sorted(
+        [tuple(sorted(kernels.expressions("matvec", "8x1x32s")))] * 2 + [()])
+    assert sum("-DVRAMWISE_MATVEC_REGS" in r["options"] for r in seen) == 1
+    assert all(r["pid"] != os.getpid() for r in seen)
+    monkeypatch.setenv("WARM_FAIL", '#line 1 "norm.cu"')
+    with pytest.raises(RuntimeError, match="^norm: .*NVRTC says no"):
+        list(kernels.warm(2, [("norm", "", ""), ("sample", "", "")]))

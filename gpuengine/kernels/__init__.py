@@ -69,15 +69,66 @@ def family(module_name: str, kernel: str) -> str:
 VARIANTS = {"regs": ("-DVRAMWISE_MATVEC_REGS",)}
 
 
+# The options of every compile (CuPy's RawModule adds its own: benchmarks/nvrtc_check.py names them).
+OPTIONS = ("--std=c++17",)
+
+
+def expressions(name: str, fam: str = "") -> tuple[str, ...]:
+    """The template instances one compile of a source takes: those of family `fam` (and any of no family)."""
+    return tuple(e for e in NAME_EXPRESSIONS.get(name, ()) if family(name, e) in (fam, ""))
+
+
+def programs() -> list[tuple[str, str, str]]:
+    """(source, family, variant) of every compile the engine may ask for: each source once, matvec.cu once a
+    family and variant (its extern "C" kernels come with every family, so it has none of its own)."""
+    out = []
+    for name in SOURCES:
+        families = sorted({family(name, e) for e in NAME_EXPRESSIONS.get(name, ())} or {""})
+        for variant in ("", *VARIANTS) if name == "matvec" else ("",):
+            out += [(name, fam, variant) for fam in families]
+    return out
+
+
 @lru_cache(maxsize=None)
 def module(name: str, fam: str = "", variant: str = ""):
     """One source compiled with the template instances of one family (its extern "C" kernels always), and the
     options of a variant (VARIANTS)."""
     import cupy
 
-    names = tuple(e for e in NAME_EXPRESSIONS.get(name, ()) if family(name, e) in (fam, ""))
-    return cupy.RawModule(code=source(name), options=("--std=c++17", *VARIANTS.get(variant, ())),
-                          name_expressions=names)
+    return cupy.RawModule(code=source(name), options=(*OPTIONS, *VARIANTS.get(variant, ())),
+                          name_expressions=expressions(name, fam))
+
+
+def _compile(program: tuple[str, str, str]) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    module(*program).compile()              # NVRTC, or a load from CuPy's cache
+    return time.perf_counter() - t0
+
+
+def warm(jobs: int, todo: list[tuple[str, str, str]] | None = None):
+    """Compile every program (programs()) in `jobs` processes at once, so that CuPy's kernel cache on disk holds
+    them all and later processes load each in milliseconds instead of compiling it (NVRTC takes from under a
+    second to a minute a program: benchmarks/results/nvrtc_check.json). Yields (program, seconds) as each
+    finishes; a program that fails raises a RuntimeError naming it, with CuPy's error (NVRTC's log) after."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    todo = programs() if todo is None else todo
+    first = sorted(todo, key=lambda p: p[0] != "matvec")       # matvec.cu's families take the longest
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        running = {pool.submit(_compile, p): p for p in first}
+        for done in as_completed(running):
+            program = running[done]
+            try:
+                seconds = done.result()
+            except Exception as e:
+                raise RuntimeError(f"{':'.join(filter(None, program))}: {e}") from e
+            yield program, seconds
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 @lru_cache(maxsize=None)
