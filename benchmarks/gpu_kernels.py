@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     # with the integer dot (dp4a against x as 23-bit integers)
     shapes_swept += [launch.MatvecShape(r, 1, 32, w, True, idot) for idot in (False, True) for r in MATVEC_STAGED
                      for w in (1, 2, 4, 8)]
+    # ordered: the unit-a-lane shapes with their loads in program order (all R rows' weights in flight at once)
+    shapes_swept += [launch.MatvecShape(*i, w, ordered=True) for i in MATVEC_INSTANCES if i[2] == 32
+                     for w in (1, 2, 4, 8)]
     for shape in shapes_swept:                 # 8 warps: K split over more warps (run 11's ncu: too few in flight)
         launch.MATVEC = shape
         sweep.append(sweep_point(shape))
@@ -134,10 +137,11 @@ def main(argv=None) -> int:
                     "kernels": rows}, args.out)
 
     save(False)
-    # the best plain, staged and integer-dot shapes against each other at every width (4096x4096; the sweep
-    # is 4-bit only)
-    kinds = [[r for r in sweep if (r.get("staged", False), r.get("idot", False)) == kind and "total_us" in r]
-             for kind in ((False, False), (True, False), (True, True))]
+    # the best plain, staged, integer-dot and ordered shapes against each other at every width (4096x4096; the
+    # sweep is 4-bit only)
+    kinds = [[r for r in sweep if (r.get("staged", False), r.get("idot", False), r.get("ordered", False)) == kind
+              and "total_us" in r]
+             for kind in ((False, False, False), (True, False, False), (True, True, False), (False, False, True))]
     bests = [launch.MatvecShape.from_json(fastest(k)) for k in kinds if k]
     for option in ("1:2b g128", "1:3b g128", "1:5b g128", "1:6b g128", "1:8b g128"):
         w, nbytes = rotation(option, H, H)
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
                      "gb_s": (gate[1] + up[1]) / us / 1e3})
     launch.MATVEC_TC = None
     # RMSNorm folded into the matvec (the fastest unit-a-lane shape) against rmsnorm then the matvec
-    sweep_32 = [r for r in sweep if r["lane"] == 32 and not r.get("staged") and "total_us" in r]   # (staged: no fold)
+    sweep_32 = [r for r in sweep if launch.MatvecShape.from_json(r).takes_variants and "total_us" in r]
     if sweep_32:
         chosen = launch.MATVEC
         launch.MATVEC = launch.MatvecShape.from_json(fastest(sweep_32))

@@ -82,7 +82,10 @@ class MatvecShape:
     `staged`: a unit a lane (units 1), each thread's weights copied into shared memory by cp.async, all of a
     unit's rows in flight at once (matvec.cu's staged_rows; kernels.MATVEC_STAGED lists the rows compiled);
     it neither folds RMSNorm in nor gathers x. `idot` (staged only): 2-, 4- and 8-bit slices summed by dp4a
-    against x as 23-bit integers in three byte planes (matvec.cu's x_planes)."""
+    against x as 23-bit integers in three byte planes (matvec.cu's x_planes). `ordered` (a unit a lane, not
+    staged): the weights, scales and x loaded in program order (common.cuh's ld_ordered), so that all R rows'
+    loads are in flight before the first decode; no fold, no gather, and routed experts run the plain
+    qmatvec_moe."""
 
     rows: int
     units: int
@@ -90,6 +93,7 @@ class MatvecShape:
     warps: int
     staged: bool = False
     idot: bool = False
+    ordered: bool = False
 
     @property
     def kernel(self) -> str:
@@ -98,16 +102,19 @@ class MatvecShape:
     def instance(self, norm: bool, gather: bool = False) -> str:
         """The template instance: with norm, the one that folds RMSNorm in; with gather, the one that reads
         x through a mixed option's slices and permutation (both unit a lane only, not staged)."""
-        if self.staged and (norm or gather):
-            raise LaunchError("the staged matvec neither folds RMSNorm in nor gathers x")
-        flags = self._staged_flags if self.staged or self.idot else int(norm) | int(gather) << 1
+        if (self.staged or self.ordered) and (norm or gather):
+            raise LaunchError(f"the {'staged' if self.staged else 'ordered'} matvec neither folds RMSNorm in nor "
+                              "gathers x")
+        if self.ordered and (self.staged or self.idot or self.lane != 32):
+            raise LaunchError("ordered loads are for the plain unit-a-lane matvec (not staged, no integer dot)")
+        flags = self._staged_flags if self.staged or self.idot else 16 if self.ordered else int(norm) | int(gather) << 1
         return f"qmatvec<{self.rows}, {self.units}, {self.lane}, {flags}>"
 
     @property
     def takes_variants(self) -> bool:
         """Whether its layout has the variants that fold RMSNorm in and gather x in the kernel: a unit a lane,
-        not staged."""
-        return self.lane == 32 and not self.staged
+        neither staged nor ordered."""
+        return self.lane == 32 and not self.staged and not self.ordered
 
     @property
     def _staged_flags(self) -> int:
@@ -133,7 +140,8 @@ class MatvecShape:
     @classmethod
     def from_json(cls, d: dict) -> "MatvecShape":
         """From a benchmark's record (runs before the lane layout existed used quads: lane 8)."""
-        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"], d.get("staged", False), d.get("idot", False))
+        return cls(d["rows"], d["units"], d.get("lane", 8), d["warps"], d.get("staged", False), d.get("idot", False),
+                   d.get("ordered", False))
 
 
 # The shape every matvec launches with: chosen by benchmarks/gpu_kernels.py's sweep of all 24 shapes on an H200
@@ -145,7 +153,10 @@ MATVEC = MatvecShape(rows=8, units=1, lane=32, warps=4)
 # 2026-11-28 and not yet timed: built without a GPU after the SASS of this default showed ptxas issuing each row's
 # weight load about one row ahead of its use (GPU_NOTES.md). nvcc 13, sm_90: qmatvec<8, 1, 32, 4> 128 registers,
 # 4.0 SASS instructions a 4-bit weight against this default's 3.7 (benchmarks/matvec_sass.py); with the integer
-# dot (idot=True) qmatvec<16, 1, 32, 12> 2.5 against the staged float decode's 3.9.
+# dot (idot=True) qmatvec<16, 1, 32, 12> 2.5 against the staged float decode's 3.9. Ordered shapes
+# (MatvecShape(R, U, 32, warps, ordered=True), the unit-a-lane instances) are in it too, not yet timed: the same
+# loads as this default in program order, so the SASS issues all R rows' weights before the first decode
+# (qmatvec<8, 1, 32, 16>: 168 registers, 3.7 instructions a 4-bit weight, as this default).
 
 
 @dataclass(frozen=True)

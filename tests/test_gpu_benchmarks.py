@@ -42,7 +42,9 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
     defaults = launch.MATVEC, launch.DEQUANT, launch.ATTN_PREFILL, launch.ATTN_DECODE
     doc, kernels = run_gpu_kernels(tmp_path, monkeypatch)
-    assert len(doc["matvec_block_sweep"]) == 4 * (len(MATVEC_INSTANCES) + 2 * len(MATVEC_STAGED)) and len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
+    lane = [i for i in MATVEC_INSTANCES if i[2] == 32]
+    assert len(doc["matvec_block_sweep"]) == 4 * (len(MATVEC_INSTANCES) + 2 * len(MATVEC_STAGED) + len(lane))
+    assert len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
     assert doc["tensor_core_best"]["tiles"] in TC_TILES
     names = " | ".join(r["kernel"] for r in doc["kernels"])
     for expected in ("(gqa)", "8q/2kv heads", "dequantize rows", "dequantize slice", "attention prefill tiled",
@@ -55,7 +57,8 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
                      "gathered by kernel, registers capped", "experts Mixtral gate", "experts Qwen3-30B-A3B gate 8x24x64 1:4b g128, registers capped",
                      "matvec 1:5b g128 128x128 (qmatvec<4, 1, 32, 4> x 1)", "matvec 1:3b g128 128x128 (qmatvec<1, 4, 8, 0>",
                      "(qmatvec_moe<4, 1, 32, 4> x 1)", "matvec 1:8b g128 128x128 (qmatvec<4, 1, 32, 12> x 1)",
-                     "(qmatvec_moe<4, 1, 32, 12> x 1)", "attention fp16 len 64 (lanes)",
+                     "(qmatvec_moe<4, 1, 32, 12> x 1)", "matvec 1:6b g128 128x128 (qmatvec<2, 1, 32, 16> x 1)",
+                     "attention fp16 len 64 (lanes)",
                      "rope_store + attention q8 len 8 (lanes)"):
         assert expected in names
     # the script leaves the engine's switches as it found them, but for the sweep's pick
@@ -63,6 +66,7 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     assert launch.MATVEC_TC is None and launch.MATVEC_REGS is False
     assert {f"tmatvec<{t}, 0>" for t in TC_TILES} <= kernels and {"attention_gqa<0, 1>", "attention_lanes<2>"} <= kernels
     assert {f"qmatvec<{r}, 1, 32, {n}>" for r in MATVEC_STAGED for n in (4, 12)} <= kernels
+    assert {f"qmatvec<{r}, {u}, 32, 16>" for r, u, _ in lane} <= kernels
     assert launch.MATVEC == launch.MatvecShape.from_json(doc["matvec_best"])
 
 
@@ -142,7 +146,7 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     assert json.loads((tmp_path / "tc.json").read_text())["engine"]["tensor_cores"] == {"tiles": 2, "warps": 4}
     # a sweep's staged, integer-dot pick, with the lane-a-position decode attention
     monkeypatch.setattr(launch, "MATVEC_TC", None)
-    staged = {"rows": 8, "units": 1, "lane": 32, "warps": 2, "staged": True, "idot": True}
+    staged = {"rows": 8, "units": 1, "lane": 32, "warps": 2, "staged": True, "idot": True, "ordered": False}
     kernels.write_text(json.dumps({"matvec_best": staged}))
     assert gpu_decode.main(["--out", str(tmp_path / "staged.json"), "--quick", "--matvec-from", str(kernels),
                             "--attention", "lanes"]) == 0

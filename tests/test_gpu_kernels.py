@@ -86,20 +86,23 @@ def launch_setting(name, value):
         setattr(launch, name, saved)
 
 
-def block_shape(instance, warps, staged=False, idot=False):
+def block_shape(instance, warps, staged=False, idot=False, ordered=False):
     """The matvec launched as one compiled instance (rows, units, lane) with `warps` warps a block, staged
-    through shared memory or not, with the integer dot or not."""
+    through shared memory or not, with the integer dot or not, its loads in program order or not."""
     from gpuengine import launch
-    return launch_setting("MATVEC", launch.MatvecShape(*instance, warps, staged, idot))
+    return launch_setting("MATVEC", launch.MatvecShape(*instance, warps, staged, idot, ordered))
 
 
 # every compiled shape: the plain instances, and the staged ones (whose 16 rows at 8 warps take 148 KiB of
 # shared memory a block, past CUDA's default 48 KiB: the launcher raises the kernel's limit), with the
 # integer dot or not (x as 23-bit integers a unit, exact integer sums: over 120 random 2-, 4- and 8-bit
-# linears on the CPU twin its worst row error was 1.7e-7 of MATVEC_ERR's magnitude, the float decode's 1.0e-6)
+# linears on the CPU twin its worst row error was 1.7e-7 of MATVEC_ERR's magnitude, the float decode's 1.0e-6),
+# and the unit-a-lane ones with their loads in program order
 block_shapes = st.one_of(st.tuples(st.sampled_from(MATVEC_INSTANCES), st.sampled_from((1, 2, 4, 8))),
                          st.tuples(st.sampled_from([(r, 1, 32) for r in MATVEC_STAGED]), st.sampled_from((1, 2, 4, 8)),
-                                   st.just(True), st.booleans()))
+                                   st.just(True), st.booleans()),
+                         st.tuples(st.sampled_from([i for i in MATVEC_INSTANCES if i[2] == 32]),
+                                   st.sampled_from((1, 2, 4, 8)), st.just(False), st.just(False), st.just(True)))
 plain_options = st.sampled_from([o for o in (*OPTIONS, HEAD_OPTION) if len(o.slices) == 1])
 
 

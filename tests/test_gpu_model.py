@@ -254,13 +254,15 @@ def test_random_model_decode_path_matches_on_tensor_cores(other, widths, fold, b
 
 
 @pytest.mark.parametrize("instance, fold", [((8, 1, 32, 4), False), ((4, 2, 32, 2), True), ((2, 8, 8, 1), True),
-                                             ((16, 1, 32, 2, True), True), ((8, 1, 32, 4, True, True), False)],
-                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads", "staged", "staged-integer-dot"])
+                                             ((16, 1, 32, 2, True), True), ((8, 1, 32, 4, True, True), False),
+                                             ((4, 2, 32, 2, False, False, True), True)],
+                         ids=["unit-a-lane", "unit-a-lane-norm-folded", "quads", "staged", "staged-integer-dot",
+                              "ordered"])
 def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instance, fold, backend, monkeypatch):
     """The whole decode path (fused q/k/v, gate/up with SwiGLU, mixed options) with matvec shapes other than
     the default launch.MATVEC, as the benchmark's sweep may pick one; and with RMSNorm folded into the
-    matvecs (launch.FUSE_NORM: every norm, the final one into the head), which the quad layout and the staged
-    matvec ignore. The staged integer-dot case decodes its attention a lane a position (launch.ATTN_DECODE =
+    matvecs (launch.FUSE_NORM: every norm, the final one into the head), which the quad layout, the staged
+    and the ordered matvec ignore. The staged integer-dot case decodes its attention a lane a position (launch.ATTN_DECODE =
     "lanes") as well."""
     from gpuengine import launch
     monkeypatch.setattr(launch, "MATVEC", launch.MatvecShape(*instance))
@@ -280,7 +282,7 @@ def test_random_model_decode_path_matches_with_other_matvec_shapes(other, instan
     want, got = ref.logits(ids), gpu.logits(ids)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
-    layers, folded = CONFIG["num_hidden_layers"] * len(ids), fold and instance[2] == 32 and not launch.MATVEC.staged
+    layers, folded = CONFIG["num_hidden_layers"] * len(ids), fold and launch.MATVEC.takes_variants
     # every step, every layer fused; folded, the final norm goes into the (packed) head's matvec as well
     assert calls == {"matvec_fused": layers + (len(ids) if folded else 0), "matvec_glu": layers,
                      "rmsnorm": 0 if folded else len(ids) * (1 + 2 * CONFIG["num_hidden_layers"])}

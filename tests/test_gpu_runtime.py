@@ -228,11 +228,20 @@ def test_every_matvec_launch_is_a_compiled_instance_and_carries_its_linear():
     both = (False, True)
     assert {s.instance(norm, gather) for s in shapes for norm in both for gather in both if s.lane == 32 or
             not (norm or gather)} | {launch.TcShape(t, 1).instance(norm) for t in TC_TILES for norm in both} \
-        | {s.experts for s in shapes + staged} | {s.kernel for s in staged} == set(NAME_EXPRESSIONS["matvec"])
+        | {s.experts for s in shapes + staged} | {s.kernel for s in staged} \
+        | {launch.MatvecShape(*i, 1, ordered=True).kernel for i in MATVEC_INSTANCES if i[2] == 32} \
+        == set(NAME_EXPRESSIONS["matvec"])
     with pytest.raises(launch.LaunchError, match="staged"):
         staged[0].instance(norm=True)
     with pytest.raises(launch.LaunchError, match="integer dot"):
         launch.MatvecShape(8, 1, 32, 4, idot=True).kernel
+    ordered = launch.MatvecShape(8, 1, 32, 4, ordered=True)
+    assert ordered.kernel == "qmatvec<8, 1, 32, 16>" and ordered.experts == "qmatvec_moe<8, 1, 32>"
+    assert not ordered.takes_variants and ordered.shared_bytes == 0
+    with pytest.raises(launch.LaunchError, match="ordered"):
+        ordered.instance(norm=True)
+    with pytest.raises(launch.LaunchError, match="ordered loads"):
+        launch.MatvecShape(4, 4, 8, 2, ordered=True).kernel
     assert launch.MATVEC.kernel in NAME_EXPRESSIONS["matvec"]
     rng = np.random.default_rng(3)
     t = quantize(rng.standard_normal((5, 100)).astype(np.float32), parse_option("0.25:6b/0.75:3b g64"))
@@ -251,6 +260,7 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
     """kernels.function compiles a source with the template instances of the asked kernel's family: a matvec
     shape with its variants (every N, and its routed experts' instance), never waiting for the other shapes or
     the tensor-core instances (gpuengine.kernels.family)."""
+    import re
     import sys
     import types
 
@@ -279,7 +289,7 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
         kernels.function.cache_clear()
     quads, lane, staged, tensor, plain, attention = built
     assert quads == {"qmatvec<4, 4, 8, 0>", "qmatvec_moe<4, 4, 8>"} and not plain
-    assert lane == {f"qmatvec<4, 1, 32, {n}>" for n in range(4)} | {"qmatvec_moe<4, 1, 32>"}
+    assert lane == {f"qmatvec<4, 1, 32, {n}>" for n in (0, 1, 2, 3, 16)} | {"qmatvec_moe<4, 1, 32>"}
     assert staged == {f"{k}<4, 1, 32, {n}>" for k in ("qmatvec", "qmatvec_moe") for n in (4, 12)}
     assert all(n.startswith("tmatvec") for n in tensor) and len(tensor) == 2 * len(kernels.TC_TILES)
     shapes = {kernels.family("matvec", n) for n in kernels.NAME_EXPRESSIONS["matvec"]}

@@ -12,7 +12,8 @@ from planner.formats import KV_CODES
 
 # The packed matvec's compiled shapes, qmatvec<R, U, L, N> (matvec.cu): R rows a block, U units in flight a
 # thread, L values of a unit a lane (8: quads, 32: a unit a lane); each unit-a-lane shape with N = 0 to 3
-# (bit 0: RMSNorm folded in, bit 1: x gathered in the kernel), and each as qmatvec_moe<R, U, L> (routed experts).
+# (bit 0: RMSNorm folded in, bit 1: x gathered in the kernel) and N = 16 (its loads in program order:
+# launch.MatvecShape.ordered), and each as qmatvec_moe<R, U, L> (routed experts).
 # launch.MATVEC picks a shape.
 MATVEC_INSTANCES = ((1, 4, 8), (2, 4, 8), (2, 8, 8), (4, 4, 8), (2, 1, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32))
 
@@ -32,7 +33,7 @@ NAME_EXPRESSIONS = {
                        for c in KV_CODES.values())
     + tuple(f"attention_gqa<{c}, {step}>" for c in KV_CODES.values() for step in (0, 1)),
     "matvec": tuple(f"qmatvec<{r}, {u}, {lane}, {n}>" for r, u, lane in MATVEC_INSTANCES
-                    for n in ((0, 1, 2, 3) if lane == 32 else (0,)))
+                    for n in ((0, 1, 2, 3, 16) if lane == 32 else (0,)))
     + tuple(f"qmatvec_moe<{r}, {u}, {lane}>" for r, u, lane in MATVEC_INSTANCES)
     + tuple(f"{k}<{r}, 1, 32, {n}>" for r in MATVEC_STAGED for n in (4, 12) for k in ("qmatvec", "qmatvec_moe"))
     + tuple(f"tmatvec<{t}, {n}>" for t in TC_TILES for n in (0, 1)),

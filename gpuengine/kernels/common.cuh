@@ -160,6 +160,30 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Loads the compiler keeps in program order (ld.relaxed.gpu: strong loads, which ptxas issues in the order
+// written). ptxas sinks the plain unit-a-lane matvec's loads into registers to about one row ahead of their use;
+// issued as these, a unit's weights of all R rows and then its x, the weights all go out before the first
+// decode (SASS of qmatvec<8, 1, 32, 16>, sm_90: GPU_NOTES.md). Strong loads at GPU scope are served by L2, not
+// L1 (the weights are read once, x is in L2). Before sm_70, and in the CPU twin, plain loads.
+#if defined(VRAMWISE_CUDA_EMU) || __CUDA_ARCH__ < 700
+template <typename T>
+__device__ __forceinline__ T ld_ordered(const T* p) { return *p; }
+#else
+#define LD_ORDERED_ASM(op, ...) asm volatile("ld.relaxed.gpu.global." op : __VA_ARGS__ : "l"(p)); return v
+__device__ __forceinline__ uint4 ld_ordered(const uint4* p) {
+    uint4 v; LD_ORDERED_ASM("v4.u32 {%0, %1, %2, %3}, [%4];", "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w));
+}
+__device__ __forceinline__ float4 ld_ordered(const float4* p) {
+    float4 v; LD_ORDERED_ASM("v4.f32 {%0, %1, %2, %3}, [%4];", "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w));
+}
+__device__ __forceinline__ uint2 ld_ordered(const uint2* p) {
+    uint2 v; LD_ORDERED_ASM("v2.u32 {%0, %1}, [%2];", "=r"(v.x), "=r"(v.y));
+}
+__device__ __forceinline__ u32 ld_ordered(const u32* p) { u32 v; LD_ORDERED_ASM("u32 %0, [%1];", "=r"(v)); }
+__device__ __forceinline__ u16 ld_ordered(const u16* p) { u16 v; LD_ORDERED_ASM("u16 %0, [%1];", "=h"(v)); }
+#undef LD_ORDERED_ASM
+#endif
+
 // c + the dot product of a's and b's four bytes (dp4a, sm_61 and later), a's unsigned, b's unsigned or (SIGNED)
 // signed. Exact in 32-bit integers.
 template <bool SIGNED>

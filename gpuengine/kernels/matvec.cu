@@ -141,19 +141,26 @@ struct UnitCopy {
     static constexpr int VB = (BITS == 4 || BITS == 8) ? 16 : (BITS == 2 || BITS == 6) ? 8 : 4, NV = 4 * BITS / VB;
 };
 
-template <int BITS>
+// ORDERED: as ld_ordered (common.cuh), else through the read-only cache.
+template <bool ORDERED, typename T>
+__device__ __forceinline__ T load(const T* p) {
+    if constexpr (ORDERED) return ld_ordered(p);
+    else return __ldg(p);
+}
+
+template <int BITS, bool ORDERED = false>
 __device__ __forceinline__ void load_unit(const u32* __restrict__ p, u32 (&w)[BITS]) {
     using C = UnitCopy<BITS>;
 #pragma unroll
     for (int v = 0; v < C::NV; ++v) {
         if constexpr (C::VB == 16) {
-            const uint4 q = __ldg(reinterpret_cast<const uint4*>(p) + v);
+            const uint4 q = load<ORDERED>(reinterpret_cast<const uint4*>(p) + v);
             w[4 * v] = q.x; w[4 * v + 1] = q.y; w[4 * v + 2] = q.z; w[4 * v + 3] = q.w;
         } else if constexpr (C::VB == 8) {
-            const uint2 q = __ldg(reinterpret_cast<const uint2*>(p) + v);
+            const uint2 q = load<ORDERED>(reinterpret_cast<const uint2*>(p) + v);
             w[2 * v] = q.x; w[2 * v + 1] = q.y;
         } else {
-            w[v] = __ldg(p + v);
+            w[v] = load<ORDERED>(p + v);
         }
     }
 }
@@ -180,12 +187,13 @@ __device__ __forceinline__ float unit_dot(const u32 (&w)[BITS], const float (&xf
     return fmaf(-1.5f, sx, d0 + d1);
 }
 
-// x's 32 values of one unit (16-byte aligned), and their sum in a fixed order.
+// x's 32 values of one unit (16-byte aligned; ORDERED: as ld_ordered), and their sum in a fixed order.
+template <bool ORDERED = false>
 __device__ __forceinline__ void load_x32(const float* p, float (&xf)[32]) {
     const float4* xv = reinterpret_cast<const float4*>(p);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-        const float4 a = xv[q];
+        const float4 a = ORDERED ? ld_ordered(xv + q) : xv[q];
         xf[4 * q] = a.x; xf[4 * q + 1] = a.y; xf[4 * q + 2] = a.z; xf[4 * q + 3] = a.w;
     }
 }
@@ -197,7 +205,7 @@ __device__ __forceinline__ float sum32(const float (&xf)[32]) {
     return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-template <int BITS, int R, int U, bool NORM, bool GATHER, bool BOUND = false>
+template <int BITS, int R, int U, bool NORM, bool GATHER, bool BOUND = false, bool ORDERED = false>
 __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* const (&sr)[R], const XSrc& src,
                                           int u, int step, int gshift, float (&acc)[R], float& sq) {
     const float scale = (float)(1 << BITS);
@@ -207,8 +215,8 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
     for (int j = 0; j < U; ++j)
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            load_unit<BITS>(wr[r] + (size_t)(u + j * step) * BITS, w[j][r]);
-            sc[j][r] = h2f(__ldg(sr[r] + ((u + j * step) >> gshift))) * scale;
+            load_unit<BITS, ORDERED>(wr[r] + (size_t)(u + j * step) * BITS, w[j][r]);
+            sc[j][r] = h2f(load<ORDERED>(sr[r] + ((u + j * step) >> gshift))) * scale;
         }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
@@ -224,7 +232,7 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
                 if constexpr (NORM) gf[i] = in ? __ldg(src.w + at) : 0.0f;
             }
         } else {
-            load_x32(src.x + (size_t)(u + j * step) * 32, xf);
+            load_x32<ORDERED>(src.x + (size_t)(u + j * step) * 32, xf);
             if constexpr (NORM) {
                 const float4* wv = reinterpret_cast<const float4*>(src.w + (size_t)(u + j * step) * 32);
 #pragma unroll
@@ -251,7 +259,7 @@ __device__ __forceinline__ void unit_step(const u32* const (&wr)[R], const u16* 
     }
 }
 
-template <int BITS, int R, int U, bool NORM, bool GATHER>
+template <int BITS, int R, int U, bool NORM, bool GATHER, bool ORDERED = false>
 __device__ __forceinline__ void unit_rows(const QSlice& sl, XSrc src, int gshift, const int (&rows)[R],
                                           float (&acc)[R], float& sq) {
     const int step = blockDim.x;
@@ -270,9 +278,10 @@ __device__ __forceinline__ void unit_rows(const QSlice& sl, XSrc src, int gshift
     // gathering, the units wholly inside the slice's inputs need no bound (a gathered copy is padded)
     const int whole = GATHER ? src.rows >> 5 : sl.units;
     for (; u + (U - 1) * step < whole; u += U * step)
-        unit_step<BITS, R, U, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
+        unit_step<BITS, R, U, NORM, GATHER, false, ORDERED>(wr, sr, src, u, step, gshift, acc, sq);
     if constexpr (U > 1)
-        for (; u < whole; u += step) unit_step<BITS, R, 1, NORM, GATHER>(wr, sr, src, u, step, gshift, acc, sq);
+        for (; u < whole; u += step)
+            unit_step<BITS, R, 1, NORM, GATHER, false, ORDERED>(wr, sr, src, u, step, gshift, acc, sq);
     if constexpr (GATHER)
         for (; u < sl.units; u += step) unit_step<BITS, R, 1, NORM, true, true>(wr, sr, src, u, step, gshift, acc, sq);
 }
@@ -442,8 +451,8 @@ __device__ __forceinline__ void staged_rows(const QSlice& sl, const float* __res
     cp_async_wait<0>();                                    // what is left are empty groups: the slots are free
 }
 
-// One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows; staged
-// through shared memory with N's bit 2, staged_rows).
+// One slice's rows in layout L: 8 values a lane (quads, slice_rows) or 32 (a unit a lane, unit_rows, its loads
+// in program order with N's bit 4; staged through shared memory with N's bit 2, staged_rows).
 template <int BITS, int R, int U, int L, int N>
 __device__ __forceinline__ void slice_dot(const QSlice& sl, const XSrc& src, int n, int gshift, const int (&rows)[R],
                                           float (&acc)[R], float& sq, u8* mine) {
@@ -453,7 +462,7 @@ __device__ __forceinline__ void slice_dot(const QSlice& sl, const XSrc& src, int
         if (rows[0] == 0 || rows[R - 1] == n - 1) staged_rows<BITS, R, true, IDOT>(sl, src.x, n, gshift, rows, acc, mine);
         else staged_rows<BITS, R, false, IDOT>(sl, src.x, n, gshift, rows, acc, mine);
     }
-    else unit_rows<BITS, R, U, (N & 1) != 0, (N & 2) != 0>(sl, src, gshift, rows, acc, sq);
+    else unit_rows<BITS, R, U, (N & 1) != 0, (N & 2) != 0, (N & 16) != 0>(sl, src, gshift, rows, acc, sq);
 }
 
 // Matrix `which` of the three (or slice s of it) as values: selects on kernel parameters, so the kernel has
@@ -498,14 +507,16 @@ __device__ __forceinline__ void qmat_store(const QMat& m0, const QMat& m1, const
 // its last row, and are not written). glu (1 or 2): one matrix pair (gate m0, up m1) of one shape, and
 // m0.y[n] = act(gate . x) * (up . x) (SwiGLU or GeGLU, as qmat_store). U: units per thread whose loads are in flight
 // together; L: values per lane of a unit (8: quads, 32: a unit per lane). N, L = 32 only: bit 0, RMSNorm
-// folded in (NormIn); bit 1, x gathered in the kernel (XMap). Each N its own instances, so the plain ones
-// keep their registers.
+// folded in (NormIn); bit 1, x gathered in the kernel (XMap); bits 2 and 3, staged (and the integer dot);
+// N = 16, the loads in program order (ld_ordered; launch.MatvecShape.ordered). Each N its own instances, so the
+// plain ones keep their registers.
 template <int R, int U, int L, int N>
 __device__ __forceinline__ void qmatvec_block(const float* __restrict__ x, int glu, const QMat& m0, const QMat& m1,
                                               const QMat& m2, const NormIn& norm, const XMap& map, int first) {
     static_assert(N == 0 || L == 32, "the fold and the gather are for the unit-a-lane layout only");
     static_assert((N & 4) == 0 || ((N & 3) == 0 && U == 1), "staged: plain (no fold, no gather), a unit at a time");
     static_assert((N & 8) == 0 || (N & 4) != 0, "the integer dot is staged");
+    static_assert((N & 16) == 0 || (N == 16 && L == 32), "ordered loads: the plain unit-a-lane matvec");
     __shared__ float red[2][R * 32];
     const int row0 = blockIdx.x * R;
     int which = first;
@@ -982,7 +993,8 @@ QMATVEC_CAPPED_SHAPE(2, 1) QMATVEC_CAPPED_SHAPE(4, 1) QMATVEC_CAPPED_SHAPE(4, 2)
 
 #ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
 #define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn, XMap);
-#define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3)
+#define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3) \
+    QMATVEC(R, U, 32, 16)
 QMATVEC(1, 4, 8, 0) QMATVEC(2, 4, 8, 0) QMATVEC(2, 8, 8, 0) QMATVEC(4, 4, 8, 0)
 QMATVEC_LANE(2, 1) QMATVEC_LANE(4, 1) QMATVEC_LANE(4, 2) QMATVEC_LANE(8, 1)
 #define QMATVEC_MOE(R, U, L) template __global__ void qmatvec_moe<R, U, L>(const float*, int, int, int, const QMat*, const QMat*, const int*, float*, int);
