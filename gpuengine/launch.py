@@ -208,8 +208,9 @@ GATHER = "launch"
 
 
 # Register caps on the packed matvec's variants (matvec.cu, VRAMWISE_MATVEC_REGS): the unit-a-lane instances
-# that fold the norm in or gather x at 128 registers a thread, the routed experts' qmatvec_moe at 168; the
-# plain instances stay as measured (their machine code is byte-identical with the switch). Off: not yet timed.
+# that fold the norm in or gather x at 128 registers a thread, the routed experts' qmatvec_moe at 168, each only
+# where it takes more uncapped (a cap is a budget ptxas fills: capping all raised qmatvec<2, 1, 32, 1> from 84
+# to 128); every other instance's machine code is byte-identical with the switch. Off: not yet timed.
 # nvcc 13 for sm_90 without caps: qmatvec<8, 1, 32, N> 128 registers at N = 0, 174 with the fold, 168
 # gathering, and qmatvec_moe<8, 1, 32> 255, so an SM holds 2 blocks of 128 threads of those, 4 of the plain
 # one: run 9 measured the fold and the gather slower, and run 10 the experts' weights at 71% of the dense

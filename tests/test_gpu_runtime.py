@@ -302,6 +302,20 @@ def test_each_kernel_compiles_with_its_own_family_only(monkeypatch):
         kernels.module.cache_clear()
         kernels.function.cache_clear()
     assert built[-1] == lane and "-DVRAMWISE_MATVEC_REGS" in compiled[-1]
+    # with its own family's capped specializations only (matvec.cu compiles those its family's macro names)
+    assert "-DVRAMWISE_CAPS_4x1x32" in compiled[-1]
+    try:
+        kernels.function("matvec:regs", "qmatvec<4, 4, 8, 0>")
+        kernels.function("matvec:regs", "qmatvec<8, 1, 32, 4>")
+        kernels.function("matvec", "qmatvec<8, 1, 32, 1>")
+    finally:
+        kernels.module.cache_clear()
+        kernels.function.cache_clear()
+    assert [[o for o in c if "CAPS" in o] for c in compiled[-3:]] == [["-DVRAMWISE_CAPS_4x4x8"],
+                                                                      ["-DVRAMWISE_CAPS_8x1x32s"], []]
+    source = kernels.source("matvec")                     # each family named there is a compiled family
+    named = set(re.findall(r"VRAMWISE_CAPS_(\w+)", source))
+    assert named and named <= {kernels.family("matvec", e) for e in kernels.NAME_EXPRESSIONS["matvec"]}
 
 
 def test_programs_cover_every_instance_once_a_variant():

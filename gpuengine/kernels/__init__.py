@@ -90,13 +90,22 @@ def programs() -> list[tuple[str, str, str]]:
     return out
 
 
+def options(name: str, fam: str = "", variant: str = "") -> tuple[str, ...]:
+    """The compiler options of one program: OPTIONS, the variant's, and with the register caps its family
+    (matvec.cu compiles the capped specializations of that family only: VRAMWISE_CAPS_<family>)."""
+    out = (*OPTIONS, *VARIANTS.get(variant, ()))
+    if name == "matvec" and variant == "regs" and fam:
+        out += (f"-DVRAMWISE_CAPS_{fam}",)
+    return out
+
+
 @lru_cache(maxsize=None)
 def module(name: str, fam: str = "", variant: str = ""):
     """One source compiled with the template instances of one family (its extern "C" kernels always), and the
     options of a variant (VARIANTS)."""
     import cupy
 
-    return cupy.RawModule(code=source(name), options=(*OPTIONS, *VARIANTS.get(variant, ())),
+    return cupy.RawModule(code=source(name), options=options(name, fam, variant),
                           name_expressions=expressions(name, fam))
 
 

@@ -598,16 +598,11 @@ __global__ void qmatvec(const float* __restrict__ x, int glu, QMat m0, QMat m1, 
 // moe_combine.
 // N = 4: staged, 12: staged with the integer dot, as qmatvec's N bits 2 and 3 (launch sizes the dynamic shared
 // memory: StagedRing<R>, the same for every width).
-// launch.MATVEC_REGS: at most 168 registers (uncapped, qmatvec_moe<8, 1, 32> takes 255: 2 blocks of 128 threads
-// an SM; capped, 3 and no spills)
-#ifdef VRAMWISE_MATVEC_REGS
-#define QMATVEC_MOE_REGS __maxnreg__(168)
-#else
-#define QMATVEC_MOE_REGS
-#endif
-template <int R, int U, int L, int N = 0>
-__global__ void QMATVEC_MOE_REGS qmatvec_moe(const float* __restrict__ x, int ldx, int per, int glu, const QMat* __restrict__ tab,
-                            const QMat* __restrict__ up, const int* __restrict__ sel, float* __restrict__ y, int ldy) {
+// launch.MATVEC_REGS caps the instances past 168 registers (below, with qmatvec's caps).
+#define QMATVEC_MOE_PARAMS const float* __restrict__ x, int ldx, int per, int glu, const QMat* __restrict__ tab, \
+    const QMat* __restrict__ up, const int* __restrict__ sel, float* __restrict__ y, int ldy
+template <int R, int U, int L, int N>
+__device__ __forceinline__ void qmatvec_moe_body(QMATVEC_MOE_PARAMS) {
     const int slot = blockIdx.y, e = sel[slot];
     QMat m = tab[e];
     if (m.n == 0) return;
@@ -615,6 +610,11 @@ __global__ void QMATVEC_MOE_REGS qmatvec_moe(const float* __restrict__ x, int ld
     QMat u = m;
     if (glu) u = up[e];
     qmatvec_block<R, U, L, N>(x + (size_t)(slot / per) * ldx, glu, m, u, m, NormIn{}, XMap{}, 0);
+}
+
+template <int R, int U, int L, int N = 0>
+__global__ void qmatvec_moe(QMATVEC_MOE_PARAMS) {
+    qmatvec_moe_body<R, U, L, N>(x, ldx, per, glu, tab, up, sel, y, ldy);
 }
 
 // Tensor-core decode (launch.MATVEC_TC, a candidate): slices of every width (2 to 8 bits) with scale groups
@@ -977,19 +977,43 @@ extern "C" __global__ void xgather_layout(unsigned long long* out) {
     out[3] = (unsigned long long)&p->rows; out[4] = (unsigned long long)&p->len; out[5] = (unsigned long long)&p->off;
 }
 
-// Register caps (launch.MATVEC_REGS: NVRTC's -DVRAMWISE_MATVEC_REGS). A unit-a-lane instance that folds the
-// norm in or gathers x takes 168 to 174 registers uncapped, half the plain instance's blocks an SM; these
-// explicit specializations hold them to 128 (a few words spill). The plain instances are not specialized:
-// their code is the same either way.
+// Register caps (launch.MATVEC_REGS: NVRTC's -DVRAMWISE_MATVEC_REGS), on the instances whose registers halve
+// the blocks an SM holds: uncapped (nvcc 13, sm_90) the unit-a-lane instances that fold the norm in or gather x
+// take up to 174 registers where the plain one takes 128, and some qmatvec_moe instances up to 255. Capped,
+// 128 and 168: a few words spill (benchmarks/nvrtc_check.py lists them). Only the instances past their cap
+// are capped: __maxnreg__ is a budget ptxas fills, so a cap on one that takes fewer (qmatvec<2, 1, 32, 1>: 84)
+// raises it to the cap, and the plain instances keep their code. Explicit specializations are compiled
+// wherever they are defined, so a program gets its own family's only (kernels.options names it:
+// VRAMWISE_CAPS_<family>; nvcc's check build, all): in every program, all of them made NVRTC take about a
+// minute longer a compile (2 cores).
 #ifdef VRAMWISE_MATVEC_REGS
 #define QMATVEC_CAPPED(R, U, N) \
     template <> __global__ void __maxnreg__(128) qmatvec<R, U, 32, N>(const float* __restrict__ x, int glu, QMat m0, \
                                                                     QMat m1, QMat m2, NormIn norm, XMap map) { \
         qmatvec_block<R, U, 32, N>(x, glu, m0, m1, m2, norm, map, glu ? 0 : (int)blockIdx.y); \
     }
-#define QMATVEC_CAPPED_SHAPE(R, U) QMATVEC_CAPPED(R, U, 1) QMATVEC_CAPPED(R, U, 2) QMATVEC_CAPPED(R, U, 3)
-QMATVEC_CAPPED_SHAPE(2, 1) QMATVEC_CAPPED_SHAPE(4, 1) QMATVEC_CAPPED_SHAPE(4, 2) QMATVEC_CAPPED_SHAPE(8, 1)
+#define QMATVEC_MOE_CAPPED(R, U, L, N) \
+    template <> __global__ void __maxnreg__(168) qmatvec_moe<R, U, L, N>(QMATVEC_MOE_PARAMS) { \
+        qmatvec_moe_body<R, U, L, N>(x, ldx, per, glu, tab, up, sel, y, ldy); \
+    }
+#if defined(VRAMWISE_CAPS_8x1x32) || defined(VRAMWISE_NVCC_CHECK)      // 174, 168, 168; experts 255
+QMATVEC_CAPPED(8, 1, 1) QMATVEC_CAPPED(8, 1, 2) QMATVEC_CAPPED(8, 1, 3) QMATVEC_MOE_CAPPED(8, 1, 32, 0)
 #endif
+#if defined(VRAMWISE_CAPS_4x2x32) || defined(VRAMWISE_NVCC_CHECK)      // 140 (N = 1), 168 (N = 3); experts 255
+QMATVEC_CAPPED(4, 2, 1) QMATVEC_CAPPED(4, 2, 3) QMATVEC_MOE_CAPPED(4, 2, 32, 0)
+#endif
+#if defined(VRAMWISE_CAPS_4x4x8) || defined(VRAMWISE_NVCC_CHECK)       // experts 176
+QMATVEC_MOE_CAPPED(4, 4, 8, 0)
+#endif
+#if defined(VRAMWISE_CAPS_8x1x32s) || defined(VRAMWISE_NVCC_CHECK)     // staged integer-dot experts 224
+QMATVEC_MOE_CAPPED(8, 1, 32, 12)
+#endif
+#if defined(VRAMWISE_CAPS_16x1x32s) || defined(VRAMWISE_NVCC_CHECK)    // staged experts 254, 255
+QMATVEC_MOE_CAPPED(16, 1, 32, 4) QMATVEC_MOE_CAPPED(16, 1, 32, 12)
+#endif
+#endif
+
+
 
 #ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
 #define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn, XMap);
