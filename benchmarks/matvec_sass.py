@@ -131,18 +131,58 @@ def controls(body: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def main_loops(sass: str, mangled: str) -> dict[int, tuple[int, int]]:
-    """bits -> (weights an iteration, instructions) of each width's main loop in one kernel: the most weights
-    an iteration, and of loops with as many, the shortest (the others are the same step bounded for a slice's
-    last unit, or a variant the compiler split off on a runtime condition)."""
-    found: dict[int, list[tuple[int, int]]] = {}
-    for loop in loops(function_body(sass, mangled)):
+def load_bytes(op: str) -> int:
+    """The bytes one lane's load instruction reads (LDG.E.128: 16, .64: 8, .U16: 2, ...; a plain LDG.E: 4)."""
+    m = re.search(r"\.(128|64|U16|S16|U8|S8)\b", op)
+    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[m.group(1)] if m else 4
+
+
+def x_bases(ins: list[tuple[int, str, str]]) -> set[str]:
+    """The address registers of a loop's x loads: load_x32 reads a unit's x as 8 16-byte vectors off one
+    address (offsets 0x0 to 0x70), where a row's weights take one or two such vectors (or up to 5 words), its
+    scale one 2-byte load."""
+    bases = collections.Counter(m.group(1) for _, text, _ in ins if text.startswith("LDG.E.128")
+                                for m in [re.search(r"\[(R\d+)\.64", text)] if m)
+    return {b for b, n in bases.items() if n >= 8}
+
+
+def bytes_in_flight(ins: list[tuple[int, str, str]], weights_only: bool = False) -> int:
+    """The most bytes of global loads (LDG) a lane has in flight at once in a loop (controls() of its
+    instructions), in the steady state: a load counts from its issue until an instruction waits on its
+    scoreboard (W), and the loop runs twice so that loads issued for the next iteration count. weights_only:
+    leave out x's loads (x_bases; x is read from L2, the weights and scales from DRAM)."""
+    skip = x_bases(ins) if weights_only else set()
+    waiting: collections.Counter = collections.Counter()
+    most = 0
+    for lap in range(2):
+        for _, text, ctl in ins:
+            m = re.search(r"wait\[([\d,]+)\]", ctl)
+            for sb in m.group(1).split(",") if m else ():
+                waiting[sb] = 0
+            w = re.search(r"\bW(\d)", ctl)
+            base = re.search(r"\[(R\d+)\.64", text)
+            if text.split()[0].startswith("LDG.") and w and not (base and base.group(1) in skip):
+                waiting[w.group(1)] += load_bytes(text.split()[0])
+            if lap:
+                most = max(most, sum(waiting.values()))
+    return most
+
+
+def main_loops(sass: str, mangled: str) -> dict[int, tuple[int, int, int]]:
+    """bits -> (weights an iteration, instructions, weight and scale bytes in flight) of each width's main loop:
+    the most weights an iteration, and of loops with as many, the shortest (the others are the same step
+    bounded for a slice's last unit, or a variant the compiler split off on a runtime condition)."""
+    body = function_body(sass, mangled)
+    found: dict[int, list[tuple[int, int, int, int]]] = {}
+    for first, last, loop in loop_ranges(body):
         if (w := width_of(loop)):
-            found.setdefault(w[0], []).append((w[1], len(loop)))
+            found.setdefault(w[0], []).append((w[1], len(loop), first, last))
     out = {}
+    ins = controls(body)
     for bits, found_loops in found.items():
-        weights = max(w for w, _ in found_loops)
-        out[bits] = (weights, min(n for w, n in found_loops if w == weights))
+        weights = max(w for w, *_ in found_loops)
+        _, n, first, last = min((f for f in found_loops if f[0] == weights), key=lambda f: f[1])
+        out[bits] = (weights, n, bytes_in_flight([i for i in ins if first <= i[0] <= last], weights_only=True))
     return out
 
 
@@ -150,21 +190,23 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     rows = []
     for r, u, lane in MATVEC_INSTANCES:
         mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi0EEvPKfi4QMatS2_S2_6NormIn4XMap"
-        variants = {label: mangled.replace("ELi0E", f"ELi{n}E")     # the same shape folding RMSNorm in, gathering x
-                    for n, label in ((1, "norm_folded"), (2, "gathered")) if lane == 32}
+        variants = {label: mangled.replace("ELi0E", f"ELi{n}E")     # the same shape folding RMSNorm in, gathering x,
+                    for n, label in ((1, "norm_folded"), (2, "gathered"), (16, "ordered")) if lane == 32}  # ordered
         found_variants = {label: main_loops(sass, name) for label, name in variants.items()}
-        for bits, (weights, n_ins) in sorted(main_loops(sass, mangled).items()):
+        for bits, (weights, n_ins, flight) in sorted(main_loops(sass, mangled).items()):
             row = {"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
                    "bits": bits, "registers": regs.get(mangled), "loop_instructions": n_ins,
-                   "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2)}
+                   "weights_per_iteration": weights, "instructions_per_weight": round(n_ins / weights, 2),
+                   "weight_bytes_in_flight": flight}
             for label, found in found_variants.items():
                 if bits in found:
                     row[f"instructions_per_weight_{label}"] = round(found[bits][1] / found[bits][0], 2)
                     row[f"registers_{label}"] = regs.get(variants[label])
+                    row[f"weight_bytes_in_flight_{label}"] = found[bits][2]
             rows.append(row)
     for r in MATVEC_STAGED:                     # staged through shared memory (qmatvec<R, 1, 32, 4>)
         mangled = f"_Z7qmatvecILi{r}ELi1ELi32ELi4EEvPKfi4QMatS2_S2_6NormIn4XMap"
-        for bits, (weights, n_ins) in sorted(main_loops(sass, mangled).items()):
+        for bits, (weights, n_ins, _) in sorted(main_loops(sass, mangled).items()):   # (its loads: LDGSTS)
             rows.append({"instance": f"qmatvec<{r}, 1, 32, 4>", "layout": "staged", "bits": bits,
                          "registers": regs.get(mangled), "loop_instructions": n_ins, "weights_per_iteration": weights,
                          "instructions_per_weight": round(n_ins / weights, 2)})
@@ -269,11 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = analyse(sass, regs) + tensor_core_rows(sass, regs)
     print(f"{'instance':20} {'layout':12} {'bits':>4} {'regs':>5} {'loop':>6} {'weights':>8} {'instr/weight':>13} "
-          f"{'norm folded':>12} {'gathered':>9}")
+          f"{'weight B in flight':>18} {'norm folded':>12} {'gathered':>9} {'ordered (regs, in flight)':>26}")
     for row in rows:
+        ordered = (f"{row['instructions_per_weight_ordered']} ({row['registers_ordered']}, "
+                   f"{row['weight_bytes_in_flight_ordered']})" if "instructions_per_weight_ordered" in row else "")
         print(f"{row['instance']:20} {row['layout']:12} {row['bits']:>4} {row['registers']:>5} "
               f"{row['loop_instructions']:>6} {row['weights_per_iteration']:>8} {row['instructions_per_weight']:>13} "
-              f"{row.get('instructions_per_weight_norm_folded', ''):>12} {row.get('instructions_per_weight_gathered', ''):>9}")
+              f"{row.get('weight_bytes_in_flight', ''):>18} {row.get('instructions_per_weight_norm_folded', ''):>12} "
+              f"{row.get('instructions_per_weight_gathered', ''):>9} {ordered:>26}")
     write_json({"date": date.today().isoformat(), "arch": args.arch, "nvcc": version,
                 "what": "static SASS count of each qmatvec / tmatvec instance's inner decode loop (not a speed)",
                 "rows": rows}, args.out)

@@ -156,3 +156,25 @@ def test_gpu_decode_script_runs_each_case_and_the_candidates(tmp_path, monkeypat
     assert [r["case"] for r in doc["architectures"]] == [name for name, _ in gpu_decode.ARCHITECTURES]
     assert not [r["error"] for r in doc["architectures"] if "error" in r]
     assert "overlapped" in doc["streaming"] and math.isfinite(doc["llama2_70b_2.5bpw"]["decode_tok_s_extrapolated"])
+
+
+def test_matvec_sass_counts_the_bytes_a_loop_has_in_flight(monkeypatch):
+    """matvec_sass.py's static measure of loads in flight: a load's bytes count from its issue until an
+    instruction waits on its scoreboard, and a load issued for the next iteration counts into the next."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import matvec_sass
+    loop = [(0, "LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", "S01 W2"),
+            (16, "LDG.E.128.STRONG.GPU R8, desc[UR4][R2.64+0x10]", "S01 W2"),
+            (32, "LDG.E.U16.CONSTANT R1, desc[UR4][R6.64]", "S01 W3"),
+            (48, "FFMA R10, R4, R8, RZ", "S01 wait[2]"),
+            (64, "LDG.E.128.CONSTANT R4, desc[UR4][R12.64]", "S01 W2"),        # the next iteration's
+            (80, "HADD2.F32 R1, -RZ, R1.H0_H0", "S01 wait[3]")]
+    # steady state: 16 carried in, 2 x 16 + 2 issued before the wait on scoreboard 2
+    assert matvec_sass.bytes_in_flight(loop) == 50
+    assert matvec_sass.bytes_in_flight(loop[:4]) == 36       # the scale never waited for: the laps' two count
+    assert [matvec_sass.load_bytes(op) for op in ("LDG.E.64", "LDG.E", "LDG.E.U8.CONSTANT")] == [8, 4, 1]
+    x = [(96 + 16 * q, f"LDG.E.128 R{20 + 4 * q}, desc[UR4][R30.64+0x{16 * q:x}]", "S01 W4") for q in range(8)]
+    x.append((224, "FFMA R50, R20, R4, R50", "S01 wait[4]"))
+    assert matvec_sass.x_bases(loop + x) == {"R30"}              # 8 loads off one address: x's unit
+    assert matvec_sass.bytes_in_flight(loop + x) == 16 + 128       # the carried weights and all of x
+    assert matvec_sass.bytes_in_flight(loop + x, weights_only=True) == 50
