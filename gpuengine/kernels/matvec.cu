@@ -1013,8 +1013,6 @@ QMATVEC_MOE_CAPPED(16, 1, 32, 4) QMATVEC_MOE_CAPPED(16, 1, 32, 12)
 #endif
 #endif
 
-
-
 #ifdef VRAMWISE_NVCC_CHECK                  // nvcc builds of this file (benchmarks/matvec_sass.py): kernels/__init__'s list
 #define QMATVEC(R, U, L, N) template __global__ void qmatvec<R, U, L, N>(const float*, int, QMat, QMat, QMat, NormIn, XMap);
 #define QMATVEC_LANE(R, U) QMATVEC(R, U, 32, 0) QMATVEC(R, U, 32, 1) QMATVEC(R, U, 32, 2) QMATVEC(R, U, 32, 3) \
