@@ -59,7 +59,7 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu_device.txt"
-python3 -c "import cupy, numba, numpy; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)" \
+python3 -c "import cupy, numba, numpy; from cupy.cuda import nvrtc; print('cupy', cupy.__version__, 'nvrtc', nvrtc.getVersion(), 'numba', numba.__version__, 'numpy', numpy.__version__)" \
     | tee -a "$OUT/gpu_device.txt"
 # every kernel program compiled at once, a process each (CuPy's disk cache then serves the tests and benchmarks;
 # one after another NVRTC takes minutes: benchmarks/results/nvrtc_check.json); NO_WARM=1 skips it

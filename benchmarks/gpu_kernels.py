@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import cupy as cp
 
-    from gpuengine import device, launch
+    from gpuengine import device, kernels, launch
     from gpuengine.kernels import MATVEC_INSTANCES, MATVEC_STAGED, TC_TILES
     from gpuengine.layout import build_image, views
     rng = np.random.default_rng(0)
@@ -102,9 +102,14 @@ def main(argv=None) -> int:
         except Exception as exc:                   # a candidate that fails leaves the others to be timed
             print(f"matvec 1:4b g128, {shape.kernel} x {shape.warps} warps: failed: {exc}", flush=True)
             return {**asdict(shape), "error": " ".join(str(exc).split())[:300]}
+        # as this device's NVRTC built it (other NVRTC versions give the same source other registers)
+        compiled = kernels.function(launch._matvec_module(), shape.kernel)
+        regs = {"registers": compiled.num_regs, "local_bytes": compiled.local_size_bytes} \
+            if hasattr(compiled, "num_regs") else {}
         print(f"matvec 1:4b g128, {shape.kernel} x {shape.warps} warps: "
-              + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items()), flush=True)
-        return {**asdict(shape), "us": us, "total_us": sum(us.values())}
+              + ", ".join(f"{s_} {v:.1f} us" for s_, v in us.items())
+              + (f" ({regs['registers']} registers)" if regs else ""), flush=True)
+        return {**asdict(shape), **regs, "us": us, "total_us": sum(us.values())}
 
     def fastest(records) -> dict:
         timed_ok = [r for r in records if "total_us" in r]
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
 
     def save(complete: bool) -> None:
         """The JSON as it stands: written after each sweep too, so a run cut short still names its shapes."""
-        write_json({"device": device.name(), "date": date.today().isoformat(), "complete": complete,
+        write_json({"device": device.name(), "nvrtc": device.nvrtc_version(), "date": date.today().isoformat(),
+                    "complete": complete,
                     "matvec_block_sweep": sweep, "matvec_best": best,
                     "tensor_core_sweep": tc_sweep,
                     "tensor_core_best": {k: tc_best[k] for k in ("tiles", "warps")} if tc_best else None,

@@ -57,6 +57,10 @@ class Nvrtc:
     """The few NVRTC calls a compile takes (nvrtc.h), through ctypes."""
 
     def __init__(self, path: str):
+        # libnvrtc opens its builtins library by name at the first compile: load the one beside it first, as a
+        # pip wheel's folder is not on the loader's path (NVRTC 13.0 from pip failed to find it otherwise)
+        for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*"))):
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
         self.lib = ctypes.CDLL(path)
         self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
         major, minor = ctypes.c_int(), ctypes.c_int()

@@ -62,3 +62,12 @@ def max_shared_per_block() -> int:
     import cupy
     rt = cupy.cuda.runtime
     return int(rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97), cupy.cuda.Device().id))
+
+
+@lru_cache(maxsize=1)
+def nvrtc_version() -> str:
+    """The NVRTC that CuPy compiles the kernels with, as "13.0": the same source gets other registers from other
+    versions (benchmarks/results/nvrtc_check*.json: the staged matvec 167 under 13.0, 128 under 13.5)."""
+    from cupy.cuda import nvrtc
+    major, minor = nvrtc.getVersion()
+    return f"{major}.{minor}"

@@ -201,6 +201,7 @@ def install(monkeypatch: Any) -> None:
     monkeypatch.setattr(device, "compute_capability", lambda: 90)       # the twin's mma is sm_80+'s
     monkeypatch.setattr(device, "sm_count", lambda: 132)
     monkeypatch.setattr(device, "max_shared_per_block", lambda: MAX_DYNAMIC_SHARED)
+    monkeypatch.setattr(device, "nvrtc_version", lambda: "none (the CPU twin)")
     monkeypatch.setattr(kernels, "function", function)
     monkeypatch.setattr(launch, "function", function)
     monkeypatch.setattr(launch, "gemm", gpu_fake.LAUNCHERS["gemm"])

@@ -45,7 +45,7 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
     lane = [i for i in MATVEC_INSTANCES if i[2] == 32]
     assert len(doc["matvec_block_sweep"]) == 4 * (len(MATVEC_INSTANCES) + 2 * len(MATVEC_STAGED) + len(lane))
     assert len(doc["tensor_core_sweep"]) == 3 * len(TC_TILES)
-    assert doc["tensor_core_best"]["tiles"] in TC_TILES
+    assert doc["tensor_core_best"]["tiles"] in TC_TILES and doc["nvrtc"] == "none (the CPU twin)"
     names = " | ".join(r["kernel"] for r in doc["kernels"])
     for expected in ("(gqa)", "8q/2kv heads", "dequantize rows", "dequantize slice", "attention prefill tiled",
                      "attention prefill query", "with the norm folded in", "rmsnorm, then fused q,k,v",
