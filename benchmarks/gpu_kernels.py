@@ -156,6 +156,16 @@ def main(argv=None) -> int:
             us = timed(cp, lambda: launch.matvec(x[:H], outs[H], w(), xp))
             rows.append({"kernel": f"matvec {option} {H}x{H} ({shape.kernel} x {shape.warps})", "us": us,
                          "gb_s": nbytes / us / 1e3})
+    # the best staged and integer-dot shapes again with the register caps (matvec.cu holds the staged matvec to
+    # what nvcc 13.0 and NVRTC 13.5 give it; NVRTC 13.0 takes more: nvrtc_check_13.0.json)
+    launch.MATVEC_REGS = True
+    for shape in (s_ for s_ in bests if s_.staged):
+        launch.MATVEC = shape
+        for n, k in shapes:
+            us = timed(cp, lambda: launch.matvec(x[:k], outs[n], mats[n, k][0](), xp))
+            rows.append({"kernel": f"matvec 1:4b g128 {n}x{k}, registers capped ({shape.kernel} x {shape.warps})",
+                         "us": us, "gb_s": mats[n, k][1] / us / 1e3})
+    launch.MATVEC_REGS = False
     launch.MATVEC = launch.MatvecShape.from_json(best)
     save(False)
     # the tensor-core candidate (tmatvec, sm_80+) on the same 4-bit shapes

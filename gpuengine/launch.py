@@ -210,7 +210,9 @@ GATHER = "launch"
 # Register caps on the packed matvec's variants (matvec.cu, VRAMWISE_MATVEC_REGS): the unit-a-lane instances
 # that fold the norm in or gather x at 128 registers a thread, the routed experts' qmatvec_moe at 168, each only
 # where it takes more uncapped (a cap is a budget ptxas fills: capping all raised qmatvec<2, 1, 32, 1> from 84
-# to 128); every other instance's machine code is byte-identical with the switch. Off: not yet timed.
+# to 128), and the staged matvec at 80, 128 and 168 (4, 8 and 16 rows: what nvcc 13.0 and NVRTC 13.5 give it,
+# where NVRTC 13.0 gives 127, 167 and 255); the plain instances' machine code is byte-identical with the
+# switch. Off: not yet timed.
 # nvcc 13 for sm_90 without caps: qmatvec<8, 1, 32, N> 128 registers at N = 0, 174 with the fold, 168
 # gathering, and qmatvec_moe<8, 1, 32> 255, so an SM holds 2 blocks of 128 threads of those, 4 of the plain
 # one: run 9 measured the fold and the gather slower, and run 10 the experts' weights at 71% of the dense

@@ -58,6 +58,7 @@ def test_gpu_kernels_script_launches_every_kernel_and_candidate(tmp_path, monkey
                      "matvec 1:5b g128 128x128 (qmatvec<4, 1, 32, 4> x 1)", "matvec 1:3b g128 128x128 (qmatvec<1, 4, 8, 0>",
                      "(qmatvec_moe<4, 1, 32, 4> x 1)", "matvec 1:8b g128 128x128 (qmatvec<4, 1, 32, 12> x 1)",
                      "(qmatvec_moe<4, 1, 32, 12> x 1)", "matvec 1:6b g128 128x128 (qmatvec<2, 1, 32, 16> x 1)",
+                     "matvec 1:4b g128 128x128, registers capped (qmatvec<4, 1, 32, 12> x 1)",
                      "attention fp16 len 64 (lanes)",
                      "rope_store + attention q8 len 8 (lanes)"):
         assert expected in names

@@ -982,16 +982,18 @@ extern "C" __global__ void xgather_layout(unsigned long long* out) {
 // take up to 174 registers where the plain one takes 128, and some qmatvec_moe instances up to 255. Capped,
 // 128 and 168: a few words spill (benchmarks/nvrtc_check.py lists them). Only the instances past their cap
 // are capped: __maxnreg__ is a budget ptxas fills, so a cap on one that takes fewer (qmatvec<2, 1, 32, 1>: 84)
-// raises it to the cap, and the plain instances keep their code. Explicit specializations are compiled
+// raises it to the cap, and the plain instances keep their code. The staged matvec is held to what it takes
+// under nvcc 13.0 and NVRTC 13.5, which NVRTC 13.0 exceeds (below). Explicit specializations are compiled
 // wherever they are defined, so a program gets its own family's only (kernels.options names it:
 // VRAMWISE_CAPS_<family>; nvcc's check build, all): in every program, all of them made NVRTC take about a
 // minute longer a compile (2 cores).
 #ifdef VRAMWISE_MATVEC_REGS
-#define QMATVEC_CAPPED(R, U, N) \
-    template <> __global__ void __maxnreg__(128) qmatvec<R, U, 32, N>(const float* __restrict__ x, int glu, QMat m0, \
+#define QMATVEC_CAPPED_AT(CAP, R, U, N) \
+    template <> __global__ void __maxnreg__(CAP) qmatvec<R, U, 32, N>(const float* __restrict__ x, int glu, QMat m0, \
                                                                     QMat m1, QMat m2, NormIn norm, XMap map) { \
         qmatvec_block<R, U, 32, N>(x, glu, m0, m1, m2, norm, map, glu ? 0 : (int)blockIdx.y); \
     }
+#define QMATVEC_CAPPED(R, U, N) QMATVEC_CAPPED_AT(128, R, U, N)
 #define QMATVEC_MOE_CAPPED(R, U, L, N) \
     template <> __global__ void __maxnreg__(168) qmatvec_moe<R, U, L, N>(QMATVEC_MOE_PARAMS) { \
         qmatvec_moe_body<R, U, L, N>(x, ldx, per, glu, tab, up, sel, y, ldy); \
@@ -1005,10 +1007,16 @@ QMATVEC_CAPPED(4, 2, 1) QMATVEC_CAPPED(4, 2, 3) QMATVEC_MOE_CAPPED(4, 2, 32, 0)
 #if defined(VRAMWISE_CAPS_4x4x8) || defined(VRAMWISE_NVCC_CHECK)       // experts 176
 QMATVEC_MOE_CAPPED(4, 4, 8, 0)
 #endif
-#if defined(VRAMWISE_CAPS_8x1x32s) || defined(VRAMWISE_NVCC_CHECK)     // staged integer-dot experts 224
-QMATVEC_MOE_CAPPED(8, 1, 32, 12)
+// The staged matvec at what nvcc 13.0 and NVRTC 13.5 give it (NVRTC 13.0: 127, 167 and 255 registers at 4, 8
+// and 16 rows; benchmarks/results/nvrtc_check_13.0.json).
+#if defined(VRAMWISE_CAPS_4x1x32s) || defined(VRAMWISE_NVCC_CHECK)
+QMATVEC_CAPPED_AT(80, 4, 1, 4) QMATVEC_CAPPED_AT(80, 4, 1, 12)
+#endif
+#if defined(VRAMWISE_CAPS_8x1x32s) || defined(VRAMWISE_NVCC_CHECK)     // experts 167 and 224 (NVRTC 13.0: 255)
+QMATVEC_CAPPED(8, 1, 4) QMATVEC_CAPPED(8, 1, 12) QMATVEC_MOE_CAPPED(8, 1, 32, 4) QMATVEC_MOE_CAPPED(8, 1, 32, 12)
 #endif
 #if defined(VRAMWISE_CAPS_16x1x32s) || defined(VRAMWISE_NVCC_CHECK)    // staged experts 254, 255
+QMATVEC_CAPPED_AT(168, 16, 1, 4) QMATVEC_CAPPED_AT(168, 16, 1, 12)
 QMATVEC_MOE_CAPPED(16, 1, 32, 4) QMATVEC_MOE_CAPPED(16, 1, 32, 12)
 #endif
 #endif
