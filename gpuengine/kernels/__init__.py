@@ -102,7 +102,7 @@ def options(name: str, fam: str = "", variant: str = "") -> tuple[str, ...]:
 @lru_cache(maxsize=None)
 def module(name: str, fam: str = "", variant: str = ""):
     """One source compiled with the template instances of one family (its extern "C" kernels always), and the
-    options of a variant (VARIANTS)."""
+    options of the program (options(): a variant's, VARIANTS, among them)."""
     import cupy
 
     return cupy.RawModule(code=source(name), options=options(name, fam, variant),
