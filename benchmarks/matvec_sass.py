@@ -71,6 +71,11 @@ def compile_matvec(arch: str, work: Path) -> tuple[str, dict[str, int], str]:
     return sass, regs, version
 
 
+def qmatvec_name(r: int, u: int, lane: int, n: int) -> str:
+    """qmatvec<R, U, L, N>'s mangled name, as the disassembly names it."""
+    return f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi{n}EEvPKfi4QMatS2_S2_6NormIn4XMap"
+
+
 def function_body(sass: str, mangled: str) -> str:
     """One kernel's part of the disassembly."""
     m = re.search(rf"Function : {mangled}\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)
@@ -189,9 +194,9 @@ def main_loops(sass: str, mangled: str) -> dict[int, tuple[int, int, int]]:
 def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
     rows = []
     for r, u, lane in MATVEC_INSTANCES:
-        mangled = f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi0EEvPKfi4QMatS2_S2_6NormIn4XMap"
-        variants = {label: mangled.replace("ELi0E", f"ELi{n}E")     # the same shape folding RMSNorm in, gathering x,
-                    for n, label in ((1, "norm_folded"), (2, "gathered"), (16, "ordered")) if lane == 32}  # ordered
+        mangled = qmatvec_name(r, u, lane, 0)
+        variants = {label: qmatvec_name(r, u, lane, n)      # the same shape folding RMSNorm in, gathering x, ordered
+                    for n, label in ((1, "norm_folded"), (2, "gathered"), (16, "ordered")) if lane == 32}
         found_variants = {label: main_loops(sass, name) for label, name in variants.items()}
         for bits, (weights, n_ins, flight) in sorted(main_loops(sass, mangled).items()):
             row = {"instance": f"qmatvec<{r}, {u}, {lane}>", "layout": "quads" if lane == 8 else "unit a lane",
@@ -205,12 +210,12 @@ def analyse(sass: str, regs: dict[str, int]) -> list[dict]:
                     row[f"weight_bytes_in_flight_{label}"] = found[bits][2]
             rows.append(row)
     for r in MATVEC_STAGED:                     # staged through shared memory (qmatvec<R, 1, 32, 4>)
-        mangled = f"_Z7qmatvecILi{r}ELi1ELi32ELi4EEvPKfi4QMatS2_S2_6NormIn4XMap"
+        mangled = qmatvec_name(r, 1, 32, 4)
         for bits, (weights, n_ins, _) in sorted(main_loops(sass, mangled).items()):   # (its loads: LDGSTS)
             rows.append({"instance": f"qmatvec<{r}, 1, 32, 4>", "layout": "staged", "bits": bits,
                          "registers": regs.get(mangled), "loop_instructions": n_ins, "weights_per_iteration": weights,
                          "instructions_per_weight": round(n_ins / weights, 2)})
-        mangled = mangled.replace("ELi4EE", "ELi12EE")      # and with the integer dot (2, 4 and 8 bits)
+        mangled = qmatvec_name(r, 1, 32, 12)                # and with the integer dot (2, 4 and 8 bits)
         for bits, (weights, n_ins) in sorted(idot_loops(sass, mangled, r).items()):
             rows.append({"instance": f"qmatvec<{r}, 1, 32, 12>", "layout": "staged, dp4a", "bits": bits,
                          "registers": regs.get(mangled), "loop_instructions": n_ins, "weights_per_iteration": weights,
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         sass, regs, version = compile_matvec(args.arch, Path(work))
     if args.controls:
         r, u, lane, n = args.controls
-        body = function_body(sass, f"_Z7qmatvecILi{r}ELi{u}ELi{lane}ELi{n}EEvPKfi4QMatS2_S2_6NormIn4XMap")
+        body = function_body(sass, qmatvec_name(r, u, lane, n))
         ins = controls(body)
         chosen, span = None, None
         for first, last, loop in loop_ranges(body):

@@ -29,7 +29,7 @@ from pathlib import Path
 from benchlib import ROOT, write_json
 from matvec_sass import tool
 
-from gpuengine.kernels import OPTIONS, SOURCES, expressions, options, programs, source  # noqa: E402
+from gpuengine.kernels import OPTIONS, SOURCES, expressions, label, options, programs, source  # noqa: E402
 
 # CuPy 14's NVRTC options beyond the program's own (kernels.options):
 # cupy/cuda/compiler.py's _compile_with_cache_cuda adds -ftz=true, and _compile_using_nvrtc the architecture as
@@ -124,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     todo = [p for p in programs() if args.only in (None, p[0])]
     if not todo:
         sys.exit(f"error: --only {args.only!r} names no source; the sources are {', '.join(SOURCES)}")
-    nvrtc = Nvrtc(args.nvrtc or find_nvrtc())
+    path = args.nvrtc or find_nvrtc()
+    try:
+        nvrtc = Nvrtc(path)
+    except (OSError, AttributeError) as exc:              # not a loadable library, or not libnvrtc
+        sys.exit(f"error: {path!r} is not a loadable libnvrtc ({exc}); give --nvrtc the path of libnvrtc.so from "
+                 "CUDA or pip's nvidia-cuda-nvrtc")
     cuobjdump = tool("cuobjdump")
     rows, compiles, failed = [], [], 0
     with tempfile.TemporaryDirectory() as work:
@@ -134,10 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ok, log, cubin, lowered = nvrtc.compile(source(name), f"{name}.cu", opts, exprs)
             seconds = time.perf_counter() - t0
-            label = f"{name}{':' + variant if variant else ''}{' [' + fam + ']' if fam else ''}"
             compiles.append({"source": name, "family": fam, "variant": variant, "compiled": ok,
                              "seconds": round(seconds, 2), "log": log[-4000:]})
-            print(f"{label:28} {'ok' if ok else 'FAILED':6} {seconds:6.1f} s" + (f"  ({len(log.splitlines())} "
+            print(f"{label((name, fam, variant)):28} {'ok' if ok else 'FAILED':6} {seconds:6.1f} s" + (f"  ({len(log.splitlines())} "
                   "log lines)" if log else ""), flush=True)
             if not ok:
                 failed += 1

@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     done = 0
     try:
-        for (name, fam, variant), seconds in kernels.warm(args.jobs, todo):
+        for program, seconds in kernels.warm(args.jobs, todo):
             done += 1
-            label = name + (f":{variant}" if variant else "") + (f" [{fam}]" if fam else "")
-            print(f"{label:28} {seconds:6.1f} s   ({done}/{len(todo)} at {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"{kernels.label(program):28} {seconds:6.1f} s   ({done}/{len(todo)} at "
+                  f"{time.perf_counter() - t0:.0f} s)", flush=True)
     except RuntimeError as e:                                     # kernels.warm names the program
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -90,6 +90,12 @@ def programs() -> list[tuple[str, str, str]]:
     return out
 
 
+def label(program: tuple[str, str, str]) -> str:
+    """A program (programs()) as its messages name it: "matvec:regs [8x1x32s]"."""
+    name, fam, variant = program
+    return name + (f":{variant}" if variant else "") + (f" [{fam}]" if fam else "")
+
+
 def options(name: str, fam: str = "", variant: str = "") -> tuple[str, ...]:
     """The compiler options of one program: OPTIONS, the variant's, and with the register caps its family
     (matvec.cu compiles the capped specializations of that family only: VRAMWISE_CAPS_<family>)."""
@@ -135,7 +141,7 @@ def warm(jobs: int, todo: list[tuple[str, str, str]] | None = None):
             try:
                 seconds = done.result()
             except Exception as e:
-                raise RuntimeError(f"{':'.join(filter(None, program))}: {e}") from e
+                raise RuntimeError(f"{label(program)}: {e}") from e
             yield program, seconds
     finally:
         pool.shutdown(cancel_futures=True)
